@@ -1,0 +1,184 @@
+"""Checkpoints are data, not code: named arrays plus one JSON metadata entry in an .npz file.
+
+Layout of a checkpoint (format_version 1):
+    conv1.weight ... fc3.bias   the ten parameters, float32, PyTorch layout (model.PARAM_SPECS)
+    optim.velocity              the SGD momentum buffer, float32, flat, in the same order
+    meta                        uint8 bytes of a JSON object: format_version, step, epoch, pos (batches done
+                                in the epoch), config, ranks, final, created, rng (how to redraw every
+                                random number), content_sha256 (over every array above, in order)
+
+Loaded with allow_pickle=False and checked entry by entry (names, shapes, dtypes, the content hash) before
+anything uses it. Written to a temp file, fsynced, renamed, the directory fsynced: never seen half-written.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .model import NUM_PARAMS, PARAM_SPECS
+
+FORMAT_VERSION = 1
+MAX_BYTES = 16 << 20            # a real checkpoint is ~0.5 MB; anything near this is not one of ours
+_NAME = re.compile(r"^ckpt-(\d{9})\.npz$")
+
+
+class CheckpointError(Exception):
+    """A checkpoint is unreadable, corrupt or not for this architecture; the message is one line."""
+
+
+@dataclass
+class Checkpoint:
+    params: dict        # name -> float32 array, PARAM_SPECS shapes
+    velocity: np.ndarray  # (NUM_PARAMS,) float32
+    meta: dict
+
+    @property
+    def step(self):
+        return int(self.meta["step"])
+
+
+def _content_hash(params, velocity):
+    h = hashlib.sha256()
+    for name, _ in PARAM_SPECS:
+        h.update(np.ascontiguousarray(params[name], dtype="<f4").tobytes())
+    h.update(np.ascontiguousarray(velocity, dtype="<f4").tobytes())
+    return h.hexdigest()
+
+
+def to_bytes(params, velocity, meta):
+    """Serialize; `params` maps each PARAM_SPECS name to an array, `meta` is a JSON-able dict."""
+    meta = dict(meta, format_version=FORMAT_VERSION, content_sha256=_content_hash(params, velocity))
+    arrays = {name: np.asarray(params[name], dtype=np.float32) for name, _ in PARAM_SPECS}
+    arrays["optim.velocity"] = np.asarray(velocity, dtype=np.float32)
+    arrays["meta"] = np.frombuffer(json.dumps(meta, sort_keys=True).encode(), dtype=np.uint8)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def from_bytes(data, *, name="checkpoint"):
+    """Parse and verify; raises CheckpointError naming what is wrong."""
+    if len(data) > MAX_BYTES:
+        raise CheckpointError(f"{name}: {len(data)} bytes, more than the {MAX_BYTES} a checkpoint can be")
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as z:  # refuse zip bombs before numpy inflates anything
+            inflated = sum(i.file_size for i in z.infolist())
+        if inflated > MAX_BYTES:
+            raise CheckpointError(f"{name}: entries inflate to {inflated} bytes, more than {MAX_BYTES}")
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except CheckpointError:
+        raise
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError, RuntimeError) as e:
+        raise CheckpointError(f"{name}: not a readable .npz checkpoint: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    return _verify(arrays, name)
+
+
+def _verify(arrays, name):
+    if "meta" not in arrays:
+        raise CheckpointError(f"{name}: no 'meta' entry")
+    try:
+        meta = json.loads(arrays["meta"].astype(np.uint8).tobytes().decode())
+        assert isinstance(meta, dict)
+    except Exception:
+        raise CheckpointError(f"{name}: 'meta' is not a JSON object") from None
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{name}: format_version {version!r}, this program reads {FORMAT_VERSION}")
+    for key in ("step", "epoch", "pos"):
+        if not isinstance(meta.get(key), int) or meta[key] < 0:
+            raise CheckpointError(f"{name}: meta.{key} must be an integer >= 0, got {meta.get(key)!r}")
+    params = {}
+    for pname, shape in PARAM_SPECS:
+        a = arrays.get(pname)
+        if a is None:
+            raise CheckpointError(f"{name}: missing array {pname}")
+        if a.dtype != np.float32 or a.shape != shape:
+            raise CheckpointError(f"{name}: {pname} is {a.dtype}{a.shape}, expected float32{shape}")
+        params[pname] = a
+    v = arrays.get("optim.velocity")
+    if v is None or v.dtype != np.float32 or v.shape != (NUM_PARAMS,):
+        got = "missing" if v is None else f"{v.dtype}{v.shape}"
+        raise CheckpointError(f"{name}: optim.velocity is {got}, expected float32({NUM_PARAMS},)")
+    extra = sorted(set(arrays) - {n for n, _ in PARAM_SPECS} - {"optim.velocity", "meta"})
+    if extra:
+        raise CheckpointError(f"{name}: unexpected arrays {', '.join(extra)}")
+    if _content_hash(params, v) != meta.get("content_sha256"):
+        raise CheckpointError(f"{name}: content sha256 does not match meta.content_sha256 (corrupt)")
+    for pname, a in params.items():
+        if not np.isfinite(a).all():
+            raise CheckpointError(f"{name}: {pname} holds NaN or Inf")
+    return Checkpoint(params=params, velocity=v, meta=meta)
+
+
+# ------------------------------------------------------------------------------------------- directories
+
+def file_name(step):
+    return f"ckpt-{step:09d}.npz"
+
+
+def save_atomic(path, data):
+    """Write bytes to `path` so that readers see the old file or the whole new one, never a part."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # not *.npz: never mistaken for a checkpoint
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    return path
+
+
+def list_checkpoints(directory):
+    """[(step, path)] of the trainer's checkpoints in `directory`, newest first (copies named *best* and
+    anything else are not ours and are ignored)."""
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := _NAME.match(p.name))]
+    return sorted(found, reverse=True)
+
+
+def save(directory, params, velocity, meta, keep=3):
+    """Write the checkpoint for meta['step'] into `directory`, keep the newest `keep`; returns (path, bytes)."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    data = to_bytes(params, velocity, dict(meta, created=time.time()))
+    path = save_atomic(d / file_name(int(meta["step"])), data)
+    for _, old in list_checkpoints(d)[keep:]:
+        old.unlink(missing_ok=True)
+    return path, data
+
+
+def load_file(path):
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
+    return from_bytes(data, name=str(path))
+
+
+def latest_valid(directory, warn=print):
+    """The newest checkpoint in `directory` that verifies, as (path, Checkpoint), or None. Broken newer
+    ones (a truncated write from a crash, a flipped bit) are skipped with a warning."""
+    for _, path in list_checkpoints(directory):
+        try:
+            return path, load_file(path)
+        except CheckpointError as e:
+            warn(f"skipping checkpoint: {e}")
+    return None

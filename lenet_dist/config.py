@@ -1,0 +1,59 @@
+"""The one training configuration: filled from flags, saved in every checkpoint, unknown keys rejected."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+
+from .optim import SCHEDULES
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 5                 # passes over the training set
+    batch_size: int = 64            # the GLOBAL batch, split across ranks
+    lr: float = 0.05                # peak learning rate (after warm-up)
+    momentum: float = 0.9           # SGD momentum
+    nesterov: bool = True           # Nesterov momentum
+    weight_decay: float = 5e-4      # L2 penalty, applied to every parameter
+    schedule: str = "cosine"        # constant | step | cosine
+    warmup_epochs: float = 0.2      # linear warm-up from 0 to lr over this many epochs
+    step_epochs: int = 2            # 'step' schedule: decay every this many epochs ...
+    gamma: float = 0.1              # ... by this factor
+    augment_shift: int = 0          # random translations of up to this many pixels (0 = off)
+    seed: int = 0                   # model init, data order and augmentation all derive from it
+    deterministic: bool = False     # bit-identical results at any rank count (fixed-point reduction)
+    micro_batch: int = 16           # deterministic mode: examples per fixed-size gradient chunk
+    train_subset: int = 0           # use only the first N training examples (0 = all)
+
+    def __post_init__(self):
+        checks = [
+            (self.epochs >= 1, "epochs", "an integer >= 1"),
+            (self.batch_size >= 1, "batch_size", "an integer >= 1"),
+            (self.lr > 0, "lr", "a number > 0"),
+            (0 <= self.momentum < 1, "momentum", "in [0, 1)"),
+            (self.weight_decay >= 0, "weight_decay", ">= 0"),
+            (self.schedule in SCHEDULES, "schedule", " | ".join(SCHEDULES)),
+            (self.warmup_epochs >= 0, "warmup_epochs", ">= 0"),
+            (self.step_epochs >= 1, "step_epochs", "an integer >= 1"),
+            (0 < self.gamma <= 1, "gamma", "in (0, 1]"),
+            (0 <= self.augment_shift <= 4, "augment_shift", "an integer in [0, 4]"),
+            (self.micro_batch >= 1, "micro_batch", "an integer >= 1"),
+            (self.train_subset >= 0, "train_subset", ">= 0"),
+        ]
+        for ok, name, expected in checks:
+            if not ok:
+                raise ValueError(f"{name} must be {expected}, got {getattr(self, name)!r}")
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys: {', '.join(unknown)}")
+        return cls(**d)
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
