@@ -29,7 +29,9 @@ NUM_PARAMS = sum(int(np.prod(s)) for _, s in PARAM_SPECS)  # 61,706
 
 
 class LeNet5:
-    def __init__(self, seed=0, dtype=np.float32):
+    def __init__(self, seed=0, dtype=np.float32, grad_tail=0):
+        """`grad_tail` extra slots after the gradients in `grad_buffer`: the trainer puts its step figures
+        there so that one allreduce carries gradients and statistics together."""
         rng = np.random.default_rng(seed)
         self.dtype = np.dtype(dtype)
         self.conv1 = Conv2D(1, 6, 5, padding=2, rng=rng, dtype=dtype, need_dx=False)
@@ -41,12 +43,13 @@ class LeNet5:
                        self.conv2, MaxPool2D(dtype), ReLU(),
                        Flatten(), self.fc1, ReLU(), self.fc2, ReLU(), self.fc3]
         self.loss = SoftmaxCrossEntropy()
-        self.params, self.grads = self._bind_flat()
+        self.grad_buffer = np.zeros(NUM_PARAMS + grad_tail, self.dtype)
+        self.params, self.grads = self._bind_flat(self.grad_buffer[:NUM_PARAMS])
 
-    def _bind_flat(self):
+    def _bind_flat(self, grads):
         """Move every parameter and gradient into one contiguous vector; layers keep views into it."""
         owners = {"conv1": self.conv1, "conv2": self.conv2, "fc1": self.fc1, "fc2": self.fc2, "fc3": self.fc3}
-        params, grads = np.empty(NUM_PARAMS, self.dtype), np.zeros(NUM_PARAMS, self.dtype)
+        params = np.empty(NUM_PARAMS, self.dtype)
         off = 0
         for full, shape in PARAM_SPECS:
             layer, name = owners[full.split(".")[0]], full.split(".")[1]

@@ -1,0 +1,177 @@
+"""The synchronized data-parallel step, and the state a checkpoint needs to continue it exactly.
+
+Per step, on every rank (lines marked [dist] exist only for distribution; at size 1 they do nothing):
+    global batch = perm(seed, epoch)[pos*B:(pos+1)*B]          same on every rank
+    shard        = this rank's contiguous slice of it           [dist]
+    grads        = SUM over the shard of per-example gradients  (+ loss sum, correct count in the tail)
+    allreduce(grads | tail)                                     [dist] one in-place call per step
+    grads       /= B (the global batch size: exact full-batch gradient, even for uneven shards)
+    SGD update                                                  identical on every rank
+
+Deterministic mode: the global batch is cut into fixed-size micro-batches, each micro-batch's gradient
+is rounded to 2**-32 fixed point in int64 and summed as integers. Integer addition is associative, so the
+sum, and the parameters, are bit-identical whatever the number of ranks or how the micro-batches fall.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+
+import numpy as np
+
+from . import sampler
+from .checkpoint import Checkpoint
+from .data import normalize
+from .model import NUM_PARAMS, LeNet5
+from .optim import SGD, LRSchedule
+
+TAIL = 3                      # grad buffer tail: [loss sum, number correct, stop votes]
+FIXED_POINT_BITS = 32         # deterministic mode: gradients rounded to multiples of 2**-32
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a NaN loss, replicas out of sync); the message is one line."""
+
+
+class DataParallelTrainer:
+    def __init__(self, cfg, comm, dataset):
+        self.cfg, self.comm = cfg, comm
+        n = len(dataset.train_images) if not cfg.train_subset else min(cfg.train_subset, len(dataset.train_images))
+        self.images, self.labels = dataset.train_images[:n], dataset.train_labels[:n].astype(np.intp)
+        self.test_images, self.test_labels = dataset.test_images, dataset.test_labels
+        self.n = n
+        self.model = LeNet5(seed=cfg.seed, grad_tail=TAIL)
+        comm.bcast_(self.model.params)                                   # [dist] rank 0's initial weights
+        self.opt = SGD(self.model.params, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                       weight_decay=cfg.weight_decay)
+        self.steps_per_epoch = sampler.steps_per_epoch(n, cfg.batch_size)
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.schedule = LRSchedule(cfg.lr, kind=cfg.schedule, total_steps=self.total_steps,
+                                   steps_per_epoch=self.steps_per_epoch,
+                                   warmup_steps=int(round(cfg.warmup_epochs * self.steps_per_epoch)),
+                                   gamma=cfg.gamma, step_epochs=cfg.step_epochs)
+        self.step, self.epoch, self.pos = 0, 0, 0                       # pos: batches done in this epoch
+        self._perm_epoch, self._perm = None, None
+        self._xbuf = {}
+        if cfg.deterministic:
+            self._acc = np.zeros(NUM_PARAMS + TAIL, np.int64)            # fixed-point gradient sum
+
+    # ------------------------------------------------------------------------------ position and state
+    @property
+    def done(self):
+        return self.step >= self.total_steps
+
+    def _batch_indices(self):
+        if self._perm_epoch != self.epoch:
+            self._perm, self._perm_epoch = sampler.epoch_permutation(self.cfg.seed, self.epoch, self.n), self.epoch
+        return sampler.global_batch(self._perm, self.pos, self.cfg.batch_size)
+
+    def _examples(self, idx, lo, hi):
+        """Normalized float32 images and int labels of global-batch positions [lo, hi)."""
+        u8 = self.images[idx[lo:hi]]
+        if self.cfg.augment_shift:
+            shifts = sampler.random_shifts(self.cfg.seed, self.epoch, self.pos, len(idx), self.cfg.augment_shift)
+            u8 = sampler.shift_images(u8, shifts[lo:hi], self.cfg.augment_shift)
+        buf = self._xbuf.get(u8.shape)
+        if buf is None:
+            buf = self._xbuf[u8.shape] = np.empty(u8.shape, np.float32)
+        return normalize(u8, out=buf), self.labels[idx[lo:hi]]
+
+    # ---------------------------------------------------------------------------------------- the step
+    def train_step(self, stop_request=False):
+        """One synchronized SGD step. Returns (global batch size, loss sum, number correct, stop) where
+        `stop` is true when any rank asked to stop: the vote travels in the same allreduce, so all ranks
+        stop after the same step."""
+        idx = self._batch_indices()
+        B = len(idx)
+        buf = self.model.grad_buffer
+        if self.cfg.deterministic:
+            self._deterministic_grads(idx, stop_request)
+        else:
+            lo, hi = sampler.shard_bounds(B, self.comm.rank, self.comm.size)     # [dist] this rank's shard
+            if hi > lo:
+                x, y = self._examples(idx, lo, hi)
+                loss, correct = self.model.loss_and_grad(x, y, scale=1.0)       # sum, not mean
+            else:
+                buf[:] = 0.0
+                loss, correct = 0.0, 0
+            buf[NUM_PARAMS:] = (loss, correct, stop_request)
+            self.comm.allreduce_(buf)                                           # [dist] the one allreduce
+        loss_sum, n_correct = float(buf[NUM_PARAMS]), int(round(float(buf[NUM_PARAMS + 1])))
+        stop = bool(buf[NUM_PARAMS + 2] > 0)
+        if not math.isfinite(loss_sum):
+            raise TrainingError(f"loss is {loss_sum} at step {self.step}: training diverged "
+                                f"(lower --lr, or check the data)")
+        self.model.grads *= np.float32(1.0 / B)
+        self.opt.step(self.model.grads, self.schedule(self.step))
+        self.step += 1
+        self.pos += 1
+        if self.pos == self.steps_per_epoch:
+            self.epoch, self.pos = self.epoch + 1, 0
+        return B, loss_sum, n_correct, stop
+
+    def _deterministic_grads(self, idx, stop_request):
+        """Fill grad_buffer with the fixed-point-exact gradient sum of the global batch (see module doc)."""
+        m = self.cfg.micro_batch
+        n_micro = -(-len(idx) // m)
+        first, last = sampler.shard_bounds(n_micro, self.comm.rank, self.comm.size)  # [dist] my micro-batches
+        acc, buf, scale = self._acc, self.model.grad_buffer, float(2 ** FIXED_POINT_BITS)
+        acc[:] = 0
+        for k in range(first, last):
+            x, y = self._examples(idx, k * m, min((k + 1) * m, len(idx)))
+            loss, correct = self.model.loss_and_grad(x, y, scale=1.0)
+            buf[NUM_PARAMS:] = (loss, correct, 0)
+            acc += np.rint(buf.astype(np.float64) * scale).astype(np.int64)
+        acc[-1] = int(stop_request) << FIXED_POINT_BITS
+        self.comm.allreduce_(acc)                                             # [dist] exact integer sum
+        buf[:] = acc / scale
+
+    # ---------------------------------------------------------------------------------------- evaluation
+    def evaluate(self):
+        """(mean loss, accuracy) on the test set, each rank evaluating a shard, figures summed."""
+        lo, hi = sampler.shard_bounds(len(self.test_images), self.comm.rank, self.comm.size)  # [dist]
+        loss, acc = self.model.evaluate(self.test_images[lo:hi], self.test_labels[lo:hi])
+        sums = np.array([loss * (hi - lo), acc * (hi - lo)], np.float64)
+        self.comm.allreduce_(sums)                                                            # [dist]
+        n = len(self.test_images)
+        return float(sums[0] / n), float(round(sums[1]) / n)
+
+    # ---------------------------------------------------------------------------------- replica checks
+    def params_digest(self):
+        return hashlib.sha256(self.model.params.tobytes()).digest()[:8]
+
+    def check_synced(self):
+        """Compare every rank's parameter checksum; raise TrainingError naming the odd ranks."""
+        mine = np.frombuffer(self.params_digest(), np.uint64)
+        all_ = self.comm.allgather(mine)[:, 0]                                # [dist]
+        if (all_ == all_[0]).all():
+            return
+        values, counts = np.unique(all_, return_counts=True)
+        majority = values[np.argmax(counts)]
+        odd = [r for r in range(len(all_)) if all_[r] != majority]
+        raise TrainingError(f"replicas out of sync at step {self.step}: rank(s) {', '.join(map(str, odd))} "
+                            f"differ from the other ranks' parameters")
+
+    # ------------------------------------------------------------------------------- checkpoint content
+    def checkpoint_content(self):
+        """(named params, velocity, meta) for checkpoint.to_bytes / checkpoint.save."""
+        meta = {"step": self.step, "epoch": self.epoch, "pos": self.pos, "ranks": self.comm.size,
+                "config": self.cfg.to_dict(), "final": self.done,
+                "rng": {"generator": "numpy PCG64", "data_order": "SeedSequence([seed, epoch, 0])",
+                        "augmentation": "SeedSequence([seed, epoch, pos + 1])", "seed": self.cfg.seed}}
+        return self.model.named_params(), self.opt.velocity, meta
+
+    def restore(self, ckpt: Checkpoint | None):
+        """Every rank calls this; rank 0's checkpoint (others pass None) is broadcast to all."""
+        state = np.zeros(3, np.int64)
+        if self.comm.rank == 0:
+            self.model.load_named(ckpt.params)
+            self.opt.velocity[...] = ckpt.velocity
+            state[:] = (ckpt.meta["step"], ckpt.meta["epoch"], ckpt.meta["pos"])
+        for buf in (self.model.params, self.opt.velocity, state):                # [dist]
+            self.comm.bcast_(buf)
+        self.step, self.epoch, self.pos = (int(v) for v in state)
+        if self.pos >= self.steps_per_epoch or self.step != self.epoch * self.steps_per_epoch + self.pos:
+            raise TrainingError(f"checkpoint position (step {self.step}, epoch {self.epoch}, batch {self.pos}) "
+                                f"does not fit {self.steps_per_epoch} batches per epoch: was it made with "
+                                f"another --batch-size or data set?")

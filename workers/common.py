@@ -1,0 +1,123 @@
+"""What the processes share: logging with the rank in every line, BLAS threads, data loading, progress
+output, fault injection. Process plumbing only; no math."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+
+import numpy as np
+
+
+def one_line(e):
+    """An exception as one line: 'Type: first line of the message'."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+def setup_logging(comm, level="INFO"):
+    """Every line says which rank wrote it; ranks other than 0 only log warnings and errors."""
+    fmt = f"%(asctime)s rank {comm.rank}/{comm.size} %(levelname)s %(message)s"
+    logging.basicConfig(format=fmt, datefmt="%H:%M:%S", stream=sys.stderr, force=True,
+                        level=level if comm.rank == 0 else max(logging.WARNING, logging.getLevelName(level)))
+
+
+@contextlib.contextmanager
+def blas_threads(threads, ranks):
+    """Limit BLAS threads: `threads` if given, else 1 per rank under MPI (ranks share the cores) and
+    every core for a single process."""
+    from threadpoolctl import threadpool_limits
+    n = threads or (1 if ranks > 1 else (os.cpu_count() or 1))
+    with threadpool_limits(limits=n, user_api="blas"):
+        yield n
+
+
+def load_dataset(args, comm, log):
+    """The shipped subset (--subset) or full MNIST. Rank 0 obtains and verifies the files first (one
+    download, not one per rank); then every rank reads them (from the shared cache on its node)."""
+    from lenet_dist.data import fetch_mnist, load_mnist, load_subset
+    if args.subset:
+        return load_subset()
+    if comm.rank == 0:
+        fetch_mnist(args.data_dir, download=not args.no_download, log=log.info)
+    comm.barrier()
+    return load_mnist(args.data_dir, download=not args.no_download, log=log.debug)
+
+
+class FaultInjector:
+    """Rehearse failures: RANK:STEP:KIND makes rank RANK, just before step STEP, do one of
+    raise (an exception), exit (die at once, exit code 17), perturb (nudge one parameter: replicas drift),
+    nan (poison its parameters: the loss becomes NaN). Several specs may be joined with commas."""
+
+    KINDS = ("raise", "exit", "perturb", "nan")
+
+    def __init__(self, specs):
+        self.specs = specs
+
+    @classmethod
+    def parse(cls, text):
+        specs = []
+        for part in filter(None, (p.strip() for p in (text or "").split(","))):
+            try:
+                rank, step, kind = part.split(":")
+                rank, step = int(rank), int(step)
+            except ValueError:
+                raise ValueError(f"--fault {part!r}: expected RANK:STEP:KIND, e.g. 1:30:raise") from None
+            if kind not in cls.KINDS or rank < 0 or step < 0:
+                raise ValueError(f"--fault {part!r}: KIND must be one of {', '.join(cls.KINDS)}, "
+                                 f"RANK and STEP >= 0")
+            specs.append((rank, step, kind))
+        return cls(specs)
+
+    def maybe_fire(self, trainer, rank):
+        for r, step, kind in self.specs:
+            if r != rank or step != trainer.step:
+                continue
+            logging.getLogger("lenet.fault").warning("injecting fault '%s' at step %d", kind, step)
+            if kind == "raise":
+                raise RuntimeError(f"injected fault at step {step}")
+            if kind == "exit":
+                sys.stderr.flush()
+                os._exit(17)
+            if kind == "perturb":
+                trainer.model.params[0] += np.float32(1e-3)
+            if kind == "nan":
+                trainer.model.params[:] = np.nan
+
+
+class ProgressReporter:
+    """A tqdm bar on a terminal; otherwise plain lines, a few per epoch. Silent on ranks other than 0."""
+
+    def __init__(self, *, enabled, bar, total, start):
+        self.enabled = enabled
+        self.bar = None
+        if enabled and (bar if bar is not None else sys.stderr.isatty()):
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, leave=False)
+        self.log = logging.getLogger("lenet.trainer")
+
+    def update(self, step, loss):
+        if self.bar is not None:
+            self.bar.n = step
+            if step % 10 == 0:
+                self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+                self.bar.refresh()
+
+    def epoch_line(self, r):
+        if not self.enabled:
+            return
+        ev = r.get("evaluator")
+        ev_text = (f" | evaluator: step {ev['step']} acc {100 * ev['accuracy']:.2f}%"
+                   if ev and "accuracy" in ev else "")
+        line = (f"epoch {r['epoch']} step {r['step']}: train loss {r['train_loss']:.4f} "
+                f"acc {100 * r['train_acc']:.2f}% | test loss {r['test_loss']:.4f} acc {100 * r['test_acc']:.2f}% "
+                f"| {r['images_per_s']:.0f} img/s on {r['ranks']} rank(s), {r['seconds']:.1f}s{ev_text}")
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stdout)
+        else:
+            print(line, flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()

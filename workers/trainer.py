@@ -1,0 +1,234 @@
+"""lenet-train: one trainer rank. Flags, logging, signals and the epoch loop; the math is in lenet_dist.
+
+    lenet-train                                            # one process, 5 epochs of MNIST (~99.1%)
+    mpirun -n 4 lenet-train --batch-size 256               # four synchronized data-parallel ranks
+    mpirun -n 2 lenet-train --checkpoint-dir ckpt --checkpoint-every 200 --publish tcp://127.0.0.1:5555
+    mpirun -n 2 lenet-train --checkpoint-dir ckpt --resume # continue from the newest valid checkpoint
+    lenet-train --test-mode                                # trainer + evaluator end to end, a few seconds
+
+Rank 0's duties: broadcast the initial weights, log, write metrics and checkpoints, publish checkpoints.
+An exception on any rank aborts the whole job (MPI_Abort) with a one-line reason naming the rank.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+
+from lenet_dist import checkpoint
+from lenet_dist.comm import get_comm
+from lenet_dist.config import TrainConfig
+from lenet_dist.train import DataParallelTrainer, TrainingError
+
+from .common import FaultInjector, ProgressReporter, blas_threads, load_dataset, one_line, setup_logging
+
+log = logging.getLogger("lenet.trainer")
+
+
+def parse_args(argv=None):
+    d = TrainConfig()
+    p = argparse.ArgumentParser(prog="lenet-train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("training (saved in every checkpoint)")
+    g.add_argument("--epochs", type=int, default=d.epochs)
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="the GLOBAL batch, split across ranks")
+    g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
+    g.add_argument("--momentum", type=float, default=d.momentum)
+    g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=d.nesterov)
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument("--schedule", choices=["constant", "step", "cosine"], default=d.schedule)
+    g.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
+    g.add_argument("--step-epochs", type=int, default=d.step_epochs, help="'step' schedule: decay period")
+    g.add_argument("--gamma", type=float, default=d.gamma, help="'step' schedule: decay factor")
+    g.add_argument("--augment-shift", type=int, default=d.augment_shift,
+                   help="random shifts of up to this many pixels (0 = no augmentation)")
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--deterministic", action="store_true",
+                   help="bit-identical parameters for any number of ranks (fixed-point gradient sums)")
+    g.add_argument("--micro-batch", type=int, default=d.micro_batch, help="--deterministic chunk size")
+    g.add_argument("--train-subset", type=int, default=d.train_subset, help="use the first N examples")
+    g = p.add_argument_group("data")
+    g.add_argument("--data-dir", help="folder with the four MNIST IDX files (default: $LENET_DATA_DIR, "
+                                      "then the cache, then download)")
+    g.add_argument("--subset", action="store_true", help="the small MNIST subset shipped in the package")
+    g.add_argument("--no-download", action="store_true", help="fail rather than download")
+    g = p.add_argument_group("run")
+    g.add_argument("--threads", type=int, default=0,
+                   help="BLAS threads per rank (0: 1 per rank under MPI, all cores in one process)")
+    g.add_argument("--metrics", type=Path, help="append one JSON object per epoch to this file (rank 0)")
+    g.add_argument("--checkpoint-dir", type=Path)
+    g.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints "
+                   "(0: only at epoch ends); needs --checkpoint-dir or --publish")
+    g.add_argument("--keep", type=int, default=3, help="checkpoints kept in --checkpoint-dir")
+    g.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint")
+    g.add_argument("--sync-every", type=int, default=100, help="steps between replica checksum checks")
+    g.add_argument("--fault", default=os.environ.get("LENET_FAULT", ""),
+                   help="inject a failure: RANK:STEP:KIND, KIND one of raise, exit, perturb, nan "
+                        "(also $LENET_FAULT)")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar (default: when stderr is a terminal)")
+    g.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    g = p.add_argument_group("evaluator link (rank 0)")
+    g.add_argument("--publish", metavar="ENDPOINT", help="serve checkpoints over ZeroMQ, e.g. tcp://127.0.0.1:5555")
+    g.add_argument("--results", metavar="ENDPOINT",
+                   help="subscribe to the evaluator's results here (default: publish port + 1)")
+    g.add_argument("--linger", type=float, default=30.0,
+                   help="seconds to keep serving the final checkpoint for an evaluator after training")
+    g.add_argument("--curve-secret-key", type=Path, help="CurveZMQ: this server's secret key file")
+    g.add_argument("--curve-authorized", type=Path, help="CurveZMQ: folder of clients' public keys")
+    g = p.add_argument_group("modes")
+    g.add_argument("--test-mode", action="store_true",
+                   help="train 2 epochs on the shipped subset with an evaluator attached, print both")
+    g.add_argument("--check", action="store_true", help="pre-flight checks only, then exit")
+    args = p.parse_args(argv)
+    try:
+        args.config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    except ValueError as e:
+        p.error(str(e))
+    if args.checkpoint_every < 0 or args.sync_every < 0 or args.keep < 1 or args.threads < 0:
+        p.error("--checkpoint-every and --sync-every must be >= 0, --keep >= 1, --threads >= 0")
+    if args.resume and not args.checkpoint_dir:
+        p.error("--resume needs --checkpoint-dir")
+    try:
+        args.fault = FaultInjector.parse(args.fault)
+    except ValueError as e:
+        p.error(str(e))
+    return args
+
+
+class _StopFlag:
+    """SIGTERM / Ctrl-C ask for a stop; the ranks agree on it inside the step's allreduce."""
+
+    def __init__(self):
+        self.signum = 0
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signum:                     # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+
+
+def run(args, comm):
+    cfg = args.config
+    rank0 = comm.rank == 0
+    data = load_dataset(args, comm, log)
+    trainer = DataParallelTrainer(cfg, comm, data)
+    log.info("%d ranks, global batch %d (%s per rank), %d steps per epoch, %d training examples, data: %s",
+             comm.size, cfg.batch_size, "~%d" % -(-cfg.batch_size // comm.size), trainer.steps_per_epoch,
+             trainer.n, data.source)
+    if args.resume:
+        found = checkpoint.latest_valid(args.checkpoint_dir, warn=log.warning) if rank0 else None
+        have = comm.bcast_(np.array([found is not None], np.int64))[0]          # rank 0 decides for all
+        if have:
+            trainer.restore(found[1] if rank0 else None)
+            log.info("resumed from %s at step %d (epoch %d, batch %d)", found[0] if rank0 else "",
+                     trainer.step, trainer.epoch, trainer.pos)
+        else:
+            log.warning("no valid checkpoint in %s: starting fresh", args.checkpoint_dir)
+    link = None
+    if args.publish and rank0:
+        from lenet_dist.transport import TrainerLink
+        link = TrainerLink(args.publish, results=args.results, secret_key=args.curve_secret_key,
+                           authorized=args.curve_authorized, log=log)
+        log.info("serving checkpoints on %s, results from %s", link.endpoint, link.results_endpoint)
+    stop = _StopFlag()
+    progress = ProgressReporter(enabled=rank0, bar=args.progress, total=trainer.total_steps, start=trainer.step)
+    metrics = open(args.metrics, "a") if (args.metrics and rank0) else None
+    every = args.checkpoint_every
+    try:
+        while not trainer.done:
+            ep_start_step, t0 = trainer.step, time.perf_counter()
+            seen = loss_sum = correct = 0
+            epoch = trainer.epoch
+            while trainer.epoch == epoch and not trainer.done:
+                args.fault.maybe_fire(trainer, comm.rank)
+                B, l, c, stop_all = trainer.train_step(stop_request=bool(stop.signum))
+                seen, loss_sum, correct = seen + B, loss_sum + l, correct + c
+                progress.update(trainer.step, loss_sum / max(seen, 1))
+                if args.sync_every and trainer.step % args.sync_every == 0:
+                    trainer.check_synced()
+                if stop_all:
+                    break
+                if every and trainer.step % every == 0 and trainer.epoch == epoch:
+                    _checkpoint(args, trainer, link, rank0)
+            train_seconds = time.perf_counter() - t0
+            if stop_all:
+                _checkpoint(args, trainer, link, rank0)
+                log.warning("stopped by signal %d at step %d; checkpoint written", stop.signum, trainer.step)
+                return 128 + stop.signum
+            trainer.check_synced()
+            test_loss, test_acc = trainer.evaluate()
+            _checkpoint(args, trainer, link, rank0)
+            record = {"event": "epoch", "epoch": trainer.epoch, "step": trainer.step,
+                      "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
+                      "test_loss": test_loss, "test_acc": test_acc, "seconds": round(train_seconds, 3),
+                      "images_per_s": round(seen / train_seconds, 1), "ranks": comm.size,
+                      "steps": trainer.step - ep_start_step, "lr": trainer.schedule(max(trainer.step - 1, 0))}
+            evaluator = link.latest_result() if link else None
+            if evaluator:
+                record["evaluator"] = evaluator
+            progress.epoch_line(record)
+            if metrics:
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+        if link:
+            link.wait_final(trainer.step, args.linger)
+        return 0
+    finally:
+        progress.close()
+        if metrics:
+            metrics.close()
+        if link:
+            link.close()
+
+
+def _checkpoint(args, trainer, link, rank0):
+    """Rank 0 writes the checkpoint to disk and/or publishes it; other ranks have nothing to do."""
+    if not rank0 or not (args.checkpoint_dir or link):
+        return
+    params, velocity, meta = trainer.checkpoint_content()
+    if args.checkpoint_dir:
+        path, data = checkpoint.save(args.checkpoint_dir, params, velocity, meta, keep=args.keep)
+        log.debug("checkpoint %s", path)
+    else:
+        data = checkpoint.to_bytes(params, velocity, meta)
+    if link:
+        link.publish(step=meta["step"], epoch=meta["epoch"], data=data, final=meta["final"])
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.test_mode:
+        from .test_mode import run_test_mode
+        return run_test_mode(args)
+    comm = get_comm()
+    setup_logging(comm, args.log_level)
+    if args.check:
+        from .preflight import run_checks
+        return run_checks(args, comm)
+    try:
+        with blas_threads(args.threads, comm.size):
+            return run(args, comm)
+    except KeyboardInterrupt:
+        log.error("rank %d: interrupted", comm.rank)
+        return 130
+    except Exception as e:  # noqa: BLE001 - any failure on any rank must end the whole job, never hang it
+        msg = f"rank {comm.rank}/{comm.size}: error: {one_line(e)}"
+        print(f"lenet-train: {msg}", file=sys.stderr, flush=True)
+        if comm.size > 1:
+            comm.abort(1)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
