@@ -147,10 +147,13 @@ class DataParallelTrainer:
         if (all_ == all_[0]).all():
             return
         values, counts = np.unique(all_, return_counts=True)
-        majority = values[np.argmax(counts)]
-        odd = [r for r in range(len(all_)) if all_[r] != majority]
-        raise TrainingError(f"replicas out of sync at step {self.step}: rank(s) {', '.join(map(str, odd))} "
-                            f"differ from the other ranks' parameters")
+        if counts.max() * 2 > len(all_):              # a strict majority: name the ranks that left it
+            odd = [r for r in range(len(all_)) if all_[r] != values[np.argmax(counts)]]
+            who = f"rank(s) {', '.join(map(str, odd))} differ from the other ranks"
+        else:
+            who = "no majority: " + "; ".join(f"rank(s) {', '.join(str(r) for r in range(len(all_)) if all_[r] == v)} "
+                                              f"agree" for v in values)
+        raise TrainingError(f"replicas out of sync at step {self.step}: {who} (parameter checksums differ)")
 
     # ------------------------------------------------------------------------------- checkpoint content
     def checkpoint_content(self):

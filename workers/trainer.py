@@ -95,6 +95,10 @@ def parse_args(argv=None):
         p.error(str(e))
     if args.checkpoint_every < 0 or args.sync_every < 0 or args.keep < 1 or args.threads < 0:
         p.error("--checkpoint-every and --sync-every must be >= 0, --keep >= 1, --threads >= 0")
+    if args.deterministic and args.threads > 1:
+        p.error("--deterministic needs one BLAS thread per rank (a threaded GEMM sums in another order)")
+    if args.deterministic:
+        args.threads = 1
     if args.resume and not args.checkpoint_dir:
         p.error("--resume needs --checkpoint-dir")
     try:
@@ -143,7 +147,10 @@ def run(args, comm):
         log.info("serving checkpoints on %s, results from %s", link.endpoint, link.results_endpoint)
     stop = _StopFlag()
     progress = ProgressReporter(enabled=rank0, bar=args.progress, total=trainer.total_steps, start=trainer.step)
-    metrics = open(args.metrics, "a") if (args.metrics and rank0) else None
+    metrics = None
+    if args.metrics and rank0:
+        args.metrics.parent.mkdir(parents=True, exist_ok=True)
+        metrics = open(args.metrics, "a")
     every = args.checkpoint_every
     try:
         while not trainer.done:
