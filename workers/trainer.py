@@ -62,7 +62,7 @@ def parse_args(argv=None):
     g.add_argument("--no-download", action="store_true", help="fail rather than download")
     g = p.add_argument_group("run")
     g.add_argument("--threads", type=int, default=0,
-                   help="BLAS threads per rank (0: 1 per rank under MPI, all cores in one process)")
+                   help="BLAS threads per rank (0: one; see README, Performance)")
     g.add_argument("--metrics", type=Path, help="append one JSON object per epoch to this file (rank 0)")
     g.add_argument("--checkpoint-dir", type=Path)
     g.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints "
@@ -224,7 +224,7 @@ def main(argv=None):
         from .preflight import run_checks
         return run_checks(args, comm)
     try:
-        with blas_threads(args.threads, comm.size):
+        with blas_threads(args.threads):
             return run(args, comm)
     except KeyboardInterrupt:
         log.error("rank %d: interrupted", comm.rank)
