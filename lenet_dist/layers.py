@@ -47,8 +47,10 @@ class Layer:
 
 
 def _uniform(rng, fan_in, shape, dtype):
-    # He-uniform: keeps activation variance steady through ReLUs.
-    bound = np.sqrt(6.0 / fan_in)
+    # PyTorch's default for conv and linear layers (weights and biases): U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+    # He init was tried: its larger weights, maxed by the pools, saturate the softmax early; on the
+    # shipped subset it reached 46% after 96 steps where this reaches 90%.
+    bound = 1.0 / np.sqrt(fan_in)
     return rng.uniform(-bound, bound, size=shape).astype(dtype)
 
 
@@ -79,7 +81,7 @@ class Conv2D(Layer):
         self.cin, self.cout, self.k, self.stride, self.padding = cin, cout, k, stride, padding
         self.need_dx = need_dx
         self.params = {"weight": _uniform(rng, cin * k * k, (cout, cin, k, k), dtype),
-                       "bias": np.zeros(cout, dtype)}
+                       "bias": _uniform(rng, cin * k * k, (cout,), dtype)}
         self.grads = {n: np.zeros_like(p) for n, p in self.params.items()}
         self.ws = _Workspace(dtype)
 
@@ -192,7 +194,7 @@ class Dense(Layer):
     """Fully connected on column batches: x (in,B) -> W @ x + b, W (out,in) as in PyTorch -> (out,B)."""
 
     def __init__(self, nin, nout, *, rng, dtype=np.float32):
-        self.params = {"weight": _uniform(rng, nin, (nout, nin), dtype), "bias": np.zeros(nout, dtype)}
+        self.params = {"weight": _uniform(rng, nin, (nout, nin), dtype), "bias": _uniform(rng, nin, (nout,), dtype)}
         self.grads = {n: np.zeros_like(p) for n, p in self.params.items()}
 
     def forward(self, x):
