@@ -160,6 +160,8 @@ def run(args, comm):
             while trainer.epoch == epoch and not trainer.done:
                 args.fault.maybe_fire(trainer, comm.rank)
                 B, l, c, stop_all = trainer.train_step(stop_request=bool(stop.signum))
+                if link:
+                    link.progress(trainer.step)
                 seen, loss_sum, correct = seen + B, loss_sum + l, correct + c
                 progress.update(trainer.step, loss_sum / max(seen, 1))
                 if args.sync_every and trainer.step % args.sync_every == 0:
@@ -189,7 +191,14 @@ def run(args, comm):
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
         if link:
-            link.wait_final(trainer.step, args.linger)
+            # Keep serving the final checkpoint a while for an evaluator that is attached (or, in test
+            # mode, about to be); don't hold up a run that nobody is watching.
+            if link.latest_result() is not None or args.test_mode:
+                log.info("waiting up to %.0fs for the evaluator's verdict on step %d", args.linger, trainer.step)
+                result = link.wait_final(trainer.step, args.linger)
+                if result:
+                    log.info("evaluator: step %d accuracy %.4f loss %.4f", result["step"], result["accuracy"],
+                             result["loss"])
         return 0
     finally:
         progress.close()
