@@ -1,0 +1,246 @@
+"""The checkpoint wire format, without any sockets: what transport.py sends and what it accepts.
+
+A reply from the trainer is one ZeroMQ message of one or two frames:
+
+    frame 0  header, UTF-8 JSON object (at most 64 KiB):
+               proto "lenet-ckpt", version 1, kind "checkpoint" | "none" | "error", id (echo of the request),
+               server (random id of this trainer process), trainer_step (the trainer's newest step),
+               and for kind "checkpoint": step, epoch, size, sha256 (hex, of frame 1), final (bool);
+               for kind "error": reason (str)
+    frame 1  kind "checkpoint" only: the raw .npz bytes of checkpoint.to_bytes, exactly `size` bytes
+
+A request from an evaluator is one frame, a JSON object: proto, version, op, id, and per op
+    "fetch":  newer_than (step), seen_final (bool), wait_ms, max_bytes   -> checkpoint or none
+    "status": (nothing more)                                              -> none (carries trainer_step)
+    "result": result (the evaluator's figures, see check_result)          -> no reply
+
+Nothing here is ever unpickled: JSON and .npz only, the .npz itself checked by checkpoint.from_bytes.
+Also here, because they need no sockets: what the trainer serves (Published) and its inbox of results.
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import math
+import threading
+import time
+
+PROTO = "lenet-ckpt"
+VERSION = 1
+MAX_HEADER = 64 << 10           # requests, headers and results are small; anything bigger is refused
+KINDS = ("checkpoint", "none", "error")
+
+
+class BadMessage(Exception):
+    """A message that breaks the wire format; one line. `step` is the checkpoint step it claimed, when
+    its header was readable, so that the caller can skip that checkpoint instead of asking again."""
+
+    def __init__(self, reason, step=None):
+        super().__init__(reason)
+        self.step = step
+
+
+def encode(obj):
+    return json.dumps(obj, sort_keys=True, allow_nan=False).encode()
+
+
+def sha256(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+def _is_int(v, lo=0):
+    return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+
+def decode_object(frame, what="message"):
+    """bytes -> dict, or BadMessage naming why not."""
+    if len(frame) == 0:
+        raise BadMessage(f"empty {what}")
+    if len(frame) > MAX_HEADER:
+        raise BadMessage(f"{what} is {len(frame)} bytes, more than {MAX_HEADER}")
+    try:
+        obj = json.loads(bytes(frame).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise BadMessage(f"{what} is not JSON ({len(frame)} bytes starting {bytes(frame[:8])!r})") from None
+    if not isinstance(obj, dict):
+        raise BadMessage(f"{what} is JSON {type(obj).__name__}, expected an object")
+    if obj.get("proto") != PROTO:
+        raise BadMessage(f"{what} has proto {obj.get('proto')!r}, expected {PROTO!r}")
+    version = obj.get("version")
+    if not _is_int(version, 1):
+        raise BadMessage(f"{what} has format version {version!r}, expected an integer >= 1")
+    if version > VERSION:
+        raise BadMessage(f"{what} has format version {version}, newer than the {VERSION} this program reads")
+    return obj
+
+
+def checkpoint_header(*, req_id, server, trainer_step, step, epoch, data_sha256, size, final):
+    return {"proto": PROTO, "version": VERSION, "kind": "checkpoint", "id": req_id, "server": server,
+            "trainer_step": trainer_step, "step": step, "epoch": epoch, "size": size,
+            "sha256": data_sha256, "final": bool(final)}
+
+
+def none_header(*, req_id, server, trainer_step, reason=None):
+    h = {"proto": PROTO, "version": VERSION, "kind": "none" if reason is None else "error", "id": req_id,
+         "server": server, "trainer_step": trainer_step}
+    if reason is not None:
+        h["reason"] = reason
+    return h
+
+
+def parse_reply(frames, max_bytes):
+    """The frames of one reply -> (header, body or None). Checks every field, the size bound, the size
+    and the sha256 of the body; the body's arrays are checked later, by checkpoint.from_bytes."""
+    if not frames or (len(frames) == 1 and len(frames[0]) == 0):
+        raise BadMessage("empty message")
+    h = decode_object(frames[0], "header")
+    kind = h.get("kind")
+    if kind not in KINDS:
+        raise BadMessage(f"header kind {kind!r}, expected one of {', '.join(KINDS)}")
+    if not (h.get("trainer_step") is None or _is_int(h.get("trainer_step"))):
+        raise BadMessage(f"header trainer_step {h.get('trainer_step')!r}, expected an integer >= 0")
+    if not isinstance(h.get("server"), str):
+        raise BadMessage(f"header server {h.get('server')!r}, expected a string")
+    if kind != "checkpoint":
+        if len(frames) != 1:
+            raise BadMessage(f"a '{kind}' reply has {len(frames)} frames, expected 1")
+        return h, None
+    step = h.get("step")
+    if not _is_int(step):
+        raise BadMessage(f"header step {step!r}, expected an integer >= 0")
+    for key, ok, expected in (("epoch", _is_int(h.get("epoch")), "an integer >= 0"),
+                              ("size", _is_int(h.get("size")), "an integer >= 0"),
+                              ("final", isinstance(h.get("final"), bool), "true or false"),
+                              ("sha256", _is_hex64(h.get("sha256")), "64 lowercase hex digits")):
+        if not ok:
+            raise BadMessage(f"header {key} {h.get(key)!r}, expected {expected}", step)
+    if h["size"] > max_bytes:
+        raise BadMessage(f"checkpoint of {h['size']} bytes, more than the {max_bytes} allowed", step)
+    if len(frames) != 2:
+        raise BadMessage(f"a checkpoint reply has {len(frames)} frames, expected 2 (header, bytes)", step)
+    body = frames[1]
+    if len(body) != h["size"]:
+        raise BadMessage(f"checkpoint is {len(body)} bytes, header says {h['size']}", step)
+    if sha256(body) != h["sha256"]:
+        raise BadMessage("checkpoint bytes do not match the header's sha256", step)
+    return h, body
+
+
+def _is_hex64(v):
+    return isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v)
+
+
+def check_result(obj):
+    """An evaluator's result as received from the network -> the same dict, or BadMessage. It must
+    carry step, accuracy (a fraction) and loss (null if it overflowed); the rest (epoch, lag_steps, ...)
+    is passed through."""
+    if not isinstance(obj, dict):
+        raise BadMessage(f"result is {type(obj).__name__}, expected an object")
+    if not _is_int(obj.get("step")):
+        raise BadMessage(f"result step {obj.get('step')!r}, expected an integer >= 0")
+    acc, loss = obj.get("accuracy"), obj.get("loss")
+    if not (isinstance(acc, (int, float)) and not isinstance(acc, bool) and 0.0 <= acc <= 1.0):
+        raise BadMessage(f"result accuracy {acc!r}, expected a fraction in [0, 1]")
+    if not (loss is None or isinstance(loss, (int, float)) and not isinstance(loss, bool) and math.isfinite(loss)):
+        raise BadMessage(f"result loss {loss!r}, expected a finite number or null")
+    return obj
+
+
+def check_fetch(req, max_wait_ms):
+    for key, lo, hi in (("newer_than", -1, None), ("wait_ms", 0, max_wait_ms), ("max_bytes", 0, None)):
+        v = req.get(key)
+        if not (isinstance(v, int) and not isinstance(v, bool) and v >= lo and (hi is None or v <= hi)):
+            raise BadMessage(f"fetch {key} {v!r}, expected an integer in [{lo}, {hi or 'inf'}]")
+    if not isinstance(req.get("seen_final", False), bool):
+        raise BadMessage(f"fetch seen_final {req.get('seen_final')!r}, expected true or false")
+    return dict(req, seen_final=req.get("seen_final", False), id=req.get("id"))
+
+
+class Limited:
+    """Log a kind of complaint at most once every few seconds, so a flood cannot flood the log."""
+
+    def __init__(self, log, every=5.0):
+        self.log, self.every, self.last, self.quiet = log, every, -1e9, 0
+
+    def __call__(self, msg):
+        now = time.monotonic()
+        if now - self.last < self.every:
+            self.quiet += 1
+            return
+        more = f" ({self.quiet} similar suppressed)" if self.quiet else ""
+        self.log(msg + more)
+        self.last, self.quiet = now, 0
+
+
+class Published:
+    """One checkpoint as the trainer serves it: its bytes by reference, their hash computed when first
+    needed (by the server thread, not by the training loop)."""
+
+    def __init__(self, step, epoch, data, final):
+        self.step, self.epoch, self.data, self.final, self._sha256 = step, epoch, data, final, None
+
+    def answers(self, req):
+        """Is this what a fetch waiting for something newer than (newer_than, seen_final) wants?"""
+        return self.step > req["newer_than"] or (
+            self.final and self.step == req["newer_than"] and not req["seen_final"])
+
+    def reply(self, req, server, trainer_step):
+        """(header, bytes or None): the checkpoint, or an error if it is over the client's size limit."""
+        if len(self.data) > req["max_bytes"]:
+            h = none_header(req_id=req["id"], server=server, trainer_step=trainer_step,
+                            reason=f"checkpoint of {len(self.data)} bytes, more than the {req['max_bytes']} "
+                                   f"the client accepts")
+            return dict(h, step=self.step), None
+        if self._sha256 is None:
+            self._sha256 = sha256(self.data)
+        return checkpoint_header(req_id=req["id"], server=server, trainer_step=trainer_step, step=self.step,
+                                 epoch=self.epoch, data_sha256=self._sha256, size=len(self.data),
+                                 final=self.final), self.data
+
+
+class Results:
+    """The trainer's inbox of evaluator results (thread-safe). The same result may arrive twice, over
+    the checkpoint channel and over a results subscription; it is kept once."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._new = collections.deque(maxlen=256)   # not yet taken by take()
+        self._seen = collections.deque(maxlen=64)   # hashes of recent results
+        self._best_step = None                      # the result for the highest step
+
+    def add(self, envelope):
+        """A decoded result message -> True if kept; BadMessage if it is not a result."""
+        result = check_result(envelope.get("result"))
+        key = sha256(encode(result))
+        with self._cond:
+            if key in self._seen:
+                return False
+            self._seen.append(key)
+            self._new.append(result)
+            if self._best_step is None or result["step"] >= self._best_step["step"]:
+                self._best_step = result
+            self._cond.notify_all()
+        return True
+
+    def take(self):
+        with self._cond:
+            out = list(self._new)
+            self._new.clear()
+        return out
+
+    def latest(self):
+        with self._cond:
+            return dict(self._best_step) if self._best_step else None
+
+    def wait_for(self, step, timeout, stop=None):
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                r = self._best_step
+                if r is not None and r["step"] >= step:
+                    return dict(r)
+                left = deadline - time.monotonic()
+                if left <= 0 or (stop is not None and stop()):
+                    return None
+                self._cond.wait(min(left, 0.2))

@@ -1,0 +1,199 @@
+"""lenet-evaluator as a real process against an in-test TrainerLink (or a fake trainer that misbehaves),
+on 127.0.0.1 with ephemeral ports and the shipped test subset."""
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from threadpoolctl import threadpool_limits
+
+from lenet_dist import checkpoint
+from lenet_dist.data import load_subset
+from lenet_dist.model import LeNet5
+from lenet_dist.transport import TrainerLink, generate_keys
+
+from .fakes import FakeTrainer, bad_replies, good_reply, make_ckpt, make_params
+
+ANY = "tcp://127.0.0.1:*"
+
+
+class Evaluator:
+    """lenet-evaluator in a subprocess; stderr goes to a file that the test can wait on."""
+    count = 0
+
+    def __init__(self, tmp_path, *args, subset=True):
+        Evaluator.count += 1
+        self.report = tmp_path / f"report{Evaluator.count}.jsonl"
+        self.err_path = tmp_path / f"stderr{Evaluator.count}.txt"
+        argv = [sys.executable, "-m", "workers.evaluator", "--report", str(self.report), *args]
+        argv += ["--subset"] if subset else []
+        with open(self.err_path, "w") as err:
+            self.proc = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=err, text=True)
+
+    @property
+    def stderr(self):
+        return self.err_path.read_text()
+
+    def wait_for(self, text, timeout=15):
+        deadline = time.monotonic() + timeout
+        while text not in self.stderr:
+            assert self.proc.poll() is None, f"exited {self.proc.returncode}:\n{self.stderr}"
+            assert time.monotonic() < deadline, f"no {text!r} in:\n{self.stderr}"
+            time.sleep(0.05)
+
+    def finish(self, timeout=20):
+        try:
+            out, _ = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise AssertionError(f"still running after {timeout}s:\n{self.stderr}")
+        return self.proc.returncode, out
+
+    def lines(self):
+        return [json.loads(line) for line in self.report.read_text().splitlines()] if self.report.exists() else []
+
+
+@pytest.fixture
+def link():
+    with TrainerLink(ANY) as ln:
+        yield ln
+
+
+@pytest.fixture(scope="module")
+def subset():
+    ds = load_subset()
+    return ds.test_images, ds.test_labels
+
+
+def expected(seed, subset):
+    m = LeNet5()
+    m.load_named(make_params(seed))
+    with threadpool_limits(1, user_api="blas"):
+        return m.evaluate(*subset)
+
+
+def test_reports_best_results_and_exit_after_final(tmp_path, link, subset):
+    ev = Evaluator(tmp_path, "--connect", link.endpoint, "--best-dir", str(tmp_path / "best"))
+    ev.wait_for("connected to trainer")
+    link.publish(10, 0, make_ckpt(10, seed=1, epoch=0))
+    deadline = time.monotonic() + 15
+    while not ev.lines() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    link.publish(20, 1, make_ckpt(20, seed=2, epoch=1, final=True), final=True)
+    rc, out = ev.finish()
+    assert rc == 0, ev.stderr
+    lines = ev.lines()
+    assert [r["step"] for r in lines] == [10, 20] and [r["final"] for r in lines] == [False, True]
+    for r, seed, epoch in zip(lines, (1, 2), (0, 1)):
+        loss, acc = expected(seed, subset)
+        assert r["accuracy"] == acc and r["loss"] == pytest.approx(loss, rel=1e-12) and r["epoch"] == epoch
+        assert r["lag_steps"] == 0 and r["n_test"] == 1000 and 0 < r["eval_seconds"] < 5
+        assert len(r["sha256"]) == 64
+    assert len(out.splitlines()) == 2 and "final" in out.splitlines()[1]
+    assert [r["step"] for r in link.poll_results()] == [10, 20]        # the trainer heard both
+    best = json.loads((tmp_path / "best" / "best.json").read_text())
+    assert best["step"] == max(lines, key=lambda r: r["accuracy"])["step"]
+    assert checkpoint.from_bytes((tmp_path / "best" / "best.npz").read_bytes()).step == best["step"]
+
+
+def test_once_over_socket_and_directory(tmp_path, link):
+    link.publish(5, 0, make_ckpt(5))
+    link.publish(6, 0, make_ckpt(6))
+    ev = Evaluator(tmp_path, "--connect", link.endpoint, "--once")
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    for step in (30, 40):
+        checkpoint.save_atomic(d / checkpoint.file_name(step), make_ckpt(step))
+    watch = Evaluator(tmp_path, "--watch", str(d), "--once")
+    for e, step in ((ev, 6), (watch, 40)):
+        rc, out = e.finish()
+        assert rc == 0 and [r["step"] for r in e.lines()] == [step] and len(out.splitlines()) == 1, e.stderr
+
+
+def test_slow_evaluator_skips_stale_and_never_slows_the_trainer(tmp_path, link):
+    ev = Evaluator(tmp_path, "--connect", link.endpoint, "--delay", "0.4")
+    ev.wait_for("connected to trainer")
+    data = [make_ckpt(s) for s in range(3)]                 # serializing is the trainer's cost, not ours
+    in_publish, step, times = 0.0, 0, []
+    t_start = time.perf_counter()
+    while time.perf_counter() < t_start + 3.0:
+        step += 1
+        t = time.perf_counter()
+        link.publish(step, 0, data[step % 3])
+        in_publish += time.perf_counter() - t
+        times.append(time.perf_counter() - t)
+        time.sleep(0.01)                                    # "training"
+    share = in_publish / (time.perf_counter() - t_start)
+    link.publish(step + 1, 0, make_ckpt(step + 1, final=True), final=True)
+    rc, _ = ev.finish()
+    assert rc == 0, ev.stderr
+    steps = [r["step"] for r in ev.lines()]
+    assert steps[-1] == step + 1 and steps == sorted(set(steps)) and len(steps) < step / 5, steps
+    assert max(r["lag_steps"] for r in ev.lines()) > 10     # the trainer ran ahead while it slept
+    median = sorted(times)[len(times) // 2]
+    # publish() only swaps a reference: well under a millisecond. The total share is looser because on
+    # a busy 2-core machine the OS may preempt the server thread while it holds the GIL.
+    assert median < 0.0005 and share < 0.1, (median, share)
+
+
+@pytest.mark.parametrize("sig, when, code", [(signal.SIGTERM, "idle", 0), (signal.SIGTERM, "delay", 0),
+                                             (signal.SIGINT, "idle", 130)])
+def test_signals_end_it_within_two_seconds(tmp_path, link, sig, when, code):
+    ev = Evaluator(tmp_path, "--connect", link.endpoint, "--delay", "30", "--poll-ms", "5000")  # long waits
+    ev.wait_for("evaluating checkpoints from")
+    if when == "delay":
+        link.publish(1, 0, make_ckpt(1))
+    time.sleep(0.5)                                         # inside a 5 s long poll, or the 30 s delay
+    t = time.monotonic()
+    ev.proc.send_signal(sig)
+    rc, _ = ev.finish(timeout=5)
+    assert rc == code and time.monotonic() - t < 2.0, ev.stderr
+    assert "Traceback" not in ev.stderr
+
+
+def test_bad_input_is_logged_and_skipped(tmp_path):
+    cases = bad_replies()
+    good = make_ckpt(999, final=True)
+    fake = FakeTrainer([make for make, _ in cases.values()] + [lambda rid: good_reply(rid, 999, good, final=True)])
+    try:
+        ev = Evaluator(tmp_path, "--connect", fake.endpoint)
+        rc, _ = ev.finish(timeout=40)
+        err = ev.stderr
+        assert rc == 0, err
+        for name, (_, reason) in cases.items():
+            assert reason in err, f"{name}: no {reason!r} in\n{err}"
+        assert [r["step"] for r in ev.lines()] == [999]      # only the good one was evaluated
+        assert [r["step"] for r in fake.results] == [999]
+        assert "Traceback" not in err
+    finally:
+        fake.close()
+
+
+def test_curve_keys(tmp_path):
+    keys = {n: generate_keys(tmp_path / "keys", n) for n in ("trainer", "evaluator", "stranger")}
+    auth = tmp_path / "authorized"
+    auth.mkdir()
+    (auth / "evaluator.key").write_bytes(keys["evaluator"][0].read_bytes())
+    with TrainerLink(ANY, secret_key=keys["trainer"][1], authorized=auth) as ln:
+        ln.publish(3, 0, make_ckpt(3))
+        good = Evaluator(tmp_path, "--connect", ln.endpoint, "--once", "--curve-secret-key", str(keys["evaluator"][1]),
+                         "--curve-server-key", str(keys["trainer"][0]))
+        bad = Evaluator(tmp_path, "--connect", ln.endpoint, "--once", "--timeout", "2",
+                        "--curve-secret-key", str(keys["stranger"][1]), "--curve-server-key", str(keys["trainer"][0]))
+        assert good.finish()[0] == 0 and [r["step"] for r in good.lines()] == [3], good.stderr
+        assert bad.finish()[0] == 3 and bad.lines() == [] and "refused our CurveZMQ key" in bad.stderr
+
+
+def test_timeout_and_usage_errors(tmp_path):
+    probe = TrainerLink(ANY)
+    nobody = probe.endpoint
+    probe.close()
+    ev = Evaluator(tmp_path, "--connect", nobody, "--timeout", "1")
+    assert ev.finish()[0] == 3 and "no reply" in ev.stderr and "giving up" in ev.stderr
+    for args in (["--watch", "d", "--curve-secret-key", "k"], ["--connect", nobody, "--poll-ms", "0"], []):
+        assert Evaluator(tmp_path, *args).finish()[0] == 2
+    ev = Evaluator(tmp_path, "--connect", nobody, "--curve-secret-key", "nope", "--curve-server-key", "nope")
+    rc, _ = ev.finish()
+    assert rc == 1 and "not a readable CurveZMQ key file" in ev.stderr and "Traceback" not in ev.stderr

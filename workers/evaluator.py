@@ -1,0 +1,259 @@
+"""lenet-evaluator: evaluates the trainer's checkpoints on the MNIST test set as they come.
+
+    lenet-evaluator --connect tcp://127.0.0.1:5555 --report eval.jsonl   # from lenet-train --publish
+    lenet-evaluator --watch ckpt --report eval.jsonl                     # or poll its --checkpoint-dir
+    lenet-evaluator --connect tcp://127.0.0.1:5555 --once                # the newest checkpoint, then exit
+    lenet-evaluator --connect tcp://trainer-host:5555 --curve-secret-key keys/evaluator.key_secret \\
+                    --curve-server-key keys/trainer.key                  # CurveZMQ, keys from lenet-keys
+    lenet-evaluator --connect tcp://127.0.0.1:5555 --subset              # 1,000 shipped test images: quick
+
+It evaluates the newest checkpoint available whenever it is ready, skipping stale ones; each report says
+how many steps the trainer was ahead by then (lag_steps). One line on stdout and one JSON object in
+--report per evaluation; results also go back to the trainer (which logs them) and to --results-bind.
+Anything malformed that arrives is logged with its reason and skipped; the daemon keeps serving.
+
+Exit status: 0 after the trainer's final checkpoint, after --once or --max-evaluations, and on SIGTERM;
+130 on Ctrl-C; 1 on a setup error (data, keys, bind); 3 when --timeout passes with nothing to evaluate.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+from lenet_dist import checkpoint, wire
+from lenet_dist.checkpoint import CheckpointError
+from lenet_dist.data import DataError
+from lenet_dist.transport import TransportError
+
+from .common import one_line
+
+log = logging.getLogger("lenet.evaluator")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="lenet-evaluator", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--connect", metavar="ENDPOINT", help="the trainer's --publish endpoint, e.g. tcp://127.0.0.1:5555")
+    src.add_argument("--watch", metavar="DIR", type=Path, help="poll this checkpoint directory instead")
+    g = p.add_argument_group("test set")
+    g.add_argument("--data-dir", type=Path, help="MNIST files (else $LENET_DATA_DIR, the cache, a download)")
+    g.add_argument("--no-download", action="store_true", help="fail rather than download MNIST")
+    g.add_argument("--subset", action="store_true", help="the 1,000 test images shipped in the package")
+    g = p.add_argument_group("output")
+    g.add_argument("--report", type=Path, help="append one JSON object per evaluation here")
+    g.add_argument("--results-bind", metavar="ENDPOINT", help="also publish results on a PUB socket here")
+    g.add_argument("--best-dir", type=Path, help="keep the best checkpoint (by accuracy) here as best.npz")
+    g = p.add_argument_group("when to stop, pacing")
+    g.add_argument("--once", action="store_true", help="evaluate the newest checkpoint, then exit")
+    g.add_argument("--max-evaluations", type=int, default=0, metavar="N", help="exit after N (0: no limit)")
+    g.add_argument("--timeout", type=float, default=0.0, metavar="SECONDS",
+                   help="exit 3 after this long without a new checkpoint (0: wait forever)")
+    g.add_argument("--poll-ms", type=int, default=500, help="how long one request waits for a new checkpoint")
+    g.add_argument("--delay", type=float, default=0.0, metavar="SECONDS",
+                   help="artificial slowness before each evaluation (tests, rehearsals)")
+    g.add_argument("--threads", type=int, default=1, help="BLAS threads")
+    g.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    g = p.add_argument_group("CurveZMQ (with --connect; keys from lenet-keys generate)")
+    g.add_argument("--curve-secret-key", type=Path, metavar="FILE", help="this evaluator's .key_secret file")
+    g.add_argument("--curve-public-key", type=Path, metavar="FILE", help="its .key file (optional, checked)")
+    g.add_argument("--curve-server-key", type=Path, metavar="FILE", help="the trainer's public .key file")
+    args = p.parse_args(argv)
+    if args.max_evaluations < 0 or args.timeout < 0 or args.delay < 0 or args.threads < 1:
+        p.error("--max-evaluations, --timeout and --delay must be >= 0, --threads >= 1")
+    if not 10 <= args.poll_ms <= 10_000:
+        p.error(f"--poll-ms must be in [10, 10000], got {args.poll_ms}")
+    curve = (args.curve_secret_key, args.curve_public_key, args.curve_server_key)
+    if any(curve) and (args.watch or not (args.curve_secret_key and args.curve_server_key)):
+        p.error("CurveZMQ needs --connect with both --curve-secret-key and --curve-server-key")
+    return args
+
+
+class StopFlag:
+    """SIGTERM / Ctrl-C ask for a stop, seen by the loop within a poll; a second Ctrl-C stops at once.
+    A plain attribute: setting a threading.Event from a signal handler can deadlock on its lock.
+    In-process users (install=False) stop run() by setting .signum themselves."""
+
+    def __init__(self, install=True):
+        self.signum = 0
+        if install and threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __bool__(self):
+        return bool(self.signum)
+
+    def sleep(self, seconds):
+        """Sleep, but return early (True) on a stop request."""
+        end = time.monotonic() + seconds
+        while not self.signum and time.monotonic() < end:
+            time.sleep(min(0.05, end - time.monotonic()))
+        return bool(self.signum)
+
+
+def _test_set(args):
+    from lenet_dist.data import load_mnist, load_subset
+    ds = load_subset() if args.subset else load_mnist(args.data_dir, download=not args.no_download, log=log.info)
+    log.info("test set: %d images from %s", len(ds.test_images), ds.source)
+    return ds.test_images, ds.test_labels
+
+
+def _source(args, stop):
+    if args.watch:
+        from lenet_dist.watch import DirectoryWatcher
+        return DirectoryWatcher(args.watch, interrupted=stop.__bool__)
+    from lenet_dist.transport import CheckpointClient
+    return CheckpointClient(args.connect, secret_key=args.curve_secret_key, public_key=args.curve_public_key,
+                            server_key=args.curve_server_key, interrupted=stop.__bool__)
+
+
+class BestKeeper:
+    """--best-dir: the best checkpoint seen, by accuracy, as best.npz, and its figures as best.json, both
+    written atomically. A restarted evaluator carries on from best.json if it describes the same run
+    (same training config, same test set); anything else starts afresh."""
+
+    def __init__(self, directory):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.accuracy = None
+
+    def offer(self, result, data, config):
+        if self.accuracy is None:
+            try:
+                prev = json.loads((self.dir / "best.json").read_text())
+                same = prev.get("config") == config and prev.get("n_test") == result["n_test"]
+                self.accuracy = float(prev["accuracy"]) if same else -1.0
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                self.accuracy = -1.0
+        if result["accuracy"] <= self.accuracy:
+            return False
+        checkpoint.save_atomic(self.dir / "best.npz", data)
+        checkpoint.save_atomic(self.dir / "best.json", json.dumps(dict(result, config=config)).encode())
+        self.accuracy = result["accuracy"]
+        return True
+
+
+def run(args, stop):
+    from threadpoolctl import threadpool_limits
+
+    from lenet_dist.model import LeNet5
+    images, labels = _test_set(args)
+    with contextlib.ExitStack() as stack:
+        source = _source(args, stop)
+        stack.callback(source.close)
+        out = []                                    # where each result goes besides stdout
+        if args.report:
+            report = stack.enter_context(open(args.report, "a"))
+            out.append(lambda r: (report.write(json.dumps(r) + "\n"), report.flush()))
+        out.append(source.send_result)              # back to the trainer, which logs it
+        if args.results_bind:
+            from lenet_dist.transport import ResultsPublisher
+            pub = ResultsPublisher(args.results_bind)
+            stack.callback(pub.close)
+            out.append(pub.publish)
+            log.info("publishing results on %s", pub.endpoint)
+        best = BestKeeper(args.best_dir) if args.best_dir else None
+        stack.enter_context(threadpool_limits(limits=args.threads, user_api="blas"))
+        model = LeNet5()
+        model.evaluate(images[:500], labels[:500])  # warm-up, so that the first evaluation is not slower
+        log.info("evaluating checkpoints from %s", source.endpoint)
+        return _loop(args, stop, source, model, images, labels, out, best)
+
+
+def _loop(args, stop, source, model, images, labels, out, best):
+    whoami = f"{socket.gethostname()}:{os.getpid()}"
+    last_step, last_final, evaluations, status = -1, False, 0, None
+    idle_since = time.monotonic()
+    while not stop:
+        if source.status != status:
+            status = source.status
+            ok = status.startswith(("connecting to", "connected to", "watching"))
+            (log.info if ok else log.warning)("%s", status)
+        if args.timeout and time.monotonic() - idle_since > args.timeout:
+            log.error("no new checkpoint from %s in %.1f s; giving up", source.endpoint, args.timeout)
+            return 3
+        try:
+            got = source.fetch_newer(last_step, args.poll_ms, seen_final=last_final)
+        except wire.BadMessage as e:
+            log.warning("rejected a message from %s%s: %s", source.endpoint,
+                        "" if e.step is None else f" (step {e.step})", e)
+            if e.step is not None:                  # skip it; the same step again can only be its final copy
+                last_step, last_final = max(e.step, last_step), e.step <= last_step
+            stop.sleep(0.2)
+            continue
+        if got is None:
+            continue
+        header, data = got
+        step = header["step"]
+        try:
+            ckpt = checkpoint.from_bytes(data, name=f"checkpoint of step {step}")
+            if ckpt.step != step:
+                raise CheckpointError(f"header says step {step}, the checkpoint's meta says {ckpt.step}")
+        except CheckpointError as e:
+            log.warning("rejected a checkpoint from %s: %s", source.endpoint, e)
+            last_step, last_final = step, header["final"]
+            continue
+        final = bool(header["final"] or ckpt.meta.get("final"))
+        last_step, last_final = step, final
+        if args.delay and stop.sleep(args.delay):
+            break
+        model.load_named(ckpt.params)
+        t0 = time.perf_counter()
+        loss, accuracy = model.evaluate(images, labels)
+        seconds = time.perf_counter() - t0
+        trainer_step = source.trainer_step_now()
+        result = {"step": step, "epoch": int(ckpt.meta["epoch"]), "accuracy": accuracy,
+                  "loss": loss if math.isfinite(loss) else None,      # JSON has no inf
+                  "eval_seconds": round(seconds, 4), "n_test": len(images),
+                  "lag_steps": max(0, (trainer_step or step) - step), "trainer_step": trainer_step,
+                  "sha256": header["sha256"], "final": final, "time": round(time.time(), 3), "evaluator": whoami}
+        print(f"step {step} epoch {result['epoch']}: test accuracy {100 * accuracy:.2f}% loss {loss:.4f} "
+              f"({len(images)} images, {seconds:.2f}s), {result['lag_steps']} steps behind"
+              + (", final" if final else ""), flush=True)
+        for send in out:
+            send(result)
+        if best and best.offer(result, data, ckpt.meta.get("config")):
+            log.info("new best: step %d, %.2f%%, in %s", step, 100 * accuracy, best.dir / "best.npz")
+        evaluations += 1
+        idle_since = time.monotonic()
+        if final:
+            log.info("evaluated the final checkpoint (step %d); exiting", step)
+            return 0
+        if args.once or evaluations == args.max_evaluations:
+            return 0
+    log.info("stopped by signal %d after %d evaluations", stop.signum, evaluations)
+    return 130 if stop.signum == signal.SIGINT else 0
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s evaluator %(levelname)s %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stderr, level=args.log_level, force=True)
+    stop = StopFlag()
+    try:
+        return run(args, stop)
+    except KeyboardInterrupt:
+        log.warning("interrupted")
+        return 130
+    except (DataError, TransportError, OSError) as e:
+        log.error("%s", one_line(e))
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
