@@ -26,6 +26,13 @@ class TrainConfig:
     train_subset: int = 0           # use only the first N training examples (0 = all)
 
     def __post_init__(self):
+        for f in fields(self):
+            v, kind = getattr(self, f.name), type(f.default)
+            ok = (isinstance(v, bool) if kind is bool else
+                  isinstance(v, (int, float)) and not isinstance(v, bool) if kind is float else
+                  isinstance(v, int) and not isinstance(v, bool) if kind is int else isinstance(v, kind))
+            if not ok:
+                raise ValueError(f"{f.name} must be of type {kind.__name__}, got {v!r}")
         checks = [
             (self.epochs >= 1, "epochs", "an integer >= 1"),
             (self.batch_size >= 1, "batch_size", "an integer >= 1"),
