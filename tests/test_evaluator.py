@@ -2,17 +2,20 @@
 on 127.0.0.1 with ephemeral ports and the shipped test subset."""
 import json
 import signal
+import socket
 import subprocess
 import sys
 import time
 
 import pytest
+import zmq
 from threadpoolctl import threadpool_limits
 
 from lenet_dist import checkpoint
 from lenet_dist.data import load_subset
 from lenet_dist.model import LeNet5
-from lenet_dist.transport import TrainerLink, generate_keys
+from lenet_dist.transport import RESULT_TOPIC, TrainerLink, generate_keys
+from workers import evaluator
 
 from .fakes import FakeTrainer, bad_replies, good_reply, make_ckpt, make_params
 
@@ -74,8 +77,21 @@ def expected(seed, subset):
         return m.evaluate(*subset)
 
 
+def free_endpoint():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
 def test_reports_best_results_and_exit_after_final(tmp_path, link, subset):
-    ev = Evaluator(tmp_path, "--connect", link.endpoint, "--best-dir", str(tmp_path / "best"))
+    results_at = free_endpoint()
+    ctx = zmq.Context()
+    sub = ctx.socket(zmq.SUB)                               # anyone may listen to the results
+    sub.linger = 0
+    sub.subscribe(RESULT_TOPIC)
+    sub.connect(results_at)
+    ev = Evaluator(tmp_path, "--connect", link.endpoint, "--best-dir", str(tmp_path / "best"),
+                   "--results-bind", results_at)
     ev.wait_for("connected to trainer")
     link.publish(10, 0, make_ckpt(10, seed=1, epoch=0))
     deadline = time.monotonic() + 15
@@ -93,6 +109,11 @@ def test_reports_best_results_and_exit_after_final(tmp_path, link, subset):
         assert len(r["sha256"]) == 64
     assert len(out.splitlines()) == 2 and "final" in out.splitlines()[1]
     assert [r["step"] for r in link.poll_results()] == [10, 20]        # the trainer heard both
+    heard = []
+    while sub.poll(500):
+        heard.append(json.loads(sub.recv_multipart()[1])["result"]["step"])
+    ctx.destroy(0)
+    assert heard[-1:] == [20]                               # (PUB/SUB may miss what precedes the join)
     best = json.loads((tmp_path / "best" / "best.json").read_text())
     assert best["step"] == max(lines, key=lambda r: r["accuracy"])["step"]
     assert checkpoint.from_bytes((tmp_path / "best" / "best.npz").read_bytes()).step == best["step"]
@@ -107,7 +128,11 @@ def test_once_over_socket_and_directory(tmp_path, link):
     for step in (30, 40):
         checkpoint.save_atomic(d / checkpoint.file_name(step), make_ckpt(step))
     watch = Evaluator(tmp_path, "--watch", str(d), "--once")
-    for e, step in ((ev, 6), (watch, 40)):
+    final_dir = tmp_path / "final"
+    final_dir.mkdir()
+    checkpoint.save_atomic(final_dir / checkpoint.file_name(50), make_ckpt(50, final=True))
+    watch_final = Evaluator(tmp_path, "--watch", str(final_dir))   # final in the checkpoint's meta: exit 0
+    for e, step in ((ev, 6), (watch, 40), (watch_final, 50)):
         rc, out = e.finish()
         assert rc == 0 and [r["step"] for r in e.lines()] == [step] and len(out.splitlines()) == 1, e.stderr
 
@@ -192,8 +217,11 @@ def test_timeout_and_usage_errors(tmp_path):
     probe.close()
     ev = Evaluator(tmp_path, "--connect", nobody, "--timeout", "1")
     assert ev.finish()[0] == 3 and "no reply" in ev.stderr and "giving up" in ev.stderr
-    for args in (["--watch", "d", "--curve-secret-key", "k"], ["--connect", nobody, "--poll-ms", "0"], []):
-        assert Evaluator(tmp_path, *args).finish()[0] == 2
+    for args in (["--watch", "d", "--curve-secret-key", "k"], ["--connect", nobody, "--poll-ms", "0"], [],
+                 ["--connect", nobody, "--watch", "d"], ["--connect", nobody, "--max-evaluations", "-1"]):
+        with pytest.raises(SystemExit) as e:
+            evaluator.parse_args(args)
+        assert e.value.code == 2
     ev = Evaluator(tmp_path, "--connect", nobody, "--curve-secret-key", "nope", "--curve-server-key", "nope")
     rc, _ = ev.finish()
     assert rc == 1 and "not a readable CurveZMQ key file" in ev.stderr and "Traceback" not in ev.stderr
