@@ -192,8 +192,9 @@ def _loop(args, stop, source, model, images, labels, out, best):
         except wire.BadMessage as e:
             log.warning("rejected a message from %s%s: %s", source.endpoint,
                         "" if e.step is None else f" (step {e.step})", e)
-            if e.step is not None:                  # skip it; the same step again can only be its final copy
-                last_step, last_final = max(e.step, last_step), e.step <= last_step
+            if e.step is not None and e.step >= last_step:     # skip that checkpoint, don't ask for it again
+                last_final = e.step == last_step    # the same step served again can only be its final copy
+                last_step = e.step
             stop.sleep(0.2)
             continue
         if got is None:
