@@ -76,8 +76,8 @@ if [[ -n "$EVALUATOR" ]]; then
     train_args+=(--results "tcp://$EVALUATOR:$RESULTS_PORT")
 fi
 if [[ -n "$KEYS_DIR" ]]; then
+    # lenet-train reads its public key from the .key_secret file, which holds the pair.
     train_args+=(--curve-secret-key "$KEYS_DIR/trainer.key_secret"
-                 --curve-public-key "$KEYS_DIR/trainer.key"
                  --curve-authorized "$KEYS_DIR/authorized")
 elif [[ "$PUBLISH_BIND" != 127.* ]]; then
     echo "launch-hostfile: warning: publishing on $PUBLISH_BIND without CurveZMQ keys (set KEYS_DIR)" >&2
