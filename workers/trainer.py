@@ -79,10 +79,13 @@ def parse_args(argv=None):
     g = p.add_argument_group("evaluator link (rank 0)")
     g.add_argument("--publish", metavar="ENDPOINT", help="serve checkpoints over ZeroMQ, e.g. tcp://127.0.0.1:5555")
     g.add_argument("--results", metavar="ENDPOINT",
-                   help="subscribe to the evaluator's results here (default: publish port + 1)")
+                   help="also subscribe to an evaluator's --results-bind here (evaluators send their results "
+                        "over the checkpoint connection anyway)")
     g.add_argument("--linger", type=float, default=30.0,
                    help="seconds to keep serving the final checkpoint for an evaluator after training")
     g.add_argument("--curve-secret-key", type=Path, help="CurveZMQ: this server's secret key file")
+    g.add_argument("--curve-public-key", type=Path,
+                   help="CurveZMQ: this server's public key file, checked against the secret key")
     g.add_argument("--curve-authorized", type=Path, help="CurveZMQ: folder of clients' public keys")
     g = p.add_argument_group("modes")
     g.add_argument("--test-mode", action="store_true",
@@ -141,7 +144,10 @@ def run(args, comm):
             log.warning("no valid checkpoint in %s: starting fresh", args.checkpoint_dir)
     link = None
     if args.publish and rank0:
-        from lenet_dist.transport import TrainerLink
+        from lenet_dist.transport import TrainerLink, TransportError, load_key
+        if args.curve_public_key and args.curve_secret_key and \
+                load_key(args.curve_public_key) != load_key(args.curve_secret_key, secret=True)[0]:
+            raise TransportError(f"{args.curve_public_key} is not the public half of {args.curve_secret_key}")
         link = TrainerLink(args.publish, results=args.results, secret_key=args.curve_secret_key,
                            authorized=args.curve_authorized, log=log)
         log.info("serving checkpoints on %s, results from %s", link.endpoint, link.results_endpoint)
