@@ -1,0 +1,152 @@
+"""The two services together, for real: `mpirun -n 2 lenet-train --publish` and `lenet-evaluator` processes
+on loopback, in every start order, with either side killed and restarted."""
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from .mpiutil import MPIRUN, REPO, env, need_mpirun
+
+TRAIN = ["--subset", "--batch-size", "50", "--checkpoint-every", "10", "--no-progress", "--log-level", "INFO"]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_trainer(endpoint, tmp_path, *extra, ranks=2, epochs=3, name="t"):
+    cmd = [sys.executable, "-m", "workers.trainer", *TRAIN, "--epochs", str(epochs), "--publish", endpoint,
+           "--metrics", str(tmp_path / f"{name}.jsonl"), *map(str, extra)]
+    if ranks:
+        need_mpirun()
+        cmd = [MPIRUN, "-n", str(ranks), *cmd]
+    return subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def start_evaluator(endpoint, report, *extra):
+    cmd = [sys.executable, "-m", "workers.evaluator", "--connect", endpoint, "--subset", "--report", str(report),
+           "--poll-ms", "200", "--timeout", "120", *map(str, extra)]
+    return subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(p, timeout=120):
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        out, err = p.communicate()
+        raise AssertionError(f"{p.args[:4]} did not finish in {timeout}s\n{out}\n{err}")
+    return p.returncode, out, err
+
+
+def reports(path):
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def wait_for_reports(path, n, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if len(reports(path)) >= n:
+            return reports(path)
+        time.sleep(0.1)
+    raise AssertionError(f"fewer than {n} evaluations in {path} after {timeout}s")
+
+
+def check_final_agrees(tmp_path, report, name="t"):
+    final = json.loads((tmp_path / f"{name}.jsonl").read_text().splitlines()[-1])
+    rows = reports(report)
+    last = rows[-1]
+    assert last["final"] and last["step"] == final["step"]
+    assert last["accuracy"] == pytest.approx(final["test_acc"], abs=1e-12)   # same model, same 1,000 images
+    assert 0.0 <= last["accuracy"] <= 1.0
+    for key in ("step", "epoch", "accuracy", "loss", "eval_seconds", "lag_steps", "sha256"):
+        assert key in last
+    return final, rows
+
+
+def test_mpirun_trainer_with_evaluator_started_first(tmp_path):
+    endpoint, report = f"tcp://127.0.0.1:{free_port()}", tmp_path / "eval.jsonl"
+    ev = start_evaluator(endpoint, report)
+    time.sleep(0.5)
+    tr = start_trainer(endpoint, tmp_path)
+    code, _, err = finish(tr)
+    assert code == 0, err
+    ecode, out, eerr = finish(ev, timeout=60)
+    assert ecode == 0, eerr                                  # exits by itself after the final checkpoint
+    final, rows = check_final_agrees(tmp_path, report)
+    assert final["ranks"] == 2
+    assert f"evaluator: step {final['step']} accuracy" in err  # the trainer heard the verdict
+
+
+def test_trainer_started_first(tmp_path):
+    endpoint, report = f"tcp://127.0.0.1:{free_port()}", tmp_path / "eval.jsonl"
+    tr = start_trainer(endpoint, tmp_path, epochs=6)
+    time.sleep(2.0)
+    ev = start_evaluator(endpoint, report)
+    assert finish(tr)[0] == 0
+    assert finish(ev, timeout=60)[0] == 0
+    check_final_agrees(tmp_path, report)
+
+
+def test_evaluator_killed_and_restarted_mid_run(tmp_path):
+    endpoint, report = f"tcp://127.0.0.1:{free_port()}", tmp_path / "eval.jsonl"
+    ev = start_evaluator(endpoint, report)
+    tr = start_trainer(endpoint, tmp_path, epochs=8, ranks=0)
+    wait_for_reports(report, 1)
+    ev.kill()
+    ev.wait()
+    first = reports(report)
+    ev2 = start_evaluator(endpoint, report)
+    assert finish(tr)[0] == 0
+    assert finish(ev2, timeout=60)[0] == 0
+    _, rows = check_final_agrees(tmp_path, report)
+    assert len(rows) > len(first)
+    steps = [r["step"] for r in rows]
+    assert steps == sorted(steps)                            # never goes back to stale checkpoints
+
+
+def test_trainer_restarted_with_resume_while_evaluator_keeps_running(tmp_path):
+    endpoint, report = f"tcp://127.0.0.1:{free_port()}", tmp_path / "eval.jsonl"
+    ckpt = tmp_path / "ckpt"
+    ev = start_evaluator(endpoint, report)
+    tr = start_trainer(endpoint, tmp_path, "--checkpoint-dir", ckpt, "--fault", "0:100:exit", epochs=4)
+    code, _, _ = finish(tr)
+    assert code != 0                                          # died at step 100
+    assert ev.poll() is None                                  # the evaluator is still there
+    seen = wait_for_reports(report, 1)
+    assert max(r["step"] for r in seen) <= 100
+    tr2 = start_trainer(endpoint, tmp_path, "--checkpoint-dir", ckpt, "--resume", epochs=4)
+    code, _, err = finish(tr2)
+    assert code == 0, err
+    assert "resumed from" in err
+    assert finish(ev, timeout=60)[0] == 0
+    final, rows = check_final_agrees(tmp_path, report)
+    assert final["step"] == 160 and rows[-1]["step"] == 160
+
+
+def test_test_mode_runs_both_sides(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "workers.trainer", "--test-mode", "--no-progress",
+                        "--metrics", str(tmp_path / "m.jsonl")], cwd=REPO, env=env(), capture_output=True,
+                       text=True, timeout=180)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "test mode: OK" in p.stdout
+    assert "test mode: evaluator step 96" in p.stdout
+
+
+def test_sigterm_stops_every_rank_after_the_same_step_with_a_checkpoint(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    tr = start_trainer(f"tcp://127.0.0.1:{free_port()}", tmp_path, "--checkpoint-dir", ckpt, epochs=50)
+    time.sleep(4.0)
+    tr.send_signal(signal.SIGTERM)                            # mpirun forwards it to the ranks
+    code, _, err = finish(tr, timeout=30)
+    assert code != 0 and "stopped by signal" in err
+    from lenet_dist import checkpoint
+    step, path = checkpoint.list_checkpoints(ckpt)[0]
+    assert checkpoint.load_file(path).step == step > 0       # a whole, valid checkpoint at the stop step
+    assert f"at step {step}" in err
