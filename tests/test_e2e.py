@@ -150,3 +150,16 @@ def test_sigterm_stops_every_rank_after_the_same_step_with_a_checkpoint(tmp_path
     step, path = checkpoint.list_checkpoints(ckpt)[0]
     assert checkpoint.load_file(path).step == step > 0       # a whole, valid checkpoint at the stop step
     assert f"at step {step}" in err
+
+
+def test_evaluator_follows_a_new_run_that_starts_over(tmp_path):
+    endpoint, report = f"tcp://127.0.0.1:{free_port()}", tmp_path / "eval.jsonl"
+    ev = start_evaluator(endpoint, report)
+    first = start_trainer(endpoint, tmp_path, "--fault", "0:100:exit", epochs=4, name="a", ranks=0)
+    assert finish(first)[0] != 0
+    wait_for_reports(report, 1)
+    fresh = start_trainer(endpoint, tmp_path, epochs=1, name="b", ranks=0)   # a new run, from step 0 to 40
+    assert finish(fresh)[0] == 0
+    assert finish(ev, timeout=60)[0] == 0
+    _, rows = check_final_agrees(tmp_path, report, name="b")
+    assert rows[-1]["step"] == 40

@@ -184,6 +184,12 @@ def _loop(args, stop, source, model, images, labels, out, best):
             status = source.status
             ok = status.startswith(("connecting to", "connected to", "watching"))
             (log.info if ok else log.warning)("%s", status)
+        behind = getattr(source, "trainer_step", None)
+        if behind is not None and behind < last_step:
+            # The trainer is behind what we evaluated: a new run, or one resumed from an older checkpoint.
+            log.warning("the trainer is at step %d, before the last evaluated step %d: following it", behind,
+                        last_step)
+            last_step, last_final = -1, False
         if args.timeout and time.monotonic() - idle_since > args.timeout:
             log.error("no new checkpoint from %s in %.1f s; giving up", source.endpoint, args.timeout)
             return 3

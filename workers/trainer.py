@@ -150,7 +150,8 @@ def run(args, comm):
             raise TransportError(f"{args.curve_public_key} is not the public half of {args.curve_secret_key}")
         link = TrainerLink(args.publish, results=args.results, secret_key=args.curve_secret_key,
                            authorized=args.curve_authorized, log=log)
-        log.info("serving checkpoints on %s, results from %s", link.endpoint, link.results_endpoint)
+        log.info("serving checkpoints on %s%s", link.endpoint,
+                 f", results also from {link.results_endpoint}" if link.results_endpoint else "")
     stop = _StopFlag()
     progress = ProgressReporter(enabled=rank0, bar=args.progress, total=trainer.total_steps, start=trainer.step)
     metrics = None
@@ -201,7 +202,7 @@ def run(args, comm):
             # mode, about to be); don't hold up a run that nobody is watching.
             if link.latest_result() is not None or args.test_mode:
                 log.info("waiting up to %.0fs for the evaluator's verdict on step %d", args.linger, trainer.step)
-                result = link.wait_final(trainer.step, args.linger)
+                result = link.wait_final(trainer.step, args.linger, stop=lambda: bool(stop.signum))
                 if result:
                     log.info("evaluator: step %d accuracy %.4f loss %.4f", result["step"], result["accuracy"],
                              result["loss"])
