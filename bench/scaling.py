@@ -1,0 +1,254 @@
+"""Data-parallel scaling on this machine: images/s at 1, 2, 4 MPI ranks, the allreduce's share, peak RSS.
+
+    LENET_DATA_DIR=/path/to/mnist python bench/scaling.py [--repeats 5] [--steps 80] [--ranks 1,2,4]
+    python bench/scaling.py --env MPIR_CVAR_CH4_PROGRESS_THROTTLE=1        # extra environment for mpirun
+    python bench/scaling.py --variant raw:@raw --variant lib:               # compare MPICH settings, interleaved
+
+The launcher runs `mpirun -n N python bench/scaling.py --worker ...` for every rank count, repeat and
+variant, interleaved (repeat 1: every variant and N, then repeat 2, ...), so a change in the machine's load
+hits all configurations alike. Each worker builds the real DataParallelTrainer (global batch 256, one BLAS
+thread per rank) on full MNIST ($LENET_DATA_DIR or the cache, never a download; the shipped subset with a
+warning otherwise), runs --warmup steps, then times --steps steps. Per configuration one JSON line:
+
+    images_per_s        global batch * steps / wall time (the slowest rank's)
+    allreduce_share     time inside comm.allreduce_ / wall time: the reduction *and* the wait for the
+                        slowest peer ("allreduce+wait share of step time"), mean and max over the ranks
+    peak_rss_mb         ru_maxrss, max over the ranks (with the full training and test set loaded)
+
+then one summary line: medians over the repeats, and the ratios the issue asks for (2 ranks / 1 rank,
+4 ranks / 2 ranks), each both as the ratio of the medians and as the median of the per-repeat ratios.
+
+A variant is NAME:KEY=VALUE,KEY=VALUE. By default a worker opens MPI as lenet-train does (MPIComm(),
+whose MPICH defaults apply); `@raw` in a variant opens it with oversubscribed_defaults=False, i.e. plain
+MPICH plus whatever the variant and --env set.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+MARK = "SCALING-RESULT "        # the worker's result line on rank 0's stdout
+
+
+# -------------------------------------------------------------------------------------------------- worker
+
+def worker(args):
+    from threadpoolctl import threadpool_limits
+
+    from lenet_dist.comm import MPIComm
+    from lenet_dist.config import TrainConfig
+    from lenet_dist.data import DataError, load_mnist, load_subset
+    from lenet_dist.train import DataParallelTrainer
+    import numpy as np
+
+    comm = MPIComm(oversubscribed_defaults=not args.raw)
+    try:
+        ds, source = load_mnist(args.data_dir, download=False, log=None), "mnist"
+    except DataError as e:
+        if comm.rank == 0:
+            print(f"scaling.py: WARNING: full MNIST not found ({e}); using the shipped 2,000-image subset: "
+                  f"figures are NOT comparable (set LENET_DATA_DIR)", file=sys.stderr, flush=True)
+        ds, source = load_subset(), "subset"
+
+    total = args.warmup + args.steps
+    cfg = TrainConfig(batch_size=args.batch, epochs=max(1, -(-total * args.batch // len(ds.train_images)) + 1))
+    with threadpool_limits(limits=1, user_api="blas"):
+        trainer = DataParallelTrainer(cfg, comm, ds)
+
+        inner, spent = comm.allreduce_, [0.0]
+
+        def timed_allreduce(buf):                  # time in the reduction, including waiting for peers
+            t = time.perf_counter()
+            inner(buf)
+            spent[0] += time.perf_counter() - t
+            return buf
+
+        comm.allreduce_ = timed_allreduce
+        for _ in range(args.warmup):
+            trainer.train_step()
+        comm.barrier()
+        spent[0] = 0.0
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            trainer.train_step()
+        wall = time.perf_counter() - t0
+        comm.allreduce_ = inner
+
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0          # KiB on Linux
+    mine = np.array([wall, spent[0], rss_mb], np.float64)
+    every = comm.allgather(mine)                                                   # (size, 3)
+    if comm.rank == 0:
+        wall_max = float(every[:, 0].max())
+        shares = every[:, 1] / every[:, 0]
+        print(MARK + json.dumps({
+            "ranks": comm.size, "images_per_s": round(args.batch * args.steps / wall_max, 1),
+            "step_ms": round(1e3 * wall_max / args.steps, 2),
+            "allreduce_share": round(float(shares.mean()), 4), "allreduce_share_max": round(float(shares.max()), 4),
+            "allreduce_ms_per_step": round(1e3 * float(every[:, 1].mean()) / args.steps, 3),
+            "peak_rss_mb": round(float(every[:, 2].max()), 1),
+            "peak_rss_mb_per_rank": [round(float(v), 1) for v in every[:, 2]],
+            "data": source, "train_images": len(ds.train_images)}), flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ launcher
+
+def parse_variant(text):
+    """NAME[:KEY=VALUE,KEY=VALUE,@raw] -> (name, env dict, raw flag)."""
+    name, _, spec = text.partition(":")
+    if not name:
+        raise argparse.ArgumentTypeError(f"variant {text!r}: expected NAME:KEY=VALUE,...")
+    env, raw = {}, False
+    for item in filter(None, spec.split(",")):
+        if item == "@raw":
+            raw = True
+            continue
+        k, eq, v = item.partition("=")
+        if not eq or not k:
+            raise argparse.ArgumentTypeError(f"variant {text!r}: {item!r} is not KEY=VALUE")
+        env[k] = v
+    return name, env, raw
+
+
+def parse_env(text):
+    k, eq, v = text.partition("=")
+    if not eq or not k:
+        raise argparse.ArgumentTypeError(f"--env {text!r}: expected KEY=VALUE")
+    return k, v
+
+
+def run_one(args, n, env_extra, raw):
+    cmd = ["mpirun", "-n", str(n), sys.executable, str(Path(__file__).resolve()), "--worker",
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch)]
+    if args.data_dir:
+        cmd += ["--data-dir", args.data_dir]
+    if raw:
+        cmd.append("--raw")
+    env = dict(os.environ, **env_extra)
+    try:
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {args.timeout} s"}
+    sys.stderr.write(p.stderr)
+    for line in p.stdout.splitlines():
+        if line.startswith(MARK):
+            return json.loads(line[len(MARK):])
+    return {"error": f"exit code {p.returncode}, no result line", "stdout_tail": p.stdout[-500:]}
+
+
+def ratio(a, b):
+    return round(a / b, 3) if a and b else None
+
+
+def launcher(args):
+    variants = args.variant or [("default", {}, False)]
+    ranks = [int(r) for r in args.ranks.split(",")]
+    extra = dict(args.env)
+    results = {(v[0], n): [] for v in variants for n in ranks}     # name, ranks -> [record per repeat]
+    load_before = os.getloadavg()
+    started = time.time()
+    for rep in range(args.repeats):
+        order = [(v, n) for v in variants for n in ranks]
+        if rep % 2:
+            order.reverse()                                          # A B ... B A: no position bias
+        for (name, env, raw), n in order:
+            rec = run_one(args, n, {**extra, **env}, raw)
+            rec.update(variant=name, repeat=rep, env={**extra, **env}, raw_mpich=raw, load1=os.getloadavg()[0])
+            print(json.dumps(rec), flush=True)
+            results[(name, n)].append(rec)
+
+    summary = {"summary": True, "git_commit": _git_commit(), "git_modified": _git_modified(), "machine": platform.machine(),
+               "cpus": os.cpu_count(), "global_batch": args.batch, "steps": args.steps, "warmup": args.warmup,
+               "repeats": args.repeats, "env": extra, "seconds": round(time.time() - started, 1),
+               "loadavg_before": [round(x, 2) for x in load_before],
+               "loadavg_after": [round(x, 2) for x in os.getloadavg()], "variants": {}}
+    for name, env, raw in variants:
+        med, paired = {}, {}
+        for n in ranks:
+            ok = [r for r in results[(name, n)] if "error" not in r]
+            if not ok:
+                continue
+            med[n] = {"images_per_s": round(statistics.median(r["images_per_s"] for r in ok), 1),
+                      "images_per_s_range": [min(r["images_per_s"] for r in ok), max(r["images_per_s"] for r in ok)],
+                      "allreduce_share": round(statistics.median(r["allreduce_share"] for r in ok), 4),
+                      "peak_rss_mb": max(r["peak_rss_mb"] for r in ok), "runs": len(ok)}
+        for a, b in ((2, 1), (4, 2), (3, 2)):
+            per = [ratio(x["images_per_s"], y["images_per_s"])
+                   for x, y in zip(results.get((name, a), []), results.get((name, b), []))
+                   if "error" not in x and "error" not in y]
+            if per:
+                paired[f"{a}/{b}"] = {"ratio_of_medians": ratio(med[a]["images_per_s"], med[b]["images_per_s"]),
+                                      "median_paired": round(statistics.median(per), 3)}
+        summary["variants"][name] = {"env": {**extra, **env}, "raw_mpich": raw, "by_ranks": med, "ratios": paired}
+    # every variant against the first one, rank count by rank count (e.g. tuned vs plain MPICH at -n 4)
+    base = variants[0][0]
+    for name, _, _ in variants[1:]:
+        vs = {}
+        for n in ranks:
+            per = [ratio(x["images_per_s"], y["images_per_s"])
+                   for x, y in zip(results[(name, n)], results[(base, n)]) if "error" not in x and "error" not in y]
+            if per:
+                vs[str(n)] = round(statistics.median(per), 3)
+        summary["variants"][name][f"vs_{base}_median_paired"] = vs
+    targets = {}
+    for name in summary["variants"]:
+        r = summary["variants"][name]["ratios"]
+        targets[name] = {"2/1>=1.85": r.get("2/1", {}).get("ratio_of_medians", 0) >= 1.85 if "2/1" in r else None,
+                         "4/2>=0.85": r.get("4/2", {}).get("ratio_of_medians", 0) >= 0.85 if "4/2" in r else None}
+    summary["targets_met"] = targets
+    print(json.dumps(summary), flush=True)
+    return 0
+
+
+def _git_commit():
+    try:
+        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _git_modified():
+    """Tracked files with uncommitted changes: the figures describe the work tree, not just the commit."""
+    try:
+        out = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                             capture_output=True, text=True, timeout=10).stdout
+        return [line[3:] for line in out.splitlines()]
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ranks", default="1,2,4", help="comma-separated rank counts")
+    p.add_argument("--repeats", type=int, default=5, help="runs per configuration; figures are medians")
+    p.add_argument("--steps", type=int, default=80, help="timed steps per run")
+    p.add_argument("--warmup", type=int, default=10, help="untimed steps first")
+    p.add_argument("--batch", type=int, default=256, help="global batch size")
+    p.add_argument("--data-dir", help="MNIST folder (default: $LENET_DATA_DIR, then the cache)")
+    p.add_argument("--env", type=parse_env, action="append", default=[], metavar="KEY=VALUE",
+                   help="extra environment for mpirun (repeatable), e.g. an MPIR_CVAR_ setting")
+    p.add_argument("--variant", type=parse_variant, action="append", metavar="NAME:KEY=VALUE,...",
+                   help="a named set of extra environment (repeatable; '@raw' = without comm.py's MPICH "
+                        "defaults); the variants run interleaved")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds per mpirun")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--raw", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.repeats < 1 or args.steps < 1 or args.warmup < 0 or args.batch < 1:
+        p.error("--repeats and --steps must be >= 1, --warmup >= 0, --batch >= 1")
+    return worker(args) if args.worker else launcher(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
