@@ -1,0 +1,126 @@
+"""Training and inference throughput of the NumPy LeNet-5, as one JSON line.
+
+    LENET_DATA_DIR=/path/to/mnist python bench/bench_train.py [--repeats 7] [--threads 1]
+
+Training: images/s of forward + backward + SGD update (lenet_dist.optim.SGD, momentum 0.9) on real MNIST
+batches, gathered and normalized per step as the trainer does, at global batch 64 and 256. Inference:
+model.evaluate on the whole test set. Every figure is the median of --repeats timed repetitions, after a
+warm-up, with the BLAS limited to --threads threads. MNIST comes from $LENET_DATA_DIR or the cache (no
+download); without it, the shipped 2,000/1,000-image subset. Peak RSS is the process's ru_maxrss, so it
+includes the dataset. The `_cpu` figures divide by process CPU time instead of wall time: on a shared
+machine they move less with other people's load (compare either kind only with the same kind).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+import numpy as np  # noqa: E402
+from threadpoolctl import threadpool_info, threadpool_limits  # noqa: E402
+
+from lenet_dist.data import DataError, load_mnist, load_subset, normalize  # noqa: E402
+from lenet_dist.model import LeNet5  # noqa: E402
+from lenet_dist.optim import SGD  # noqa: E402
+
+
+def load_data():
+    """Full MNIST when it is on disk already (never downloads), else the shipped subset."""
+    try:
+        return load_mnist(download=False, log=None), "mnist"
+    except DataError:
+        return load_subset(), "subset"
+
+
+def train_throughput(ds, batch, repeats, images_per_rep, seed=0):
+    """Median images/s of full SGD steps at `batch`, one repetition = about `images_per_rep` images."""
+    model = LeNet5(seed=seed)
+    opt = SGD(model.params, momentum=0.9)
+    rng = np.random.default_rng(seed)
+    labels = ds.train_labels.astype(np.intp)
+    n = len(ds.train_images)
+    steps = max(1, images_per_rep // batch)
+    xbuf = np.empty((batch, 28, 28), np.float32)
+    scale = 1.0 / batch
+
+    def step(idx):
+        x = normalize(ds.train_images[idx], out=xbuf)
+        model.loss_and_grad(x, labels[idx], scale)
+        opt.step(model.grads, 0.01)
+
+    def batches(k):
+        return [rng.integers(0, n, batch) for _ in range(k)]  # indices drawn up front, outside the timing
+
+    for idx in batches(max(3, steps // 5)):                    # warm-up: workspaces, caches, page faults
+        step(idx)
+    rates, cpu_rates = [], []
+    for _ in range(repeats):
+        todo = batches(steps)
+        t0, c0 = time.perf_counter(), time.process_time()
+        for idx in todo:
+            step(idx)
+        rates.append(steps * batch / (time.perf_counter() - t0))
+        cpu_rates.append(steps * batch / (time.process_time() - c0))
+    return statistics.median(rates), statistics.median(cpu_rates), rates
+
+
+def eval_throughput(ds, repeats, batch_size):
+    model = LeNet5(seed=0)
+    kw = {} if batch_size is None else {"batch_size": batch_size}
+    model.evaluate(ds.test_images[:1000], ds.test_labels[:1000], **kw)  # warm-up
+    secs, cpu = [], []
+    for _ in range(repeats):
+        t0, c0 = time.perf_counter(), time.process_time()
+        model.evaluate(ds.test_images, ds.test_labels, **kw)
+        secs.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return statistics.median(secs), statistics.median(cpu), secs
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=7, help="timed repetitions per figure (median reported)")
+    ap.add_argument("--threads", type=int, default=1, help="BLAS threads")
+    ap.add_argument("--images", type=int, default=6400, help="training images per repetition")
+    ap.add_argument("--batches", type=int, nargs="+", default=[64, 256], help="global batch sizes")
+    ap.add_argument("--eval-batch", type=int, default=None, help="evaluate's batch size (default: its own)")
+    ap.add_argument("--all", action="store_true", help="also print every repetition")
+    args = ap.parse_args(argv)
+    if args.repeats < 1 or args.threads < 1:
+        ap.error("--repeats and --threads must be >= 1")
+
+    ds, kind = load_data()
+    out = {"bench": "numpy", "data": kind, "train_n": len(ds.train_images), "test_n": len(ds.test_images),
+           "threads": args.threads, "repeats": args.repeats}
+    with threadpool_limits(args.threads, "blas"):
+        for b in args.batches:
+            med, cpu_med, rates = train_throughput(ds, b, args.repeats, args.images)
+            out[f"train_img_s_b{b}"] = round(med, 1)
+            out[f"train_img_s_b{b}_cpu"] = round(cpu_med, 1)
+            if args.all:
+                out[f"train_img_s_b{b}_all"] = [round(r, 1) for r in rates]
+        sec, cpu_sec, secs = eval_throughput(ds, args.repeats, args.eval_batch)
+        out["infer_img_s"] = round(len(ds.test_images) / sec, 1)
+        out["infer_s"] = round(sec, 4)
+        out["infer_img_s_cpu"] = round(len(ds.test_images) / cpu_sec, 1)
+        if args.all:
+            out["infer_s_all"] = [round(s, 4) for s in secs]
+        blas = [i for i in threadpool_info() if i.get("user_api") == "blas"]
+    out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
+    out["numpy"] = np.__version__
+    out["blas"] = ", ".join(f"{i.get('internal_api')} {i.get('version')} {i.get('architecture')}" for i in blas)
+    out["openblas_coretype"] = os.environ.get("OPENBLAS_CORETYPE")
+    out["python"] = platform.python_version()
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""The same LeNet-5 in PyTorch, measured as bench/bench_train.py measures ours, as one JSON line.
+
+    python -m venv /work/torchenv && /work/torchenv/bin/pip install torch==2.13.0 numpy
+    LENET_DATA_DIR=/path/to/mnist /work/torchenv/bin/python bench/torch_compare.py [--repeats 7] [--threads 1]
+
+conv 6@5x5 pad 2, max 2x2, ReLU, conv 16@5x5, max 2x2, ReLU, fc 120, ReLU, fc 84, ReLU, fc 10 (NCHW,
+float32), cross-entropy, torch.optim.SGD momentum 0.9. Batches are gathered and normalized with
+lenet_dist.data.normalize exactly as in our bench, then wrapped with torch.from_numpy (no copy). Inference
+is no_grad over the test set at the same batch size as LeNet5.evaluate's default, computing the loss and
+the accuracy too. torch is never a dependency of lenet-dist: without it this script says so and exits 0.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+try:
+    import torch
+    import torch.nn.functional as F
+except ImportError:
+    print("torch_compare: torch is not installed; skipping (see the docstring for the venv recipe)")
+    sys.exit(0)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # lenet_dist from this checkout
+
+import numpy as np  # noqa: E402
+
+from lenet_dist.data import DataError, load_mnist, load_subset, normalize  # noqa: E402
+from lenet_dist.model import LeNet5  # noqa: E402
+
+
+class TorchLeNet5(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(1, 6, 5, padding=2)
+        self.conv2 = torch.nn.Conv2d(6, 16, 5)
+        self.fc1 = torch.nn.Linear(400, 120)
+        self.fc2 = torch.nn.Linear(120, 84)
+        self.fc3 = torch.nn.Linear(84, 10)
+
+    def forward(self, x):                                   # x (B,1,28,28)
+        x = F.relu(F.max_pool2d(self.conv1(x), 2))          # (B,6,14,14)
+        x = F.relu(F.max_pool2d(self.conv2(x), 2))          # (B,16,5,5)
+        x = torch.flatten(x, 1)                             # (B,400), (C,H,W) order
+        x = F.relu(self.fc1(x))
+        x = F.relu(self.fc2(x))
+        return self.fc3(x)                                  # (B,10)
+
+
+def load_data():
+    try:
+        return load_mnist(download=False, log=None), "mnist"
+    except DataError:
+        return load_subset(), "subset"
+
+
+def train_throughput(ds, batch, repeats, images_per_rep, seed=0):
+    torch.manual_seed(seed)
+    model = TorchLeNet5()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    rng = np.random.default_rng(seed)
+    labels = ds.train_labels.astype(np.int64)
+    n = len(ds.train_images)
+    steps = max(1, images_per_rep // batch)
+    xbuf = np.empty((batch, 28, 28), np.float32)
+
+    def step(idx):
+        x = torch.from_numpy(normalize(ds.train_images[idx], out=xbuf)).unsqueeze(1)
+        y = torch.from_numpy(labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+
+    def batches(k):
+        return [rng.integers(0, n, batch) for _ in range(k)]
+
+    for idx in batches(max(3, steps // 5)):
+        step(idx)
+    rates, cpu_rates = [], []
+    for _ in range(repeats):
+        todo = batches(steps)
+        t0, c0 = time.perf_counter(), time.process_time()
+        for idx in todo:
+            step(idx)
+        rates.append(steps * batch / (time.perf_counter() - t0))
+        cpu_rates.append(steps * batch / (time.process_time() - c0))
+    return statistics.median(rates), statistics.median(cpu_rates), rates
+
+
+def evaluate(model, images, labels, batch_size):
+    total, correct = 0.0, 0
+    buf = None
+    with torch.no_grad():
+        for lo in range(0, len(images), batch_size):
+            u8 = images[lo:lo + batch_size]
+            if buf is None or len(buf) != len(u8):
+                buf = np.empty(u8.shape, np.float32)
+            x = torch.from_numpy(normalize(u8, out=buf)).unsqueeze(1)
+            y = torch.from_numpy(labels[lo:lo + batch_size].astype(np.int64))
+            logits = model(x)
+            total += float(F.cross_entropy(logits, y, reduction="sum"))
+            correct += int((logits.argmax(1) == y).sum())
+    return total / len(images), correct / len(images)
+
+
+def eval_throughput(ds, repeats, batch_size):
+    model = TorchLeNet5().eval()
+    evaluate(model, ds.test_images[:1000], ds.test_labels[:1000], batch_size)
+    secs, cpu = [], []
+    for _ in range(repeats):
+        t0, c0 = time.perf_counter(), time.process_time()
+        evaluate(model, ds.test_images, ds.test_labels, batch_size)
+        secs.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return statistics.median(secs), statistics.median(cpu), secs
+
+
+def main(argv=None):
+    default_eval_batch = inspect.signature(LeNet5.evaluate).parameters["batch_size"].default
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    ap.add_argument("--images", type=int, default=6400, help="training images per repetition")
+    ap.add_argument("--batches", type=int, nargs="+", default=[64, 256])
+    ap.add_argument("--eval-batch", type=int, default=default_eval_batch)
+    ap.add_argument("--all", action="store_true", help="also print every repetition")
+    args = ap.parse_args(argv)
+    if args.repeats < 1 or args.threads < 1:
+        ap.error("--repeats and --threads must be >= 1")
+    torch.set_num_threads(args.threads)
+
+    ds, kind = load_data()
+    out = {"bench": "torch", "torch": torch.__version__, "data": kind, "train_n": len(ds.train_images),
+           "test_n": len(ds.test_images), "threads": args.threads, "repeats": args.repeats}
+    for b in args.batches:
+        med, cpu_med, rates = train_throughput(ds, b, args.repeats, args.images)
+        out[f"train_img_s_b{b}"] = round(med, 1)
+        out[f"train_img_s_b{b}_cpu"] = round(cpu_med, 1)
+        if args.all:
+            out[f"train_img_s_b{b}_all"] = [round(r, 1) for r in rates]
+    sec, cpu_sec, secs = eval_throughput(ds, args.repeats, args.eval_batch)
+    out["infer_img_s"] = round(len(ds.test_images) / sec, 1)
+    out["infer_s"] = round(sec, 4)
+    out["infer_img_s_cpu"] = round(len(ds.test_images) / cpu_sec, 1)
+    out["eval_batch"] = args.eval_batch
+    if args.all:
+        out["infer_s_all"] = [round(s, 4) for s in secs]
+    out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
