@@ -128,6 +128,7 @@ class TrainerLink:
         self._results = wire.Results()
         self._stop = threading.Event()
         self._waiting = 0                           # parked requests; written by the server thread only
+        self.requests_seen = 0                      # any evaluator asked at all? (trainer's final wait)
         self._wake_r, self._wake_w = os.pipe()      # publish() -> server thread: "look again"
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -273,6 +274,7 @@ class TrainerLink:
             except zmq.Again:
                 return
             ident, body, req = frames[0], frames[1:], {}
+            self.requests_seen += 1
             try:
                 if len(body) != 1:
                     raise wire.BadMessage(f"request of {len(body)} frames, expected 1")

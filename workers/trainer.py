@@ -200,7 +200,7 @@ def run(args, comm):
         if link:
             # Keep serving the final checkpoint a while for an evaluator that is attached (or, in test
             # mode, about to be); don't hold up a run that nobody is watching.
-            if link.latest_result() is not None or args.test_mode:
+            if link.requests_seen or link.latest_result() is not None or args.test_mode:
                 log.info("waiting up to %.0fs for the evaluator's verdict on step %d", args.linger, trainer.step)
                 result = link.wait_final(trainer.step, args.linger, stop=lambda: bool(stop.signum))
                 if result:
