@@ -11,7 +11,7 @@ costs page faults that show up in the profile.
 from __future__ import annotations
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
+from numpy.lib.stride_tricks import as_strided
 
 
 class _Workspace:
@@ -20,11 +20,15 @@ class _Workspace:
     def __init__(self, dtype, keep=4):
         self.dtype, self.keep, self._arrays = np.dtype(dtype), keep, {}
 
-    def get(self, name, shape, zero=False):
+    def get(self, name, shape, zero=False, dtype=None, init=None):
+        """The array for (name, shape), made on first use: zeroed if `zero`, then `init(a)` if given."""
         key = (name, tuple(shape))
         a = self._arrays.pop(key, None)  # pop + reinsert keeps the dict in least-recently-used order
         if a is None:
-            a = np.zeros(shape, self.dtype) if zero else np.empty(shape, self.dtype)
+            dt = self.dtype if dtype is None else dtype
+            a = np.zeros(shape, dt) if zero else np.empty(shape, dt)
+            if init is not None:
+                init(a)
             names = [k for k in self._arrays if k[0] == name]
             for k in names[: max(0, len(names) - self.keep + 1)]:
                 del self._arrays[k]
@@ -39,7 +43,8 @@ class Layer:
     params: dict
     grads: dict
 
-    def forward(self, x):
+    def forward(self, x, train=True):
+        """`train=False`: inference only, keep nothing for backward."""
         raise NotImplementedError
 
     def backward(self, dout):
@@ -70,16 +75,22 @@ def _padding(padding, h, k, stride):
 class Conv2D(Layer):
     """2-D convolution by im2col. x (Cin,H,W,B) -> (Cout,Ho,Wo,B). weight (Cout,Cin,k,k), bias (Cout,).
 
-    The columns matrix is (Cin*k*k, Ho*Wo*B) with rows in (c,kh,kw) order, so the PyTorch weight reshaped to
-    (Cout, Cin*k*k) multiplies it as it is, and the product is already the next layer's (Cout,Ho,Wo,B).
+    The columns matrix is (Cin*k*k + 1, Ho*Wo*B): rows in (c,kh,kw) order, then a row of ones, so that
+    [weight | bias] (Cout, Cin*k*k + 1) multiplies it as it is and the one GEMM also adds the bias; in
+    backward the same GEMM gives the bias gradient as its last column. The product is already the next
+    layer's (Cout,Ho,Wo,B).
     `need_dx=False` for the first layer: nobody needs the gradient w.r.t. the input images.
+    `pool_major=True` (for a conv followed by the 2x2 max-pool; Ho, Wo even) orders the columns, and so the
+    output, as (Cout,2,2,Ho/2,Wo/2,B): out[:, a, b, i, j] is output pixel (2i+a, 2j+b), so the four members
+    of every pool window sit in four contiguous blocks and the pool reads no strided data.
     """
 
-    def __init__(self, cin, cout, k, *, stride=1, padding="valid", rng, dtype=np.float32, need_dx=True):
+    def __init__(self, cin, cout, k, *, stride=1, padding="valid", rng, dtype=np.float32, need_dx=True,
+                 pool_major=False):
         if stride < 1 or k < 1:
             raise ValueError(f"stride and kernel size must be >= 1, got stride={stride}, k={k}")
         self.cin, self.cout, self.k, self.stride, self.padding = cin, cout, k, stride, padding
-        self.need_dx = need_dx
+        self.need_dx, self.pool_major = need_dx, pool_major
         self.params = {"weight": _uniform(rng, cin * k * k, (cout, cin, k, k), dtype),
                        "bias": _uniform(rng, cin * k * k, (cout,), dtype)}
         self.grads = {n: np.zeros_like(p) for n, p in self.params.items()}
@@ -92,89 +103,146 @@ class Conv2D(Layer):
         ho, wo = (hp - self.k) // self.stride + 1, (wp - self.k) // self.stride + 1
         if ho < 1 or wo < 1:
             raise ValueError(f"input {h}x{w} is smaller than the {self.k}x{self.k} kernel")
+        if self.pool_major and (ho % 2 or wo % 2):
+            raise ValueError(f"pool_major needs an even output size, got {ho}x{wo}")
         return pt, pl, hp, wp, ho, wo
 
-    def forward(self, x):
+    def forward(self, x, train=True):
         C, H, W, B = x.shape
         assert C == self.cin, (x.shape, self.cin)
-        k, s = self.k, self.stride
+        k, s, K = self.k, self.stride, C * self.k * self.k
         pt, pl, hp, wp, ho, wo = self._geometry(H, W)
         if (hp, wp) != (H, W) or not x.flags.c_contiguous:
             xp = self.ws.get("xp", (C, hp, wp, B), zero=True)  # the border stays zero between calls
             xp[:, pt:pt + H, pl:pl + W] = x
         else:
             xp = x
-        cols = self.ws.get("cols", (C, k, k, ho, wo, B))
-        # im2col: one block copy per kernel offset; each block's rows (wo, B) are contiguous in memory.
-        for i in range(k):
-            for j in range(k):
-                cols[:, i, j] = xp[:, i:i + s * ho:s, j:j + s * wo:s]
-        self.cols = cols.reshape(C * k * k, ho * wo * B)                 # (K, N)
-        self.wmat = self.params["weight"].reshape(self.cout, -1)         # (Cout, K), a view
-        out = self.ws.get("out", (self.cout, ho * wo * B))
-        np.matmul(self.wmat, self.cols, out=out)                         # (Cout, N)
-        out += self.params["bias"][:, None]
-        self.xshape, self.geom = x.shape, (pt, pl, hp, wp, ho, wo)
+        # im2col by one strided copy per block: cols[c,i,j, oh,ow, b] = xp[c, s*oh+i, s*ow+j, b] (25 block
+        # copies, one per kernel offset, measured twice as slow for conv2). pool_major splits (oh, ow) into
+        # (row parity, column parity, oh//2, ow//2), and then runs copy and GEMM one parity quarter at a time,
+        # so that the GEMM reads its quarter of the columns (1.3 MB for conv1 at batch 64) while it is in cache.
+        N = ho * wo * B
+        wb = self.ws.get("wb", (self.cout, K + 1))                      # [weight | bias]
+        wb[:, :K] = self.params["weight"].reshape(self.cout, K)
+        wb[:, K] = self.params["bias"]
+        out = self.ws.get("out", (self.cout, N))
+        sc, sh, sw, sb = xp.strides
+        if self.pool_major:
+            n = N // 4
+            cols = self.ws.get("cols", (K + 1, N if train else n), init=_ones_last_row)
+            shape = (C, k, k, ho // 2, wo // 2, B)
+            for q, (a, b) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
+                block = cols[:, q * n:(q + 1) * n] if train else cols
+                src = as_strided(xp[:, a * s:, b * s:], shape, (sc, sh, sw, 2 * s * sh, 2 * s * sw, sb), writeable=False)
+                np.copyto(block[:K].reshape(shape), src)
+                np.matmul(wb, block, out=out[:, q * n:(q + 1) * n])
+        else:
+            cols = self.ws.get("cols", (K + 1, N), init=_ones_last_row)      # (K+1, N)
+            shape = (C, k, k, ho, wo, B)
+            np.copyto(cols[:K].reshape(shape), as_strided(xp, shape, (sc, sh, sw, s * sh, s * sw, sb), writeable=False))
+            np.matmul(wb, cols, out=out)                                 # (Cout, N)
+        self.cols, self.xshape, self.geom = cols, x.shape, (pt, pl, hp, wp, ho, wo)
+        if self.pool_major:
+            return out.reshape(self.cout, 2, 2, ho // 2, wo // 2, B)
         return out.reshape(self.cout, ho, wo, B)
 
     def backward(self, dout):
         C, H, W, B = self.xshape
         pt, pl, hp, wp, ho, wo = self.geom
-        k, s = self.k, self.stride
-        d2 = dout.reshape(self.cout, ho * wo * B)                        # (Cout, N)
-        np.matmul(d2, self.cols.T, out=self.grads["weight"].reshape(self.cout, -1))
-        np.sum(d2, axis=1, out=self.grads["bias"])
+        k, s, K = self.k, self.stride, C * self.k * self.k
+        d2 = dout.reshape(self.cout, ho * wo * B)                        # (Cout, N), in the columns' order
+        dwb = self.ws.get("dwb", (self.cout, K + 1))
+        np.matmul(d2, self.cols.T, out=dwb)                              # [dweight | dbias]
+        self.grads["weight"].reshape(self.cout, K)[...] = dwb[:, :K]
+        self.grads["bias"][...] = dwb[:, K]
         if not self.need_dx:
             return None
-        dcols = self.ws.get("dcols", (C * k * k, ho * wo * B))
-        np.matmul(self.wmat.T, d2, out=dcols)                            # (K, N)
-        dcols = dcols.reshape(C, k, k, ho, wo, B)
-        # col2im: one strided add per kernel offset, each over all channels and the whole batch.
+        if self.pool_major:                                              # back to (Cout,Ho,Wo,B) order
+            std = self.ws.get("dstd", (self.cout, ho, wo, B))
+            np.copyto(std.reshape(self.cout, ho // 2, 2, wo // 2, 2, B).transpose(0, 2, 4, 1, 3, 5), dout)
+            d2 = std.reshape(self.cout, ho * wo * B)
+        return self._col2im(d2, C, hp, wp, ho, wo, B)[:, pt:pt + H, pl:pl + W]
+
+    def _col2im(self, d2, C, hp, wp, ho, wo, B):
+        """dx on the padded input (C,hp,wp,B) from d2 (Cout, Ho*Wo*B), one kernel row at a time: dcols for
+        row i, (k*C, N) = W[:, :, i, :]^T d2, is summed back by one strided add per kernel column j. The
+        whole (K, N) dcols (3.8 MB for conv2 at batch 64, 15 MB at 256) measured slower: it goes out to
+        memory and back; a row's slice stays in L2."""
+        k, s = self.k, self.stride
+        wt = self.ws.get("wt", (k, k * C, self.cout))                  # wt[i]: rows in (kw, c) order
+        wt[...] = self.params["weight"].transpose(2, 3, 1, 0).reshape(k, k * C, self.cout)
+        drow = self.ws.get("drow", (k * C, ho * wo * B))
+        d5 = drow.reshape(k, C, ho, wo, B)
         dxp = self.ws.get("dxp", (C, hp, wp, B))
         dxp.fill(0)
         for i in range(k):
+            np.matmul(wt[i], d2, out=drow)                               # (k*C, N)
             for j in range(k):
-                dxp[:, i:i + s * ho:s, j:j + s * wo:s] += dcols[:, i, j]
-        return dxp[:, pt:pt + H, pl:pl + W]
+                dxp[:, i:i + s * ho:s, j:j + s * wo:s] += d5[j]
+        return dxp
+
+
+def _ones_last_row(a):
+    a[-1] = 1
 
 
 class MaxPool2D(Layer):
-    """2x2 max-pool, stride 2, by reshape. x (C,H,W,B) with even H, W -> (C,H/2,W/2,B).
+    """2x2 max-pool, stride 2, optionally followed by a ReLU (`relu=True`: relu(max(window)) in one layer,
+    one pass and one mask less). x (C,H,W,B) with even H, W, or the pool-major (C,2,2,H/2,W/2,B) that
+    Conv2D(pool_major=True) gives -> (C,H/2,W/2,B). dx comes back in the layout x came in.
 
-    Ties go to the first maximum in window order (top-left, top-right, bottom-left, bottom-right), so the
-    whole gradient of a window lands on exactly one input, deterministically.
+    The four window members are views of x (a reshape; contiguous blocks when x is pool-major). Ties go
+    to the first maximum in window order (top-left, top-right, bottom-left, bottom-right): left wins
+    within a row, then the top row wins, so a window's whole gradient lands on one input, deterministically.
     """
 
     params: dict = {}
     grads: dict = {}
 
-    def __init__(self, dtype=np.float32):
-        self.ws = _Workspace(dtype)
+    def __init__(self, dtype=np.float32, relu=False):
+        self.ws, self.relu = _Workspace(dtype), relu
 
-    def forward(self, x):
+    @staticmethod
+    def _members(x):
+        """(C,2,2,H/2,W/2,B) view of x: [:, a, b] is window member (row a, column b)."""
+        if x.ndim == 6:
+            return x
         C, H, W, B = x.shape
         if H % 2 or W % 2:
             raise ValueError(f"MaxPool2D needs even height and width, got {H}x{W}")
-        v = x.reshape(C, H // 2, 2, W // 2, 2, B)
-        a, b, c, d = v[:, :, 0, :, 0], v[:, :, 0, :, 1], v[:, :, 1, :, 0], v[:, :, 1, :, 1]  # (C,H/2,W/2,B)
-        top, bot = np.maximum(a, b), np.maximum(c, d)
-        self.top_a, self.bot_c = a >= b, c >= d          # winner within each row of the window
-        self.top_wins = top >= bot                      # winner between the rows
-        self.xshape = x.shape
-        return np.maximum(top, bot, out=top)
+        return x.reshape(C, H // 2, 2, W // 2, 2, B).transpose(0, 2, 4, 1, 3, 5)
+
+    def forward(self, x, train=True):
+        m = self._members(x)
+        q = m.shape[:1] + m.shape[3:]                                    # (C,H/2,W/2,B)
+        tl, tr, bl, br = m[:, 0, 0], m[:, 0, 1], m[:, 1, 0], m[:, 1, 1]
+        top = np.maximum(tl, tr, out=self.ws.get("top", q))
+        bot = np.maximum(bl, br, out=self.ws.get("bot", q))
+        out = np.maximum(top, bot, out=self.ws.get("out", q))
+        if train:
+            self.tl_wins = np.greater_equal(tl, tr, out=self.ws.get("tlw", q, dtype=bool))
+            self.bl_wins = np.greater_equal(bl, br, out=self.ws.get("blw", q, dtype=bool))
+            self.top_wins = np.greater_equal(top, bot, out=self.ws.get("topw", q, dtype=bool))
+            self.xshape = x.shape
+        if self.relu:
+            np.maximum(out, 0, out=out)
+            if train:
+                self.live = np.greater(out, 0, out=self.ws.get("live", q, dtype=bool))
+        return out
 
     def backward(self, dout):
-        C, H, W, B = self.xshape
-        dx = self.ws.get("dx", (C, H, W, B))
-        v = dx.reshape(C, H // 2, 2, W // 2, 2, B)
-        g_top = np.multiply(dout, self.top_wins)         # the window's gradient, if the top row won
-        g_bot = np.subtract(dout, g_top)
-        # Every input position is written, so dx needs no zeroing. (Multiplying by the boolean masks
-        # measured 5x faster than np.where here.)
-        np.multiply(g_top, self.top_a, out=v[:, :, 0, :, 0])
-        np.subtract(g_top, v[:, :, 0, :, 0], out=v[:, :, 0, :, 1])
-        np.multiply(g_bot, self.bot_c, out=v[:, :, 1, :, 0])
-        np.subtract(g_bot, v[:, :, 1, :, 0], out=v[:, :, 1, :, 1])
+        if self.relu:
+            dout = np.multiply(dout, self.live, out=self.ws.get("g", dout.shape))
+        # Every input position is written below, so dx needs no zeroing. (Multiplying by the boolean masks
+        # measured 5x faster than np.where; g - g*m is exact, as m is 0 or 1.)
+        g_top = np.multiply(dout, self.top_wins, out=self.ws.get("gtop", dout.shape))
+        g_bot = np.subtract(dout, g_top, out=self.ws.get("gbot", dout.shape))
+        dx = self.ws.get("dx", self.xshape)
+        m = self._members(dx)
+        np.multiply(g_top, self.tl_wins, out=m[:, 0, 0])
+        np.subtract(g_top, m[:, 0, 0], out=m[:, 0, 1])
+        np.multiply(g_bot, self.bl_wins, out=m[:, 1, 0])
+        np.subtract(g_bot, m[:, 1, 0], out=m[:, 1, 1])
         return dx
 
 
@@ -182,8 +250,9 @@ class ReLU(Layer):
     params: dict = {}
     grads: dict = {}
 
-    def forward(self, x):
-        self.mask = x > 0
+    def forward(self, x, train=True):
+        if train:
+            self.mask = x > 0
         return np.maximum(x, 0)
 
     def backward(self, dout):
@@ -197,8 +266,8 @@ class Dense(Layer):
         self.params = {"weight": _uniform(rng, nin, (nout, nin), dtype), "bias": _uniform(rng, nin, (nout,), dtype)}
         self.grads = {n: np.zeros_like(p) for n, p in self.params.items()}
 
-    def forward(self, x):
-        self.x = x
+    def forward(self, x, train=True):
+        self.x = x if train else None
         out = self.params["weight"] @ x                        # (out,in) @ (in,B)
         out += self.params["bias"][:, None]
         return out
@@ -215,7 +284,7 @@ class Flatten(Layer):
     params: dict = {}
     grads: dict = {}
 
-    def forward(self, x):
+    def forward(self, x, train=True):
         self.xshape = x.shape
         return x.reshape(-1, x.shape[-1])
 
