@@ -3,7 +3,11 @@
 Activations are laid out (C,H,W,B): channels, height, width, batch last. Every spatial slice then has the
 batch as a contiguous inner run, so im2col and col2im are block copies, the 2x2 pool is a reshape, and the
 convolution output of one GEMM is already the next layer's input. Dense layers take (features, B).
-(Measured at batch 64: NHWC made im2col 8x and col2im 7x slower, with inner runs of only C floats.) Weights stay in PyTorch layout (out, in, kh, kw) so checkpoints load elsewhere.
+(Measured at batch 64: NHWC made im2col 8x and col2im 7x slower, with inner runs of only C floats.)
+Weights stay in PyTorch layout (out, in, kh, kw) so checkpoints load elsewhere.
+What the time goes to (batch 64, one thread): the conv GEMMs, memory-bound at these shapes (OpenBLAS packs
+both operands and zeroes the output first), then im2col copies; NumPy ufuncs whose INPUT is strided run
+~3x slower than contiguous ones, so the pool and col2im are arranged to read contiguous blocks.
 Every layer works in the dtype it was built with (float32 in training, float64 in gradient checks).
 Scratch arrays are reused between steps (`_Workspace`): allocating a fresh 5 MB im2col matrix every step
 costs page faults that show up in the profile.
@@ -182,6 +186,68 @@ class Conv2D(Layer):
         return dxp
 
 
+class BandedConv2D(Conv2D):
+    """Conv2D(stride=1, pool_major=True) computed with a banded weight matrix: the same parameters, output
+    (Cout,2,2,Ho/2,Wo/2,B) and gradients, from a columns matrix 40% smaller.
+
+    One column serves two horizontally adjacent output pixels (2t, 2t+1): it holds the k x (k+1) input
+    patch they read (per input channel), and the weight matrix has one row per (output channel, column
+    parity) with the k x k kernel at column offset 0 or 1 of that patch (a band). For LeNet's conv1 a
+    column holds 31 values per two outputs where im2col holds 2 x 26 (5 MB at batch 64), the GEMM is 12
+    rows tall instead of 6, for 20% more multiply-adds; fewer bytes moved measured faster (see bench/).
+    """
+
+    def __init__(self, cin, cout, k, *, padding="valid", rng, dtype=np.float32, need_dx=True):
+        super().__init__(cin, cout, k, stride=1, padding=padding, rng=rng, dtype=dtype, need_dx=need_dx,
+                         pool_major=True)
+
+    def forward(self, x, train=True):
+        C, H, W, B = x.shape
+        assert C == self.cin, (x.shape, self.cin)
+        k, kv, Co = self.k, self.k + 1, self.cout
+        pt, pl, hp, wp, ho, wo = self._geometry(H, W)
+        if (hp, wp) != (H, W) or not x.flags.c_contiguous:
+            xp = self.ws.get("xp", (C, hp, wp, B), zero=True)  # the border stays zero between calls
+            xp[:, pt:pt + H, pl:pl + W] = x
+        else:
+            xp = x
+        # cols[(c,i,v), (a,m,t,b)] = xp[c, 2m+a+i, 2t+v, b]: the patch of output pixels (2m+a, 2t) and
+        # (2m+a, 2t+1); then a row of ones for the bias. One strided copy.
+        Kb, n = C * k * kv, ho * wo * B // 2
+        cols = self.ws.get("cols", (Kb + 1, n), init=_ones_last_row)
+        sc, sh, sw, sb = xp.strides
+        shape = (C, k, kv, 2, ho // 2, wo // 2, B)
+        np.copyto(cols[:Kb].reshape(shape),
+                  as_strided(xp, shape, (sc, sh, sw, sh, 2 * sh, 2 * sw, sb), writeable=False))
+        # band[(o,p), (c,i,v)] = weight[o,c,i,v-p] where 0 <= v-p < k, p the output column parity
+        band = self.ws.get("band", (Co * 2, Kb + 1), zero=True)          # the zeros off the band stay
+        b5 = band[:, :Kb].reshape(Co, 2, C, k, kv)
+        b5[:, 0, :, :, :k] = self.params["weight"]
+        b5[:, 1, :, :, 1:] = self.params["weight"]
+        band[:, Kb].reshape(Co, 2)[...] = self.params["bias"][:, None]
+        out = self.ws.get("out", (Co * 2, n))
+        np.matmul(band, cols, out=out)                                   # (Cout*2, N/2)
+        self.cols, self.xshape, self.geom = cols, x.shape, (pt, pl, hp, wp, ho, wo)
+        # rows (o, column parity p), columns (row parity a, m, t, b) -> the pool-major (o, a, p, m, t, b)
+        return out.reshape(Co, 2, 2, ho // 2, wo // 2, B).transpose(0, 2, 1, 3, 4, 5)
+
+    def backward(self, dout):
+        C, H, W, B = self.xshape
+        pt, pl, hp, wp, ho, wo = self.geom
+        k, Co, Kb = self.k, self.cout, self.cin * self.k * (self.k + 1)
+        d2 = dout.transpose(0, 2, 1, 3, 4, 5).reshape(Co * 2, -1)        # a view if laid out as out
+        g = self.ws.get("g", (Co * 2, Kb + 1))
+        np.matmul(d2, self.cols.T, out=g)                                # d band
+        g5 = g[:, :Kb].reshape(Co, 2, C, k, k + 1)
+        np.add(g5[:, 0, :, :, :k], g5[:, 1, :, :, 1:], out=self.grads["weight"])
+        np.sum(g[:, Kb].reshape(Co, 2), axis=1, out=self.grads["bias"])
+        if not self.need_dx:
+            return None
+        std = self.ws.get("dstd", (Co, ho, wo, B))                       # back to (Cout,Ho,Wo,B) order
+        np.copyto(std.reshape(Co, ho // 2, 2, wo // 2, 2, B).transpose(0, 2, 4, 1, 3, 5), dout)
+        return self._col2im(std.reshape(Co, -1), C, hp, wp, ho, wo, B)[:, pt:pt + H, pl:pl + W]
+
+
 def _ones_last_row(a):
     a[-1] = 1
 
@@ -220,10 +286,10 @@ class MaxPool2D(Layer):
         bot = np.maximum(bl, br, out=self.ws.get("bot", q))
         out = np.maximum(top, bot, out=self.ws.get("out", q))
         if train:
+            self.xlayout = (x.shape, sorted(range(x.ndim), key=lambda d: -x.strides[d]))
             self.tl_wins = np.greater_equal(tl, tr, out=self.ws.get("tlw", q, dtype=bool))
             self.bl_wins = np.greater_equal(bl, br, out=self.ws.get("blw", q, dtype=bool))
             self.top_wins = np.greater_equal(top, bot, out=self.ws.get("topw", q, dtype=bool))
-            self.xshape = x.shape
         if self.relu:
             np.maximum(out, 0, out=out)
             if train:
@@ -237,7 +303,8 @@ class MaxPool2D(Layer):
         # measured 5x faster than np.where; g - g*m is exact, as m is 0 or 1.)
         g_top = np.multiply(dout, self.top_wins, out=self.ws.get("gtop", dout.shape))
         g_bot = np.subtract(dout, g_top, out=self.ws.get("gbot", dout.shape))
-        dx = self.ws.get("dx", self.xshape)
+        shape, order = self.xlayout                      # dx in x's memory order (see BandedConv2D)
+        dx = self.ws.get("dx", tuple(shape[d] for d in order)).transpose(np.argsort(order))
         m = self._members(dx)
         np.multiply(g_top, self.tl_wins, out=m[:, 0, 0])
         np.subtract(g_top, m[:, 0, 0], out=m[:, 0, 1])

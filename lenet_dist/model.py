@@ -1,21 +1,24 @@
 """LeNet-5 from layers.py, with every parameter a view into one flat vector (and every gradient too).
 
     input (B,28,28) normalized float, seen by the layers as (1,28,28,B): batch last (see layers.py)
-    C1  conv 6@5x5, padding 2   (6,28,28,B)     S2 max 2x2 (6,14,14,B)   ReLU
-    C3  conv 16@5x5             (16,10,10,B)    S4 max 2x2 (16,5,5,B)    ReLU
+    C1  conv 6@5x5, padding 2   (6,2,2,14,14,B)  S2 max 2x2 + ReLU  (6,14,14,B)
+    C3  conv 16@5x5             (16,2,2,5,5,B)   S4 max 2x2 + ReLU  (16,5,5,B)
     flatten in (C,H,W) order    (400,B)
     F5  dense 120, ReLU   F6 dense 84, ReLU   output dense 10 -> logits (10,B)   61,706 parameters
 
-Pooling runs before the ReLU: max and ReLU are both monotone, so relu(max(x)) == max(relu(x)) value for
-value and gradient for gradient, and the ReLU then touches a quarter of the elements. It also keeps the
-pool free of the ties that a ReLU's zeros would create.
+The convolutions hand the pools their output "pool-major": (C, row parity, column parity, H/2, W/2, B), the
+four members of every 2x2 window in four contiguous blocks (BandedConv2D, layers.py). Pooling runs before
+the ReLU, in the same layer: max and ReLU are both monotone, so relu(max(x)) == max(relu(x)) value for value
+and gradient for gradient, and the ReLU then touches a quarter of the elements. It also keeps the pool free
+of the ties that a ReLU's zeros would create. forward() is inference (no masks kept); loss_and_grad()
+runs the training forward and the backward.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from .data import normalize
-from .layers import Conv2D, Dense, Flatten, MaxPool2D, ReLU, SoftmaxCrossEntropy
+from .layers import BandedConv2D, Conv2D, Dense, Flatten, MaxPool2D, ReLU, SoftmaxCrossEntropy
 
 # Named parameter layout (PyTorch's), in the order they sit in the flat vector.
 PARAM_SPECS = [
@@ -34,8 +37,8 @@ class LeNet5:
         there so that one allreduce carries gradients and statistics together."""
         rng = np.random.default_rng(seed)
         self.dtype = np.dtype(dtype)
-        self.conv1 = Conv2D(1, 6, 5, padding=2, rng=rng, dtype=dtype, need_dx=False, pool_major=True)
-        self.conv2 = Conv2D(6, 16, 5, rng=rng, dtype=dtype, pool_major=True)
+        self.conv1 = BandedConv2D(1, 6, 5, padding=2, rng=rng, dtype=dtype, need_dx=False)
+        self.conv2 = BandedConv2D(6, 16, 5, rng=rng, dtype=dtype)
         self.fc1 = Dense(400, 120, rng=rng, dtype=dtype)
         self.fc2 = Dense(120, 84, rng=rng, dtype=dtype)
         self.fc3 = Dense(84, 10, rng=rng, dtype=dtype)
