@@ -84,9 +84,9 @@ class Conv2D(Layer):
     backward the same GEMM gives the bias gradient as its last column. The product is already the next
     layer's (Cout,Ho,Wo,B).
     `need_dx=False` for the first layer: nobody needs the gradient w.r.t. the input images.
-    `pool_major=True` (for a conv followed by the 2x2 max-pool; Ho, Wo even) orders the columns, and so the
-    output, as (Cout,2,2,Ho/2,Wo/2,B): out[:, a, b, i, j] is output pixel (2i+a, 2j+b), so the four members
-    of every pool window sit in four contiguous blocks and the pool reads no strided data.
+    `pool_major=True` (a conv followed by the 2x2 max-pool; Ho, Wo even) orders the columns, and so the
+    output, as (Cout,2,2,Ho/2,Wo/2,B): out[:, a, p, m, t] is output pixel (2m+a, 2t+p), the four members of
+    every pool window in four contiguous blocks, so that MaxPool2D reads no strided data.
     """
 
     def __init__(self, cin, cout, k, *, stride=1, padding="valid", rng, dtype=np.float32, need_dx=True,
@@ -108,43 +108,39 @@ class Conv2D(Layer):
         if ho < 1 or wo < 1:
             raise ValueError(f"input {h}x{w} is smaller than the {self.k}x{self.k} kernel")
         if self.pool_major and (ho % 2 or wo % 2):
-            raise ValueError(f"pool_major needs an even output size, got {ho}x{wo}")
+            raise ValueError(f"a pool-major output needs an even size, got {ho}x{wo}")
         return pt, pl, hp, wp, ho, wo
+
+    def _padded(self, x, pt, pl, hp, wp):
+        """x itself, or x copied into the zero-bordered (C,hp,wp,B) scratch array."""
+        C, H, W, B = x.shape
+        if (hp, wp) == (H, W) and x.flags.c_contiguous:
+            return x
+        xp = self.ws.get("xp", (C, hp, wp, B), zero=True)  # the border stays zero between calls
+        xp[:, pt:pt + H, pl:pl + W] = x
+        return xp
 
     def forward(self, x, train=True):
         C, H, W, B = x.shape
         assert C == self.cin, (x.shape, self.cin)
         k, s, K = self.k, self.stride, C * self.k * self.k
         pt, pl, hp, wp, ho, wo = self._geometry(H, W)
-        if (hp, wp) != (H, W) or not x.flags.c_contiguous:
-            xp = self.ws.get("xp", (C, hp, wp, B), zero=True)  # the border stays zero between calls
-            xp[:, pt:pt + H, pl:pl + W] = x
+        xp = self._padded(x, pt, pl, hp, wp)
+        # im2col in one strided copy: cols[c,i,j, oh,ow, b] = xp[c, s*oh+i, s*ow+j, b] (25 block copies,
+        # one per kernel offset, measured twice as slow for conv2)
+        cols = self.ws.get("cols", (K + 1, ho * wo * B), init=_ones_last_row)     # (K+1, N)
+        sc, sh, sw, sb = xp.strides
+        if self.pool_major:     # columns (row parity, column parity, oh//2, ow//2, b): see the class doc
+            shape = (C, k, k, 2, 2, ho // 2, wo // 2, B)
+            strides = (sc, sh, sw, s * sh, s * sw, 2 * s * sh, 2 * s * sw, sb)
         else:
-            xp = x
-        # im2col by one strided copy per block: cols[c,i,j, oh,ow, b] = xp[c, s*oh+i, s*ow+j, b] (25 block
-        # copies, one per kernel offset, measured twice as slow for conv2). pool_major splits (oh, ow) into
-        # (row parity, column parity, oh//2, ow//2), and then runs copy and GEMM one parity quarter at a time,
-        # so that the GEMM reads its quarter of the columns (1.3 MB for conv1 at batch 64) while it is in cache.
-        N = ho * wo * B
+            shape, strides = (C, k, k, ho, wo, B), (sc, sh, sw, s * sh, s * sw, sb)
+        np.copyto(cols[:K].reshape(shape), as_strided(xp, shape, strides, writeable=False))
         wb = self.ws.get("wb", (self.cout, K + 1))                      # [weight | bias]
         wb[:, :K] = self.params["weight"].reshape(self.cout, K)
         wb[:, K] = self.params["bias"]
-        out = self.ws.get("out", (self.cout, N))
-        sc, sh, sw, sb = xp.strides
-        if self.pool_major:
-            n = N // 4
-            cols = self.ws.get("cols", (K + 1, N if train else n), init=_ones_last_row)
-            shape = (C, k, k, ho // 2, wo // 2, B)
-            for q, (a, b) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
-                block = cols[:, q * n:(q + 1) * n] if train else cols
-                src = as_strided(xp[:, a * s:, b * s:], shape, (sc, sh, sw, 2 * s * sh, 2 * s * sw, sb), writeable=False)
-                np.copyto(block[:K].reshape(shape), src)
-                np.matmul(wb, block, out=out[:, q * n:(q + 1) * n])
-        else:
-            cols = self.ws.get("cols", (K + 1, N), init=_ones_last_row)      # (K+1, N)
-            shape = (C, k, k, ho, wo, B)
-            np.copyto(cols[:K].reshape(shape), as_strided(xp, shape, (sc, sh, sw, s * sh, s * sw, sb), writeable=False))
-            np.matmul(wb, cols, out=out)                                 # (Cout, N)
+        out = self.ws.get("out", (self.cout, ho * wo * B))
+        np.matmul(wb, cols, out=out)                                     # (Cout, N)
         self.cols, self.xshape, self.geom = cols, x.shape, (pt, pl, hp, wp, ho, wo)
         if self.pool_major:
             return out.reshape(self.cout, 2, 2, ho // 2, wo // 2, B)
@@ -154,7 +150,7 @@ class Conv2D(Layer):
         C, H, W, B = self.xshape
         pt, pl, hp, wp, ho, wo = self.geom
         k, s, K = self.k, self.stride, C * self.k * self.k
-        d2 = dout.reshape(self.cout, ho * wo * B)                        # (Cout, N), in the columns' order
+        d2 = dout.reshape(self.cout, ho * wo * B)                        # (Cout, N), the columns' order
         dwb = self.ws.get("dwb", (self.cout, K + 1))
         np.matmul(d2, self.cols.T, out=dwb)                              # [dweight | dbias]
         self.grads["weight"].reshape(self.cout, K)[...] = dwb[:, :K]
@@ -165,14 +161,9 @@ class Conv2D(Layer):
             std = self.ws.get("dstd", (self.cout, ho, wo, B))
             np.copyto(std.reshape(self.cout, ho // 2, 2, wo // 2, 2, B).transpose(0, 2, 4, 1, 3, 5), dout)
             d2 = std.reshape(self.cout, ho * wo * B)
-        return self._col2im(d2, C, hp, wp, ho, wo, B)[:, pt:pt + H, pl:pl + W]
-
-    def _col2im(self, d2, C, hp, wp, ho, wo, B):
-        """dx on the padded input (C,hp,wp,B) from d2 (Cout, Ho*Wo*B), one kernel row at a time: dcols for
-        row i, (k*C, N) = W[:, :, i, :]^T d2, is summed back by one strided add per kernel column j. The
-        whole (K, N) dcols (3.8 MB for conv2 at batch 64, 15 MB at 256) measured slower: it goes out to
-        memory and back; a row's slice stays in L2."""
-        k, s = self.k, self.stride
+        # col2im one kernel row at a time: dcols for row i, (k*C, N) = W[:, :, i, :]^T d2, is summed back
+        # by one strided add per kernel column j. The whole (K, N) dcols measured slower (3.8 MB for
+        # conv2 at batch 64 goes out to memory and back; a row's slice stays in cache).
         wt = self.ws.get("wt", (k, k * C, self.cout))                  # wt[i]: rows in (kw, c) order
         wt[...] = self.params["weight"].transpose(2, 3, 1, 0).reshape(k, k * C, self.cout)
         drow = self.ws.get("drow", (k * C, ho * wo * B))
@@ -183,18 +174,19 @@ class Conv2D(Layer):
             np.matmul(wt[i], d2, out=drow)                               # (k*C, N)
             for j in range(k):
                 dxp[:, i:i + s * ho:s, j:j + s * wo:s] += d5[j]
-        return dxp
+        return dxp[:, pt:pt + H, pl:pl + W]
 
 
 class BandedConv2D(Conv2D):
-    """Conv2D(stride=1, pool_major=True) computed with a banded weight matrix: the same parameters, output
-    (Cout,2,2,Ho/2,Wo/2,B) and gradients, from a columns matrix 40% smaller.
+    """Conv2D(stride=1, pool_major=True), the same parameters, output and gradients, computed with one
+    column per 2x2 block of output pixels.
 
-    One column serves two horizontally adjacent output pixels (2t, 2t+1): it holds the k x (k+1) input
-    patch they read (per input channel), and the weight matrix has one row per (output channel, column
-    parity) with the k x k kernel at column offset 0 or 1 of that patch (a band). For LeNet's conv1 a
-    column holds 31 values per two outputs where im2col holds 2 x 26 (5 MB at batch 64), the GEMM is 12
-    rows tall instead of 6, for 20% more multiply-adds; fewer bytes moved measured faster (see bench/).
+    A column holds the (k+1) x (k+1) input patch that the four outputs of a pool window read (per input
+    channel); the weight matrix has one row per (output channel, row parity, column parity), with the k x k
+    kernel placed at offset (0|1, 0|1) in that patch, zeros elsewhere (a band). The GEMM's rows come out
+    already pool-major. For LeNet's conv1 that is 37 values per four outputs where im2col holds 4 x 26 (5 MB
+    at batch 64), a GEMM 24 rows tall instead of 6, and 42% more multiply-adds: moving fewer bytes measured
+    faster (bench/README.md).
     """
 
     def __init__(self, cin, cout, k, *, padding="valid", rng, dtype=np.float32, need_dx=True):
@@ -204,48 +196,55 @@ class BandedConv2D(Conv2D):
     def forward(self, x, train=True):
         C, H, W, B = x.shape
         assert C == self.cin, (x.shape, self.cin)
-        k, kv, Co = self.k, self.k + 1, self.cout
+        k, kp, Co = self.k, self.k + 1, self.cout
         pt, pl, hp, wp, ho, wo = self._geometry(H, W)
-        if (hp, wp) != (H, W) or not x.flags.c_contiguous:
-            xp = self.ws.get("xp", (C, hp, wp, B), zero=True)  # the border stays zero between calls
-            xp[:, pt:pt + H, pl:pl + W] = x
-        else:
-            xp = x
-        # cols[(c,i,v), (a,m,t,b)] = xp[c, 2m+a+i, 2t+v, b]: the patch of output pixels (2m+a, 2t) and
-        # (2m+a, 2t+1); then a row of ones for the bias. One strided copy.
-        Kb, n = C * k * kv, ho * wo * B // 2
+        xp = self._padded(x, pt, pl, hp, wp)
+        # cols[(c,u,v), (m,t,b)] = xp[c, 2m+u, 2t+v, b], u, v < k+1: the patch under output pixels
+        # (2m..2m+1, 2t..2t+1); then a row of ones for the bias. One strided copy.
+        Kb, n = C * kp * kp, ho * wo * B // 4
         cols = self.ws.get("cols", (Kb + 1, n), init=_ones_last_row)
         sc, sh, sw, sb = xp.strides
-        shape = (C, k, kv, 2, ho // 2, wo // 2, B)
-        np.copyto(cols[:Kb].reshape(shape),
-                  as_strided(xp, shape, (sc, sh, sw, sh, 2 * sh, 2 * sw, sb), writeable=False))
-        # band[(o,p), (c,i,v)] = weight[o,c,i,v-p] where 0 <= v-p < k, p the output column parity
-        band = self.ws.get("band", (Co * 2, Kb + 1), zero=True)          # the zeros off the band stay
-        b5 = band[:, :Kb].reshape(Co, 2, C, k, kv)
-        b5[:, 0, :, :, :k] = self.params["weight"]
-        b5[:, 1, :, :, 1:] = self.params["weight"]
-        band[:, Kb].reshape(Co, 2)[...] = self.params["bias"][:, None]
-        out = self.ws.get("out", (Co * 2, n))
-        np.matmul(band, cols, out=out)                                   # (Cout*2, N/2)
-        self.cols, self.xshape, self.geom = cols, x.shape, (pt, pl, hp, wp, ho, wo)
-        # rows (o, column parity p), columns (row parity a, m, t, b) -> the pool-major (o, a, p, m, t, b)
-        return out.reshape(Co, 2, 2, ho // 2, wo // 2, B).transpose(0, 2, 1, 3, 4, 5)
+        shape = (C, kp, kp, ho // 2, wo // 2, B)
+        src = as_strided(xp, shape, (sc, sh, sw, 2 * sh, 2 * sw, sb), writeable=False)
+        np.copyto(cols[:Kb].reshape(shape), src)
+        # band[(o,a,p), (c,u,v)] = weight[o, c, u-a, v-p] where both lie in [0, k); zeros off the band stay
+        band = self.ws.get("band", (Co * 4, Kb + 1), zero=True)
+        b6 = band[:, :Kb].reshape(Co, 2, 2, C, kp, kp)
+        for a in (0, 1):
+            for p in (0, 1):
+                b6[:, a, p, :, a:a + k, p:p + k] = self.params["weight"]
+        band[:, Kb].reshape(Co, 4)[...] = self.params["bias"][:, None]
+        out = self.ws.get("out", (Co * 4, n))
+        np.matmul(band, cols, out=out)                                   # (Cout*4, N/4)
+        self.cols, self.band, self.xshape, self.geom = cols, band, x.shape, (pt, pl, hp, wp, ho, wo)
+        return out.reshape(Co, 2, 2, ho // 2, wo // 2, B)
 
     def backward(self, dout):
         C, H, W, B = self.xshape
         pt, pl, hp, wp, ho, wo = self.geom
-        k, Co, Kb = self.k, self.cout, self.cin * self.k * (self.k + 1)
-        d2 = dout.transpose(0, 2, 1, 3, 4, 5).reshape(Co * 2, -1)        # a view if laid out as out
-        g = self.ws.get("g", (Co * 2, Kb + 1))
+        k, kp, Co = self.k, self.k + 1, self.cout
+        Kb = C * kp * kp
+        d2 = dout.reshape(Co * 4, -1)                                    # (Cout*4, N/4)
+        g = self.ws.get("g", (Co * 4, Kb + 1))
         np.matmul(d2, self.cols.T, out=g)                                # d band
-        g5 = g[:, :Kb].reshape(Co, 2, C, k, k + 1)
-        np.add(g5[:, 0, :, :, :k], g5[:, 1, :, :, 1:], out=self.grads["weight"])
-        np.sum(g[:, Kb].reshape(Co, 2), axis=1, out=self.grads["bias"])
+        g6 = g[:, :Kb].reshape(Co, 2, 2, C, kp, kp)
+        dw = self.grads["weight"]
+        np.add(g6[:, 0, 0, :, :k, :k], g6[:, 0, 1, :, :k, 1:], out=dw)
+        dw += g6[:, 1, 0, :, 1:, :k]
+        dw += g6[:, 1, 1, :, 1:, 1:]
+        np.sum(g[:, Kb].reshape(Co, 4), axis=1, out=self.grads["bias"])
         if not self.need_dx:
             return None
-        std = self.ws.get("dstd", (Co, ho, wo, B))                       # back to (Cout,Ho,Wo,B) order
-        np.copyto(std.reshape(Co, ho // 2, 2, wo // 2, 2, B).transpose(0, 2, 4, 1, 3, 5), dout)
-        return self._col2im(std.reshape(Co, -1), C, hp, wp, ho, wo, B)[:, pt:pt + H, pl:pl + W]
+        # dx: the patches' gradient band^T d2, (C*(k+1)^2, N/4), summed back onto the padded input
+        dcols = self.ws.get("dcols", (Kb, d2.shape[1]))
+        np.matmul(self.band[:, :Kb].T, d2, out=dcols)
+        d6 = dcols.reshape(C, kp, kp, ho // 2, wo // 2, B)
+        dxp = self.ws.get("dxp", (C, hp, wp, B))
+        dxp.fill(0)
+        for u in range(kp):
+            for v in range(kp):
+                dxp[:, u:u + ho:2, v:v + wo:2] += d6[:, u, v]
+        return dxp[:, pt:pt + H, pl:pl + W]
 
 
 def _ones_last_row(a):
@@ -255,7 +254,7 @@ def _ones_last_row(a):
 class MaxPool2D(Layer):
     """2x2 max-pool, stride 2, optionally followed by a ReLU (`relu=True`: relu(max(window)) in one layer,
     one pass and one mask less). x (C,H,W,B) with even H, W, or the pool-major (C,2,2,H/2,W/2,B) that
-    Conv2D(pool_major=True) gives -> (C,H/2,W/2,B). dx comes back in the layout x came in.
+    Conv2D(pool_major=True) and BandedConv2D give -> (C,H/2,W/2,B). dx comes back in the layout x came in.
 
     The four window members are views of x (a reshape; contiguous blocks when x is pool-major). Ties go
     to the first maximum in window order (top-left, top-right, bottom-left, bottom-right): left wins
@@ -286,7 +285,7 @@ class MaxPool2D(Layer):
         bot = np.maximum(bl, br, out=self.ws.get("bot", q))
         out = np.maximum(top, bot, out=self.ws.get("out", q))
         if train:
-            self.xlayout = (x.shape, sorted(range(x.ndim), key=lambda d: -x.strides[d]))
+            self.xshape = x.shape
             self.tl_wins = np.greater_equal(tl, tr, out=self.ws.get("tlw", q, dtype=bool))
             self.bl_wins = np.greater_equal(bl, br, out=self.ws.get("blw", q, dtype=bool))
             self.top_wins = np.greater_equal(top, bot, out=self.ws.get("topw", q, dtype=bool))
@@ -303,8 +302,7 @@ class MaxPool2D(Layer):
         # measured 5x faster than np.where; g - g*m is exact, as m is 0 or 1.)
         g_top = np.multiply(dout, self.top_wins, out=self.ws.get("gtop", dout.shape))
         g_bot = np.subtract(dout, g_top, out=self.ws.get("gbot", dout.shape))
-        shape, order = self.xlayout                      # dx in x's memory order (see BandedConv2D)
-        dx = self.ws.get("dx", tuple(shape[d] for d in order)).transpose(np.argsort(order))
+        dx = self.ws.get("dx", self.xshape)
         m = self._members(dx)
         np.multiply(g_top, self.tl_wins, out=m[:, 0, 0])
         np.subtract(g_top, m[:, 0, 0], out=m[:, 0, 1])

@@ -37,7 +37,7 @@ class LeNet5:
         there so that one allreduce carries gradients and statistics together."""
         rng = np.random.default_rng(seed)
         self.dtype = np.dtype(dtype)
-        self.conv1 = BandedConv2D(1, 6, 5, padding=2, rng=rng, dtype=dtype, need_dx=False)
+        self.conv1 = Conv2D(1, 6, 5, padding=2, rng=rng, dtype=dtype, need_dx=False, pool_major=True)
         self.conv2 = BandedConv2D(6, 16, 5, rng=rng, dtype=dtype)
         self.fc1 = Dense(400, 120, rng=rng, dtype=dtype)
         self.fc2 = Dense(120, 84, rng=rng, dtype=dtype)
