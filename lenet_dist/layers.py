@@ -184,9 +184,12 @@ class BandedConv2D(Conv2D):
     A column holds the (k+1) x (k+1) input patch that the four outputs of a pool window read (per input
     channel); the weight matrix has one row per (output channel, row parity, column parity), with the k x k
     kernel placed at offset (0|1, 0|1) in that patch, zeros elsewhere (a band). The GEMM's rows come out
-    already pool-major. For LeNet's conv1 that is 37 values per four outputs where im2col holds 4 x 26 (5 MB
-    at batch 64), a GEMM 24 rows tall instead of 6, and 42% more multiply-adds: moving fewer bytes measured
-    faster (bench/README.md).
+    already pool-major. For LeNet's conv2: 217 values per four outputs where im2col holds 4 x 151, a GEMM
+    64 rows tall instead of 16, 42% more multiply-adds, and measured faster (bench/README.md).
+    Not for conv1: with 8 or more rows, OpenBLAS rounds identical columns differently depending on where
+    they fall, so the exact ties of a uniform background (everywhere in conv1's output) would no longer be
+    ties, and which pixel gets a window's gradient would depend on how the batch is cut. Conv2D's 6-row
+    GEMM for conv1 does not do that.
     """
 
     def __init__(self, cin, cout, k, *, padding="valid", rng, dtype=np.float32, need_dx=True):

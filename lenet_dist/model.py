@@ -7,11 +7,11 @@
     F5  dense 120, ReLU   F6 dense 84, ReLU   output dense 10 -> logits (10,B)   61,706 parameters
 
 The convolutions hand the pools their output "pool-major": (C, row parity, column parity, H/2, W/2, B), the
-four members of every 2x2 window in four contiguous blocks (BandedConv2D, layers.py). Pooling runs before
-the ReLU, in the same layer: max and ReLU are both monotone, so relu(max(x)) == max(relu(x)) value for value
-and gradient for gradient, and the ReLU then touches a quarter of the elements. It also keeps the pool free
-of the ties that a ReLU's zeros would create. forward() is inference (no masks kept); loss_and_grad()
-runs the training forward and the backward.
+four members of every 2x2 window in four contiguous blocks (Conv2D(pool_major=True) for conv1, BandedConv2D
+for conv2; see layers.py). Pooling runs before the ReLU, in the same layer: max and ReLU are both monotone,
+so relu(max(x)) == max(relu(x)) value for value and gradient for gradient, and the ReLU then touches a
+quarter of the elements. It also keeps the pool free of the ties that a ReLU's zeros would create.
+forward() is inference (no masks kept); loss_and_grad() runs the training forward and the backward.
 """
 from __future__ import annotations
 
