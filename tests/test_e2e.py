@@ -86,9 +86,11 @@ def test_mpirun_trainer_with_evaluator_started_first(tmp_path):
 
 def test_trainer_started_first(tmp_path):
     endpoint, report = f"tcp://127.0.0.1:{free_port()}", tmp_path / "eval.jsonl"
-    tr = start_trainer(endpoint, tmp_path, epochs=6)
-    time.sleep(2.0)
-    ev = start_evaluator(endpoint, report)
+    tr = start_trainer(endpoint, tmp_path, epochs=20)
+    for line in tr.stderr:                                   # the trainer is up and training...
+        if "serving checkpoints on" in line:
+            break
+    ev = start_evaluator(endpoint, report)                   # ...before the evaluator starts
     assert finish(tr)[0] == 0
     assert finish(ev, timeout=60)[0] == 0
     check_final_agrees(tmp_path, report)
