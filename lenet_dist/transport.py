@@ -297,7 +297,11 @@ class TrainerLink:
 
     def _take_result(self, frame, where, envelope=None):
         try:
-            self._results.add(envelope if envelope is not None else wire.decode_object(frame, "result message"))
+            envelope = envelope if envelope is not None else wire.decode_object(frame, "result message")
+            result = envelope.get("result")
+            if isinstance(result, dict) and result.get("server") not in (None, self.server_id):
+                return                              # about an earlier trainer on this port: not ours
+            self._results.add(envelope)
         except wire.BadMessage as e:
             self._log(f"bad result from {where}: {e}")
 

@@ -228,7 +228,8 @@ def _loop(args, stop, source, model, images, labels, out, best):
                   "loss": loss if math.isfinite(loss) else None,      # JSON has no inf
                   "eval_seconds": round(seconds, 4), "n_test": len(images),
                   "lag_steps": max(0, (trainer_step or step) - step), "trainer_step": trainer_step,
-                  "sha256": header["sha256"], "final": final, "time": round(time.time(), 3), "evaluator": whoami}
+                  "sha256": header["sha256"], "final": final, "time": round(time.time(), 3), "evaluator": whoami,
+                  "server": header.get("server")}     # which trainer process served it
         print(f"step {step} epoch {result['epoch']}: test accuracy {100 * accuracy:.2f}% loss {loss:.4f} "
               f"({len(images)} images, {seconds:.2f}s), {result['lag_steps']} steps behind"
               + (", final" if final else ""), flush=True)

@@ -82,7 +82,8 @@ def parse_args(argv=None):
                    help="also subscribe to an evaluator's --results-bind here (evaluators send their results "
                         "over the checkpoint connection anyway)")
     g.add_argument("--linger", type=float, default=30.0,
-                   help="seconds to keep serving the final checkpoint for an evaluator after training")
+                   help="seconds to keep serving the final checkpoint after training until an evaluator "
+                        "reports on it (5 s at most when no evaluator has been in touch)")
     g.add_argument("--curve-secret-key", type=Path, help="CurveZMQ: this server's secret key file")
     g.add_argument("--curve-public-key", type=Path,
                    help="CurveZMQ: this server's public key file, checked against the secret key")
@@ -198,14 +199,19 @@ def run(args, comm):
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
         if link:
-            # Keep serving the final checkpoint a while for an evaluator that is attached (or, in test
-            # mode, about to be); don't hold up a run that nobody is watching.
-            if link.requests_seen or link.latest_result() is not None or args.test_mode:
-                log.info("waiting up to %.0fs for the evaluator's verdict on step %d", args.linger, trainer.step)
-                result = link.wait_final(trainer.step, args.linger, stop=lambda: bool(stop.signum))
-                if result:
-                    log.info("evaluator: step %d accuracy %.4f loss %.4f", result["step"], result["accuracy"],
-                             result["loss"])
+            # Keep serving the final checkpoint until an evaluator has judged it: up to --linger seconds
+            # when one has been in touch, a short grace (5 s) for one that is (re)connecting otherwise.
+            in_touch = bool(link.requests_seen or link.latest_result() is not None or args.test_mode)
+            patience = args.linger if in_touch else min(args.linger, 5.0)
+            if patience > 0:
+                log.info("serving the final checkpoint (step %d) for up to %.0fs until an evaluator reports",
+                         trainer.step, patience)
+            result = link.wait_final(trainer.step, patience, stop=lambda: bool(stop.signum))
+            if result is None and not in_touch and link.requests_seen:
+                result = link.wait_final(trainer.step, args.linger - patience, stop=lambda: bool(stop.signum))
+            if result:
+                log.info("evaluator: step %d accuracy %.4f loss %.4f", result["step"], result["accuracy"],
+                         result["loss"])
         return 0
     finally:
         progress.close()
