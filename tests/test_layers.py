@@ -13,7 +13,7 @@ try:                    # tests/ as a package (tests/__init__.py) or as a plain 
     from .gradcheck import numerical_gradient, rel_error
 except ImportError:
     from gradcheck import numerical_gradient, rel_error
-from lenet_dist.layers import Conv2D, Dense, Flatten, MaxPool2D, ReLU, SoftmaxCrossEntropy
+from lenet_dist.layers import BandedConv2D, Conv2D, Dense, Flatten, MaxPool2D, ReLU, SoftmaxCrossEntropy
 
 TOL = 1e-6          # on the max relative error; typical values are 1e-9 .. 1e-11
 
@@ -469,3 +469,29 @@ def test_every_layer_keeps_float32():
     assert out.dtype == f32
     assert fc.backward(np.ones(out.shape, f32)).dtype == f32
     assert all(g.dtype == f32 for g in fc.grads.values())
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("kind", ["pool_major", "banded"])
+@pytest.mark.parametrize("cin,cout,padding,H", [(1, 6, 2, 8), (3, 4, "valid", 10)])
+def test_pool_major_and_banded_conv_then_pool_match_loop_reference(kind, cin, cout, padding, H, dtype):
+    # The model's fast paths: a conv whose output is laid out for the 2x2 pool that follows it. Checked as
+    # the pair (conv -> pool, and back) against the loop convolution and the loop pool.
+    rng = np.random.default_rng(11)
+    make = (lambda: Conv2D(cin, cout, 5, padding=padding, rng=rng, dtype=dtype, pool_major=True)) \
+        if kind == "pool_major" else (lambda: BandedConv2D(cin, cout, 5, padding=padding, rng=rng, dtype=dtype))
+    conv, pool = make(), MaxPool2D(dtype)
+    w, b = conv.params["weight"], conv.params["bias"]
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == np.float32 else dict(rtol=1e-10, atol=1e-10)
+    for nb in (3, 5, 3):
+        x_bchw = rng.normal(size=(nb, cin, H, H)).astype(dtype)
+        pooled = pool.forward(conv.forward(to_layer(x_bchw)))
+        ref_out = ref_conv_forward(x_bchw, w, b, 1, padding)
+        ref_pooled, arg = ref_pool(ref_out)
+        np.testing.assert_allclose(to_bchw(pooled), ref_pooled, **tol)
+        dout_bchw = rng.normal(size=ref_pooled.shape).astype(dtype)
+        dx = conv.backward(pool.backward(to_layer(dout_bchw)))
+        rdx, rdw, rdb = ref_conv_backward(x_bchw, w, ref_pool_backward(ref_out.shape, arg, dout_bchw), 1, padding)
+        np.testing.assert_allclose(to_bchw(dx), rdx, **tol)
+        np.testing.assert_allclose(conv.grads["weight"], rdw, **tol)
+        np.testing.assert_allclose(conv.grads["bias"], rdb, **tol)
