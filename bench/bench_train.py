@@ -27,17 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import numpy as np  # noqa: E402
 from threadpoolctl import threadpool_info, threadpool_limits  # noqa: E402
 
-from lenet_dist.data import DataError, load_mnist, load_subset, normalize  # noqa: E402
+from bench.timing import load_data, time_steps  # noqa: E402
+from lenet_dist.data import normalize  # noqa: E402
 from lenet_dist.model import LeNet5  # noqa: E402
 from lenet_dist.optim import SGD  # noqa: E402
-
-
-def load_data():
-    """Full MNIST when it is on disk already (never downloads), else the shipped subset."""
-    try:
-        return load_mnist(download=False, log=None), "mnist"
-    except DataError:
-        return load_subset(), "subset"
 
 
 def train_throughput(ds, batch, repeats, images_per_rep, seed=0):
@@ -56,20 +49,7 @@ def train_throughput(ds, batch, repeats, images_per_rep, seed=0):
         model.loss_and_grad(x, labels[idx], scale)
         opt.step(model.grads, 0.01)
 
-    def batches(k):
-        return [rng.integers(0, n, batch) for _ in range(k)]  # indices drawn up front, outside the timing
-
-    for idx in batches(max(3, steps // 5)):                    # warm-up: workspaces, caches, page faults
-        step(idx)
-    rates, cpu_rates = [], []
-    for _ in range(repeats):
-        todo = batches(steps)
-        t0, c0 = time.perf_counter(), time.process_time()
-        for idx in todo:
-            step(idx)
-        rates.append(steps * batch / (time.perf_counter() - t0))
-        cpu_rates.append(steps * batch / (time.process_time() - c0))
-    return statistics.median(rates), statistics.median(cpu_rates), rates
+    return time_steps(step, rng, n, batch, steps, repeats)
 
 
 def eval_throughput(ds, repeats, batch_size):

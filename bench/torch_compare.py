@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # lenet_dist fr
 
 import numpy as np  # noqa: E402
 
-from lenet_dist.data import DataError, load_mnist, load_subset, normalize  # noqa: E402
+from bench.timing import load_data, time_steps  # noqa: E402  (the same data and timing as ours)
+from lenet_dist.data import normalize  # noqa: E402
 from lenet_dist.model import LeNet5  # noqa: E402
 
 
@@ -53,13 +54,6 @@ class TorchLeNet5(torch.nn.Module):
         return self.fc3(x)                                  # (B,10)
 
 
-def load_data():
-    try:
-        return load_mnist(download=False, log=None), "mnist"
-    except DataError:
-        return load_subset(), "subset"
-
-
 def train_throughput(ds, batch, repeats, images_per_rep, seed=0):
     torch.manual_seed(seed)
     model = TorchLeNet5()
@@ -78,20 +72,7 @@ def train_throughput(ds, batch, repeats, images_per_rep, seed=0):
         loss.backward()
         opt.step()
 
-    def batches(k):
-        return [rng.integers(0, n, batch) for _ in range(k)]
-
-    for idx in batches(max(3, steps // 5)):
-        step(idx)
-    rates, cpu_rates = [], []
-    for _ in range(repeats):
-        todo = batches(steps)
-        t0, c0 = time.perf_counter(), time.process_time()
-        for idx in todo:
-            step(idx)
-        rates.append(steps * batch / (time.perf_counter() - t0))
-        cpu_rates.append(steps * batch / (time.process_time() - c0))
-    return statistics.median(rates), statistics.median(cpu_rates), rates
+    return time_steps(step, rng, n, batch, steps, repeats)
 
 
 def evaluate(model, images, labels, batch_size):

@@ -26,7 +26,7 @@ import numpy as np
 from lenet_dist import checkpoint
 from lenet_dist.comm import get_comm
 from lenet_dist.config import TrainConfig
-from lenet_dist.train import DataParallelTrainer, TrainingError
+from lenet_dist.train import DataParallelTrainer
 
 from .common import FaultInjector, ProgressReporter, blas_threads, load_dataset, one_line, setup_logging
 

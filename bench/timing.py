@@ -1,0 +1,35 @@
+"""What bench_train.py and torch_compare.py share, so that both measure the same way: the data and the
+timing loop. Needs numpy and lenet_dist only (torch_compare runs in a venv without threadpoolctl)."""
+from __future__ import annotations
+
+import statistics
+import time
+
+from lenet_dist.data import DataError, load_mnist, load_subset
+
+
+def load_data():
+    """Full MNIST when it is on disk already (never downloads), else the shipped subset."""
+    try:
+        return load_mnist(download=False, log=None), "mnist"
+    except DataError:
+        return load_subset(), "subset"
+
+
+def time_steps(step, rng, n, batch, steps, repeats):
+    """(median images/s, median images per CPU second, every rate) of `step(indices)`, after a warm-up.
+    bench_train.py and torch_compare.py both time with it."""
+    def batches(k):
+        return [rng.integers(0, n, batch) for _ in range(k)]  # indices drawn up front, outside the timing
+
+    for idx in batches(max(3, steps // 5)):                    # warm-up: workspaces, caches, page faults
+        step(idx)
+    rates, cpu_rates = [], []
+    for _ in range(repeats):
+        todo = batches(steps)
+        t0, c0 = time.perf_counter(), time.process_time()
+        for idx in todo:
+            step(idx)
+        rates.append(steps * batch / (time.perf_counter() - t0))
+        cpu_rates.append(steps * batch / (time.process_time() - c0))
+    return statistics.median(rates), statistics.median(cpu_rates), rates
