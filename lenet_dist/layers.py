@@ -186,10 +186,10 @@ class BandedConv2D(Conv2D):
     kernel placed at offset (0|1, 0|1) in that patch, zeros elsewhere (a band). The GEMM's rows come out
     already pool-major. For LeNet's conv2: 217 values per four outputs where im2col holds 4 x 151, a GEMM
     64 rows tall instead of 16, 42% more multiply-adds, and measured faster (bench/README.md).
-    Not for conv1: with 8 or more rows, OpenBLAS rounds identical columns differently depending on where
-    they fall, so the exact ties of a uniform background (everywhere in conv1's output) would no longer be
-    ties, and which pixel gets a window's gradient would depend on how the batch is cut. Conv2D's 6-row
-    GEMM for conv1 does not do that.
+    Not for conv1: OpenBLAS does not add a band's zeros without effect (the rows of one window round
+    differently even for equal patches), so the exact ties of a uniform background (everywhere in conv1's
+    output) would no longer be ties, and which pixel gets a window's gradient would depend on how the
+    batch is cut. StripConv2D keeps them exact.
     """
 
     def __init__(self, cin, cout, k, *, padding="valid", rng, dtype=np.float32, need_dx=True):
@@ -250,6 +250,63 @@ class BandedConv2D(Conv2D):
         return dxp[:, pt:pt + H, pl:pl + W]
 
 
+class StripConv2D(Conv2D):
+    """Conv2D(cin=1, stride=1, pool_major=True, need_dx=False) for a first layer: the same parameters,
+    output and weight gradients, from 40% smaller columns, with exact pool ties kept exact.
+
+    One column holds the (k+1) x k strip of input under two vertically adjacent outputs (2m, 2t+p) and
+    (2m+1, 2t+p), rows in (u, v) order; there is one block of such columns per column parity p. The k x k
+    patch of window member (a, p) is then the contiguous row range [k*a, k*a + k*k) of block p, so every
+    member is one GEMM of the same (Cout, k*k) weight matrix with a view of the columns: 30 values per two
+    outputs where im2col holds 2 x 25, 40% less to write and to read back in backward (bench/README.md:
+    conv1 forward + backward 10-25% faster than pool-major im2col, alone and with two ranks sharing the
+    memory bus). Two members whose patches are equal (a uniform background: most of MNIST) are the same
+    GEMM on the same values at the same column, so their outputs are bit-equal and the pool's tie rule
+    decides, whatever the batch size. (BandedConv2D's one taller GEMM does not give that with OpenBLAS;
+    see its doc.) The bias is added to the output, as it cannot sit in a row the members share.
+    """
+
+    def __init__(self, cin, cout, k, *, padding="valid", rng, dtype=np.float32, need_dx=False):
+        if cin != 1 or need_dx:
+            raise ValueError("StripConv2D is for a first layer: one input channel and no input gradient")
+        super().__init__(cin, cout, k, stride=1, padding=padding, rng=rng, dtype=dtype, need_dx=False,
+                         pool_major=True)
+
+    def forward(self, x, train=True):
+        C, H, W, B = x.shape
+        assert C == 1, x.shape
+        k, kk, Co = self.k, self.k * self.k, self.cout
+        pt, pl, hp, wp, ho, wo = self._geometry(H, W)
+        xp = self._padded(x, pt, pl, hp, wp)
+        # cols[p, (u,v), (m,t,b)] = xp[0, 2m+u, 2t+p+v, b], u < k+1, v < k: one strided copy
+        n = ho * wo * B // 4
+        cols = self.ws.get("cols", (2, (k + 1) * k, n))
+        _, sh, sw, sb = xp.strides
+        shape = (2, k + 1, k, ho // 2, wo // 2, B)
+        src = as_strided(xp, shape, (sw, sh, sw, 2 * sh, 2 * sw, sb), writeable=False)
+        np.copyto(cols.reshape(shape), src)
+        w2 = self.params["weight"].reshape(Co, kk)
+        out = self.ws.get("out", (Co, 4, n))                             # (Cout, member a*2+p, N/4)
+        for a in (0, 1):
+            for p in (0, 1):
+                np.matmul(w2, cols[p, k * a:k * a + kk], out=out[:, 2 * a + p])
+        out += self.params["bias"][:, None, None]
+        self.cols, self.xshape, self.geom = cols, x.shape, (pt, pl, hp, wp, ho, wo)
+        return out.reshape(Co, 2, 2, ho // 2, wo // 2, B)
+
+    def backward(self, dout):
+        k, kk, Co = self.k, self.k * self.k, self.cout
+        d4 = dout.reshape(Co, 4, -1)                                     # (Cout, member, N/4)
+        dw = self.ws.get("dw", (4, Co, kk))
+        for a in (0, 1):
+            for p in (0, 1):
+                np.matmul(d4[:, 2 * a + p], self.cols[p, k * a:k * a + kk].T, out=dw[2 * a + p])
+        np.sum(dw, axis=0, out=self.grads["weight"].reshape(Co, kk))
+        ones = self.ws.get("ones", (d4.shape[1] * d4.shape[2],), init=lambda a: a.fill(1))
+        np.matmul(d4.reshape(Co, -1), ones, out=self.grads["bias"])
+        return None
+
+
 def _ones_last_row(a):
     a[-1] = 1
 
@@ -257,7 +314,8 @@ def _ones_last_row(a):
 class MaxPool2D(Layer):
     """2x2 max-pool, stride 2, optionally followed by a ReLU (`relu=True`: relu(max(window)) in one layer,
     one pass and one mask less). x (C,H,W,B) with even H, W, or the pool-major (C,2,2,H/2,W/2,B) that
-    Conv2D(pool_major=True) and BandedConv2D give -> (C,H/2,W/2,B). dx comes back in the layout x came in.
+    Conv2D(pool_major=True), BandedConv2D and StripConv2D give -> (C,H/2,W/2,B). dx comes back in the
+    layout x came in.
 
     The four window members are views of x (a reshape; contiguous blocks when x is pool-major). Ties go
     to the first maximum in window order (top-left, top-right, bottom-left, bottom-right): left wins

@@ -7,8 +7,8 @@
     F5  dense 120, ReLU   F6 dense 84, ReLU   output dense 10 -> logits (10,B)   61,706 parameters
 
 The convolutions hand the pools their output "pool-major": (C, row parity, column parity, H/2, W/2, B), the
-four members of every 2x2 window in four contiguous blocks (Conv2D(pool_major=True) for conv1, BandedConv2D
-for conv2; see layers.py). Pooling runs before the ReLU, in the same layer: max and ReLU are both monotone,
+four members of every 2x2 window in four contiguous blocks (StripConv2D for conv1, BandedConv2D for conv2;
+see layers.py). Pooling runs before the ReLU, in the same layer: max and ReLU are both monotone,
 so relu(max(x)) == max(relu(x)) value for value and gradient for gradient, and the ReLU then touches a
 quarter of the elements. It also keeps the pool free of the ties that a ReLU's zeros would create.
 forward() is inference (no masks kept); loss_and_grad() runs the training forward and the backward.
@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from .data import normalize
-from .layers import BandedConv2D, Conv2D, Dense, Flatten, MaxPool2D, ReLU, SoftmaxCrossEntropy
+from .layers import BandedConv2D, Dense, Flatten, MaxPool2D, ReLU, SoftmaxCrossEntropy, StripConv2D
 
 # Named parameter layout (PyTorch's), in the order they sit in the flat vector.
 PARAM_SPECS = [
@@ -37,7 +37,7 @@ class LeNet5:
         there so that one allreduce carries gradients and statistics together."""
         rng = np.random.default_rng(seed)
         self.dtype = np.dtype(dtype)
-        self.conv1 = Conv2D(1, 6, 5, padding=2, rng=rng, dtype=dtype, need_dx=False, pool_major=True)
+        self.conv1 = StripConv2D(1, 6, 5, padding=2, rng=rng, dtype=dtype)
         self.conv2 = BandedConv2D(6, 16, 5, rng=rng, dtype=dtype)
         self.fc1 = Dense(400, 120, rng=rng, dtype=dtype)
         self.fc2 = Dense(120, 84, rng=rng, dtype=dtype)
