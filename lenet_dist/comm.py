@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import numpy as np
 
@@ -15,22 +16,37 @@ import numpy as np
 _LAUNCHER_VARS = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS", "HYDI_CONTROL_FD")
 
 # MPICH spins while it waits for a peer. On an oversubscribed node (mpirun -n 4 on 2 cores, or any node
-# shared with other work) the spinning rank steals the core from the rank it waits for. In this MPICH
-# (5.0.2, ch4) the throttle makes the wait loop yield after every N fruitless polls, and heavy yield turns
-# each yield into a nanosleep, so the waiter really gives the core away (strace: ~24k nanosleeps instead
-# of ~18k sched_yields in 0.5 s of waiting). Measured with bench/scaling.py on 2 shared cores, global
-# batch 256, medians of 4 interleaved runs: 4 ranks 667 -> 6,709 images/s (10x), 2 ranks 4,192 -> 7,570.
-# Yielding alone (throttle without heavy yield: 4 ranks 4,193) or heavy yield alone (480) is not enough;
-# MPIR_CVAR_POLLS_BEFORE_YIELD belongs to the ch3 device and does nothing here. Cost: a bare back-to-back
-# allreduce of the gradient takes ~1-2 ms longer: on an idle machine 2 ranks on 2 cores ran 5% faster
-# without them (10,567 vs 9,990 images/s; allreduce+wait share 7% vs 13%), so they apply only when this
-# node runs more ranks than it has cores (or when the launcher does not say how many it runs here).
-# Users override any of these from the environment.
+# shared with other work) the spinning rank steals the core from the rank it waits for: plain MPICH ran 4
+# ranks on 2 cores at 667-939 images/s. Two waits differ, and each gets its own remedy:
+# - waiting for a peer that is still computing (most of the wait): allreduce_ first waits for everybody to
+#   arrive in an MPI_Ibarrier, testing it between naps of `LENET_MPI_NAP_US` microseconds (time.sleep),
+#   so the waiter gives its core to the rank it waits for;
+# - the collective itself, once all are in it: the throttle makes MPICH's wait loop sched_yield after
+#   every fruitless poll, so two ranks sharing a core take turns quickly. (MPIR_CVAR_ENABLE_HEAVY_YIELD=1,
+#   a nanosleep per fruitless poll, was the first fix: it gives the core away in both waits, but each
+#   round of the collective then waits for a sleeping peer, ~6 ms of a 24 ms step at 4 ranks.)
+# Measured with bench/scaling.py (bench/README.md, "Waiting politely"). Neither is applied when the node
+# has a core per rank: 2 ranks on 2 cores ran ~5% faster without them. Users override any from the
+# environment (LENET_MPI_NAP_US=off: no Ibarrier, the collective waits alone).
 MPICH_OVERSUBSCRIBED_DEFAULTS = {
     "MPIR_CVAR_CH4_PROGRESS_THROTTLE": "1",
     "MPIR_CVAR_CH4_PROGRESS_THROTTLE_NO_PROGRESS_COUNT": "1",
-    "MPIR_CVAR_ENABLE_HEAVY_YIELD": "1",
 }
+NAP_US_DEFAULT = 20
+
+
+def _nap_seconds():
+    """Seconds between tests of the arrival barrier, or None for no barrier (LENET_MPI_NAP_US=off)."""
+    text = os.environ.get("LENET_MPI_NAP_US", str(NAP_US_DEFAULT)).strip().lower()
+    if text in ("off", "none", "-1"):
+        return None
+    try:
+        us = float(text)
+    except ValueError:
+        raise ValueError(f"LENET_MPI_NAP_US must be a number of microseconds or 'off', got {text!r}") from None
+    if not (0 <= us <= 1e6):
+        raise ValueError(f"LENET_MPI_NAP_US must be between 0 and 1000000, got {text!r}")
+    return us * 1e-6
 
 
 def _oversubscribed():
@@ -80,9 +96,11 @@ class MPIComm:
     is_mpi = True
 
     def __init__(self, oversubscribed_defaults=True):
+        self.nap = None                     # seconds between arrival tests; None: the collective waits alone
         if oversubscribed_defaults and _oversubscribed():
             for k, v in MPICH_OVERSUBSCRIBED_DEFAULTS.items():
                 os.environ.setdefault(k, v)
+            self.nap = _nap_seconds()
         import mpi4py
         mpi4py.rc.threads = False           # no MPI_THREAD_MULTIPLE: ranks are single-threaded callers
         from mpi4py import MPI
@@ -91,7 +109,11 @@ class MPIComm:
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
 
     def allreduce_(self, buf):
-        """Sum `buf` over all ranks, in place, in one call."""
+        """Sum `buf` over all ranks, in place, in one call (oversubscribed: after everyone has arrived)."""
+        if self.nap is not None:
+            arrived = self.comm.Ibarrier()
+            while not arrived.Test():
+                time.sleep(self.nap)        # give the core to the peer we wait for
         self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
         return buf
 

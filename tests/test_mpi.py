@@ -16,10 +16,10 @@ BASE = ["--subset", "--epochs", "1", "--batch-size", "20", "--lr", "0.05", "--se
         "--log-level", "WARNING"]
 
 
-def train(n, tmp_path, name, *extra, check=True, timeout=120):
+def train(n, tmp_path, name, *extra, check=True, timeout=120, extra_env=None):
     d = tmp_path / name
     p = launch(n, [*BASE, "--checkpoint-dir", d, "--metrics", d / "metrics.jsonl", *extra], check=check,
-               timeout=timeout)
+               timeout=timeout, extra_env=extra_env)
     return d, p
 
 
@@ -148,3 +148,18 @@ def test_single_process_never_loads_mpi(tmp_path):
     code = ("import sys; from lenet_dist.comm import get_comm; import workers.trainer; "
             "c = get_comm(); assert c.size == 1 and not c.is_mpi; assert 'mpi4py.MPI' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60, env=env())
+
+
+def test_how_ranks_wait_does_not_change_the_result(tmp_path):
+    # 3 ranks on 2 cores: allreduce_ first waits in an Ibarrier, napping between tests (comm.py); with
+    # LENET_MPI_NAP_US=off it goes straight into the collective. The arithmetic must not notice.
+    polite, _ = train(3, tmp_path, "polite", extra_env={"LENET_MPI_NAP_US": "0"})
+    plain, _ = train(3, tmp_path, "plain", extra_env={"LENET_MPI_NAP_US": "off"})
+    np.testing.assert_array_equal(final_params(polite)[0], final_params(plain)[0])
+
+
+def test_bad_wait_setting_is_a_one_line_error(tmp_path):
+    _, p = train(3, tmp_path, "badnap", check=False, timeout=60, extra_env={"LENET_MPI_NAP_US": "soon"})
+    assert p.returncode != 0
+    assert "LENET_MPI_NAP_US must be a number of microseconds or 'off', got 'soon'" in p.stderr
+    assert "Traceback" not in p.stderr

@@ -240,7 +240,11 @@ def main(argv=None):
     if args.test_mode:
         from .test_mode import run_test_mode
         return run_test_mode(args)
-    comm = get_comm()
+    try:
+        comm = get_comm()
+    except ValueError as e:                 # a bad setting in the environment (LENET_MPI_NAP_US)
+        print(f"lenet-train: error: {one_line(e)}", file=sys.stderr, flush=True)
+        return 2
     setup_logging(comm, args.log_level)
     if args.check:
         from .preflight import run_checks
