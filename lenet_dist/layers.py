@@ -258,9 +258,9 @@ class StripConv2D(Conv2D):
     (2m+1, 2t+p), rows in (u, v) order; there is one block of such columns per column parity p. The k x k
     patch of window member (a, p) is then the contiguous row range [k*a, k*a + k*k) of block p, so every
     member is one GEMM of the same (Cout, k*k) weight matrix with a view of the columns: 30 values per two
-    outputs where im2col holds 2 x 25, 40% less to write and to read back in backward (bench/README.md:
-    conv1 forward + backward 10-25% faster than pool-major im2col, alone and with two ranks sharing the
-    memory bus). Two members whose patches are equal (a uniform background: most of MNIST) are the same
+    outputs where im2col holds 2 x 25, 40% less to write and to read back in backward
+    (bench/conv1_compare.py: forward + backward in 0.82x the time of pool-major im2col at batch 128, alone
+    and with a twin on the other core; 0.89-0.95x at 64). Two members whose patches are equal (a uniform background: most of MNIST) are the same
     GEMM on the same values at the same column, so their outputs are bit-equal and the pool's tie rule
     decides, whatever the batch size. (BandedConv2D's one taller GEMM does not give that with OpenBLAS;
     see its doc.) The bias is added to the output, as it cannot sit in a row the members share.
