@@ -9,16 +9,15 @@ What the time goes to (batch 64, one thread): the conv GEMMs, memory-bound at th
 both operands and zeroes the output first), then im2col copies; NumPy ufuncs whose INPUT is strided run
 ~3x slower than contiguous ones, so the pool and col2im are arranged to read contiguous blocks.
 Every layer works in the dtype it was built with (float32 in training, float64 in gradient checks).
-Scratch arrays are reused between steps (`_Workspace`): allocating a fresh 5 MB im2col matrix every step
-costs page faults that show up in the profile.
+Scratch arrays are reused between steps (`Workspace`): allocating a fresh 5 MB im2col matrix every step
+costs page faults that show up in the profile. The convolutions live in conv.py.
 """
 from __future__ import annotations
 
 import numpy as np
-from numpy.lib.stride_tricks import as_strided
 
 
-class _Workspace:
+class Workspace:
     """Reusable scratch arrays keyed by (name, shape); keeps a few shapes (train batch, last batch, eval)."""
 
     def __init__(self, dtype, keep=4):
@@ -55,260 +54,12 @@ class Layer:
         raise NotImplementedError
 
 
-def _uniform(rng, fan_in, shape, dtype):
+def uniform_init(rng, fan_in, shape, dtype):
     # PyTorch's default for conv and linear layers (weights and biases): U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
     # He init was tried: its larger weights, maxed by the pools, saturate the softmax early; on the
     # shipped subset it reached 46% after 96 steps where this reaches 90%.
     bound = 1.0 / np.sqrt(fan_in)
     return rng.uniform(-bound, bound, size=shape).astype(dtype)
-
-
-def _padding(padding, h, k, stride):
-    """(low, high) zero padding for one spatial axis: 'valid', 'same' (TensorFlow rule) or an int."""
-    if padding == "valid":
-        return 0, 0
-    if padding == "same":
-        out = -(-h // stride)
-        total = max((out - 1) * stride + k - h, 0)
-        return total // 2, total - total // 2
-    if isinstance(padding, int) and padding >= 0:
-        return padding, padding
-    raise ValueError(f"padding must be 'valid', 'same' or an int >= 0, got {padding!r}")
-
-
-class Conv2D(Layer):
-    """2-D convolution by im2col. x (Cin,H,W,B) -> (Cout,Ho,Wo,B). weight (Cout,Cin,k,k), bias (Cout,).
-
-    The columns matrix is (Cin*k*k + 1, Ho*Wo*B): rows in (c,kh,kw) order, then a row of ones, so that
-    [weight | bias] (Cout, Cin*k*k + 1) multiplies it as it is and the one GEMM also adds the bias; in
-    backward the same GEMM gives the bias gradient as its last column. The product is already the next
-    layer's (Cout,Ho,Wo,B).
-    `need_dx=False` for the first layer: nobody needs the gradient w.r.t. the input images.
-    `pool_major=True` (a conv followed by the 2x2 max-pool; Ho, Wo even) orders the columns, and so the
-    output, as (Cout,2,2,Ho/2,Wo/2,B): out[:, a, p, m, t] is output pixel (2m+a, 2t+p), the four members of
-    every pool window in four contiguous blocks, so that MaxPool2D reads no strided data.
-    """
-
-    def __init__(self, cin, cout, k, *, stride=1, padding="valid", rng, dtype=np.float32, need_dx=True,
-                 pool_major=False):
-        if stride < 1 or k < 1:
-            raise ValueError(f"stride and kernel size must be >= 1, got stride={stride}, k={k}")
-        self.cin, self.cout, self.k, self.stride, self.padding = cin, cout, k, stride, padding
-        self.need_dx, self.pool_major = need_dx, pool_major
-        self.params = {"weight": _uniform(rng, cin * k * k, (cout, cin, k, k), dtype),
-                       "bias": _uniform(rng, cin * k * k, (cout,), dtype)}
-        self.grads = {n: np.zeros_like(p) for n, p in self.params.items()}
-        self.ws = _Workspace(dtype)
-
-    def _geometry(self, h, w):
-        (pt, pb), (pl, pr) = (_padding(self.padding, h, self.k, self.stride),
-                              _padding(self.padding, w, self.k, self.stride))
-        hp, wp = h + pt + pb, w + pl + pr
-        ho, wo = (hp - self.k) // self.stride + 1, (wp - self.k) // self.stride + 1
-        if ho < 1 or wo < 1:
-            raise ValueError(f"input {h}x{w} is smaller than the {self.k}x{self.k} kernel")
-        if self.pool_major and (ho % 2 or wo % 2):
-            raise ValueError(f"a pool-major output needs an even size, got {ho}x{wo}")
-        return pt, pl, hp, wp, ho, wo
-
-    def _padded(self, x, pt, pl, hp, wp):
-        """x itself, or x copied into the zero-bordered (C,hp,wp,B) scratch array."""
-        C, H, W, B = x.shape
-        if (hp, wp) == (H, W) and x.flags.c_contiguous:
-            return x
-        xp = self.ws.get("xp", (C, hp, wp, B), zero=True)  # the border stays zero between calls
-        xp[:, pt:pt + H, pl:pl + W] = x
-        return xp
-
-    def forward(self, x, train=True):
-        C, H, W, B = x.shape
-        assert C == self.cin, (x.shape, self.cin)
-        k, s, K = self.k, self.stride, C * self.k * self.k
-        pt, pl, hp, wp, ho, wo = self._geometry(H, W)
-        xp = self._padded(x, pt, pl, hp, wp)
-        # im2col in one strided copy: cols[c,i,j, oh,ow, b] = xp[c, s*oh+i, s*ow+j, b] (25 block copies,
-        # one per kernel offset, measured twice as slow for conv2)
-        cols = self.ws.get("cols", (K + 1, ho * wo * B), init=_ones_last_row)     # (K+1, N)
-        sc, sh, sw, sb = xp.strides
-        if self.pool_major:     # columns (row parity, column parity, oh//2, ow//2, b): see the class doc
-            shape = (C, k, k, 2, 2, ho // 2, wo // 2, B)
-            strides = (sc, sh, sw, s * sh, s * sw, 2 * s * sh, 2 * s * sw, sb)
-        else:
-            shape, strides = (C, k, k, ho, wo, B), (sc, sh, sw, s * sh, s * sw, sb)
-        np.copyto(cols[:K].reshape(shape), as_strided(xp, shape, strides, writeable=False))
-        wb = self.ws.get("wb", (self.cout, K + 1))                      # [weight | bias]
-        wb[:, :K] = self.params["weight"].reshape(self.cout, K)
-        wb[:, K] = self.params["bias"]
-        out = self.ws.get("out", (self.cout, ho * wo * B))
-        np.matmul(wb, cols, out=out)                                     # (Cout, N)
-        self.cols, self.xshape, self.geom = cols, x.shape, (pt, pl, hp, wp, ho, wo)
-        if self.pool_major:
-            return out.reshape(self.cout, 2, 2, ho // 2, wo // 2, B)
-        return out.reshape(self.cout, ho, wo, B)
-
-    def backward(self, dout):
-        C, H, W, B = self.xshape
-        pt, pl, hp, wp, ho, wo = self.geom
-        k, s, K = self.k, self.stride, C * self.k * self.k
-        d2 = dout.reshape(self.cout, ho * wo * B)                        # (Cout, N), the columns' order
-        dwb = self.ws.get("dwb", (self.cout, K + 1))
-        np.matmul(d2, self.cols.T, out=dwb)                              # [dweight | dbias]
-        self.grads["weight"].reshape(self.cout, K)[...] = dwb[:, :K]
-        self.grads["bias"][...] = dwb[:, K]
-        if not self.need_dx:
-            return None
-        if self.pool_major:                                              # back to (Cout,Ho,Wo,B) order
-            std = self.ws.get("dstd", (self.cout, ho, wo, B))
-            np.copyto(std.reshape(self.cout, ho // 2, 2, wo // 2, 2, B).transpose(0, 2, 4, 1, 3, 5), dout)
-            d2 = std.reshape(self.cout, ho * wo * B)
-        # col2im one kernel row at a time: dcols for row i, (k*C, N) = W[:, :, i, :]^T d2, is summed back
-        # by one strided add per kernel column j. The whole (K, N) dcols measured slower (3.8 MB for
-        # conv2 at batch 64 goes out to memory and back; a row's slice stays in cache).
-        wt = self.ws.get("wt", (k, k * C, self.cout))                  # wt[i]: rows in (kw, c) order
-        wt[...] = self.params["weight"].transpose(2, 3, 1, 0).reshape(k, k * C, self.cout)
-        drow = self.ws.get("drow", (k * C, ho * wo * B))
-        d5 = drow.reshape(k, C, ho, wo, B)
-        dxp = self.ws.get("dxp", (C, hp, wp, B))
-        dxp.fill(0)
-        for i in range(k):
-            np.matmul(wt[i], d2, out=drow)                               # (k*C, N)
-            for j in range(k):
-                dxp[:, i:i + s * ho:s, j:j + s * wo:s] += d5[j]
-        return dxp[:, pt:pt + H, pl:pl + W]
-
-
-class BandedConv2D(Conv2D):
-    """Conv2D(stride=1, pool_major=True), the same parameters, output and gradients, computed with one
-    column per 2x2 block of output pixels.
-
-    A column holds the (k+1) x (k+1) input patch that the four outputs of a pool window read (per input
-    channel); the weight matrix has one row per (output channel, row parity, column parity), with the k x k
-    kernel placed at offset (0|1, 0|1) in that patch, zeros elsewhere (a band). The GEMM's rows come out
-    already pool-major. For LeNet's conv2: 217 values per four outputs where im2col holds 4 x 151, a GEMM
-    64 rows tall instead of 16, 42% more multiply-adds, and measured faster (bench/README.md).
-    Not for conv1: OpenBLAS does not add a band's zeros without effect (the rows of one window round
-    differently even for equal patches), so the exact ties of a uniform background (everywhere in conv1's
-    output) would no longer be ties, and which pixel gets a window's gradient would depend on how the
-    batch is cut. StripConv2D keeps them exact.
-    """
-
-    def __init__(self, cin, cout, k, *, padding="valid", rng, dtype=np.float32, need_dx=True):
-        super().__init__(cin, cout, k, stride=1, padding=padding, rng=rng, dtype=dtype, need_dx=need_dx,
-                         pool_major=True)
-
-    def forward(self, x, train=True):
-        C, H, W, B = x.shape
-        assert C == self.cin, (x.shape, self.cin)
-        k, kp, Co = self.k, self.k + 1, self.cout
-        pt, pl, hp, wp, ho, wo = self._geometry(H, W)
-        xp = self._padded(x, pt, pl, hp, wp)
-        # cols[(c,u,v), (m,t,b)] = xp[c, 2m+u, 2t+v, b], u, v < k+1: the patch under output pixels
-        # (2m..2m+1, 2t..2t+1); then a row of ones for the bias. One strided copy.
-        Kb, n = C * kp * kp, ho * wo * B // 4
-        cols = self.ws.get("cols", (Kb + 1, n), init=_ones_last_row)
-        sc, sh, sw, sb = xp.strides
-        shape = (C, kp, kp, ho // 2, wo // 2, B)
-        src = as_strided(xp, shape, (sc, sh, sw, 2 * sh, 2 * sw, sb), writeable=False)
-        np.copyto(cols[:Kb].reshape(shape), src)
-        # band[(o,a,p), (c,u,v)] = weight[o, c, u-a, v-p] where both lie in [0, k); zeros off the band stay
-        band = self.ws.get("band", (Co * 4, Kb + 1), zero=True)
-        b6 = band[:, :Kb].reshape(Co, 2, 2, C, kp, kp)
-        for a in (0, 1):
-            for p in (0, 1):
-                b6[:, a, p, :, a:a + k, p:p + k] = self.params["weight"]
-        band[:, Kb].reshape(Co, 4)[...] = self.params["bias"][:, None]
-        out = self.ws.get("out", (Co * 4, n))
-        np.matmul(band, cols, out=out)                                   # (Cout*4, N/4)
-        self.cols, self.band, self.xshape, self.geom = cols, band, x.shape, (pt, pl, hp, wp, ho, wo)
-        return out.reshape(Co, 2, 2, ho // 2, wo // 2, B)
-
-    def backward(self, dout):
-        C, H, W, B = self.xshape
-        pt, pl, hp, wp, ho, wo = self.geom
-        k, kp, Co = self.k, self.k + 1, self.cout
-        Kb = C * kp * kp
-        d2 = dout.reshape(Co * 4, -1)                                    # (Cout*4, N/4)
-        g = self.ws.get("g", (Co * 4, Kb + 1))
-        np.matmul(d2, self.cols.T, out=g)                                # d band
-        g6 = g[:, :Kb].reshape(Co, 2, 2, C, kp, kp)
-        dw = self.grads["weight"]
-        np.add(g6[:, 0, 0, :, :k, :k], g6[:, 0, 1, :, :k, 1:], out=dw)
-        dw += g6[:, 1, 0, :, 1:, :k]
-        dw += g6[:, 1, 1, :, 1:, 1:]
-        np.sum(g[:, Kb].reshape(Co, 4), axis=1, out=self.grads["bias"])
-        if not self.need_dx:
-            return None
-        # dx: the patches' gradient band^T d2, (C*(k+1)^2, N/4), summed back onto the padded input
-        dcols = self.ws.get("dcols", (Kb, d2.shape[1]))
-        np.matmul(self.band[:, :Kb].T, d2, out=dcols)
-        d6 = dcols.reshape(C, kp, kp, ho // 2, wo // 2, B)
-        dxp = self.ws.get("dxp", (C, hp, wp, B))
-        dxp.fill(0)
-        for u in range(kp):
-            for v in range(kp):
-                dxp[:, u:u + ho:2, v:v + wo:2] += d6[:, u, v]
-        return dxp[:, pt:pt + H, pl:pl + W]
-
-
-class StripConv2D(Conv2D):
-    """Conv2D(cin=1, stride=1, pool_major=True, need_dx=False) for a first layer: the same parameters,
-    output and weight gradients, from 40% smaller columns, with exact pool ties kept exact.
-
-    One column holds the (k+1) x k strip of input under two vertically adjacent outputs (2m, 2t+p) and
-    (2m+1, 2t+p), rows in (u, v) order; there is one block of such columns per column parity p. The k x k
-    patch of window member (a, p) is then the contiguous row range [k*a, k*a + k*k) of block p, so every
-    member is one GEMM of the same (Cout, k*k) weight matrix with a view of the columns: 30 values per two
-    outputs where im2col holds 2 x 25, 40% less to write and to read back in backward
-    (bench/conv1_compare.py: forward + backward in 0.82x the time of pool-major im2col at batch 128, alone
-    and with a twin on the other core; 0.89-0.95x at 64). Two members whose patches are equal (a uniform background: most of MNIST) are the same
-    GEMM on the same values at the same column, so their outputs are bit-equal and the pool's tie rule
-    decides, whatever the batch size. (BandedConv2D's one taller GEMM does not give that with OpenBLAS;
-    see its doc.) The bias is added to the output, as it cannot sit in a row the members share.
-    """
-
-    def __init__(self, cin, cout, k, *, padding="valid", rng, dtype=np.float32, need_dx=False):
-        if cin != 1 or need_dx:
-            raise ValueError("StripConv2D is for a first layer: one input channel and no input gradient")
-        super().__init__(cin, cout, k, stride=1, padding=padding, rng=rng, dtype=dtype, need_dx=False,
-                         pool_major=True)
-
-    def forward(self, x, train=True):
-        C, H, W, B = x.shape
-        assert C == 1, x.shape
-        k, kk, Co = self.k, self.k * self.k, self.cout
-        pt, pl, hp, wp, ho, wo = self._geometry(H, W)
-        xp = self._padded(x, pt, pl, hp, wp)
-        # cols[p, (u,v), (m,t,b)] = xp[0, 2m+u, 2t+p+v, b], u < k+1, v < k: one strided copy
-        n = ho * wo * B // 4
-        cols = self.ws.get("cols", (2, (k + 1) * k, n))
-        _, sh, sw, sb = xp.strides
-        shape = (2, k + 1, k, ho // 2, wo // 2, B)
-        src = as_strided(xp, shape, (sw, sh, sw, 2 * sh, 2 * sw, sb), writeable=False)
-        np.copyto(cols.reshape(shape), src)
-        w2 = self.params["weight"].reshape(Co, kk)
-        out = self.ws.get("out", (Co, 4, n))                             # (Cout, member a*2+p, N/4)
-        for a in (0, 1):
-            for p in (0, 1):
-                np.matmul(w2, cols[p, k * a:k * a + kk], out=out[:, 2 * a + p])
-        out += self.params["bias"][:, None, None]
-        self.cols, self.xshape, self.geom = cols, x.shape, (pt, pl, hp, wp, ho, wo)
-        return out.reshape(Co, 2, 2, ho // 2, wo // 2, B)
-
-    def backward(self, dout):
-        k, kk, Co = self.k, self.k * self.k, self.cout
-        d4 = dout.reshape(Co, 4, -1)                                     # (Cout, member, N/4)
-        dw = self.ws.get("dw", (4, Co, kk))
-        for a in (0, 1):
-            for p in (0, 1):
-                np.matmul(d4[:, 2 * a + p], self.cols[p, k * a:k * a + kk].T, out=dw[2 * a + p])
-        np.sum(dw, axis=0, out=self.grads["weight"].reshape(Co, kk))
-        ones = self.ws.get("ones", (d4.shape[1] * d4.shape[2],), init=lambda a: a.fill(1))
-        np.matmul(d4.reshape(Co, -1), ones, out=self.grads["bias"])
-        return None
-
-
-def _ones_last_row(a):
-    a[-1] = 1
 
 
 class MaxPool2D(Layer):
@@ -326,7 +77,7 @@ class MaxPool2D(Layer):
     grads: dict = {}
 
     def __init__(self, dtype=np.float32, relu=False):
-        self.ws, self.relu = _Workspace(dtype), relu
+        self.ws, self.relu = Workspace(dtype), relu
 
     @staticmethod
     def _members(x):
@@ -389,7 +140,7 @@ class Dense(Layer):
     """Fully connected on column batches: x (in,B) -> W @ x + b, W (out,in) as in PyTorch -> (out,B)."""
 
     def __init__(self, nin, nout, *, rng, dtype=np.float32):
-        self.params = {"weight": _uniform(rng, nin, (nout, nin), dtype), "bias": _uniform(rng, nin, (nout,), dtype)}
+        self.params = {"weight": uniform_init(rng, nin, (nout, nin), dtype), "bias": uniform_init(rng, nin, (nout,), dtype)}
         self.grads = {n: np.zeros_like(p) for n, p in self.params.items()}
 
     def forward(self, x, train=True):

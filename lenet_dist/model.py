@@ -8,7 +8,7 @@
 
 The convolutions hand the pools their output "pool-major": (C, row parity, column parity, H/2, W/2, B), the
 four members of every 2x2 window in four contiguous blocks (StripConv2D for conv1, BandedConv2D for conv2;
-see layers.py). Pooling runs before the ReLU, in the same layer: max and ReLU are both monotone,
+see conv.py). Pooling runs before the ReLU, in the same layer: max and ReLU are both monotone,
 so relu(max(x)) == max(relu(x)) value for value and gradient for gradient, and the ReLU then touches a
 quarter of the elements. It also keeps the pool free of the ties that a ReLU's zeros would create.
 forward() is inference (no masks kept); loss_and_grad() runs the training forward and the backward.
@@ -18,7 +18,8 @@ from __future__ import annotations
 import numpy as np
 
 from .data import normalize
-from .layers import BandedConv2D, Dense, Flatten, MaxPool2D, ReLU, SoftmaxCrossEntropy, StripConv2D
+from .conv import BandedConv2D, StripConv2D
+from .layers import Dense, Flatten, MaxPool2D, ReLU, SoftmaxCrossEntropy
 
 # Named parameter layout (PyTorch's), in the order they sit in the flat vector.
 PARAM_SPECS = [

@@ -13,8 +13,8 @@ try:                    # tests/ as a package (tests/__init__.py) or as a plain 
     from .gradcheck import numerical_gradient, rel_error
 except ImportError:
     from gradcheck import numerical_gradient, rel_error
-from lenet_dist.layers import (BandedConv2D, Conv2D, Dense, Flatten, MaxPool2D, ReLU, SoftmaxCrossEntropy,
-                               StripConv2D)
+from lenet_dist.conv import BandedConv2D, Conv2D, StripConv2D
+from lenet_dist.layers import Dense, Flatten, MaxPool2D, ReLU, SoftmaxCrossEntropy
 
 TOL = 1e-6          # on the max relative error; typical values are 1e-9 .. 1e-11
 
