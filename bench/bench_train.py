@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import numpy as np  # noqa: E402
 from threadpoolctl import threadpool_info, threadpool_limits  # noqa: E402
 
-from bench.timing import load_data, time_steps  # noqa: E402
+from bench.timing import load_data, measure_into, time_steps  # noqa: E402
 from lenet_dist.data import normalize  # noqa: E402
 from lenet_dist.model import LeNet5  # noqa: E402
 from lenet_dist.optim import SGD  # noqa: E402
@@ -81,18 +81,7 @@ def main(argv=None):
     out = {"bench": "numpy", "data": kind, "train_n": len(ds.train_images), "test_n": len(ds.test_images),
            "threads": args.threads, "repeats": args.repeats}
     with threadpool_limits(args.threads, "blas"):
-        for b in args.batches:
-            med, cpu_med, rates = train_throughput(ds, b, args.repeats, args.images)
-            out[f"train_img_s_b{b}"] = round(med, 1)
-            out[f"train_img_s_b{b}_cpu"] = round(cpu_med, 1)
-            if args.all:
-                out[f"train_img_s_b{b}_all"] = [round(r, 1) for r in rates]
-        sec, cpu_sec, secs = eval_throughput(ds, args.repeats, args.eval_batch)
-        out["infer_img_s"] = round(len(ds.test_images) / sec, 1)
-        out["infer_s"] = round(sec, 4)
-        out["infer_img_s_cpu"] = round(len(ds.test_images) / cpu_sec, 1)
-        if args.all:
-            out["infer_s_all"] = [round(s, 4) for s in secs]
+        measure_into(out, ds, args, train_throughput, eval_throughput)
         blas = [i for i in threadpool_info() if i.get("user_api") == "blas"]
     out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
     out["numpy"] = np.__version__

@@ -33,3 +33,23 @@ def time_steps(step, rng, n, batch, steps, repeats):
         rates.append(steps * batch / (time.perf_counter() - t0))
         cpu_rates.append(steps * batch / (time.process_time() - c0))
     return statistics.median(rates), statistics.median(cpu_rates), rates
+
+
+def measure_into(out, ds, args, train_throughput, eval_throughput):
+    """Fill `out` with the figures both benches print: train_img_s_b<B> (and _cpu, _all) for every batch in
+    args.batches, then infer_img_s, infer_s, infer_img_s_cpu (and infer_s_all). The two callables are the
+    bench's own: train_throughput(ds, batch, repeats, images) and eval_throughput(ds, repeats, eval_batch)."""
+    for b in args.batches:
+        med, cpu_med, rates = train_throughput(ds, b, args.repeats, args.images)
+        out[f"train_img_s_b{b}"] = round(med, 1)
+        out[f"train_img_s_b{b}_cpu"] = round(cpu_med, 1)
+        if args.all:
+            out[f"train_img_s_b{b}_all"] = [round(r, 1) for r in rates]
+    sec, cpu_sec, secs = eval_throughput(ds, args.repeats, args.eval_batch)
+    out["infer_img_s"] = round(len(ds.test_images) / sec, 1)
+    out["infer_s"] = round(sec, 4)
+    out["infer_img_s_cpu"] = round(len(ds.test_images) / cpu_sec, 1)
+    if args.all:
+        out["infer_s_all"] = [round(s, 4) for s in secs]
+    return out
+

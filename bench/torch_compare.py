@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # lenet_dist fr
 
 import numpy as np  # noqa: E402
 
-from bench.timing import load_data, time_steps  # noqa: E402  (the same data and timing as ours)
+from bench.timing import load_data, measure_into, time_steps  # noqa: E402  (the same data and timing as ours)
 from lenet_dist.data import normalize  # noqa: E402
 from lenet_dist.model import LeNet5  # noqa: E402
 
@@ -120,19 +120,8 @@ def main(argv=None):
     ds, kind = load_data()
     out = {"bench": "torch", "torch": torch.__version__, "data": kind, "train_n": len(ds.train_images),
            "test_n": len(ds.test_images), "threads": args.threads, "repeats": args.repeats}
-    for b in args.batches:
-        med, cpu_med, rates = train_throughput(ds, b, args.repeats, args.images)
-        out[f"train_img_s_b{b}"] = round(med, 1)
-        out[f"train_img_s_b{b}_cpu"] = round(cpu_med, 1)
-        if args.all:
-            out[f"train_img_s_b{b}_all"] = [round(r, 1) for r in rates]
-    sec, cpu_sec, secs = eval_throughput(ds, args.repeats, args.eval_batch)
-    out["infer_img_s"] = round(len(ds.test_images) / sec, 1)
-    out["infer_s"] = round(sec, 4)
-    out["infer_img_s_cpu"] = round(len(ds.test_images) / cpu_sec, 1)
+    measure_into(out, ds, args, train_throughput, eval_throughput)
     out["eval_batch"] = args.eval_batch
-    if args.all:
-        out["infer_s_all"] = [round(s, 4) for s in secs]
     out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     print(json.dumps(out))
 
