@@ -3,6 +3,7 @@
     LENET_DATA_DIR=/path/to/mnist python bench/scaling.py [--repeats 5] [--steps 80] [--ranks 1,2,4]
     python bench/scaling.py --env MPIR_CVAR_CH4_PROGRESS_THROTTLE=1        # extra environment for mpirun
     python bench/scaling.py --variant raw:@raw --variant lib:               # compare MPICH settings, interleaved
+    python bench/scaling.py --variant equal: --variant balance:@balance      # equal shards against --balance
 
 The launcher runs `mpirun -n N python bench/scaling.py --worker ...` for every rank count, repeat and
 variant, interleaved (repeat 1: every variant and N, then repeat 2, ...), so a change in the machine's load
@@ -20,7 +21,8 @@ then one summary line: medians over the repeats, and the ratios the issue asks f
 
 A variant is NAME:KEY=VALUE,KEY=VALUE. By default a worker opens MPI as lenet-train does (MPIComm(),
 whose MPICH defaults apply); `@raw` in a variant opens it with oversubscribed_defaults=False, i.e. plain
-MPICH plus whatever the variant and --env set.
+MPICH plus whatever the variant and --env set; `@balance` trains with --balance (shards sized by each
+rank's measured speed, lenet_dist/balance.py), and its records add `rank_shares` over the timed steps.
 """
 from __future__ import annotations
 
@@ -62,7 +64,8 @@ def worker(args):
         ds, source = load_subset(), "subset"
 
     total = args.warmup + args.steps
-    cfg = TrainConfig(batch_size=args.batch, epochs=max(1, -(-total * args.batch // len(ds.train_images)) + 1))
+    cfg = TrainConfig(batch_size=args.batch, epochs=max(1, -(-total * args.batch // len(ds.train_images)) + 1),
+                      balance=args.balance)
     with threadpool_limits(limits=1, user_api="blas"):
         trainer = DataParallelTrainer(cfg, comm, ds)
 
@@ -79,6 +82,7 @@ def worker(args):
             trainer.train_step()
         comm.barrier()
         spent[0] = 0.0
+        trainer.examples_by_rank[:] = 0
         t0 = time.perf_counter()
         for _ in range(args.steps):
             trainer.train_step()
@@ -98,26 +102,34 @@ def worker(args):
             "allreduce_ms_per_step": round(1e3 * float(every[:, 1].mean()) / args.steps, 3),
             "peak_rss_mb": round(float(every[:, 2].max()), 1),
             "peak_rss_mb_per_rank": [round(float(v), 1) for v in every[:, 2]],
-            "data": source, "train_images": len(ds.train_images)}), flush=True)
+            "data": source, "train_images": len(ds.train_images),
+            "rank_shares": [round(float(v), 4) for v in trainer.examples_by_rank / (args.batch * args.steps)]}),
+            flush=True)
 
 
 # ------------------------------------------------------------------------------------------------ launcher
 
+VARIANT_FLAGS = ("raw", "balance")   # @raw, @balance: worker flags --raw, --balance
+
+
 def parse_variant(text):
-    """NAME[:KEY=VALUE,KEY=VALUE,@raw] -> (name, env dict, raw flag)."""
+    """NAME[:KEY=VALUE,...,@raw,@balance] -> (name, env dict, tuple of flags)."""
     name, _, spec = text.partition(":")
     if not name:
         raise argparse.ArgumentTypeError(f"variant {text!r}: expected NAME:KEY=VALUE,...")
-    env, raw = {}, False
+    env, flags = {}, []
     for item in filter(None, spec.split(",")):
-        if item == "@raw":
-            raw = True
+        if item.startswith("@"):
+            if item[1:] not in VARIANT_FLAGS:
+                raise argparse.ArgumentTypeError(f"variant {text!r}: unknown {item!r} "
+                                                 f"(known: {', '.join('@' + f for f in VARIANT_FLAGS)})")
+            flags.append(item[1:])
             continue
         k, eq, v = item.partition("=")
         if not eq or not k:
             raise argparse.ArgumentTypeError(f"variant {text!r}: {item!r} is not KEY=VALUE")
         env[k] = v
-    return name, env, raw
+    return name, env, tuple(flags)
 
 
 def parse_env(text):
@@ -127,13 +139,12 @@ def parse_env(text):
     return k, v
 
 
-def run_one(args, n, env_extra, raw):
+def run_one(args, n, env_extra, flags):
     cmd = ["mpirun", "-n", str(n), sys.executable, str(Path(__file__).resolve()), "--worker",
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch)]
     if args.data_dir:
         cmd += ["--data-dir", args.data_dir]
-    if raw:
-        cmd.append("--raw")
+    cmd += [f"--{f}" for f in flags]
     env = dict(os.environ, **env_extra)
     try:
         p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
@@ -151,7 +162,7 @@ def ratio(a, b):
 
 
 def launcher(args):
-    variants = args.variant or [("default", {}, False)]
+    variants = args.variant or [("default", {}, ())]
     ranks = [int(r) for r in args.ranks.split(",")]
     extra = dict(args.env)
     results = {(v[0], n): [] for v in variants for n in ranks}     # name, ranks -> [record per repeat]
@@ -161,9 +172,9 @@ def launcher(args):
         order = [(v, n) for v in variants for n in ranks]
         if rep % 2:
             order.reverse()                                          # A B ... B A: no position bias
-        for (name, env, raw), n in order:
-            rec = run_one(args, n, {**extra, **env}, raw)
-            rec.update(variant=name, repeat=rep, env={**extra, **env}, raw_mpich=raw, load1=os.getloadavg()[0])
+        for (name, env, flags), n in order:
+            rec = run_one(args, n, {**extra, **env}, flags)
+            rec.update(variant=name, repeat=rep, env={**extra, **env}, flags=list(flags), load1=os.getloadavg()[0])
             print(json.dumps(rec), flush=True)
             results[(name, n)].append(rec)
 
@@ -172,7 +183,7 @@ def launcher(args):
                "repeats": args.repeats, "env": extra, "seconds": round(time.time() - started, 1),
                "loadavg_before": [round(x, 2) for x in load_before],
                "loadavg_after": [round(x, 2) for x in os.getloadavg()], "variants": {}}
-    for name, env, raw in variants:
+    for name, env, flags in variants:
         med, paired = {}, {}
         for n in ranks:
             ok = [r for r in results[(name, n)] if "error" not in r]
@@ -189,7 +200,7 @@ def launcher(args):
             if per:
                 paired[f"{a}/{b}"] = {"ratio_of_medians": ratio(med[a]["images_per_s"], med[b]["images_per_s"]),
                                       "median_paired": round(statistics.median(per), 3)}
-        summary["variants"][name] = {"env": {**extra, **env}, "raw_mpich": raw, "by_ranks": med, "ratios": paired}
+        summary["variants"][name] = {"env": {**extra, **env}, "flags": list(flags), "by_ranks": med, "ratios": paired}
     # every variant against the first one, rank count by rank count (e.g. tuned vs plain MPICH at -n 4)
     base = variants[0][0]
     for name, _, _ in variants[1:]:
@@ -240,10 +251,11 @@ def main(argv=None):
                    help="extra environment for mpirun (repeatable), e.g. an MPIR_CVAR_ setting")
     p.add_argument("--variant", type=parse_variant, action="append", metavar="NAME:KEY=VALUE,...",
                    help="a named set of extra environment (repeatable; '@raw' = without comm.py's MPICH "
-                        "defaults); the variants run interleaved")
+                        "defaults, '@balance' = lenet-train --balance); the variants run interleaved")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per mpirun")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--raw", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--balance", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.repeats < 1 or args.steps < 1 or args.warmup < 0 or args.batch < 1:
         p.error("--repeats and --steps must be >= 1, --warmup >= 0, --batch >= 1")

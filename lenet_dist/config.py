@@ -23,6 +23,7 @@ class TrainConfig:
     seed: int = 0                   # model init, data order and augmentation all derive from it
     deterministic: bool = False     # bit-identical results at any rank count (fixed-point reduction)
     micro_batch: int = 16           # deterministic mode: examples per fixed-size gradient chunk
+    balance: bool = False           # shards follow each rank's measured speed (see balance.py)
     train_subset: int = 0           # use only the first N training examples (0 = all)
 
     def __post_init__(self):

@@ -3,10 +3,14 @@
 Per step, on every rank (lines marked [dist] exist only for distribution; at size 1 they do nothing):
     global batch = perm(seed, epoch)[pos*B:(pos+1)*B]          same on every rank
     shard        = this rank's contiguous slice of it           [dist]
-    grads        = SUM over the shard of per-example gradients  (+ loss sum, correct count in the tail)
+    grads        = SUM over the shard of per-example gradients  (+ loss sum, correct count in the tail,
+                                                                 and the seconds this rank computed)
     allreduce(grads | tail)                                     [dist] one in-place call per step
     grads       /= B (the global batch size: exact full-batch gradient, even for uneven shards)
     SGD update                                                  identical on every rank
+
+The shards are equal (sizes differ by at most one) unless --balance asks for shares that follow each
+rank's measured speed (balance.py); the seconds in the tail are what it measures.
 
 Deterministic mode: the global batch is cut into fixed-size micro-batches, each micro-batch's gradient
 is rounded to 2**-32 fixed point in int64 and summed as integers. Integer addition is associative, so the
@@ -16,17 +20,22 @@ from __future__ import annotations
 
 import hashlib
 import math
+import time
 
 import numpy as np
 
 from . import sampler
+from .balance import ShardBalancer
 from .checkpoint import Checkpoint
 from .data import normalize
+from .layers import Workspace
 from .model import NUM_PARAMS, LeNet5
 from .optim import SGD, LRSchedule
 
-TAIL = 3                      # grad buffer tail: [loss sum, number correct, stop votes]
+TAIL = 3                      # grad buffer tail: [loss sum, number correct, stop votes, then one slot per
+                              # rank: the seconds it spent computing its shard (the others add 0)]
 FIXED_POINT_BITS = 32         # deterministic mode: gradients rounded to multiples of 2**-32
+BALANCE_QUANTUM = 8           # --balance: shard cuts move in steps of 8 examples (few, steady shapes)
 
 
 class TrainingError(RuntimeError):
@@ -40,7 +49,7 @@ class DataParallelTrainer:
         self.images, self.labels = dataset.train_images[:n], dataset.train_labels[:n].astype(np.intp)
         self.test_images, self.test_labels = dataset.test_images, dataset.test_labels
         self.n = n
-        self.model = LeNet5(seed=cfg.seed, grad_tail=TAIL)
+        self.model = LeNet5(seed=cfg.seed, grad_tail=TAIL + comm.size)
         comm.bcast_(self.model.params)                                   # [dist] rank 0's initial weights
         self.opt = SGD(self.model.params, momentum=cfg.momentum, nesterov=cfg.nesterov,
                        weight_decay=cfg.weight_decay)
@@ -52,9 +61,12 @@ class DataParallelTrainer:
                                    gamma=cfg.gamma, step_epochs=cfg.step_epochs)
         self.step, self.epoch, self.pos = 0, 0, 0                       # pos: batches done in this epoch
         self._perm_epoch, self._perm = None, None
-        self._xbuf = {}
+        self._xbuf = Workspace(np.float32)                               # normalized shard images
         if cfg.deterministic:
-            self._acc = np.zeros(NUM_PARAMS + TAIL, np.int64)            # fixed-point gradient sum
+            self._acc = np.zeros(NUM_PARAMS + TAIL + comm.size, np.int64)  # fixed-point gradient sum
+        self.balancer = ShardBalancer(comm.size, enabled=cfg.balance)
+        self.slowdown = 1.0             # > 1: this rank computes that many times slower (--fault RANK:STEP:slow)
+        self.examples_by_rank = np.zeros(comm.size, np.int64)           # since the caller last reset it
 
     # ------------------------------------------------------------------------------ position and state
     @property
@@ -72,10 +84,7 @@ class DataParallelTrainer:
         if self.cfg.augment_shift:
             shifts = sampler.random_shifts(self.cfg.seed, self.epoch, self.pos, len(idx), self.cfg.augment_shift)
             u8 = sampler.shift_images(u8, shifts[lo:hi], self.cfg.augment_shift)
-        buf = self._xbuf.get(u8.shape)
-        if buf is None:
-            buf = self._xbuf[u8.shape] = np.empty(u8.shape, np.float32)
-        return normalize(u8, out=buf), self.labels[idx[lo:hi]]
+        return normalize(u8, out=self._xbuf.get("x", u8.shape)), self.labels[idx[lo:hi]]
 
     # ---------------------------------------------------------------------------------------- the step
     def train_step(self, stop_request=False):
@@ -86,22 +95,32 @@ class DataParallelTrainer:
         B = len(idx)
         buf = self.model.grad_buffer
         if self.cfg.deterministic:
-            self._deterministic_grads(idx, stop_request)
+            m = self.cfg.micro_batch
+            cuts = np.minimum(self.balancer.plan(-(-B // m)) * m, B)           # [dist] whole micro-batches
+            self._deterministic_grads(idx, cuts, stop_request)
         else:
-            lo, hi = sampler.shard_bounds(B, self.comm.rank, self.comm.size)     # [dist] this rank's shard
+            cuts = self.balancer.plan(B, quantum=BALANCE_QUANTUM)
+            lo, hi = cuts[self.comm.rank], cuts[self.comm.rank + 1]            # [dist] this rank's shard
+            t0 = time.perf_counter()
             if hi > lo:
                 x, y = self._examples(idx, lo, hi)
                 loss, correct = self.model.loss_and_grad(x, y, scale=1.0)       # sum, not mean
             else:
                 buf[:] = 0.0
                 loss, correct = 0.0, 0
-            buf[NUM_PARAMS:] = (loss, correct, stop_request)
+            seconds = self._slow_down(time.perf_counter() - t0)
+            buf[NUM_PARAMS:] = 0.0
+            buf[NUM_PARAMS:NUM_PARAMS + TAIL] = (loss, correct, stop_request)
+            buf[NUM_PARAMS + TAIL + self.comm.rank] = seconds
             self.comm.allreduce_(buf)                                           # [dist] the one allreduce
         loss_sum, n_correct = float(buf[NUM_PARAMS]), int(round(float(buf[NUM_PARAMS + 1])))
         stop = bool(buf[NUM_PARAMS + 2] > 0)
         if not math.isfinite(loss_sum):
             raise TrainingError(f"loss is {loss_sum} at step {self.step}: training diverged "
                                 f"(lower --lr, or check the data)")
+        sizes = np.diff(cuts)
+        self.balancer.observe(sizes, buf[NUM_PARAMS + TAIL:])                   # [dist] same figures everywhere
+        self.examples_by_rank += sizes
         self.model.grads *= np.float32(1.0 / B)
         self.opt.step(self.model.grads, self.schedule(self.step))
         self.step += 1
@@ -110,19 +129,30 @@ class DataParallelTrainer:
             self.epoch, self.pos = self.epoch + 1, 0
         return B, loss_sum, n_correct, stop
 
-    def _deterministic_grads(self, idx, stop_request):
-        """Fill grad_buffer with the fixed-point-exact gradient sum of the global batch (see module doc)."""
+    def _slow_down(self, seconds):
+        """Rehearsing a straggler: stretch this rank's compute time by self.slowdown. Returns the seconds."""
+        if self.slowdown > 1.0:
+            time.sleep((self.slowdown - 1.0) * seconds)
+            return self.slowdown * seconds
+        return seconds
+
+    def _deterministic_grads(self, idx, cuts, stop_request):
+        """Fill grad_buffer with the fixed-point-exact gradient sum of the global batch (see module doc);
+        this rank takes the micro-batches in global-batch positions [cuts[rank], cuts[rank + 1])."""
         m = self.cfg.micro_batch
-        n_micro = -(-len(idx) // m)
-        first, last = sampler.shard_bounds(n_micro, self.comm.rank, self.comm.size)  # [dist] my micro-batches
+        lo, hi = int(cuts[self.comm.rank]), int(cuts[self.comm.rank + 1])
         acc, buf, scale = self._acc, self.model.grad_buffer, float(2 ** FIXED_POINT_BITS)
         acc[:] = 0
-        for k in range(first, last):
-            x, y = self._examples(idx, k * m, min((k + 1) * m, len(idx)))
+        t0 = time.perf_counter()
+        buf[NUM_PARAMS:] = 0.0
+        for start in range(lo, hi, m):
+            x, y = self._examples(idx, start, min(start + m, hi))
             loss, correct = self.model.loss_and_grad(x, y, scale=1.0)
-            buf[NUM_PARAMS:] = (loss, correct, 0)
+            buf[NUM_PARAMS:NUM_PARAMS + TAIL] = (loss, correct, 0)
             acc += np.rint(buf.astype(np.float64) * scale).astype(np.int64)
-        acc[-1] = int(stop_request) << FIXED_POINT_BITS
+        seconds = self._slow_down(time.perf_counter() - t0)
+        acc[NUM_PARAMS + 2] = int(stop_request) << FIXED_POINT_BITS
+        acc[NUM_PARAMS + TAIL + self.comm.rank] = int(round(seconds * scale))
         self.comm.allreduce_(acc)                                             # [dist] exact integer sum
         buf[:] = acc / scale
 

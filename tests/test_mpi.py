@@ -62,6 +62,28 @@ def test_deterministic_mode_bit_identical_across_rank_counts(tmp_path):
     assert np.array_equal(results[0], results[2])
 
 
+def test_balance_moves_work_off_a_straggler(tmp_path):
+    # Rank 1 computes 3x slower from step 0 (--fault 1:0:slow). With --balance its share of each batch
+    # shrinks; the gradient is still the whole batch's, so the parameters match one process within rounding.
+    eq = ["--batch-size", "50", "--epochs", "3", "--lr", "0.01", "--checkpoint-every", "100", "--keep", "5"]
+    d1, _ = train(0, tmp_path, "one", *eq)
+    db, _ = train(2, tmp_path, "bal", *eq, "--balance", "--fault", "1:0:slow")
+    de, _ = train(2, tmp_path, "eq", *eq, "--fault", "1:0:slow")
+    assert rel_diff(params_at(db, 100), params_at(d1, 100)) <= 1e-5
+    shares = metrics(db)[-1]["rank_shares"]
+    assert shares[1] < 0.4 and abs(sum(shares) - 1) < 1e-3
+    assert metrics(de)[-1]["rank_shares"] == [0.5, 0.5]
+    assert metrics(db)[-1]["step"] == 120 and abs(metrics(db)[-1]["test_acc"] - metrics(d1)[-1]["test_acc"]) <= 0.001
+
+
+def test_balance_in_deterministic_mode_changes_no_bit(tmp_path):
+    det = ["--deterministic", "--micro-batch", "4"]
+    d1, _ = train(0, tmp_path, "one", *det)
+    db, _ = train(2, tmp_path, "bal", *det, "--balance", "--fault", "1:0:slow")
+    assert np.array_equal(final_params(db)[0], final_params(d1)[0])
+    assert metrics(db)[-1]["rank_shares"][1] < 0.4          # whole micro-batches moved off the straggler
+
+
 @pytest.mark.parametrize("n,batch", [(3, 7), (4, 3), (2, 5)])
 def test_uneven_shards_give_the_full_batch_gradient(tmp_path, n, batch):
     # (4, 3): one rank's shard is empty.

@@ -49,9 +49,11 @@ def load_dataset(args, comm, log):
 class FaultInjector:
     """Rehearse failures: RANK:STEP:KIND makes rank RANK, just before step STEP, do one of
     raise (an exception), exit (die at once, exit code 17), perturb (nudge one parameter: replicas drift),
-    nan (poison its parameters: the loss becomes NaN). Several specs may be joined with commas."""
+    nan (poison its parameters: the loss becomes NaN), slow (from then on compute 3x slower: a straggler).
+    Several specs may be joined with commas."""
 
-    KINDS = ("raise", "exit", "perturb", "nan")
+    KINDS = ("raise", "exit", "perturb", "nan", "slow")
+    SLOWDOWN = 3.0
 
     def __init__(self, specs):
         self.specs = specs
@@ -85,6 +87,8 @@ class FaultInjector:
                 trainer.model.params[0] += np.float32(1e-3)
             if kind == "nan":
                 trainer.model.params[:] = np.nan
+            if kind == "slow":
+                trainer.slowdown = self.SLOWDOWN
 
 
 class ProgressReporter:

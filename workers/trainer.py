@@ -54,6 +54,10 @@ def parse_args(argv=None):
     g.add_argument("--deterministic", action="store_true",
                    help="bit-identical parameters for any number of ranks (fixed-point gradient sums)")
     g.add_argument("--micro-batch", type=int, default=d.micro_batch, help="--deterministic chunk size")
+    g.add_argument("--balance", action="store_true",
+                   help="size each rank's shard by its measured speed, so that fast ranks do not wait for slow "
+                        "ones (results then vary with the clock at float-rounding level; no change at all "
+                        "with --deterministic)")
     g.add_argument("--train-subset", type=int, default=d.train_subset, help="use the first N examples")
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", help="folder with the four MNIST IDX files (default: $LENET_DATA_DIR, "
@@ -71,7 +75,7 @@ def parse_args(argv=None):
     g.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint")
     g.add_argument("--sync-every", type=int, default=100, help="steps between replica checksum checks")
     g.add_argument("--fault", default=os.environ.get("LENET_FAULT", ""),
-                   help="inject a failure: RANK:STEP:KIND, KIND one of raise, exit, perturb, nan "
+                   help="inject a failure: RANK:STEP:KIND, KIND one of raise, exit, perturb, nan, slow "
                         "(also $LENET_FAULT)")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar (default: when stderr is a terminal)")
@@ -165,6 +169,7 @@ def run(args, comm):
             ep_start_step, t0 = trainer.step, time.perf_counter()
             seen = loss_sum = correct = 0
             epoch = trainer.epoch
+            trainer.examples_by_rank[:] = 0
             while trainer.epoch == epoch and not trainer.done:
                 args.fault.maybe_fire(trainer, comm.rank)
                 B, l, c, stop_all = trainer.train_step(stop_request=bool(stop.signum))
@@ -191,6 +196,8 @@ def run(args, comm):
                       "test_loss": test_loss, "test_acc": test_acc, "seconds": round(train_seconds, 3),
                       "images_per_s": round(seen / train_seconds, 1), "ranks": comm.size,
                       "steps": trainer.step - ep_start_step, "lr": trainer.schedule(max(trainer.step - 1, 0))}
+            if comm.size > 1:               # who did the work: equal shares unless --balance moved them
+                record["rank_shares"] = [round(float(v), 4) for v in trainer.examples_by_rank / max(seen, 1)]
             evaluator = link.latest_result() if link else None
             if evaluator:
                 record["evaluator"] = evaluator

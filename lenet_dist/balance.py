@@ -1,0 +1,67 @@
+"""Uneven shards for unequal ranks (`--balance`): each rank's share of the next global batch follows its speed.
+
+A synchronized step lasts as long as its slowest rank. On a shared machine the ranks are rarely equally
+fast (a vCPU whose host is busier, two ranks time-sharing one core, a straggling node), so equal shards
+leave the fast ranks waiting in the allreduce. With --balance every rank reports the seconds it spent
+computing its shard (in the step's own allreduce: no extra message), and every rank derives the same
+next split from the same figures:
+
+    speed_r  = examples_r / seconds_r               measured this step, for every rank that had work
+    w_r      = (1 - a) * w_r + a * speed_r          smoothed (a = SMOOTHING), first measurement taken as is
+    w_r      = clip(w_r, median(w) / 4, median(w) * 4)    one bad step cannot starve or flood a rank
+    ideal    = n * (w_0 + ... + w_r) / sum(w)       the cut after rank r, for n items
+    cut_r    = moves only when |ideal - cut_r| > quantum, and then to the multiple of `quantum` nearest ideal
+
+The quantum and the dead band keep the shard shapes few and steady: every new shape costs the layers
+fresh scratch arrays (page faults), which a cut that moved by an example or two each step paid every step.
+The fixed point gives every rank the same compute time. It stays stable when two ranks share a core: the
+one given more work finishes later and measures slower, so work flows back. The gradient is still the
+exact sum over the whole global batch; only the order of float additions changes with the cut, so results
+stay equal to equal shards' up to float rounding, but not bit for bit between two runs: the cut follows
+the clock. In deterministic mode the items are whole micro-batches, and moving them changes no bit.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import sampler
+
+SMOOTHING = 0.2          # weight of the newest measurement
+MAX_SPREAD = 4.0         # no weight beyond [median / 4, median * 4]
+
+
+class ShardBalancer:
+    def __init__(self, size, enabled=True):
+        self.size, self.enabled = size, enabled and size > 1
+        self.weights = np.zeros(size, np.float64)        # smoothed items/s; 0 = not measured yet
+        self._cuts = {}                                  # n -> the cuts in force for batches of n items
+
+    def plan(self, n, quantum=1):
+        """Cuts (size + 1,) int64, from 0 to n: rank r takes items [cuts[r], cuts[r + 1]) of this step's n."""
+        if not self.enabled or not (self.weights > 0).all():
+            return np.array([0] + [sampler.shard_bounds(n, r, self.size)[1] for r in range(self.size)], np.int64)
+        cum = np.cumsum(self.weights)
+        ideal = n * cum / cum[-1]
+        cuts = self._cuts.get(n)
+        if cuts is None or np.abs(ideal - cuts[1:]).max() > quantum:
+            inner = quantum * np.floor(ideal / quantum + 0.5)
+            cuts = np.concatenate([[0], np.minimum(inner, n)]).astype(np.int64)
+            cuts[-1] = n
+            self._cuts[n] = cuts
+        return cuts
+
+    def observe(self, sizes, seconds):
+        """Fold in one step: items each rank computed and the seconds it took (the same arrays on every rank)."""
+        if not self.enabled:
+            return
+        sizes, seconds = np.asarray(sizes, np.float64), np.asarray(seconds, np.float64)
+        seen = (sizes > 0) & (seconds > 0)
+        speed = np.divide(sizes, seconds, out=np.zeros_like(sizes), where=seen)
+        w = self.weights
+        first = seen & (w == 0)
+        w[first] = speed[first]
+        again = seen & ~first
+        w[again] += SMOOTHING * (speed[again] - w[again])
+        if (w > 0).all():
+            mid = float(np.median(w))
+            np.clip(w, mid / MAX_SPREAD, mid * MAX_SPREAD, out=w)
