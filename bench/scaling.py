@@ -4,6 +4,7 @@
     python bench/scaling.py --env MPIR_CVAR_CH4_PROGRESS_THROTTLE=1        # extra environment for mpirun
     python bench/scaling.py --variant raw:@raw --variant lib:               # compare MPICH settings, interleaved
     python bench/scaling.py --variant equal: --variant balance:@balance      # equal shards against --balance
+    python bench/scaling.py --ranks 2 --straggler 1 --variant equal: --variant balance:@balance   # rank 1 3x slow
 
 The launcher runs `mpirun -n N python bench/scaling.py --worker ...` for every rank count, repeat and
 variant, interleaved (repeat 1: every variant and N, then repeat 2, ...), so a change in the machine's load
@@ -22,7 +23,8 @@ then one summary line: medians over the repeats, and the ratios the issue asks f
 A variant is NAME:KEY=VALUE,KEY=VALUE. By default a worker opens MPI as lenet-train does (MPIComm(),
 whose MPICH defaults apply); `@raw` in a variant opens it with oversubscribed_defaults=False, i.e. plain
 MPICH plus whatever the variant and --env set; `@balance` trains with --balance (shards sized by each
-rank's measured speed, lenet_dist/balance.py), and its records add `rank_shares` over the timed steps.
+rank's measured speed, lenet_dist/balance.py); every record has `rank_shares` over the timed steps.
+--straggler R makes rank R compute 3x slower (as `--fault R:0:slow` does in lenet-train).
 """
 from __future__ import annotations
 
@@ -68,6 +70,8 @@ def worker(args):
                       balance=args.balance)
     with threadpool_limits(limits=1, user_api="blas"):
         trainer = DataParallelTrainer(cfg, comm, ds)
+        if comm.rank == args.straggler:
+            trainer.slowdown = 3.0
 
         inner, spent = comm.allreduce_, [0.0]
 
@@ -145,6 +149,8 @@ def run_one(args, n, env_extra, flags):
     if args.data_dir:
         cmd += ["--data-dir", args.data_dir]
     cmd += [f"--{f}" for f in flags]
+    if args.straggler >= 0:
+        cmd += ["--straggler", str(args.straggler)]
     env = dict(os.environ, **env_extra)
     try:
         p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
@@ -252,6 +258,8 @@ def main(argv=None):
     p.add_argument("--variant", type=parse_variant, action="append", metavar="NAME:KEY=VALUE,...",
                    help="a named set of extra environment (repeatable; '@raw' = without comm.py's MPICH "
                         "defaults, '@balance' = lenet-train --balance); the variants run interleaved")
+    p.add_argument("--straggler", type=int, default=-1, metavar="RANK",
+                   help="this rank computes 3x slower (a rehearsed straggler; -1: none)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per mpirun")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--raw", action="store_true", help=argparse.SUPPRESS)

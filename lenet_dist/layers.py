@@ -10,7 +10,7 @@ both operands and zeroes the output first), then im2col copies; NumPy ufuncs who
 ~3x slower than contiguous ones, so the pool and col2im are arranged to read contiguous blocks.
 Every layer works in the dtype it was built with (float32 in training, float64 in gradient checks).
 Scratch arrays are reused between steps (`Workspace`): allocating a fresh 5 MB im2col matrix every step
-costs page faults that show up in the profile. The convolutions live in conv.py.
+costs page faults that show up in the profile; one buffer per name serves every batch size. The convolutions live in conv.py.
 """
 from __future__ import annotations
 
@@ -18,24 +18,32 @@ import numpy as np
 
 
 class Workspace:
-    """Reusable scratch arrays keyed by (name, shape); keeps a few shapes (train batch, last batch, eval)."""
+    """Reusable scratch arrays by name. Each name owns one flat buffer, grown to the largest size asked for;
+    an array of any shape is a contiguous view of its start. So a layer that sees several batch sizes
+    (training shard, last partial batch, evaluation, --balance moving the cut) holds one buffer per name,
+    not one per shape, and page-faults only when the largest shape grows. An array asked for with `zero`
+    or `init` is initialized again whenever its shape differs from the last one asked for under its name
+    (what those set up, a zero border or a row of ones, depends on the shape)."""
 
-    def __init__(self, dtype, keep=4):
-        self.dtype, self.keep, self._arrays = np.dtype(dtype), keep, {}
+    def __init__(self, dtype):
+        self.dtype, self._flat, self._shape = np.dtype(dtype), {}, {}
 
     def get(self, name, shape, zero=False, dtype=None, init=None):
-        """The array for (name, shape), made on first use: zeroed if `zero`, then `init(a)` if given."""
-        key = (name, tuple(shape))
-        a = self._arrays.pop(key, None)  # pop + reinsert keeps the dict in least-recently-used order
-        if a is None:
-            dt = self.dtype if dtype is None else dtype
-            a = np.zeros(shape, dt) if zero else np.empty(shape, dt)
+        """The array `name` with this shape: zeroed if `zero`, then `init(a)` if given, on first use or
+        after a change of shape; otherwise exactly as the last call under this name left it."""
+        shape, dt = tuple(shape), self.dtype if dtype is None else np.dtype(dtype)
+        n = int(np.prod(shape))
+        flat = self._flat.get(name)
+        fresh = flat is None or flat.size < n or flat.dtype != dt
+        if fresh:
+            flat = self._flat[name] = np.empty(n, dt)
+        a = flat[:n].reshape(shape)
+        if fresh or self._shape.get(name) != shape:
+            if zero:
+                a.fill(0)
             if init is not None:
                 init(a)
-            names = [k for k in self._arrays if k[0] == name]
-            for k in names[: max(0, len(names) - self.keep + 1)]:
-                del self._arrays[k]
-        self._arrays[key] = a
+            self._shape[name] = shape
         return a
 
 

@@ -554,3 +554,35 @@ def test_strip_conv_equal_patches_give_bit_equal_outputs(batch):
                 np.testing.assert_array_equal(out[:, i // 2, i % 2, m, t][:, same], out[:, 0, 0, m, t][:, same])
                 equal += int(same.sum())
     assert equal > 30 * batch                      # the test saw plenty of equal patches (about 40 per image)
+
+
+def test_workspace_one_buffer_per_name_and_fresh_init_on_a_new_shape():
+    from lenet_dist.layers import Workspace
+    ws = Workspace(np.float32)
+    a = ws.get("xp", (2, 3, 8), zero=True)
+    a[...] = 5
+    assert ws.get("xp", (2, 3, 8), zero=True)[0, 0, 0] == 5          # same shape: left as it was
+    b = ws.get("xp", (2, 3, 4), zero=True)                              # smaller: a view of the same memory
+    assert np.shares_memory(a, b) and b.flags.c_contiguous and not b.any()
+    c = ws.get("ones", (3, 5), init=lambda x: x.fill(1))
+    c[...] = 7
+    assert (ws.get("ones", (5, 3), init=lambda x: x.fill(1)) == 1).all()  # same size, new shape: init again
+    d = ws.get("xp", (4, 3, 8), zero=True)                              # larger: a new buffer
+    assert d.shape == (4, 3, 8) and not d.any()
+    assert ws.get("m", (4,), dtype=bool).dtype == np.bool_
+
+
+def test_changing_batch_sizes_give_the_same_gradients_as_fresh_layers():
+    # Workspace buffers reused across batch sizes (training shard, eval batch, --balance moving the cut)
+    # must not leak one size's contents into another's result.
+    from lenet_dist.model import LeNet5
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((40, 28, 28)).astype(np.float32)
+    y = rng.integers(0, 10, 40)
+    used = LeNet5(seed=1)
+    for B in (40, 8, 24, 40, 16):
+        fresh = LeNet5(seed=1)
+        fresh.loss_and_grad(x[:B], y[:B], 1.0)
+        used.loss_and_grad(x[:B], y[:B], 1.0)
+        assert np.array_equal(used.grads, fresh.grads)
+        assert np.array_equal(used.forward(x[:B]), fresh.forward(x[:B]))
