@@ -65,3 +65,17 @@ class ShardBalancer:
         if (w > 0).all():
             mid = float(np.median(w))
             np.clip(w, mid / MAX_SPREAD, mid * MAX_SPREAD, out=w)
+
+
+def straggler(examples, seconds, threshold=1.5):
+    """(slow rank, fast rank, how many times slower) when some rank computed at least `threshold` times
+    slower per example than the fastest one over the counted steps; None otherwise."""
+    examples, seconds = np.asarray(examples, np.float64), np.asarray(seconds, np.float64)
+    ok = (examples > 0) & (seconds > 0)
+    if ok.sum() < 2:
+        return None
+    speed = np.where(ok, examples / np.where(ok, seconds, 1.0), np.nan)
+    slow, fast = int(np.nanargmin(speed)), int(np.nanargmax(speed))
+    ratio = float(speed[fast] / speed[slow])
+    return (slow, fast, ratio) if ratio >= threshold else None
+

@@ -66,7 +66,8 @@ class DataParallelTrainer:
             self._acc = np.zeros(NUM_PARAMS + TAIL + comm.size, np.int64)  # fixed-point gradient sum
         self.balancer = ShardBalancer(comm.size, enabled=cfg.balance)
         self.slowdown = 1.0             # > 1: this rank computes that many times slower (--fault RANK:STEP:slow)
-        self.examples_by_rank = np.zeros(comm.size, np.int64)           # since the caller last reset it
+        self.examples_by_rank = np.zeros(comm.size, np.int64)           # since the caller last reset them:
+        self.seconds_by_rank = np.zeros(comm.size, np.float64)          # work and compute time of every rank
 
     # ------------------------------------------------------------------------------ position and state
     @property
@@ -121,6 +122,7 @@ class DataParallelTrainer:
         sizes = np.diff(cuts)
         self.balancer.observe(sizes, buf[NUM_PARAMS + TAIL:])                   # [dist] same figures everywhere
         self.examples_by_rank += sizes
+        self.seconds_by_rank += buf[NUM_PARAMS + TAIL:]
         self.model.grads *= np.float32(1.0 / B)
         self.opt.step(self.model.grads, self.schedule(self.step))
         self.step += 1

@@ -90,3 +90,11 @@ def test_a_rank_with_no_work_keeps_its_estimate():
     before = bal.weights.copy()
     bal.observe([10, 0], [1.0, 0.0])
     assert bal.weights[1] == before[1]
+
+
+def test_straggler_names_the_slow_rank_only_past_the_threshold():
+    from lenet_dist.balance import straggler
+    assert straggler([100, 100, 100], [1.0, 3.0, 1.1]) == (1, 0, 3.0)
+    assert straggler([100, 100], [1.0, 1.4]) is None                 # 1.4x: below the default 1.5
+    assert straggler([300, 100], [1.0, 1.0]) == (1, 0, 3.0)          # per example, not per rank
+    assert straggler([100, 0], [1.0, 0.0]) is None                   # one measured rank: nobody to compare

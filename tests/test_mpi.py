@@ -68,11 +68,14 @@ def test_balance_moves_work_off_a_straggler(tmp_path):
     eq = ["--batch-size", "50", "--epochs", "3", "--lr", "0.01", "--checkpoint-every", "100", "--keep", "5"]
     d1, _ = train(0, tmp_path, "one", *eq)
     db, _ = train(2, tmp_path, "bal", *eq, "--balance", "--fault", "1:0:slow")
-    de, _ = train(2, tmp_path, "eq", *eq, "--fault", "1:0:slow")
+    de, p = train(2, tmp_path, "eq", *eq, "--fault", "1:0:slow")
     assert rel_diff(params_at(db, 100), params_at(d1, 100)) <= 1e-5
     shares = metrics(db)[-1]["rank_shares"]
     assert shares[1] < 0.4 and abs(sum(shares) - 1) < 1e-3
     assert metrics(de)[-1]["rank_shares"] == [0.5, 0.5]
+    r = metrics(de)[-1]["rank_compute_s"]
+    assert r[1] > 2 * r[0]                                  # the straggler shows in the metrics ...
+    assert "rank 1 computed" in p.stderr and "--balance" in p.stderr  # ... and in a warning
     assert metrics(db)[-1]["step"] == 120 and abs(metrics(db)[-1]["test_acc"] - metrics(d1)[-1]["test_acc"]) <= 0.001
 
 

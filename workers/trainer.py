@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from lenet_dist import checkpoint
+from lenet_dist.balance import straggler
 from lenet_dist.comm import get_comm
 from lenet_dist.config import TrainConfig
 from lenet_dist.train import DataParallelTrainer
@@ -170,6 +171,7 @@ def run(args, comm):
             seen = loss_sum = correct = 0
             epoch = trainer.epoch
             trainer.examples_by_rank[:] = 0
+            trainer.seconds_by_rank[:] = 0
             while trainer.epoch == epoch and not trainer.done:
                 args.fault.maybe_fire(trainer, comm.rank)
                 B, l, c, stop_all = trainer.train_step(stop_request=bool(stop.signum))
@@ -198,6 +200,11 @@ def run(args, comm):
                       "steps": trainer.step - ep_start_step, "lr": trainer.schedule(max(trainer.step - 1, 0))}
             if comm.size > 1:               # who did the work: equal shares unless --balance moved them
                 record["rank_shares"] = [round(float(v), 4) for v in trainer.examples_by_rank / max(seen, 1)]
+                record["rank_compute_s"] = [round(float(v), 3) for v in trainer.seconds_by_rank]
+                slow = straggler(trainer.examples_by_rank, trainer.seconds_by_rank)
+                if slow and not cfg.balance:
+                    log.warning("rank %d computed %.1fx slower per example than rank %d this epoch; "
+                                "--balance would give it a smaller share", slow[0], slow[2], slow[1])
             evaluator = link.latest_result() if link else None
             if evaluator:
                 record["evaluator"] = evaluator
