@@ -9,11 +9,15 @@ next split from the same figures:
     speed_r  = examples_r / seconds_r               measured this step, for every rank that had work
     w_r      = (1 - a) * w_r + a * speed_r          smoothed (a = SMOOTHING), first measurement taken as is
     w_r      = clip(w_r, median(w) / 4, median(w) * 4)    one bad step cannot starve or flood a rank
-    ideal    = n * (w_0 + ... + w_r) / sum(w)       the cut after rank r, for n items
-    cut_r    = moves only when |ideal - cut_r| > quantum, and then to the multiple of `quantum` nearest ideal
+    w_r     += a * (median(w) - w_r)                only for a rank that had no work (so, no measurement)
+    target   = cuts at the multiples of `quantum` nearest n * (w_0 + ... + w_r) / sum(w)
+    cuts     = target, but only if max_r(shard_r / w_r), the predicted step time, is 3% shorter with it
 
-The quantum and the dead band keep the shard shapes few and steady: every new shape costs the layers
-fresh scratch arrays (page faults), which a cut that moved by an example or two each step paid every step.
+Cuts on multiples of the quantum, moved only for a real gain, keep the shard shapes few and steady: the
+first version moved them by an example or two each step, and every new shape cost fresh scratch arrays
+(page faults) in the layers. A rank that got no work (so no new measurement) drifts back towards the
+median weight, so that it wins work back once it is fast again.
+
 The fixed point gives every rank the same compute time. It stays stable when two ranks share a core: the
 one given more work finishes later and measures slower, so work flows back. The gradient is still the
 exact sum over the whole global batch; only the order of float additions changes with the cut, so results
@@ -28,6 +32,7 @@ from . import sampler
 
 SMOOTHING = 0.2          # weight of the newest measurement
 MAX_SPREAD = 4.0         # no weight beyond [median / 4, median * 4]
+MIN_GAIN = 0.03          # the cut moves only for a step predicted at least 3% shorter
 
 
 class ShardBalancer:
@@ -37,18 +42,24 @@ class ShardBalancer:
         self._cuts = {}                                  # n -> the cuts in force for batches of n items
 
     def plan(self, n, quantum=1):
-        """Cuts (size + 1,) int64, from 0 to n: rank r takes items [cuts[r], cuts[r + 1]) of this step's n."""
+        """Cuts (size + 1,) int64, from 0 to n: rank r takes items [cuts[r], cuts[r + 1]) of this step's n.
+        Cuts fall on multiples of `quantum` (less for batches too small to share out that coarsely)."""
+        equal = np.array([0] + [sampler.shard_bounds(n, r, self.size)[1] for r in range(self.size)], np.int64)
         if not self.enabled or not (self.weights > 0).all():
-            return np.array([0] + [sampler.shard_bounds(n, r, self.size)[1] for r in range(self.size)], np.int64)
+            return equal
+        q = max(1, min(quantum, n // (4 * self.size)))
         cum = np.cumsum(self.weights)
-        ideal = n * cum / cum[-1]
-        cuts = self._cuts.get(n)
-        if cuts is None or np.abs(ideal - cuts[1:]).max() > quantum:
-            inner = quantum * np.floor(ideal / quantum + 0.5)
-            cuts = np.concatenate([[0], np.minimum(inner, n)]).astype(np.int64)
-            cuts[-1] = n
-            self._cuts[n] = cuts
+        target = np.minimum(q * np.floor(n * cum / cum[-1] / q + 0.5), n).astype(np.int64)
+        target[-1] = n
+        target = np.concatenate([[0], target])
+        cuts = self._cuts.get(n, equal)
+        if self._step_time(target) < (1.0 - MIN_GAIN) * self._step_time(cuts):
+            cuts = self._cuts[n] = target
         return cuts
+
+    def _step_time(self, cuts):
+        """Predicted time of a step cut this way: the slowest rank's items / speed."""
+        return float(np.max(np.diff(cuts) / self.weights))
 
     def observe(self, sizes, seconds):
         """Fold in one step: items each rank computed and the seconds it took (the same arrays on every rank)."""
@@ -64,6 +75,8 @@ class ShardBalancer:
         w[again] += SMOOTHING * (speed[again] - w[again])
         if (w > 0).all():
             mid = float(np.median(w))
+            idle = sizes == 0                # no work, no measurement: drift back towards the median, so a
+            w[idle] += SMOOTHING * (mid - w[idle])   # rank cut out after a bad spell gets work and a new say
             np.clip(w, mid / MAX_SPREAD, mid * MAX_SPREAD, out=w)
 
 

@@ -42,7 +42,7 @@ def test_fixed_point_with_per_step_overhead_is_equal_time():
     speed = np.array([1.0, 1.0, 2.0])
     sizes = run(ShardBalancer(3), 400, lambda s: s / speed, 80, overhead=20.0)
     t = sizes / speed + 20.0
-    assert t.max() - t.min() <= 2.0                          # within about one item's time
+    assert t.max() - t.min() <= 0.05 * t.max()              # the cut stops once a move gains < 3%
 
 
 def test_ranks_sharing_one_core_stay_even():
@@ -54,18 +54,7 @@ def test_ranks_sharing_one_core_stay_even():
     bal = ShardBalancer(2)
     bal.weights[:] = [2.0, 1.0]                              # start far off balance
     sizes = run(bal, 256, shared, 80)
-    assert abs(int(sizes[0]) - 128) <= 2
-
-
-def test_the_quantum_and_dead_band_keep_shapes_steady():
-    bal = ShardBalancer(2)
-    rng = np.random.default_rng(1)
-    seen = set()
-    for _ in range(200):                                     # equal ranks with 5% timing jitter
-        sizes = np.diff(bal.plan(256, 8))
-        bal.observe(sizes, sizes / 1000.0 * rng.uniform(0.95, 1.05, 2))
-        seen.add(tuple(sizes))
-    assert len(seen) <= 3 and all(s % 8 == 0 for t in seen for s in t)
+    assert abs(int(sizes[0]) - 128) <= 8                     # from 171 / 85 back to within 3%-ish of even
 
 
 def test_one_wild_measurement_cannot_starve_a_rank():
@@ -98,3 +87,29 @@ def test_straggler_names_the_slow_rank_only_past_the_threshold():
     assert straggler([100, 100], [1.0, 1.4]) is None                 # 1.4x: below the default 1.5
     assert straggler([300, 100], [1.0, 1.0]) == (1, 0, 3.0)          # per example, not per rank
     assert straggler([100, 0], [1.0, 0.0]) is None                   # one measured rank: nobody to compare
+
+
+def test_a_rank_cut_out_after_a_bad_spell_gets_work_again():
+    # 5 ranks sharing 16 examples: a rank at a hundredth of the others' speed ends up with no work, and so
+    # with no new measurement; once it is as fast as the others it must win its share back.
+    bal = ShardBalancer(5)
+    speed = np.array([1.0, 1.0, 0.01, 1.0, 1.0])
+    assert run(bal, 16, lambda s: s / speed, 40, quantum=8)[2] == 0
+    speed[2] = 1.0
+    assert run(bal, 16, lambda s: s / speed, 100, quantum=8).max() <= 4
+
+
+def test_cuts_move_only_for_a_real_gain():
+    # Every rank equally fast, measured with 5% noise: after settling, the cut (and so every shard's
+    # shape) changes rarely, and always lands on multiples of 8.
+    bal = ShardBalancer(2)
+    rng = np.random.default_rng(1)
+    seen, moves, last = set(), 0, None
+    for step in range(300):
+        sizes = np.diff(bal.plan(256, 8))
+        bal.observe(sizes, sizes / 1000.0 * rng.uniform(0.95, 1.05, 2))
+        if step >= 50:
+            seen.add(tuple(sizes))
+            moves += last is not None and tuple(sizes) != last
+            last = tuple(sizes)
+    assert all(s % 8 == 0 for t in seen for s in t) and len(seen) <= 3 and moves <= 10
