@@ -23,7 +23,7 @@ then one summary line: medians over the repeats, and the ratios the issue asks f
 A variant is NAME:KEY=VALUE,KEY=VALUE. By default a worker opens MPI as lenet-train does (MPIComm(),
 whose MPICH defaults apply); `@raw` in a variant opens it with oversubscribed_defaults=False, i.e. plain
 MPICH plus whatever the variant and --env set; `@balance` trains with --balance (shards sized by each
-rank's measured speed, lenet_dist/balance.py); every record has `rank_shares` over the timed steps.
+rank's measured speed, lenet_dist/balance.py); every record has `rank_shares` and `rank_compute_ms` (each rank's compute time per step) over the timed steps.
 --straggler R makes rank R compute 3x slower (as `--fault R:0:slow` does in lenet-train).
 """
 from __future__ import annotations
@@ -87,6 +87,7 @@ def worker(args):
         comm.barrier()
         spent[0] = 0.0
         trainer.examples_by_rank[:] = 0
+        trainer.seconds_by_rank[:] = 0
         t0 = time.perf_counter()
         for _ in range(args.steps):
             trainer.train_step()
@@ -107,7 +108,8 @@ def worker(args):
             "peak_rss_mb": round(float(every[:, 2].max()), 1),
             "peak_rss_mb_per_rank": [round(float(v), 1) for v in every[:, 2]],
             "data": source, "train_images": len(ds.train_images),
-            "rank_shares": [round(float(v), 4) for v in trainer.examples_by_rank / (args.batch * args.steps)]}),
+            "rank_shares": [round(float(v), 4) for v in trainer.examples_by_rank / (args.batch * args.steps)],
+            "rank_compute_ms": [round(1e3 * float(v) / args.steps, 2) for v in trainer.seconds_by_rank]}),
             flush=True)
 
 

@@ -111,12 +111,16 @@ class MPIComm:
 
     def allreduce_(self, buf):
         """Sum `buf` over all ranks, in place, in one call (oversubscribed: after everyone has arrived)."""
+        self.wait_for_all()
+        self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
+        return buf
+
+    def wait_for_all(self):
+        """Oversubscribed: return once every rank has arrived here, napping meanwhile. Otherwise at once."""
         if self.nap is not None:
             arrived = self.comm.Ibarrier()
             while not arrived.Test():
                 time.sleep(self.nap)        # give the core to the peer we wait for
-        self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
-        return buf
 
     def bcast_(self, buf):
         """Overwrite `buf` on every rank with rank 0's."""

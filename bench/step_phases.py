@@ -1,0 +1,108 @@
+"""Where one data-parallel step goes, rank by rank: compute, waiting for the others, the allreduce itself.
+
+    LENET_DATA_DIR=/path/to/mnist mpirun -n 4 python bench/step_phases.py [--steps 200] [--batch 256]
+
+Every rank runs the real DataParallelTrainer (one BLAS thread) and stamps each step with CLOCK_MONOTONIC,
+which all processes on one machine share: step start, end of its forward + backward, the moment every
+rank has arrived (comm's arrival barrier done; with a core per rank, where there is no barrier, the
+allreduce's start), allreduce done, step end. Rank 0 gathers the stamps and prints medians over the steps:
+
+    step                     end to end, rank 0
+    compute per rank         start -> end of forward + backward
+    last compute -> arrived  how long after the slowest rank finished computing everyone knew it
+    arrived -> allreduce     the collective alone, per rank and for the last one out
+    allreduce -> step end    the SGD update (and anything else after the reduction)
+
+With more ranks than cores the starts differ by milliseconds anyway (two ranks share a core), so what
+matters is the step time and where the gaps are, not the spread of the starts.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+
+PHASES = ("start", "computed", "arrived", "reduced", "end")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--data-dir", help="MNIST folder (default: $LENET_DATA_DIR, then the cache)")
+    args = ap.parse_args(argv)
+    if args.steps < 2 or args.warmup < 0 or args.batch < 1:
+        ap.error("need --steps >= 2, --warmup >= 0, --batch >= 1")
+
+    from threadpoolctl import threadpool_limits
+
+    from lenet_dist.comm import MPIComm
+    from lenet_dist.config import TrainConfig
+    from lenet_dist.data import DataError, load_mnist, load_subset
+    from lenet_dist.train import DataParallelTrainer
+
+    comm = MPIComm()
+    try:
+        ds = load_mnist(args.data_dir, download=False, log=None)
+    except DataError as e:
+        if comm.rank == 0:
+            print(f"step_phases.py: WARNING: full MNIST not found ({e}); using the shipped subset", file=sys.stderr)
+        ds = load_subset()
+    stamps = {k: [] for k in PHASES}
+    total = args.warmup + args.steps
+    cfg = TrainConfig(batch_size=args.batch, epochs=max(1, -(-total * args.batch // len(ds.train_images)) + 1))
+    with threadpool_limits(limits=1, user_api="blas"):
+        trainer = DataParallelTrainer(cfg, comm, ds)
+        model_step = trainer.model.loss_and_grad
+
+        def computed(x, y, scale):
+            out = model_step(x, y, scale)
+            stamps["computed"].append(time.monotonic())
+            return out
+
+        def reduced(buf):                      # comm.allreduce_, split at the arrival barrier
+            comm.wait_for_all()
+            stamps["arrived"].append(time.monotonic())
+            comm.comm.Allreduce(comm.MPI.IN_PLACE, buf, op=comm.MPI.SUM)
+            stamps["reduced"].append(time.monotonic())
+            return buf
+
+        trainer.model.loss_and_grad, comm.allreduce_ = computed, reduced
+        for _ in range(args.warmup):
+            trainer.train_step()
+        for v in stamps.values():
+            v.clear()
+        comm.barrier()
+        for _ in range(args.steps):
+            stamps["start"].append(time.monotonic())
+            trainer.train_step()
+            stamps["end"].append(time.monotonic())
+
+    every = comm.allgather(np.array([stamps[k] for k in PHASES]))       # (ranks, phases, steps)
+    if comm.rank:
+        return 0
+    start, comp, arrived, red, end = (every[:, i, :] for i in range(len(PHASES)))
+
+    def ms(v):
+        return round(1e3 * float(np.median(v)), 2)
+
+    print(f"{comm.size} ranks, global batch {args.batch}, {args.steps} steps, medians in ms")
+    print(f"  step                      {ms(np.diff(end[0]))}")
+    print(f"  compute per rank          {[ms(comp[r] - start[r]) for r in range(comm.size)]}")
+    print(f"  last compute -> arrived   {ms(arrived.max(0) - comp.max(0))}")
+    print(f"  arrived -> allreduce      per rank {[ms(red[r] - arrived[r]) for r in range(comm.size)]}, "
+          f"last one out {ms(red.max(0) - arrived.max(0))}")
+    print(f"  allreduce -> step end     {[ms(end[r] - red[r]) for r in range(comm.size)]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
