@@ -81,6 +81,9 @@ class LocalComm:
     def barrier(self):
         pass
 
+    def wait_for_all(self):
+        pass
+
     def abort(self, code=1):
         sys.stdout.flush()
         sys.stderr.flush()
