@@ -40,21 +40,31 @@ class ShardBalancer:
         self.size, self.enabled = size, enabled and size > 1
         self.weights = np.zeros(size, np.float64)        # smoothed items/s; 0 = not measured yet
         self._cuts = {}                                  # n -> the cuts in force for batches of n items
+        self._equal_cuts = {}                            # n -> equal shards' cuts
 
     def plan(self, n, quantum=1):
         """Cuts (size + 1,) int64, from 0 to n: rank r takes items [cuts[r], cuts[r + 1]) of this step's n.
         Cuts fall on multiples of `quantum` (less for batches too small to share out that coarsely)."""
-        equal = np.array([0] + [sampler.shard_bounds(n, r, self.size)[1] for r in range(self.size)], np.int64)
         if not self.enabled or not (self.weights > 0).all():
-            return equal
+            return self._equal(n)
         q = max(1, min(quantum, n // (4 * self.size)))
         cum = np.cumsum(self.weights)
         target = np.minimum(q * np.floor(n * cum / cum[-1] / q + 0.5), n).astype(np.int64)
         target[-1] = n
         target = np.concatenate([[0], target])
-        cuts = self._cuts.get(n, equal)
+        cuts = self._cuts.get(n)
+        if cuts is None:
+            cuts = self._equal(n)
         if self._step_time(target) < (1.0 - MIN_GAIN) * self._step_time(cuts):
             cuts = self._cuts[n] = target
+        return cuts
+
+    def _equal(self, n):
+        """The cuts of equal shards (sampler.shard_bounds), made once per batch size."""
+        cuts = self._equal_cuts.get(n)
+        if cuts is None:
+            cuts = self._equal_cuts[n] = np.array([0] + [sampler.shard_bounds(n, r, self.size)[1]
+                                                         for r in range(self.size)], np.int64)
         return cuts
 
     def _step_time(self, cuts):
