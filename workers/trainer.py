@@ -139,6 +139,11 @@ def run(args, comm):
     log.info("%d ranks, global batch %d (%s per rank), %d steps per epoch, %d training examples, data: %s",
              comm.size, cfg.batch_size, "~%d" % -(-cfg.batch_size // comm.size), trainer.steps_per_epoch,
              trainer.n, data.source)
+    if getattr(comm, "nap", None) is not None:
+        log.info("more ranks than cores on this node: a rank that waits for the others naps %g us between "
+                 "checks (LENET_MPI_NAP_US) and MPICH yields while it polls", comm.nap * 1e6)
+    if cfg.balance and comm.size > 1:
+        log.info("--balance: shards follow each rank's measured speed (rank_shares in the metrics)")
     if args.resume:
         found = checkpoint.latest_valid(args.checkpoint_dir, warn=log.warning) if rank0 else None
         have = comm.bcast_(np.array([found is not None], np.int64))[0]          # rank 0 decides for all
