@@ -61,21 +61,19 @@ def main(argv=None):
     cfg = TrainConfig(batch_size=args.batch, epochs=max(1, -(-total * args.batch // len(ds.train_images)) + 1))
     with threadpool_limits(limits=1, user_api="blas"):
         trainer = DataParallelTrainer(cfg, comm, ds)
-        model_step = trainer.model.loss_and_grad
+        model_step, wait_for_all, allreduce_ = trainer.model.loss_and_grad, comm.wait_for_all, comm.allreduce_
 
-        def computed(x, y, scale):
-            out = model_step(x, y, scale)
-            stamps["computed"].append(time.monotonic())
-            return out
+        def stamped(fn, phase):                # the real call, then a stamp
+            def call(*a, **kw):
+                out = fn(*a, **kw)
+                stamps[phase].append(time.monotonic())
+                return out
+            return call
 
-        def reduced(buf):                      # comm.allreduce_, split at the arrival barrier
-            comm.wait_for_all()
-            stamps["arrived"].append(time.monotonic())
-            comm.comm.Allreduce(comm.MPI.IN_PLACE, buf, op=comm.MPI.SUM)
-            stamps["reduced"].append(time.monotonic())
-            return buf
-
-        trainer.model.loss_and_grad, comm.allreduce_ = computed, reduced
+        # comm.allreduce_ calls self.wait_for_all(), so the instance attribute splits it at the barrier
+        trainer.model.loss_and_grad = stamped(model_step, "computed")
+        comm.wait_for_all = stamped(wait_for_all, "arrived")
+        comm.allreduce_ = stamped(allreduce_, "reduced")
         for _ in range(args.warmup):
             trainer.train_step()
         for v in stamps.values():

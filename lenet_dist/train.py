@@ -119,10 +119,10 @@ class DataParallelTrainer:
         if not math.isfinite(loss_sum):
             raise TrainingError(f"loss is {loss_sum} at step {self.step}: training diverged "
                                 f"(lower --lr, or check the data)")
-        sizes = np.diff(cuts)
-        self.balancer.observe(sizes, buf[NUM_PARAMS + TAIL:])                   # [dist] same figures everywhere
+        sizes, seconds = np.diff(cuts), buf[NUM_PARAMS + TAIL:]                # [dist] same figures everywhere
+        self.balancer.observe(sizes, seconds)
         self.examples_by_rank += sizes
-        self.seconds_by_rank += buf[NUM_PARAMS + TAIL:]
+        self.seconds_by_rank += seconds
         self.model.grads *= np.float32(1.0 / B)
         self.opt.step(self.model.grads, self.schedule(self.step))
         self.step += 1

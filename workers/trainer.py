@@ -139,7 +139,7 @@ def run(args, comm):
     log.info("%d ranks, global batch %d (%s per rank), %d steps per epoch, %d training examples, data: %s",
              comm.size, cfg.batch_size, "~%d" % -(-cfg.batch_size // comm.size), trainer.steps_per_epoch,
              trainer.n, data.source)
-    if getattr(comm, "nap", None) is not None:
+    if comm.nap is not None:
         log.info("more ranks than cores on this node: a rank that waits for the others naps %g us between "
                  "checks (LENET_MPI_NAP_US) and MPICH yields while it polls", comm.nap * 1e6)
     if cfg.balance and comm.size > 1:
