@@ -11,7 +11,9 @@ import pytest
 
 from .mpiutil import MPIRUN, REPO, env, need_mpirun
 
-TRAIN = ["--subset", "--batch-size", "50", "--checkpoint-every", "10", "--no-progress", "--log-level", "INFO"]
+# --stall-timeout: if the launcher misses a killed rank (--fault ...:exit), the survivor ends the job itself
+TRAIN = ["--subset", "--batch-size", "50", "--checkpoint-every", "10", "--no-progress", "--log-level", "INFO",
+         "--stall-timeout", "20"]
 
 
 def free_port():

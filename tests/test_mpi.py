@@ -12,8 +12,9 @@ from lenet_dist import checkpoint
 from .mpiutil import MPIRUN, REPO, env, final_params, launch, need_mpirun
 
 # 2,000 subset examples / batch 20 = 100 steps in one epoch; batch 20 on 3 ranks is uneven (7, 7, 6).
+# --stall-timeout: if the launcher misses a killed rank (--fault ...:exit), the survivor ends the job itself.
 BASE = ["--subset", "--epochs", "1", "--batch-size", "20", "--lr", "0.05", "--seed", "7", "--no-progress",
-        "--log-level", "WARNING"]
+        "--log-level", "WARNING", "--stall-timeout", "20"]
 
 
 def train(n, tmp_path, name, *extra, check=True, timeout=120, extra_env=None):
@@ -155,6 +156,18 @@ def test_failure_on_one_rank_ends_the_job_quickly(tmp_path, kind):
     if kind == "raise":
         errors = [line for line in p.stderr.splitlines() if "lenet-train: rank" in line]
         assert errors and "rank 1/3" in errors[0] and "injected fault at step 5" in errors[0]
+
+
+@pytest.mark.parametrize("n, rank", [(2, 1), (3, 0)])
+def test_a_hung_rank_ends_the_job_after_the_stall_timeout(tmp_path, n, rank):
+    # The hung rank is alive, so the launcher sees nothing wrong; every rank's guard sees no step finish.
+    t0 = time.monotonic()
+    _, p = train(n, tmp_path, "h", "--fault", f"{rank}:5:hang", "--stall-timeout", "3", check=False, timeout=60)
+    took = time.monotonic() - t0
+    assert p.returncode != 0
+    assert took < 40, f"job took {took:.1f}s to end"
+    errors = [line for line in p.stderr.splitlines() if line.startswith("lenet-train: rank")]
+    assert errors and all("no training step finished in 3s: a rank died or hangs" in e for e in errors), p.stderr
 
 
 def test_nan_loss_aborts_with_a_clear_message(tmp_path):

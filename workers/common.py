@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import sys
+import time
 
 import numpy as np
 
@@ -49,10 +50,11 @@ def load_dataset(args, comm, log):
 class FaultInjector:
     """Rehearse failures: RANK:STEP:KIND makes rank RANK, just before step STEP, do one of
     raise (an exception), exit (die at once, exit code 17), perturb (nudge one parameter: replicas drift),
-    nan (poison its parameters: the loss becomes NaN), slow (from then on compute 3x slower: a straggler).
+    nan (poison its parameters: the loss becomes NaN), slow (from then on compute 3x slower: a straggler),
+    hang (stop for good, alive but stuck, as a deadlocked rank would).
     Several specs may be joined with commas."""
 
-    KINDS = ("raise", "exit", "perturb", "nan", "slow")
+    KINDS = ("raise", "exit", "perturb", "nan", "slow", "hang")
     SLOWDOWN = 3.0
 
     def __init__(self, specs):
@@ -89,6 +91,9 @@ class FaultInjector:
                 trainer.model.params[:] = np.nan
             if kind == "slow":
                 trainer.slowdown = self.SLOWDOWN
+            if kind == "hang":
+                while True:
+                    time.sleep(3600)
 
 
 class ProgressReporter:

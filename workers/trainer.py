@@ -27,6 +27,7 @@ from lenet_dist import checkpoint
 from lenet_dist.balance import straggler
 from lenet_dist.comm import get_comm
 from lenet_dist.config import TrainConfig
+from lenet_dist.stall import StallGuard
 from lenet_dist.train import DataParallelTrainer
 
 from .common import FaultInjector, ProgressReporter, blas_threads, load_dataset, one_line, setup_logging
@@ -75,8 +76,11 @@ def parse_args(argv=None):
     g.add_argument("--keep", type=int, default=3, help="checkpoints kept in --checkpoint-dir")
     g.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint")
     g.add_argument("--sync-every", type=int, default=100, help="steps between replica checksum checks")
+    g.add_argument("--stall-timeout", type=float, default=120.0, metavar="SECONDS",
+                   help="under MPI, a rank that finishes no step for this long (a peer died or hangs) exits "
+                        "with a one-line error so that the launcher ends the job; 0: wait forever")
     g.add_argument("--fault", default=os.environ.get("LENET_FAULT", ""),
-                   help="inject a failure: RANK:STEP:KIND, KIND one of raise, exit, perturb, nan, slow "
+                   help="inject a failure: RANK:STEP:KIND, KIND one of raise, exit, perturb, nan, slow, hang "
                         "(also $LENET_FAULT)")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar (default: when stderr is a terminal)")
@@ -102,8 +106,9 @@ def parse_args(argv=None):
         args.config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     except ValueError as e:
         p.error(str(e))
-    if args.checkpoint_every < 0 or args.sync_every < 0 or args.keep < 1 or args.threads < 0:
-        p.error("--checkpoint-every and --sync-every must be >= 0, --keep >= 1, --threads >= 0")
+    if args.checkpoint_every < 0 or args.sync_every < 0 or args.keep < 1 or args.threads < 0 \
+            or not args.stall_timeout >= 0:
+        p.error("--checkpoint-every, --sync-every and --stall-timeout must be >= 0, --keep >= 1, --threads >= 0")
     if args.deterministic and args.threads > 1:
         p.error("--deterministic needs one BLAS thread per rank (a threaded GEMM sums in another order)")
     if args.deterministic:
@@ -170,6 +175,7 @@ def run(args, comm):
         args.metrics.parent.mkdir(parents=True, exist_ok=True)
         metrics = open(args.metrics, "a")
     every = args.checkpoint_every
+    guard = _stall_guard(args, comm)
     try:
         while not trainer.done:
             ep_start_step, t0 = trainer.step, time.perf_counter()
@@ -180,6 +186,7 @@ def run(args, comm):
             while trainer.epoch == epoch and not trainer.done:
                 args.fault.maybe_fire(trainer, comm.rank)
                 B, l, c, stop_all = trainer.train_step(stop_request=bool(stop.signum))
+                guard.beat()
                 if link:
                     link.progress(trainer.step)
                 seen, loss_sum, correct = seen + B, loss_sum + l, correct + c
@@ -198,6 +205,7 @@ def run(args, comm):
             trainer.check_synced()
             test_loss, test_acc = trainer.evaluate()
             _checkpoint(args, trainer, link, rank0)
+            guard.beat()
             record = {"event": "epoch", "epoch": trainer.epoch, "step": trainer.step,
                       "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
                       "test_loss": test_loss, "test_acc": test_acc, "seconds": round(train_seconds, 3),
@@ -217,6 +225,7 @@ def run(args, comm):
             if metrics:
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
+        guard.stop()                        # past the last collective: rank 0 may linger for the evaluator
         if link:
             # Keep serving the final checkpoint until an evaluator has judged it: up to --linger seconds
             # when one has been in touch, a short grace (5 s) for one that is (re)connecting otherwise.
@@ -233,11 +242,33 @@ def run(args, comm):
                          result["loss"])
         return 0
     finally:
+        guard.stop()
         progress.close()
         if metrics:
             metrics.close()
         if link:
             link.close()
+
+
+def _stall_guard(args, comm):
+    """Under MPI, a guard that ends this rank when no step finishes for --stall-timeout seconds."""
+    if comm.size == 1 or not args.stall_timeout:
+        return _NoGuard()
+
+    def on_stall(seconds):                  # the guard's thread: the main one is stuck, maybe inside MPI
+        print(f"lenet-train: rank {comm.rank}/{comm.size}: error: no training step finished in {seconds:.0f}s: "
+              f"a rank died or hangs (--stall-timeout); exiting", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    return StallGuard(args.stall_timeout, on_stall).start()
+
+
+class _NoGuard:
+    def beat(self):
+        pass
+
+    def stop(self):
+        pass
 
 
 def _checkpoint(args, trainer, link, rank0):
