@@ -72,6 +72,11 @@ def test_stop_is_prompt_and_idempotent():
     assert time.monotonic() - t0 < 2.0
 
 
-def test_timeout_must_be_positive():
-    with pytest.raises(ValueError, match="> 0"):
-        StallGuard(0, Fired())
+def test_timeout_zero_is_off_and_negative_is_refused():
+    fired = Fired()
+    with StallGuard(0, fired) as guard:
+        assert guard._thread is None
+        time.sleep(0.1)
+    assert fired.seconds == []
+    with pytest.raises(ValueError, match=">= 0"):
+        StallGuard(-1, fired)
