@@ -175,7 +175,7 @@ def run(args, comm):
         args.metrics.parent.mkdir(parents=True, exist_ok=True)
         metrics = open(args.metrics, "a")
     every = args.checkpoint_every
-    guard = _stall_guard(args, comm)
+    guard = _stall_guard(args, comm, trainer)
     try:
         while not trainer.done:
             ep_start_step, t0 = trainer.step, time.perf_counter()
@@ -250,11 +250,12 @@ def run(args, comm):
             link.close()
 
 
-def _stall_guard(args, comm):
+def _stall_guard(args, comm, trainer):
     """Under MPI, a guard that ends this rank when no step finishes for --stall-timeout seconds."""
     def on_stall(seconds):                  # the guard's thread: the main one is stuck, maybe inside MPI
-        print(f"lenet-train: rank {comm.rank}/{comm.size}: error: no training step finished in {seconds:.0f}s: "
-              f"a rank died or hangs (--stall-timeout); exiting", file=sys.stderr, flush=True)
+        print(f"lenet-train: rank {comm.rank}/{comm.size}: error: no training step finished in {seconds:.0f}s "
+              f"after step {trainer.step}: a rank died or hangs (--stall-timeout); exiting",
+              file=sys.stderr, flush=True)
         os._exit(1)
 
     return StallGuard(args.stall_timeout if comm.size > 1 else 0, on_stall).start()
