@@ -23,7 +23,7 @@ class StallGuard:
             raise ValueError(f"stall timeout must be >= 0 seconds (0: off), got {timeout}")
         self.timeout = float(timeout)               # 0: off, no thread
         self.on_stall = on_stall                    # called once, from the guard's thread, with the seconds
-        self.tick = tick if tick is not None else min(1.0, self.timeout / 10)
+        self.tick = tick if tick is not None else min(1.0, max(0.01, self.timeout / 10))
         self.clock = clock
         self._last = clock()
         self._halt = threading.Event()
