@@ -250,12 +250,16 @@ def run(args, comm):
             link.close()
 
 
+def _fatal(comm, text):
+    """The one line a failing rank leaves on stderr: it names the rank, and tests and users grep for it."""
+    print(f"lenet-train: rank {comm.rank}/{comm.size}: error: {text}", file=sys.stderr, flush=True)
+
+
 def _stall_guard(args, comm, trainer):
     """Under MPI, a guard that ends this rank when no step finishes for --stall-timeout seconds."""
     def on_stall(seconds):                  # the guard's thread: the main one is stuck, maybe inside MPI
-        print(f"lenet-train: rank {comm.rank}/{comm.size}: error: no training step finished in {seconds:.0f}s "
-              f"after step {trainer.step}: a rank died or hangs (--stall-timeout); exiting",
-              file=sys.stderr, flush=True)
+        _fatal(comm, f"no training step finished in {seconds:.0f}s after step {trainer.step}: "
+                     f"a rank died or hangs (--stall-timeout); exiting")
         os._exit(1)
 
     return StallGuard(args.stall_timeout if comm.size > 1 else 0, on_stall).start()
@@ -296,8 +300,7 @@ def main(argv=None):
         log.error("rank %d: interrupted", comm.rank)
         return 130
     except Exception as e:  # noqa: BLE001 - any failure on any rank must end the whole job, never hang it
-        msg = f"rank {comm.rank}/{comm.size}: error: {one_line(e)}"
-        print(f"lenet-train: {msg}", file=sys.stderr, flush=True)
+        _fatal(comm, one_line(e))
         if comm.size > 1:
             comm.abort(1)
         return 1
