@@ -26,72 +26,21 @@ import pytest
 from lenet_dist.transport import generate_keys
 
 from .mpiutil import REPO, env, need_mpirun
+from .netns import AGENT, Hosts, unavailable
 
-AGENT = REPO / "tests" / "netns_agent.sh"
 SUBNET = "10.77.0"                                  # private, and only ever inside our namespaces
 HOSTS = {"h1": f"{SUBNET}.1", "h2": f"{SUBNET}.2", "h3": f"{SUBNET}.3"}
 PUBLISH_PORT, RESULTS_PORT = 5555, 5556
 STEPS = 40                                          # 2,000 subset images / batch 50, one epoch
 
 
-def _ip(*args):
-    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=20, check=True).stdout
-
-
-class Hosts:
-    """Network namespaces acting as hosts h1, h2, h3, joined by a bridge in a fourth one."""
-
-    def __init__(self, tag):
-        self.ns = {h: f"{tag}-{h}" for h in HOSTS}
-        self.switch = f"{tag}-sw"
-        self.made = []
-
-    def create(self):
-        for ns in (self.switch, *self.ns.values()):
-            _ip("netns", "add", ns)
-            self.made.append(ns)
-        _ip("-n", self.switch, "link", "add", "br0", "type", "bridge")
-        _ip("-n", self.switch, "link", "set", "br0", "up")
-        for i, (h, ns) in enumerate(self.ns.items(), 1):
-            # One veth pair per host: eth0 in the host, pN on the bridge. Created in place, so no
-            # interface ever appears in the machine's own namespace.
-            _ip("-n", self.switch, "link", "add", f"p{i}", "type", "veth", "peer", "name", "eth0", "netns", ns)
-            _ip("-n", self.switch, "link", "set", f"p{i}", "master", "br0", "up")
-            _ip("-n", ns, "addr", "add", f"{HOSTS[h]}/24", "dev", "eth0")
-            _ip("-n", ns, "link", "set", "eth0", "up")
-            _ip("-n", ns, "link", "set", "lo", "up")
-
-    def agent_map(self):
-        return " ".join(f"{ns}:{h}:{HOSTS[h]}" for h, ns in self.ns.items())
-
-    def eth0_bytes(self, host):
-        """(received, sent) bytes on host's eth0 so far."""
-        stats = json.loads(_ip("-n", self.ns[host], "-s", "-j", "link", "show", "dev", "eth0"))[0]["stats64"]
-        return stats["rx"]["bytes"], stats["tx"]["bytes"]
-
-    def destroy(self):
-        """Kill what still runs in our namespaces (only processes this test started), then delete them."""
-        for ns in self.made:
-            pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
-            for pid in pids:
-                try:
-                    os.kill(int(pid), 9)
-                except (ProcessLookupError, ValueError):
-                    pass
-        for ns in reversed(self.made):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-        self.made.clear()
-
-
 @pytest.fixture
 def hosts():
-    if os.geteuid() != 0:
-        pytest.skip("network namespaces need root (ip netns add)")
-    for tool in ("ip", "unshare"):
-        if not shutil.which(tool):
-            pytest.skip(f"network namespaces need '{tool}' (iproute2, util-linux)")
+    why = unavailable()
+    if why:
+        pytest.skip(why)
     need_mpirun()
-    h = Hosts(f"lenet{os.getpid()}")
+    h = Hosts(f"lenet{os.getpid()}", HOSTS)
     try:
         try:
             h.create()
@@ -104,8 +53,7 @@ def hosts():
 
 def on_host(hosts, host, argv, **popen):
     """Start argv on `host` through the agent, as `ssh host argv` would."""
-    line = f"cd {shlex.quote(str(REPO))} && exec {shlex.join(map(str, argv))}"
-    return subprocess.Popen([str(AGENT), host, line], **popen)
+    return hosts.popen(host, argv, cwd=REPO, **popen)
 
 
 def wait_for_text(path, text, proc, timeout):

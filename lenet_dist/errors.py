@@ -1,0 +1,10 @@
+"""Failures that the processes (and lenet-launch) tell apart by their type name in the one-line error.
+
+DataError (data.py), CheckpointError (checkpoint.py) and TrainingError (train.py) live beside the code that
+raises them; what has no better home is here.
+"""
+
+
+class ResumeError(ValueError):
+    """A --resume that must not go on: the checkpoint was made with another configuration or other data.
+    Restarting cannot fix it; the message says what differs and how to go on."""

@@ -1,0 +1,101 @@
+"""Hosts on one machine for tests and benchmarks: network namespaces joined by a bridge, each with a veth
+link, its own address and port space; tests/netns_agent.sh plays ssh into them. Needs root and iproute2.
+
+    with Hosts.made("lenet123", {"h1": "10.77.0.1", "h2": "10.77.0.2"}) as hosts:
+        hosts.run("h1", ["hostname"])   # or: mpirun -launcher-exec tests/netns_agent.sh, LENET_NETNS_HOSTS=hosts.agent_map()
+
+Only private addresses that exist inside these namespaces are used; nothing appears in the machine's own
+namespace, and destroy() kills what still runs inside them before deleting them.
+"""
+import contextlib
+import json
+import os
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+AGENT = Path(__file__).resolve().parent / "netns_agent.sh"
+
+
+def _ip(*args):
+    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=20, check=True).stdout
+
+
+def unavailable():
+    """Why namespaces cannot be made here (a reason to skip), or None."""
+    if os.geteuid() != 0:
+        return "network namespaces need root (ip netns add)"
+    for tool in ("ip", "unshare"):
+        if not shutil.which(tool):
+            return f"network namespaces need '{tool}' (iproute2, util-linux)"
+    return None
+
+
+class Hosts:
+    """Network namespaces acting as hosts (name -> address in one /24), joined by a bridge in one more."""
+
+    def __init__(self, tag, addresses):
+        self.addresses = dict(addresses)
+        self.ns = {h: f"{tag}-{h}" for h in self.addresses}
+        self.switch = f"{tag}-sw"
+        self.made = []
+
+    @classmethod
+    @contextlib.contextmanager
+    def made(cls, tag, addresses):
+        h = cls(tag, addresses)
+        try:
+            h.create()
+            yield h
+        finally:
+            h.destroy()
+
+    def create(self):
+        for ns in (self.switch, *self.ns.values()):
+            _ip("netns", "add", ns)
+            self.made.append(ns)
+        _ip("-n", self.switch, "link", "add", "br0", "type", "bridge")
+        _ip("-n", self.switch, "link", "set", "br0", "up")
+        for i, (h, ns) in enumerate(self.ns.items(), 1):
+            # One veth pair per host: eth0 in the host, pN on the bridge. Created in place, so no
+            # interface ever appears in the machine's own namespace.
+            _ip("-n", self.switch, "link", "add", f"p{i}", "type", "veth", "peer", "name", "eth0", "netns", ns)
+            _ip("-n", self.switch, "link", "set", f"p{i}", "master", "br0", "up")
+            _ip("-n", ns, "addr", "add", f"{self.addresses[h]}/24", "dev", "eth0")
+            _ip("-n", ns, "link", "set", "eth0", "up")
+            _ip("-n", ns, "link", "set", "lo", "up")
+
+    def agent_map(self):
+        """$LENET_NETNS_HOSTS for tests/netns_agent.sh."""
+        return " ".join(f"{ns}:{h}:{self.addresses[h]}" for h, ns in self.ns.items())
+
+    def eth0_bytes(self, host):
+        """(received, sent) bytes on host's eth0 so far."""
+        stats = json.loads(_ip("-n", self.ns[host], "-s", "-j", "link", "show", "dev", "eth0"))[0]["stats64"]
+        return stats["rx"]["bytes"], stats["tx"]["bytes"]
+
+    def link_down(self, host):
+        """Cut host off the network (its end of the bridge goes down), as a lost host would be."""
+        i = list(self.ns).index(host) + 1
+        _ip("-n", self.switch, "link", "set", f"p{i}", "down")
+
+    def popen(self, host, argv, cwd=None, **popen):
+        """Start argv on `host` through the agent, as `ssh host argv` would."""
+        line = (f"cd {shlex.quote(str(cwd))} && " if cwd else "") + f"exec {shlex.join(map(str, argv))}"
+        env = dict(popen.pop("env", None) or os.environ)
+        env.setdefault("LENET_NETNS_HOSTS", self.agent_map())
+        return subprocess.Popen([str(AGENT), host, line], env=env, **popen)
+
+    def destroy(self):
+        """Kill what still runs in our namespaces (only processes this test started), then delete them."""
+        for ns in self.made:
+            pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
+            for pid in pids:
+                try:
+                    os.kill(int(pid), 9)
+                except (ProcessLookupError, ValueError):
+                    pass
+        for ns in reversed(self.made):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        self.made.clear()
