@@ -1,6 +1,8 @@
 """Checks on the deploy/ recipes: they parse, they hold together, and the scripts build the launch lines
 they promise. Fast and offline: the MPI, Slurm and ssh commands are stand-ins that record their arguments.
 """
+import functools
+import gzip
 import os
 import re
 import shlex
@@ -100,8 +102,19 @@ def recorded_calls(tmp_path):
     return out
 
 
-def run_script(script, tmp_path, bindir, env_extra, args=()):
-    env = {"PATH": f"{bindir}:{SYSTEM_PATH}", "HOME": str(tmp_path), "LANG": "C"}
+def system_path_without(tmp_path, *hidden):
+    """A directory standing for /usr/bin:/bin with every command but `hidden` (a real srun may be installed)."""
+    sysbin = tmp_path / "sysbin"
+    sysbin.mkdir()
+    for d in SYSTEM_PATH.split(":"):
+        for exe in Path(d).iterdir():
+            if exe.name not in hidden and not (sysbin / exe.name).exists():
+                (sysbin / exe.name).symlink_to(exe)
+    return str(sysbin)
+
+
+def run_script(script, tmp_path, bindir, env_extra, args=(), system_path=SYSTEM_PATH):
+    env = {"PATH": f"{bindir}:{system_path}", "HOME": str(tmp_path), "LANG": "C"}
     env.update(env_extra)
     return subprocess.run(["bash", str(script), *args], env=env, cwd=tmp_path, capture_output=True,
                           text=True, timeout=30)
@@ -211,13 +224,11 @@ def test_sbatch_with_srun(tmp_path, nodes):
 
 @pytest.mark.parametrize("flavor", ["mpich", "openmpi"])
 def test_sbatch_falls_back_to_mpirun_without_srun(tmp_path, flavor):
-    if shutil.which("srun", path=SYSTEM_PATH):
-        pytest.skip("a real srun is installed in /usr/bin or /bin")
     version = MPICH_VERSION if flavor == "mpich" else OPENMPI_VERSION
     bindir = fake_bin(tmp_path, scontrol=SCONTROL, ssh="",
                       mpirun=f'if [ "$1" = --version ]; then printf %s "{version}"; exit 0; fi')
     result = run_script(DEPLOY / "slurm/train.sbatch", tmp_path, bindir,
-                        slurm_env(tmp_path, ["n1", "n2", "n3"]))
+                        slurm_env(tmp_path, ["n1", "n2", "n3"]), system_path=system_path_without(tmp_path, "srun"))
     assert result.returncode == 0, result.stderr
     calls = recorded_calls(tmp_path)
     train = [c for c in calls if c[0] == "mpirun" and "lenet-train" in c and "--check" not in c]
@@ -339,20 +350,139 @@ def test_evaluator_deployment_and_service():
     check_secret_volume(pod["spec"], container, readme_secrets())
 
 
-def test_trainer_and_evaluator_find_each_other_on_kubernetes():
+# The MPI Operator's naming rule for the release the manifests require (deploy/README.md), read in its
+# controller (kubeflow/mpi-operator, tag v0.5.0, pkg/controller/mpi_job_controller.go): worker i's pod and
+# hostname are JOB-worker-i (workerName), every pod of the job gets the subdomain JOB (newWorker,
+# newLauncherJob), the headless Service of that name is created for them (newJobService), and the hostfile
+# lists the launcher first only with runLauncherAsWorker, then the workers in index order (newConfigMap).
+# The launcher is the batch Job JOB-launcher; JOB-config and JOB-ssh hold the hostfile and the ssh keys.
+# v0.4.0 and older named the Service and subdomain JOB-worker, which is why this is checked, not assumed.
+MPI_OPERATOR_VERSION = "v0.5.0"
+MPIJOB_CRD = ROOT / "tests" / "data" / f"mpi-operator-{MPI_OPERATOR_VERSION}-mpijobs-crd.yaml.gz"
+CLUSTER_DOMAIN = "cluster.local"
+
+
+def operator_names(job):
+    """What the operator creates for an MPIJob: Service/subdomain, pod hostnames in hostfile order, others."""
+    name = job["metadata"]["name"]
+    specs = job["spec"]["mpiReplicaSpecs"]
+    workers = [f"{name}-worker-{i}" for i in range(specs["Worker"].get("replicas", 1))]
+    launcher_too = job["spec"].get("runLauncherAsWorker", False)
+    return {"subdomain": name, "hostfile": [f"{name}-launcher"] * launcher_too + workers,
+            "services": {name}, "jobs": {f"{name}-launcher"}, "configmaps": {f"{name}-config"},
+            "secrets": {f"{name}-ssh"}}
+
+
+def pod_dns_names(hostname, subdomain, namespace):
+    """The names a pod with hostname and subdomain (under a headless Service of that name) answers to, from a
+    pod in `namespace` (its DNS search list starts with NAMESPACE.svc.CLUSTER_DOMAIN)."""
+    full = f"{hostname}.{subdomain}.{namespace}.svc.{CLUSTER_DOMAIN}"
+    parts = full.split(".")
+    return {".".join(parts[:k]) for k in range(2, len(parts) + 1)}
+
+
+def test_evaluator_finds_rank_0_by_the_operators_names():
+    job = one(yaml_docs("k8s/mpijob.yaml"), "MPIJob")
+    names = operator_names(job)
+    docs = yaml_docs("k8s/evaluator.yaml")
+    deployment = one(docs, "Deployment")
+    namespace = job["metadata"].get("namespace", "default")
+    assert deployment["metadata"].get("namespace", "default") == namespace, "short names need one namespace"
+    evaluator = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+
+    # Rank 0 is the first host of the operator's hostfile (mpirun -n fills hosts in order).
+    rank0 = names["hostfile"][0]
+    host, port = host_port(flag(evaluator, "--connect"))
+    assert host in pod_dns_names(rank0, names["subdomain"], namespace), \
+        f"{host} is not rank 0 ({rank0} under Service {names['subdomain']}) for MPI Operator {MPI_OPERATOR_VERSION}"
+    assert port == PUBLISH_PORT
+    assert rank0.endswith("-worker-0"), "rank 0 should be a worker (runLauncherAsWorker off): it binds 5555"
+
+
+def test_trainer_finds_the_evaluator_service_on_kubernetes():
     job = one(yaml_docs("k8s/mpijob.yaml"), "MPIJob")
     launcher = job["spec"]["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]["containers"][0]
     train = launcher["command"] + launcher["args"]
     docs = yaml_docs("k8s/evaluator.yaml")
-    evaluator = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
     service = one(docs, "Service")["metadata"]["name"]
-
-    # Rank 0 runs on worker 0, named <job>-worker-0 under the headless Service <job>-worker.
-    name = job["metadata"]["name"]
-    host, port = host_port(flag(evaluator, "--connect"))
-    assert host.split(".")[:2] == [f"{name}-worker-0", f"{name}-worker"]
-    assert port == PUBLISH_PORT
     assert host_port(flag(train, "--results")) == (service, RESULTS_PORT)
+    # Our objects must not take a name the operator creates for the job.
+    names = operator_names(job)
+    for doc in docs:
+        taken = {"Service": names["services"], "Job": names["jobs"], "ConfigMap": names["configmaps"],
+                 "Secret": names["secrets"]}.get(doc["kind"], set())
+        assert doc["metadata"]["name"] not in taken, f"{doc['kind']} {doc['metadata']['name']} clashes"
+    assert {*readme_secrets()}.isdisjoint(names["secrets"])
+
+
+# ---------------------------------------------------------------- Kubernetes schemas (offline)
+
+def strict(schema):
+    """A CRD's OpenAPI schema with unknown fields rejected, as `kubectl apply --validate=strict` does."""
+    if isinstance(schema, list):
+        return [strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: strict(v) for k, v in schema.items()}
+    if ("properties" in out and "additionalProperties" not in out
+            and not out.get("x-kubernetes-preserve-unknown-fields")):
+        out["additionalProperties"] = False
+    return out
+
+
+def validate_builtin(doc):
+    """Validate a built-in kind offline against the Kubernetes schema, unknown fields rejected."""
+    kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is in the test extra")
+    version = kv.latest_version()
+    try:
+        kv.validate(doc, version, strict=True)
+    except kv.ValidationError as e:
+        pytest.fail(f"{doc['kind']} {doc['metadata'].get('name')}: {e.message} at {list(e.path)}")
+
+
+@pytest.mark.parametrize("kind", ["Deployment", "Service"])
+def test_evaluator_manifest_validates(kind):
+    validate_builtin(one(yaml_docs("k8s/evaluator.yaml"), kind))
+
+
+def mpijob_validator():
+    jsonschema = pytest.importorskip("jsonschema", reason="jsonschema comes with kubernetes-validate")
+    return _mpijob_validator(jsonschema)
+
+
+@functools.lru_cache(maxsize=1)
+def _mpijob_validator(jsonschema):
+    crd = yaml.load(gzip.decompress(MPIJOB_CRD.read_bytes()), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v2beta1"]
+    return jsonschema.Draft4Validator(strict(version["schema"]["openAPIV3Schema"]))
+
+
+def test_mpijob_validates_against_the_operators_crd():
+    job = one(yaml_docs("k8s/mpijob.yaml"), "MPIJob")
+    errors = [f"{e.message} at {list(e.path)}" for e in mpijob_validator().iter_errors(job)]
+    assert not errors, "\n".join(errors)
+    # The CRD leaves metadata to the API server: check the job's and each pod template's against ObjectMeta.
+    metas = [job["metadata"]] + [r["template"].get("metadata", {}) for r in job["spec"]["mpiReplicaSpecs"].values()]
+    for meta in metas:
+        validate_builtin({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x", **meta}})
+
+
+def test_schema_validation_rejects_unknown_fields():
+    """The validation above can fail: a misspelt field anywhere in the MPIJob or the Deployment is caught."""
+    job = one(yaml_docs("k8s/mpijob.yaml"), "MPIJob")
+    job["spec"]["mpiReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]["resource"] = {}
+    job["spec"]["slotPerWorker"] = 2
+    paths = sorted(str(list(e.path)) for e in mpijob_validator().iter_errors(job))
+    assert len(paths) == 2, paths
+    job = one(yaml_docs("k8s/mpijob.yaml"), "MPIJob")
+    job["spec"]["mpiImplementation"] = "MVAPICH"
+    assert list(mpijob_validator().iter_errors(job))
+
+    kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is in the test extra")
+    deployment = one(yaml_docs("k8s/evaluator.yaml"), "Deployment")
+    deployment["spec"]["template"]["spec"]["containers"][0]["securityContext"]["readOnlyRootFileSystem"] = True
+    with pytest.raises(kv.ValidationError):
+        kv.validate(deployment, kv.latest_version(), strict=True)
 
 
 # ---------------------------------------------------------------- systemd
@@ -396,17 +526,44 @@ def test_systemd_unit():
     assert used <= defined, f"not in lenet-evaluator.env: {used - defined}"
 
 
-def test_systemd_unit_verifies(tmp_path):
+def systemd_analyze():
     analyze = shutil.which("systemd-analyze")
     if not analyze:
-        pytest.skip("systemd-analyze is not installed")
+        pytest.skip("systemd-analyze is not installed (Debian package systemd; scripts/setup-tests.sh needs it)")
+    return analyze
+
+
+def unit_for_analysis(tmp_path):
     # The real ExecStart lives in a virtualenv that is not here; every other line is checked as is.
     text = re.sub(r"^ExecStart=\S+", "ExecStart=/bin/true", read("systemd/lenet-evaluator.service"), flags=re.M)
     unit = tmp_path / "lenet-evaluator.service"
     unit.write_text(text)
-    result = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, timeout=30)
+    return unit
+
+
+def test_systemd_unit_verifies(tmp_path):
+    result = subprocess.run([systemd_analyze(), "verify", str(unit_for_analysis(tmp_path))],
+                            capture_output=True, text=True, timeout=30)
     complaints = [ln for ln in result.stderr.splitlines() if "lenet-evaluator.service" in ln]
     assert not complaints, "\n".join(complaints)
+
+
+# systemd-analyze's exposure score (0 = locked down, 10 = unprotected) of the unit; 1.9 before
+# ProtectProc, SocketBindAllow, UMask=0077, PrivateUsers and the narrower system call filter.
+MAX_EXPOSURE = 1.1
+
+
+def test_systemd_unit_exposure(tmp_path):
+    result = subprocess.run([systemd_analyze(), "security", "--offline=yes", "--no-pager",
+                             str(unit_for_analysis(tmp_path))], capture_output=True, text=True, timeout=60)
+    m = re.search(r"Overall exposure level for lenet-evaluator.service: (\d+\.\d+)", result.stdout)
+    assert m, result.stdout + result.stderr
+    assert float(m.group(1)) <= MAX_EXPOSURE, result.stdout
+    # The port the unit may bind is the results port of the example environment file.
+    service = unit_sections(read("systemd/lenet-evaluator.service"))["Service"]
+    env = dict(re.findall(r"^([A-Z_]+)=(.*)$", read("systemd/lenet-evaluator.env"), re.M))
+    assert service["SocketBindAllow"] == [f"tcp:{host_port(env['LENET_RESULTS_BIND'])[1]}"]
+    assert service["SocketBindDeny"] == ["any"]
 
 
 # ---------------------------------------------------------------- container
