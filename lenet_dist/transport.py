@@ -95,10 +95,10 @@ def _socket(ctx, kind, max_bytes):
     return s
 
 
-def _as_log(log):
+def _as_log(log, level="warning"):
     if log is None:
-        return logging.getLogger("lenet.transport").warning
-    return log.warning if isinstance(log, logging.Logger) else log
+        log = logging.getLogger("lenet.transport")
+    return getattr(log, level) if isinstance(log, logging.Logger) else log
 
 
 def _monitor(sock):
@@ -121,6 +121,7 @@ class TrainerLink:
 
     def __init__(self, endpoint, *, results=None, secret_key=None, authorized=None, log=None):
         self._log = wire.Limited(_as_log(log))
+        self._error = _as_log(log, "error")
         self.server_id = secrets.token_hex(4)       # tells clients that the trainer was restarted
         self._lock = threading.Lock()
         self._latest = None                         # the wire.Published served; swapped by publish()
@@ -129,6 +130,9 @@ class TrainerLink:
         self._stop = threading.Event()
         self._waiting = 0                           # parked requests; written by the server thread only
         self.requests_seen = 0                      # any evaluator asked at all? (trainer's final wait)
+        self.refused = 0                            # requests and results refused as malformed or forged
+        self.dropped = 0                            # requests that failed in an unforeseen way, dropped
+        self.failed = None                          # why the server thread ended, if it did on its own
         self._wake_r, self._wake_w = os.pipe()      # publish() -> server thread: "look again"
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -256,6 +260,11 @@ class TrainerLink:
                         break
                     self._log(f"checkpoint server: {e}")
                     time.sleep(0.1)
+        except BaseException as e:  # noqa: BLE001 - say so at once, and stop claiming to serve
+            self.failed = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+            self._error(f"checkpoint server on {self.endpoint} stopped: {self.failed}; checkpoints are no "
+                        f"longer served (training goes on)")
+            self._results.close()
         finally:
             sock.disable_monitor()
             for s in (mon, sock, sub):
@@ -273,27 +282,44 @@ class TrainerLink:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            ident, body, req = frames[0], frames[1:], {}
             self.requests_seen += 1
             try:
-                if len(body) != 1:
-                    raise wire.BadMessage(f"request of {len(body)} frames, expected 1")
-                req = wire.decode_object(body[0], "request")
-                op = req.get("op")
-                if op == "result":
-                    self._take_result(body[0], "a client", req)
-                elif op == "status":
-                    self._send(sock, ident, wire.none_header(req_id=req.get("id"), server=self.server_id,
-                                                              trainer_step=self._trainer_step))
-                elif op == "fetch":
-                    parked[ident] = (wire.check_fetch(req, MAX_WAIT_MS), time.monotonic() + req["wait_ms"] / 1000)
-                    self._waiting = len(parked)     # before _answer reads _latest: no wake-up is missed
-                else:
-                    raise wire.BadMessage(f"request op {op!r}, expected fetch, status or result")
-            except wire.BadMessage as e:
-                self._log(f"bad request from a client: {e}")
-                self._send(sock, ident, wire.none_header(req_id=req.get("id"), server=self.server_id,
-                                                          trainer_step=self._trainer_step, reason=str(e)))
+                self._handle(sock, frames[0], frames[1:], parked)
+            except Exception as e:  # noqa: BLE001 - no message may end the server loop: drop it, count it
+                self.dropped += 1
+                self._log(f"dropped a request that could not be handled: {type(e).__name__}: {e}"[:300])
+
+    def _handle(self, sock, ident, body, parked):
+        """One request: answered, parked, taken (a result) or refused with an error reply naming why."""
+        req = {}
+        try:
+            if len(body) != 1:
+                raise wire.BadMessage(f"request of {len(body)} frames, expected 1")
+            req = wire.decode_object(body[0], "request")
+            op = req.get("op")
+            handler = self._OPS.get(op) if isinstance(op, str) else None
+            if handler is None:
+                raise wire.BadMessage(f"request op {str(req.get('op'))[:40]!r}, expected {', '.join(self._OPS)}")
+            handler(self, sock, ident, req, body[0], parked)
+        except wire.BadMessage as e:
+            self.refused += 1
+            self._log(f"bad request from a client: {e}")
+            self._send(sock, ident, wire.none_header(req_id=wire.request_id(req), server=self.server_id,
+                                                      trainer_step=self._trainer_step, reason=str(e)))
+
+    def _op_fetch(self, sock, ident, req, frame, parked):
+        req = wire.check_fetch(req, MAX_WAIT_MS)
+        parked[ident] = (dict(req, id=wire.request_id(req)), time.monotonic() + req["wait_ms"] / 1000)
+        self._waiting = len(parked)                 # before _answer reads _latest: no wake-up is missed
+
+    def _op_status(self, sock, ident, req, frame, parked):
+        self._send(sock, ident, wire.none_header(req_id=wire.request_id(req), server=self.server_id,
+                                                  trainer_step=self._trainer_step))
+
+    def _op_result(self, sock, ident, req, frame, parked):
+        self._take_result(frame, "a client", req)
+
+    _OPS = {"fetch": _op_fetch, "status": _op_status, "result": _op_result}   # op -> handler; add new ops here
 
     def _take_result(self, frame, where, envelope=None):
         try:
@@ -303,7 +329,8 @@ class TrainerLink:
                 return                              # about an earlier trainer on this port: not ours
             self._results.add(envelope)
         except wire.BadMessage as e:
-            self._log(f"bad result from {where}: {e}")
+            self.refused += 1
+            self._log(f"refused a result from {where}: {e}")
 
     def _answer(self, sock, parked):
         with self._lock:
@@ -311,7 +338,10 @@ class TrainerLink:
         now = time.monotonic()
         for ident, (req, deadline) in list(parked.items()):
             if item is not None and item.answers(req):
-                self._send(sock, ident, *item.reply(req, self.server_id, trainer_step))
+                header, data = item.reply(req, self.server_id, trainer_step)
+                if data is not None:
+                    self._results.served(header["step"], header["sha256"])
+                self._send(sock, ident, header, data)
             elif now >= deadline:
                 self._send(sock, ident, wire.none_header(req_id=req["id"], server=self.server_id,
                                                           trainer_step=trainer_step))

@@ -53,6 +53,36 @@ def _is_int(v, lo=0):
     return isinstance(v, int) and not isinstance(v, bool) and v >= lo
 
 
+class _NotFinite(ValueError):
+    pass
+
+
+def _no_constant(name):                 # NaN, Infinity, -Infinity: Python's json accepts them, JSON does not
+    raise _NotFinite(name)
+
+
+def _finite_float(text):                # 1e999 would parse as inf
+    v = float(text)
+    if not math.isfinite(v):
+        raise _NotFinite(text[:20])
+    return v
+
+
+def _bounded_int(text):                 # a 60,000-digit integer is no step, id or size of ours
+    if len(text) > 30:
+        raise _NotFinite(f"an integer of {len(text)} digits")
+    return int(text)
+
+
+def request_id(req):
+    """The id to echo back in a reply: a client's own (an integer or a short string), else None."""
+    rid = req.get("id") if isinstance(req, dict) else None
+    if isinstance(rid, bool) or not (isinstance(rid, int) and abs(rid) < 2**63
+                                     or isinstance(rid, str) and len(rid) <= 64):
+        return None
+    return rid
+
+
 def decode_object(frame, what="message"):
     """bytes -> dict, or BadMessage naming why not."""
     if len(frame) == 0:
@@ -60,7 +90,10 @@ def decode_object(frame, what="message"):
     if len(frame) > MAX_HEADER:
         raise BadMessage(f"{what} is {len(frame)} bytes, more than {MAX_HEADER}")
     try:
-        obj = json.loads(bytes(frame).decode("utf-8"))
+        obj = json.loads(bytes(frame).decode("utf-8"), parse_constant=_no_constant, parse_float=_finite_float,
+                         parse_int=_bounded_int)
+    except _NotFinite as e:
+        raise BadMessage(f"{what} holds {e}: only finite numbers are accepted") from None
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise BadMessage(f"{what} is not JSON ({len(frame)} bytes starting {bytes(frame[:8])!r})") from None
     if not isinstance(obj, dict):
@@ -203,17 +236,35 @@ class Results:
     """The trainer's inbox of evaluator results (thread-safe). The same result may arrive twice, over
     the checkpoint channel and over a results subscription; it is kept once."""
 
+    SERVED_KEPT = 256                                # checkpoints remembered as served, for results
+
     def __init__(self):
+        self._served = collections.OrderedDict()    # (step, sha256) of checkpoints actually sent out
         self._cond = threading.Condition()
         self._new = collections.deque(maxlen=256)   # not yet taken by take()
         self._seen = collections.deque(maxlen=64)   # hashes of recent results
         self._best_step = None                      # the result for the highest step
+        self._closed = False                        # no more results can come (the server stopped)
+
+    def served(self, step, data_sha256):
+        """A checkpoint went out: results about it are welcome from now on."""
+        with self._cond:
+            self._served[(step, data_sha256)] = True
+            self._served.move_to_end((step, data_sha256))
+            while len(self._served) > self.SERVED_KEPT:
+                self._served.popitem(last=False)
 
     def add(self, envelope):
-        """A decoded result message -> True if kept; BadMessage if it is not a result."""
+        """A decoded result message -> True if kept; BadMessage if it is not a result or not about a
+        checkpoint that was served (so a forged result cannot pose as the evaluation of a step)."""
         result = check_result(envelope.get("result"))
         key = sha256(encode(result))
+        if not _is_hex64(result.get("sha256")):
+            raise BadMessage(f"result sha256 {str(result.get('sha256'))[:70]!r}, expected 64 lowercase hex digits")
         with self._cond:
+            if (result["step"], result["sha256"]) not in self._served:
+                raise BadMessage(f"result for step {result['step']} (sha256 {str(result.get('sha256'))[:12]}...) "
+                                 f"is about no checkpoint this trainer served; ignored")
             if key in self._seen:
                 return False
             self._seen.append(key)
@@ -222,6 +273,11 @@ class Results:
                 self._best_step = result
             self._cond.notify_all()
         return True
+
+    def close(self):
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
 
     def take(self):
         with self._cond:
@@ -241,6 +297,6 @@ class Results:
                 if r is not None and r["step"] >= step:
                     return dict(r)
                 left = deadline - time.monotonic()
-                if left <= 0 or (stop is not None and stop()):
+                if left <= 0 or self._closed or (stop is not None and stop()):
                     return None
                 self._cond.wait(min(left, 0.2))

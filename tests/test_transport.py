@@ -55,7 +55,7 @@ def test_round_trip_long_poll_and_results(link, client_of):
     link.progress(12)
     assert c.trainer_step_now() == 12
 
-    c.send_result({"step": 9, "epoch": 1, "accuracy": 0.5, "loss": 1.25, "lag_steps": 3})
+    c.send_result({"step": 9, "epoch": 1, "accuracy": 0.5, "loss": 1.25, "lag_steps": 3, "sha256": h["sha256"]})
     assert link.wait_final(9, 5)["accuracy"] == 0.5
     assert [r["step"] for r in link.poll_results()] == [9] and link.poll_results() == []
     assert link.latest_result()["lag_steps"] == 3
@@ -224,7 +224,9 @@ def test_results_pub_sub_and_no_duplicates(client_of):
     pub = ResultsPublisher(ANY)
     try:
         with TrainerLink(ANY, results=pub.endpoint) as ln:
-            result = {"step": 4, "accuracy": 0.75, "loss": 0.5}
+            ln.publish(4, 0, make_ckpt(4))
+            h, _ = client_of(ln.endpoint).fetch_newer(-1, 2000)   # a result counts for a served checkpoint
+            result = {"step": 4, "accuracy": 0.75, "loss": 0.5, "sha256": h["sha256"]}
             got = []
             for _ in range(50):                             # PUB/SUB drops what is sent before it joins
                 pub.publish(result)
@@ -234,7 +236,7 @@ def test_results_pub_sub_and_no_duplicates(client_of):
                 time.sleep(0.05)
             assert got == [result]
             client_of(ln.endpoint).send_result(result)     # the same result by the other channel
-            pub.publish({"step": 5, "accuracy": 2.0, "loss": 0.1})   # not a fraction: dropped
+            pub.publish(dict(result, accuracy=2.0))         # not a fraction: dropped
             time.sleep(0.3)
             assert ln.poll_results() == [] and ln.latest_result() == result
     finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import sys
 import time
@@ -15,6 +16,14 @@ def one_line(e):
     """An exception as one line: 'Type: first line of the message'."""
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+def number(v, spec=".4f", scale=1):
+    """A figure for a log line: `v * scale` formatted, or 'n/a' when it is null, not a number or not finite
+    (an evaluator's loss can be null; whatever arrives from outside may be anything)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v * scale):
+        return "n/a"
+    return format(v * scale, spec)
 
 
 def setup_logging(comm, level="INFO"):
@@ -118,10 +127,10 @@ class ProgressReporter:
         if not self.enabled:
             return
         ev = r.get("evaluator")
-        ev_text = (f" | evaluator: step {ev['step']} acc {100 * ev['accuracy']:.2f}%"
-                   if ev and "accuracy" in ev else "")
-        line = (f"epoch {r['epoch']} step {r['step']}: train loss {r['train_loss']:.4f} "
-                f"acc {100 * r['train_acc']:.2f}% | test loss {r['test_loss']:.4f} acc {100 * r['test_acc']:.2f}% "
+        ev_text = (f" | evaluator: step {ev.get('step')} acc {number(ev.get('accuracy'), '.2f', 100)}%"
+                   if ev else "")
+        line = (f"epoch {r['epoch']} step {r['step']}: train loss {number(r['train_loss'])} "
+                f"acc {100 * r['train_acc']:.2f}% | test loss {number(r['test_loss'])} acc {100 * r['test_acc']:.2f}% "
                 f"| {r['images_per_s']:.0f} img/s on {r['ranks']} rank(s), {r['seconds']:.1f}s{ev_text}")
         if self.bar is not None:
             self.bar.write(line, file=sys.stdout)

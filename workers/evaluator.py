@@ -35,7 +35,7 @@ from lenet_dist.checkpoint import CheckpointError
 from lenet_dist.data import DataError
 from lenet_dist.transport import TransportError
 
-from .common import one_line
+from .common import number, one_line
 
 log = logging.getLogger("lenet.evaluator")
 
@@ -230,7 +230,7 @@ def _loop(args, stop, source, model, images, labels, out, best):
                   "lag_steps": max(0, (trainer_step or step) - step), "trainer_step": trainer_step,
                   "sha256": header["sha256"], "final": final, "time": round(time.time(), 3), "evaluator": whoami,
                   "server": header.get("server")}     # which trainer process served it
-        print(f"step {step} epoch {result['epoch']}: test accuracy {100 * accuracy:.2f}% loss {loss:.4f} "
+        print(f"step {step} epoch {result['epoch']}: test accuracy {100 * accuracy:.2f}% loss {number(loss)} "
               f"({len(images)} images, {seconds:.2f}s), {result['lag_steps']} steps behind"
               + (", final" if final else ""), flush=True)
         for send in out:

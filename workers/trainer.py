@@ -30,7 +30,8 @@ from lenet_dist.config import TrainConfig
 from lenet_dist.stall import StallGuard
 from lenet_dist.train import DataParallelTrainer
 
-from .common import FaultInjector, ProgressReporter, blas_threads, load_dataset, one_line, setup_logging
+from .common import (FaultInjector, ProgressReporter, blas_threads, load_dataset, number, one_line,
+                     setup_logging)
 
 log = logging.getLogger("lenet.trainer")
 
@@ -231,6 +232,8 @@ def run(args, comm):
             # when one has been in touch, a short grace (5 s) for one that is (re)connecting otherwise.
             in_touch = bool(link.requests_seen or link.latest_result() is not None or args.test_mode)
             patience = args.linger if in_touch else min(args.linger, 5.0)
+            if link.failed:
+                patience = 0                # its thread ended: it said so; nothing to wait for
             if patience > 0:
                 log.info("serving the final checkpoint (step %d) for up to %.0fs until an evaluator reports",
                          trainer.step, patience)
@@ -238,8 +241,8 @@ def run(args, comm):
             if result is None and not in_touch and link.requests_seen:
                 result = link.wait_final(trainer.step, args.linger - patience, stop=lambda: bool(stop.signum))
             if result:
-                log.info("evaluator: step %d accuracy %.4f loss %.4f", result["step"], result["accuracy"],
-                         result["loss"])
+                log.info("evaluator: step %d accuracy %s loss %s", result["step"], number(result["accuracy"]),
+                         number(result["loss"]))
         return 0
     finally:
         guard.stop()
