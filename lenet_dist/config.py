@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, fields
 
 from .optim import SCHEDULES
@@ -34,11 +35,14 @@ class TrainConfig:
                   isinstance(v, int) and not isinstance(v, bool) if kind is int else isinstance(v, kind))
             if not ok:
                 raise ValueError(f"{f.name} must be of type {kind.__name__}, got {v!r}")
+            if kind is float and not math.isfinite(v):
+                raise ValueError(f"{f.name} must be a finite number, got {v!r}")
         checks = [
             (self.epochs >= 1, "epochs", "an integer >= 1"),
             (self.batch_size >= 1, "batch_size", "an integer >= 1"),
             (self.lr > 0, "lr", "a number > 0"),
             (0 <= self.momentum < 1, "momentum", "in [0, 1)"),
+            (self.momentum > 0 or not self.nesterov, "momentum", "> 0 with Nesterov momentum (or --no-nesterov)"),
             (self.weight_decay >= 0, "weight_decay", ">= 0"),
             (self.schedule in SCHEDULES, "schedule", " | ".join(SCHEDULES)),
             (self.warmup_epochs >= 0, "warmup_epochs", ">= 0"),

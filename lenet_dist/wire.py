@@ -108,6 +108,25 @@ def decode_object(frame, what="message"):
     return obj
 
 
+def check_endpoint(endpoint, *, bind=True):
+    """A ZeroMQ endpoint as given by a user -> the same, with port 0 spelled '*' (ZeroMQ's "any free port");
+    ValueError for a tcp port outside 1-65535, which ZeroMQ would silently replace by a random one."""
+    if not isinstance(endpoint, str) or "://" not in endpoint:
+        raise ValueError(f"endpoint {endpoint!r}: expected TRANSPORT://ADDRESS, e.g. tcp://127.0.0.1:5555")
+    scheme, _, address = endpoint.partition("://")
+    if scheme != "tcp":
+        return endpoint
+    host, sep, port = address.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"endpoint {endpoint!r}: expected tcp://HOST:PORT (PORT * or 0 for any free port)")
+    if port in ("*", "0") and bind:
+        return f"tcp://{host}:*"
+    if not (port.isdigit() and 1 <= int(port) <= 65535):
+        raise ValueError(f"endpoint {endpoint!r}: port {port!r} is not in 1-65535"
+                         + (" (* or 0: any free port)" if bind else ""))
+    return endpoint
+
+
 def checkpoint_header(*, req_id, server, trainer_step, step, epoch, data_sha256, size, final):
     return {"proto": PROTO, "version": VERSION, "kind": "checkpoint", "id": req_id, "server": server,
             "trainer_step": trainer_step, "step": step, "epoch": epoch, "size": size,

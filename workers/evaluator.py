@@ -73,6 +73,12 @@ def parse_args(argv=None):
         p.error("--max-evaluations, --timeout and --delay must be >= 0, --threads >= 1")
     if not 10 <= args.poll_ms <= 10_000:
         p.error(f"--poll-ms must be in [10, 10000], got {args.poll_ms}")
+    for flag in ("connect", "results_bind"):
+        if getattr(args, flag):
+            try:
+                setattr(args, flag, wire.check_endpoint(getattr(args, flag), bind=flag != "connect"))
+            except ValueError as e:
+                p.error(f"--{flag.replace('_', '-')}: {e}")
     curve = (args.curve_secret_key, args.curve_public_key, args.curve_server_key)
     if any(curve) and (args.watch or not (args.curve_secret_key and args.curve_server_key)):
         p.error("CurveZMQ needs --connect with both --curve-secret-key and --curve-server-key")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lenet_dist import checkpoint
+from lenet_dist import checkpoint, wire
 from lenet_dist.balance import straggler
 from lenet_dist.comm import get_comm
 from lenet_dist.config import TrainConfig
@@ -114,6 +114,12 @@ def parse_args(argv=None):
         p.error("--deterministic needs one BLAS thread per rank (a threaded GEMM sums in another order)")
     if args.deterministic:
         args.threads = 1
+    for flag in ("publish", "results"):
+        if getattr(args, flag):
+            try:
+                setattr(args, flag, wire.check_endpoint(getattr(args, flag)))
+            except ValueError as e:
+                p.error(f"--{flag}: {e}")
     if args.resume and not args.checkpoint_dir:
         p.error("--resume needs --checkpoint-dir")
     try:
