@@ -127,6 +127,7 @@ class TrainerLink:
         self._latest = None                         # the wire.Published served; swapped by publish()
         self._trainer_step = None
         self._results = wire.Results()
+        self._telemetry = wire.Telemetry()
         self._stop = threading.Event()
         self._waiting = 0                           # parked requests; written by the server thread only
         self.requests_seen = 0                      # any evaluator asked at all? (trainer's final wait)
@@ -182,6 +183,10 @@ class TrainerLink:
         """Optional: the trainer's current step, so that evaluators' lag counts steps not yet published."""
         with self._lock:
             self._trainer_step = max(self._trainer_step or 0, int(step))
+
+    def telemetry(self, row):
+        """Keep a step row (a JSON-able dict with an integer step) for evaluators that ask for telemetry."""
+        self._telemetry.add(row)
 
     def poll_results(self):
         """The evaluators' result dicts that arrived since the last call, oldest first."""
@@ -319,7 +324,16 @@ class TrainerLink:
     def _op_result(self, sock, ident, req, frame, parked):
         self._take_result(frame, "a client", req)
 
-    _OPS = {"fetch": _op_fetch, "status": _op_status, "result": _op_result}   # op -> handler; add new ops here
+    def _op_telemetry(self, sock, ident, req, frame, parked):
+        since = req.get("since")
+        if not (isinstance(since, int) and not isinstance(since, bool) and since >= -1):
+            raise wire.BadMessage(f"telemetry since {str(since)[:40]!r}, expected an integer >= -1")
+        rows, seq = self._telemetry.after(since)
+        self._send(sock, ident, wire.telemetry_header(req_id=wire.request_id(req), server=self.server_id,
+                                                       trainer_step=self._trainer_step, rows=rows, seq=seq))
+
+    _OPS = {"fetch": _op_fetch, "status": _op_status, "result": _op_result,   # op -> handler; add new ops here
+            "telemetry": _op_telemetry}
 
     def _take_result(self, frame, where, envelope=None):
         try:
@@ -412,6 +426,15 @@ class CheckpointClient:
         except wire.BadMessage:
             pass
         return self.trainer_step
+
+    def fetch_telemetry(self, since, timeout_ms=500):
+        """(rows, seq): the trainer's step rows after telemetry seq `since` (-1: from the oldest it keeps);
+        None if the trainer does not answer in time. A trainer that restarted numbers its rows afresh:
+        a seq below `since` means "start again from -1"."""
+        got = self._ask({"op": "telemetry", "since": int(since)}, timeout_ms)
+        if got is None or got[0]["kind"] != "telemetry":
+            return None
+        return got[0]["rows"], got[0]["seq"]
 
     def send_result(self, result):
         """Best effort: the trainer logs it; lost if the trainer is away."""

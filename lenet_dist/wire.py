@@ -12,6 +12,9 @@ A reply from the trainer is one ZeroMQ message of one or two frames:
 A request from an evaluator is one frame, a JSON object: proto, version, op, id, and per op
     "fetch":  newer_than (step), seen_final (bool), wait_ms, max_bytes   -> checkpoint or none
     "status": (nothing more)                                              -> none (carries trainer_step)
+    "telemetry": since (the last telemetry seq the client has, -1: none)   -> telemetry: rows (the
+              trainer's "event": "step" dicts after `since`, oldest first, at most MAX_TELEMETRY_ROWS), seq
+              (of the last row sent, or the newest the trainer has if none)
     "result": result (the evaluator's figures, see check_result)          -> no reply
 
 Nothing here is ever unpickled: JSON and .npz only, the .npz itself checked by checkpoint.from_bytes.
@@ -29,7 +32,8 @@ import time
 PROTO = "lenet-ckpt"
 VERSION = 1
 MAX_HEADER = 64 << 10           # requests, headers and results are small; anything bigger is refused
-KINDS = ("checkpoint", "none", "error")
+KINDS = ("checkpoint", "none", "error", "telemetry")
+MAX_TELEMETRY_ROWS = 200        # rows in one telemetry reply (each a few hundred bytes: the header stays small)
 
 
 class BadMessage(Exception):
@@ -154,6 +158,8 @@ def parse_reply(frames, max_bytes):
         raise BadMessage(f"header trainer_step {h.get('trainer_step')!r}, expected an integer >= 0")
     if not isinstance(h.get("server"), str):
         raise BadMessage(f"header server {h.get('server')!r}, expected a string")
+    if kind == "telemetry":
+        check_telemetry(h)
     if kind != "checkpoint":
         if len(frames) != 1:
             raise BadMessage(f"a '{kind}' reply has {len(frames)} frames, expected 1")
@@ -197,6 +203,58 @@ def check_result(obj):
     if not (loss is None or isinstance(loss, (int, float)) and not isinstance(loss, bool) and math.isfinite(loss)):
         raise BadMessage(f"result loss {loss!r}, expected a finite number or null")
     return obj
+
+
+def check_telemetry(h):
+    """A telemetry reply's rows: a list of at most MAX_TELEMETRY_ROWS objects, each with an integer step and
+    only finite numbers at its top level (or lists of them), and an integer seq; BadMessage otherwise."""
+    rows, seq = h.get("rows"), h.get("seq")
+    if not _is_int(seq, -1):
+        raise BadMessage(f"telemetry seq {seq!r}, expected an integer >= -1")
+    if not isinstance(rows, list) or len(rows) > MAX_TELEMETRY_ROWS:
+        raise BadMessage(f"telemetry rows: expected a list of at most {MAX_TELEMETRY_ROWS}")
+    for r in rows:
+        if not isinstance(r, dict) or not _is_int(r.get("step")):
+            raise BadMessage("telemetry row without an integer step")
+        for k, v in r.items():
+            values = v if isinstance(v, list) else [v]
+            if any(isinstance(x, float) and not math.isfinite(x) for x in values):
+                raise BadMessage(f"telemetry row of step {r['step']}: {k} is not finite")
+    return h
+
+
+def telemetry_header(*, req_id, server, trainer_step, rows, seq):
+    return {"proto": PROTO, "version": VERSION, "kind": "telemetry", "id": req_id, "server": server,
+            "trainer_step": trainer_step, "rows": rows, "seq": seq}
+
+
+class Telemetry:
+    """The trainer's bounded log of step rows (thread-safe): the loop adds, the server thread answers
+    "rows after seq" from it. An evaluator that falls further behind than the log reaches skips ahead."""
+
+    def __init__(self, keep=2000):
+        self._lock = threading.Lock()
+        self._rows = collections.deque(maxlen=keep)     # (seq, row, its encoded size)
+        self._seq = -1
+
+    def add(self, row):
+        size = len(encode(row))                          # refuses NaN here, in the trainer, not at the client
+        with self._lock:
+            self._seq += 1
+            self._rows.append((self._seq, row, size))
+
+    def after(self, since, budget=MAX_HEADER // 2):
+        """(rows after `since`, the seq of the last one): at most MAX_TELEMETRY_ROWS rows and `budget` bytes."""
+        with self._lock:
+            out, seq, used = [], self._seq if since >= self._seq else since, 0
+            for s, row, size in self._rows:
+                if s <= since:
+                    continue
+                if len(out) == MAX_TELEMETRY_ROWS or used + size > budget:
+                    break
+                out.append(row)
+                seq, used = s, used + size
+            return out, seq
 
 
 def check_fetch(req, max_wait_ms):

@@ -30,11 +30,12 @@ import threading
 import time
 from pathlib import Path
 
-from lenet_dist import checkpoint, wire
+from lenet_dist import analysis, checkpoint, wire
 from lenet_dist.checkpoint import CheckpointError
 from lenet_dist.data import DataError
 from lenet_dist.transport import TransportError
 
+from . import evaluator_live
 from .common import number, one_line
 
 log = logging.getLogger("lenet.evaluator")
@@ -68,7 +69,9 @@ def parse_args(argv=None):
     g.add_argument("--curve-secret-key", type=Path, metavar="FILE", help="this evaluator's .key_secret file")
     g.add_argument("--curve-public-key", type=Path, metavar="FILE", help="its .key file (optional, checked)")
     g.add_argument("--curve-server-key", type=Path, metavar="FILE", help="the trainer's public .key file")
+    evaluator_live.add_arguments(p)
     args = p.parse_args(argv)
+    evaluator_live.check_args(p, args)
     if args.max_evaluations < 0 or args.timeout < 0 or args.delay < 0 or args.threads < 1:
         p.error("--max-evaluations, --timeout and --delay must be >= 0, --threads >= 1")
     if not 10 <= args.poll_ms <= 10_000:
@@ -177,11 +180,14 @@ def run(args, stop):
         stack.enter_context(threadpool_limits(limits=args.threads, user_api="blas"))
         model = LeNet5()
         model.evaluate(images[:500], labels[:500])  # warm-up, so that the first evaluation is not slower
+        live = evaluator_live.start(args, images, labels, stop)     # --http, --tensorboard
+        if live is not None:
+            stack.callback(live.close)
         log.info("evaluating checkpoints from %s", source.endpoint)
-        return _loop(args, stop, source, model, images, labels, out, best)
+        return _loop(args, stop, source, model, images, labels, out, best, live)
 
 
-def _loop(args, stop, source, model, images, labels, out, best):
+def _loop(args, stop, source, model, images, labels, out, best, live=None):
     whoami = f"{socket.gethostname()}:{os.getpid()}"
     last_step, last_final, evaluations, status = -1, False, 0, None
     idle_since = time.monotonic()
@@ -227,7 +233,8 @@ def _loop(args, stop, source, model, images, labels, out, best):
             break
         model.load_named(ckpt.params)
         t0 = time.perf_counter()
-        loss, accuracy = model.evaluate(images, labels)
+        detail = analysis.analyse(model, images, labels)    # loss and accuracy as model.evaluate, and more
+        loss, accuracy = detail.loss, detail.accuracy
         seconds = time.perf_counter() - t0
         trainer_step = source.trainer_step_now()
         result = {"step": step, "epoch": int(ckpt.meta["epoch"]), "accuracy": accuracy,
@@ -239,8 +246,11 @@ def _loop(args, stop, source, model, images, labels, out, best):
         print(f"step {step} epoch {result['epoch']}: test accuracy {100 * accuracy:.2f}% loss {number(loss)} "
               f"({len(images)} images, {seconds:.2f}s), {result['lag_steps']} steps behind"
               + (", final" if final else ""), flush=True)
-        for send in out:
-            send(result)
+        if live is not None:
+            live.on_evaluation(result, ckpt.params, detail, ckpt.meta.get("config"))
+        full = dict(result, per_class=detail.per_class, confusion=detail.confusion.tolist(), worst=detail.worst)
+        for send in out:                            # the report gets the analysis too; the link the figures
+            send(full if args.report and send is out[0] else result)
         if best and best.offer(result, data, ckpt.meta.get("config")):
             log.info("new best: step %d, %.2f%%, in %s", step, 100 * accuracy, best.dir / "best.npz")
         evaluations += 1

@@ -1,0 +1,276 @@
+"""The dashboard's HTTP side: a Starlette app over a LiveState, served by uvicorn on a thread of its own.
+
+    GET  /                      the page (static/index.html; its scripts and uPlot from /static/)
+    GET  /api/state             run configuration, newest step and evaluation, best accuracy
+    GET  /api/history           telemetry rows and evaluations so far
+    GET  /api/checkpoint        the newest checkpoint's analysis (confusion, per class, worst, conv1 filters)
+    GET  /api/digit/N           test image N, its label, and how the newest checkpoint sees it (feature maps)
+    POST /api/predict           a drawn digit -> MNIST-style 28x28 input, ten probabilities, feature maps;
+                                body: JSON {"pixels": [784 values in [0,1]]} (a 28x28 drawing), or a PNG of
+                                at most 64 KiB and 1024x1024 (bright ink on dark); ?model=newest|best
+    GET  /api/stream            server-sent events: steps, evaluation, checkpoint (replays from Last-Event-ID)
+    GET  /metrics               Prometheus text format
+
+Why Starlette + uvicorn: an ASGI app holds each live stream as a coroutine, not a thread, so fifty open
+streams cost fifty small objects on one event loop; Starlette brings routing, static files with path
+checks and streaming responses, uvicorn is the reference ASGI server. Errors are JSON with a 4xx status;
+bodies are read with a bound; with a token every request needs "Authorization: Bearer TOKEN" (or the
+cookie that GET /?token=TOKEN sets, for a browser, whose EventSource cannot send headers).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import io
+import json
+import socket
+import threading
+from pathlib import Path
+
+import numpy as np
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from .. import analysis
+from .metrics import metrics_text
+
+STATIC = Path(__file__).parent / "static"
+MAX_BODY = 64 << 10
+MAX_PNG_SIDE = 1024
+KEEPALIVE_S = 15.0
+COOKIE = "lenet_token"
+
+
+class BadInput(Exception):
+    """A request the server refuses; becomes a JSON error with `status`."""
+
+    def __init__(self, message, status=400):
+        super().__init__(message)
+        self.status = status
+
+
+async def _read_body(request):
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY):
+        raise BadInput(f"body over {MAX_BODY} bytes", 413)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise BadInput(f"body over {MAX_BODY} bytes", 413)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def drawing_from_body(body, content_type):
+    """A predict body -> the drawing as floats in [0, 1] (bright ink), or BadInput naming the fault."""
+    if content_type.startswith("image/png"):
+        return _png(body)
+    try:
+        obj = json.loads(body)
+    except (UnicodeDecodeError, ValueError):
+        raise BadInput("body is neither JSON nor a PNG (Content-Type image/png)") from None
+    pixels = obj.get("pixels") if isinstance(obj, dict) else None
+    if not isinstance(pixels, list) or len(pixels) != 784:
+        raise BadInput(f'expected {{"pixels": [784 numbers in [0, 1]]}}, got '
+                       f'{len(pixels) if isinstance(pixels, list) else type(pixels).__name__} values')
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in pixels):
+        raise BadInput("pixels must all be numbers")
+    a = np.asarray(pixels, np.float64).reshape(28, 28)
+    if not np.isfinite(a).all() or a.min() < 0 or a.max() > 1:
+        raise BadInput("pixels must be in [0, 1]")
+    return a
+
+
+def _png(body):
+    from PIL import Image, UnidentifiedImageError
+    if not body.startswith(b"\x89PNG\r\n\x1a\n"):
+        raise BadInput("body is not a PNG")
+    try:
+        with Image.open(io.BytesIO(body), formats=["PNG"]) as im:
+            if max(im.size) > MAX_PNG_SIDE:
+                raise BadInput(f"PNG of {im.size[0]}x{im.size[1]}, more than {MAX_PNG_SIDE} on a side")
+            gray = np.asarray(im.convert("L"), np.float64) / 255.0
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise BadInput(f"unreadable PNG: {e}") from None
+    return gray
+
+
+def build_app(state, token=None):
+    """The Starlette app over `state`. `token`: required of every request when given."""
+    wakers = set()          # one asyncio.Event per open live stream
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        loop = asyncio.get_running_loop()
+
+        def bump():
+            for ev in list(wakers):
+                ev.set()
+
+        def listener():                     # called on the evaluator's threads
+            loop.call_soon_threadsafe(bump)
+        state.listeners.append(listener)
+        try:
+            yield
+        finally:
+            state.listeners.remove(listener)
+            app.state.closing = True
+            bump()
+
+    async def index(request):
+        given = request.query_params.get("token")
+        if token and given is not None:             # a browser's way in: the token once, then a cookie
+            if not hmac.compare_digest(given.encode(), token.encode()):
+                return _error(401, "wrong token")
+            r = RedirectResponse("/", status_code=303)
+            r.set_cookie(COOKIE, token, httponly=True, samesite="strict")
+            return r
+        return FileResponse(STATIC / "index.html")
+
+    async def api_state(request):
+        return JSONResponse(state.summary())
+
+    async def api_history(request):
+        return JSONResponse(state.history())
+
+    async def api_checkpoint(request):
+        ckpt = state.checkpoint()
+        if ckpt is None:
+            return _error(404, "no checkpoint evaluated yet")
+        return JSONResponse(ckpt)
+
+    async def api_digit(request):
+        raw = request.path_params["index"]
+        if not raw.isdigit():
+            return _error(400, f"test image index {raw!r} is not a non-negative integer")
+        try:
+            u8, label = state.test_digit(int(raw))
+        except ValueError as e:
+            return _error(404, str(e))
+        seen = state.classify(u8, "newest")
+        if seen is None:
+            return _error(404, "no checkpoint evaluated yet")
+        return JSONResponse(dict(seen, index=int(raw), label=label))
+
+    async def api_predict(request):
+        which = request.query_params.get("model", "newest")
+        if which not in ("newest", "best"):
+            return _error(400, f"model {which!r}, expected newest or best")
+        try:
+            drawing = drawing_from_body(await _read_body(request), request.headers.get("content-type", ""))
+            u8 = analysis.prepare_digit(drawing)
+        except BadInput as e:
+            return _error(e.status, str(e))
+        except ValueError as e:
+            return _error(400, str(e))
+        seen = state.classify(u8, which)
+        if seen is None:
+            return _error(409, "no checkpoint evaluated yet")
+        return JSONResponse(seen)
+
+    async def api_stream(request):
+        last = request.headers.get("last-event-id", "")
+        start = int(last) if last.isdigit() else state.seq     # a new client reads the past from /api/history
+
+        async def events():
+            ev = asyncio.Event()
+            wakers.add(ev)
+            seq = start
+            try:
+                yield "retry: 1000\n\n"
+                while not getattr(request.app.state, "closing", False):
+                    for seq, kind, text in state.events_since(seq):
+                        yield f"id: {seq}\nevent: {kind}\ndata: {text}\n\n"
+                    try:
+                        await asyncio.wait_for(ev.wait(), KEEPALIVE_S)
+                    except asyncio.TimeoutError:
+                        yield ": keep-alive\n\n"
+                    ev.clear()
+            finally:
+                wakers.discard(ev)
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def metrics(request):
+        return Response(metrics_text(state), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def http_error(request, exc):
+        return _error(exc.status_code, exc.detail if isinstance(exc.detail, str) else "error")
+
+    app = Starlette(routes=[
+        Route("/", index), Route("/api/state", api_state), Route("/api/history", api_history),
+        Route("/api/checkpoint", api_checkpoint), Route("/api/digit/{index}", api_digit),
+        Route("/api/predict", api_predict, methods=["POST"]), Route("/api/stream", api_stream),
+        Route("/metrics", metrics), Mount("/static", StaticFiles(directory=STATIC), name="static"),
+    ], exception_handlers={HTTPException: http_error}, lifespan=lifespan)
+    return TokenGate(app, token) if token else app
+
+
+def _error(status, message):
+    return JSONResponse({"error": message, "status": status}, status_code=status)
+
+
+class TokenGate:
+    """ASGI middleware: every HTTP request carries the bearer token (header or cookie), else 401 JSON.
+    GET /?token=... passes through so that the app can check it and set the cookie."""
+
+    def __init__(self, app, token):
+        self.app, self.token = app, token.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and not self._allowed(Request(scope)):
+            await _error(401, "this dashboard needs a bearer token (see docs/dashboard.md)")(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def _allowed(self, request):
+        if request.url.path == "/" and "token" in request.query_params:
+            return True
+        auth = request.headers.get("authorization", "")
+        given = auth[7:].strip() if auth.lower().startswith("bearer ") else request.cookies.get(COOKIE, "")
+        return hmac.compare_digest(given.encode(), self.token)
+
+
+class DashboardServer:
+    """uvicorn serving build_app(state) on a thread. The socket is bound here, so that a busy port or a
+    bad host fails at once (OSError) in the caller; .url is where it listens."""
+
+    def __init__(self, state, host="127.0.0.1", port=0, token=None):
+        import uvicorn
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._sock = socket.socket(family, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self._sock.bind((host, port))
+        except OSError:
+            self._sock.close()
+            raise
+        self._sock.listen(128)
+        bound = self._sock.getsockname()
+        self.url = f"http://{f'[{bound[0]}]' if family == socket.AF_INET6 else bound[0]}:{bound[1]}"
+        config = uvicorn.Config(build_app(state, token), log_level="warning", access_log=False,
+                                timeout_graceful_shutdown=2, lifespan="on")
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True,
+                                        name="lenet-dashboard")
+        self._thread.start()
+
+    def wait_started(self, timeout=10.0):
+        """True once uvicorn has started serving."""
+        deadline = threading.Event()
+        for _ in range(int(timeout / 0.02)):
+            if self._server.started:
+                return True
+            deadline.wait(0.02)
+        return self._server.started
+
+    def close(self):
+        self._server.should_exit = True
+        self._thread.join(5)
+        self._sock.close()

@@ -1,0 +1,160 @@
+"""What the dashboard shows, kept by the evaluator as it goes: a thread-safe, bounded store.
+
+Writers (the evaluator's loop, its telemetry thread) call add_steps / add_evaluation; readers (the web
+app, on its own thread) call the getters, which return plain JSON-ready values. Every change is also an
+event (seq, kind, JSON text) in a bounded log that the live stream replays from a client's last seq;
+listeners (the web app) are told "something changed" and must not block.
+"""
+from __future__ import annotations
+
+import base64
+import collections
+import json
+import threading
+import time
+
+import numpy as np
+
+from .. import analysis
+from ..model import LeNet5
+
+MAX_STEPS = 20_000          # telemetry rows kept (a 5-epoch MNIST run at the default --log-every has ~470)
+MAX_EVALUATIONS = 5_000
+MAX_EVENTS = 2_000
+
+
+def _pixels(u8):
+    """uint8 (28,28) -> base64 of its 784 bytes, row by row (the page draws it into an ImageData)."""
+    return base64.b64encode(np.ascontiguousarray(u8, np.uint8).tobytes()).decode()
+
+
+class LiveState:
+    def __init__(self, test_images, test_labels):
+        self.test_images, self.test_labels = test_images, test_labels
+        self._lock = threading.Lock()
+        self._steps = collections.deque(maxlen=MAX_STEPS)
+        self._evaluations = collections.deque(maxlen=MAX_EVALUATIONS)
+        self._events = collections.deque(maxlen=MAX_EVENTS)
+        self._seq = 0
+        self._config = None
+        self._checkpoint = None                 # the newest checkpoint's analysis, JSON-ready
+        self._models = {}                       # "newest" / "best" -> (LeNet5, step, accuracy)
+        self._model_lock = threading.Lock()     # one forward pass at a time per state (shared scratch)
+        self._best_accuracy = -1.0
+        self.listeners = []                     # callables, called with no argument after every change
+        self.started = time.time()
+
+    # ------------------------------------------------------------------------------------------ writers
+    def add_steps(self, rows):
+        """Telemetry rows from the trainer ("event": "step" dicts); ones already seen are skipped."""
+        with self._lock:
+            last = self._steps[-1]["step"] if self._steps else -1
+            new = [r for r in rows if isinstance(r, dict) and isinstance(r.get("step"), int) and r["step"] > last]
+            if not new:
+                return
+            self._steps.extend(new)
+            if self._config is None and new[-1].get("config"):
+                self._config = new[-1]["config"]
+            self._event("steps", new)
+        self._notify()
+
+    def add_evaluation(self, result, params, result_analysis, config=None):
+        """One evaluated checkpoint: the evaluator's result dict, its named parameters, its Analysis."""
+        newest = self._load(params)
+        p = newest.named_params()
+        summary = {k: result.get(k) for k in ("step", "epoch", "accuracy", "loss", "eval_seconds", "lag_steps",
+                                              "trainer_step", "n_test", "final", "time")}
+        worst = [dict(w, pixels=_pixels(self.test_images[w["index"]])) for w in result_analysis.worst]
+        ckpt = {**summary, **result_analysis.to_dict(), "worst": worst,
+                "conv1_filters": np.asarray(p["conv1.weight"])[:, 0].round(5).tolist()}
+        with self._model_lock:
+            self._models["newest"] = (newest, summary["step"], summary["accuracy"])
+            if summary["accuracy"] > self._best_accuracy:
+                self._best_accuracy = summary["accuracy"]
+                self._models["best"] = self._models["newest"]
+        with self._lock:
+            if config is not None:
+                self._config = config
+            self._evaluations.append(dict(summary, per_class=ckpt["per_class"]))
+            self._checkpoint = ckpt
+            self._event("evaluation", self._evaluations[-1])
+            self._event("checkpoint", ckpt)
+        self._notify()
+
+    @staticmethod
+    def _load(params):
+        m = LeNet5()
+        m.load_named(params)
+        return m
+
+    def _event(self, kind, data):
+        self._seq += 1
+        self._events.append((self._seq, kind, json.dumps(data, allow_nan=False, default=_jsonable)))
+
+    def _notify(self):
+        for listener in list(self.listeners):
+            listener()
+
+    # ------------------------------------------------------------------------------------------ readers
+    def events_since(self, seq):
+        """[(seq, kind, json text)] after `seq`, oldest first (as many as the bounded log still holds)."""
+        with self._lock:
+            if seq >= self._seq:
+                return []
+            return [e for e in self._events if e[0] > seq]
+
+    @property
+    def seq(self):
+        with self._lock:
+            return self._seq
+
+    def summary(self):
+        with self._lock:
+            last = self._evaluations[-1] if self._evaluations else None
+            step = self._steps[-1] if self._steps else None
+            return {"config": self._config, "seq": self._seq, "started": self.started,
+                    "trainer_step": max(step["step"] if step else -1,
+                                        (last or {}).get("trainer_step") or -1, (last or {}).get("step", -1)),
+                    "latest_evaluation": last, "latest_step": step, "evaluations": len(self._evaluations),
+                    "best_accuracy": self._best_accuracy if self._best_accuracy >= 0 else None,
+                    "n_test": len(self.test_images)}
+
+    def history(self):
+        with self._lock:
+            return {"steps": list(self._steps), "evaluations": list(self._evaluations), "seq": self._seq}
+
+    def checkpoint(self):
+        with self._lock:
+            return self._checkpoint
+
+    def test_digit(self, index):
+        if not 0 <= index < len(self.test_images):
+            raise ValueError(f"test image index {index} out of range [0, {len(self.test_images)})")
+        return self.test_images[index], int(self.test_labels[index])
+
+    def classify(self, u8, which="newest"):
+        """Probabilities, the prediction and the conv feature maps of one uint8 digit (28,28) by the newest
+        or the best checkpoint; None before any checkpoint was evaluated."""
+        with self._model_lock:
+            got = self._models.get(which)
+            if got is None:
+                return None
+            model, step, accuracy = got
+            probs = analysis.probabilities(model, u8[None])[0]
+            maps = analysis.feature_maps(model, u8)
+        return {"model": which, "step": step, "accuracy": accuracy, "input": _pixels(u8),
+                "probabilities": [round(float(v), 6) for v in probs], "predicted": int(probs.argmax()),
+                "conv1": _maps(maps["conv1"]), "conv2": _maps(maps["conv2"])}
+
+
+def _maps(a):
+    """Feature maps (C,H,W) -> each scaled to 0..255 by its own maximum, as base64 bytes (page draws them)."""
+    top = a.reshape(len(a), -1).max(axis=1)
+    scaled = a / np.where(top > 0, top, 1.0)[:, None, None] * 255.0
+    return {"shape": list(a.shape), "pixels": _pixels(np.rint(scaled).astype(np.uint8).reshape(len(a), -1))}
+
+
+def _jsonable(v):
+    if isinstance(v, np.generic):
+        return v.item()
+    raise TypeError(f"{type(v).__name__} is not JSON")
