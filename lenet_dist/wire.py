@@ -206,20 +206,15 @@ def check_result(obj):
 
 
 def check_telemetry(h):
-    """A telemetry reply's rows: a list of at most MAX_TELEMETRY_ROWS objects, each with an integer step and
-    only finite numbers at its top level (or lists of them), and an integer seq; BadMessage otherwise."""
+    """A telemetry reply: rows, a list of at most MAX_TELEMETRY_ROWS objects each with an integer step
+    (decode_object has refused non-finite numbers already), and an integer seq; BadMessage otherwise."""
     rows, seq = h.get("rows"), h.get("seq")
     if not _is_int(seq, -1):
-        raise BadMessage(f"telemetry seq {seq!r}, expected an integer >= -1")
+        raise BadMessage(f"telemetry seq {str(seq)[:40]!r}, expected an integer >= -1")
     if not isinstance(rows, list) or len(rows) > MAX_TELEMETRY_ROWS:
         raise BadMessage(f"telemetry rows: expected a list of at most {MAX_TELEMETRY_ROWS}")
-    for r in rows:
-        if not isinstance(r, dict) or not _is_int(r.get("step")):
-            raise BadMessage("telemetry row without an integer step")
-        for k, v in r.items():
-            values = v if isinstance(v, list) else [v]
-            if any(isinstance(x, float) and not math.isfinite(x) for x in values):
-                raise BadMessage(f"telemetry row of step {r['step']}: {k} is not finite")
+    if not all(isinstance(r, dict) and _is_int(r.get("step")) for r in rows):
+        raise BadMessage("telemetry row without an integer step")
     return h
 
 

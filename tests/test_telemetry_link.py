@@ -77,8 +77,8 @@ def test_the_trainer_refuses_rows_json_cannot_carry(link):
 
 @pytest.mark.parametrize("header, reason", [
     ({"rows": [{"step": "x"}], "seq": 0}, "integer step"),
-    ({"rows": [{"step": 1, "loss": 1e400}], "seq": 0}, "not finite"),
-    ({"rows": [{"step": 1, "rank_compute_s": [1.0, float("inf")]}], "seq": 0}, "not finite"),
+    ({"rows": [{"step": 1, "loss": 1e400}], "seq": 0}, "finite"),
+    ({"rows": [{"step": 1, "rank_compute_s": [1.0, float("inf")]}], "seq": 0}, "finite"),
     ({"rows": "many", "seq": 0}, "list"),
     ({"rows": [{"step": 1}] * (wire.MAX_TELEMETRY_ROWS + 1), "seq": 0}, "at most"),
     ({"rows": [], "seq": "3"}, "seq"),
