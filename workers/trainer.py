@@ -183,6 +183,7 @@ def run(args, comm):
         metrics = open(args.metrics, "a")
     every = args.checkpoint_every
     guard = _stall_guard(args, comm, trainer)
+    first_step = trainer.step + 1          # logged when done: lenet-launch's restart time ends there
     try:
         while not trainer.done:
             ep_start_step, t0 = trainer.step, time.perf_counter()
@@ -194,6 +195,8 @@ def run(args, comm):
                 args.fault.maybe_fire(trainer, comm.rank)
                 B, l, c, stop_all = trainer.train_step(stop_request=bool(stop.signum))
                 guard.beat()
+                if trainer.step == first_step:
+                    log.info("step %d done, the first of this start", trainer.step)
                 if link:
                     link.progress(trainer.step)
                 seen, loss_sum, correct = seen + B, loss_sum + l, correct + c
