@@ -13,8 +13,9 @@ thread per rank) on full MNIST ($LENET_DATA_DIR or the cache, never a download; 
 warning otherwise), runs --warmup steps, then times --steps steps. Per configuration one JSON line:
 
     images_per_s        global batch * steps / wall time (the slowest rank's)
-    allreduce_share     time inside comm.allreduce_ / wall time: the reduction *and* the wait for the
-                        slowest peer ("allreduce+wait share of step time"), mean and max over the ranks
+    allreduce_share     time the step is blocked on its reduction (trainer.comm_seconds: the fused
+                        allreduce, or the wait for the buckets) / wall time: the reduction *and* the wait
+                        for the slowest peer ("allreduce+wait share of step time"), mean and max over ranks
     peak_rss_mb         ru_maxrss, max over the ranks (with the full training and test set loaded)
 
 then one summary line: medians over the repeats, and the ratios the issue asks for (2 ranks / 1 rank,
@@ -23,7 +24,8 @@ then one summary line: medians over the repeats, and the ratios the issue asks f
 A variant is NAME:KEY=VALUE,KEY=VALUE. By default a worker opens MPI as lenet-train does (MPIComm(),
 whose MPICH defaults apply); `@raw` in a variant opens it with oversubscribed_defaults=False, i.e. plain
 MPICH plus whatever the variant and --env set; `@balance` trains with --balance (shards sized by each
-rank's measured speed, lenet_dist/balance.py); every record has `rank_shares` and `rank_compute_ms` (each rank's compute time per step) over the timed steps.
+rank's measured speed, lenet_dist/balance.py); `@fused` trains with --bucket-kb 0 (one allreduce after
+backward instead of the default buckets); every record has `rank_shares` and `rank_compute_ms` (each rank's compute time per step) over the timed steps.
 --straggler R makes rank R compute 3x slower (as `--fault R:0:slow` does in lenet-train).
 """
 from __future__ import annotations
@@ -67,35 +69,25 @@ def worker(args):
 
     total = args.warmup + args.steps
     cfg = TrainConfig(batch_size=args.batch, epochs=max(1, -(-total * args.batch // len(ds.train_images)) + 1),
-                      balance=args.balance)
+                      balance=args.balance, bucket_kb=0 if args.fused else TrainConfig.bucket_kb)
     with threadpool_limits(limits=1, user_api="blas"):
         trainer = DataParallelTrainer(cfg, comm, ds)
         if comm.rank == args.straggler:
             trainer.slowdown = 3.0
 
-        inner, spent = comm.allreduce_, [0.0]
-
-        def timed_allreduce(buf):                  # time in the reduction, including waiting for peers
-            t = time.perf_counter()
-            inner(buf)
-            spent[0] += time.perf_counter() - t
-            return buf
-
-        comm.allreduce_ = timed_allreduce
         for _ in range(args.warmup):
             trainer.train_step()
         comm.barrier()
-        spent[0] = 0.0
+        trainer.comm_seconds = 0.0
         trainer.examples_by_rank[:] = 0
         trainer.seconds_by_rank[:] = 0
         t0 = time.perf_counter()
         for _ in range(args.steps):
             trainer.train_step()
         wall = time.perf_counter() - t0
-        comm.allreduce_ = inner
 
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0          # KiB on Linux
-    mine = np.array([wall, spent[0], rss_mb], np.float64)
+    mine = np.array([wall, trainer.comm_seconds, rss_mb], np.float64)
     every = comm.allgather(mine)                                                   # (size, 3)
     if comm.rank == 0:
         wall_max = float(every[:, 0].max())
@@ -115,7 +107,7 @@ def worker(args):
 
 # ------------------------------------------------------------------------------------------------ launcher
 
-VARIANT_FLAGS = ("raw", "balance")   # @raw, @balance: worker flags --raw, --balance
+VARIANT_FLAGS = ("raw", "balance", "fused")   # @raw, @balance, @fused: worker flags --raw, --balance, --fused
 
 
 def parse_variant(text):
@@ -266,6 +258,7 @@ def main(argv=None):
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--raw", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--balance", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--fused", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.repeats < 1 or args.steps < 1 or args.warmup < 0 or args.batch < 1:
         p.error("--repeats and --steps must be >= 1, --warmup >= 0, --batch >= 1")

@@ -58,7 +58,9 @@ def main(argv=None):
         ds = load_subset()
     stamps = {k: [] for k in PHASES}
     total = args.warmup + args.steps
-    cfg = TrainConfig(batch_size=args.batch, epochs=max(1, -(-total * args.batch // len(ds.train_images)) + 1))
+    # the fused allreduce (--bucket-kb 0): its phases are what the stamps split; buckets overlap them
+    cfg = TrainConfig(batch_size=args.batch, epochs=max(1, -(-total * args.batch // len(ds.train_images)) + 1),
+                      bucket_kb=0)
     with threadpool_limits(limits=1, user_api="blas"):
         trainer = DataParallelTrainer(cfg, comm, ds)
         model_step, wait_for_all, allreduce_ = trainer.model.loss_and_grad, comm.wait_for_all, comm.allreduce_

@@ -12,6 +12,8 @@ import time
 
 import numpy as np
 
+from .halfprec import from_bfloat16, to_bfloat16
+
 # Environment variables that MPI launchers set in every process they start.
 _LAUNCHER_VARS = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS", "HYDI_CONTROL_FD")
 
@@ -85,6 +87,15 @@ class LocalComm:
     def wait_for_all(self):
         pass
 
+    def iallreduce_(self, buf, dtype="float32"):
+        return _DONE
+
+    def test_all(self, requests):
+        return True
+
+    def wait_all(self, requests):
+        pass
+
     def abort(self, code=1):
         sys.stdout.flush()
         sys.stderr.flush()
@@ -126,6 +137,40 @@ class MPIComm:
             while not arrived.Test():
                 time.sleep(self.nap)        # give the core to the peer we wait for
 
+    # Non-blocking sums for the bucketed allreduce (buckets.py): start one as soon as its gradients are
+    # ready, let MPI progress it while backward goes on, wait before the update. MPICH progresses a
+    # non-blocking collective only inside MPI calls (no progress thread: ranks are single-threaded), so
+    # the caller tests its requests between layers (test_all).
+    def iallreduce_(self, buf, dtype="float32"):
+        """Start summing `buf` over all ranks in place; returns the request. dtype 'float16' / 'bfloat16':
+        `buf` holds half-precision values (np.float16, or bfloat16 bits in np.uint16)."""
+        mpi_type, op = self._half_types(dtype)
+        return self.comm.Iallreduce(self.MPI.IN_PLACE, buf if mpi_type is None else [buf, mpi_type], op=op)
+
+    def test_all(self, requests):
+        """Let MPI move the requests along; True when all are done."""
+        return self.MPI.Request.Testall(requests)
+
+    def wait_all(self, requests):
+        """Wait for every request (oversubscribed: testing between naps, as wait_for_all does)."""
+        if self.nap is None:
+            self.MPI.Request.Waitall(requests)
+            return
+        while not self.MPI.Request.Testall(requests):
+            time.sleep(self.nap)
+
+    def _half_types(self, dtype):
+        """(MPI datatype or None for the buffer's own, op) for a reduction in `dtype`."""
+        if dtype == "float32":
+            return None, self.MPI.SUM
+        if dtype == "float16":                          # MPICH sums MPIX_C_FLOAT16 natively
+            return self.MPI.FLOAT16_T, self.MPI.SUM
+        if dtype == "bfloat16":                         # no native bfloat16 here: a user op on the bits
+            if getattr(self, "_bf16_op", None) is None:
+                self._bf16_op = self.MPI.Op.Create(_bf16_sum, commute=True)
+            return self.MPI.UINT16_T, self._bf16_op
+        raise ValueError(f"allreduce dtype must be float32, float16 or bfloat16, got {dtype!r}")
+
     def bcast_(self, buf):
         """Overwrite `buf` on every rank with rank 0's."""
         self.comm.Bcast(buf, root=0)
@@ -155,6 +200,25 @@ class MPIComm:
 
     def processor_name(self):
         return self.MPI.Get_processor_name()
+
+
+class _Done:
+    """LocalComm's request: complete from the start."""
+
+    def Test(self):
+        return True
+
+    def Wait(self):
+        pass
+
+
+_DONE = _Done()
+
+
+def _bf16_sum(inbuf, inoutbuf, datatype):
+    """MPI user op: inout += in, both bfloat16 bits (uint16), summed in float32 and rounded back."""
+    a, b = np.frombuffer(inbuf, np.uint16), np.frombuffer(inoutbuf, np.uint16)
+    b[:] = to_bfloat16(from_bfloat16(a) + from_bfloat16(b))
 
 
 def get_comm(force_local=False):

@@ -5,6 +5,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, fields
 
+from .halfprec import DTYPES
 from .optim import SCHEDULES
 
 
@@ -26,6 +27,9 @@ class TrainConfig:
     micro_batch: int = 16           # deterministic mode: examples per fixed-size gradient chunk
     balance: bool = False           # shards follow each rank's measured speed (see balance.py)
     train_subset: int = 0           # use only the first N training examples (0 = all)
+    bucket_kb: int = 64             # gradients reduced in buckets of >= this many KiB, each started as soon
+                                    # as backward has produced it (buckets.py); 0 = one fused allreduce
+    allreduce_dtype: str = "float32"  # float16 | bfloat16: gradients travel in half precision (halfprec.py)
 
     def __post_init__(self):
         for f in fields(self):
@@ -51,10 +55,16 @@ class TrainConfig:
             (0 <= self.augment_shift <= 4, "augment_shift", "an integer in [0, 4]"),
             (self.micro_batch >= 1, "micro_batch", "an integer >= 1"),
             (self.train_subset >= 0, "train_subset", ">= 0"),
+            (self.bucket_kb >= 0, "bucket_kb", "an integer >= 0 (0: one fused allreduce)"),
+            (self.allreduce_dtype in DTYPES, "allreduce_dtype", " | ".join(DTYPES)),
         ]
         for ok, name, expected in checks:
             if not ok:
                 raise ValueError(f"{name} must be {expected}, got {getattr(self, name)!r}")
+        if self.allreduce_dtype != "float32" and (self.deterministic or self.bucket_kb == 0):
+            raise ValueError(f"allreduce_dtype {self.allreduce_dtype} needs the bucketed float allreduce "
+                             f"(bucket_kb > 0, not deterministic), got bucket_kb={self.bucket_kb}, "
+                             f"deterministic={self.deterministic}")
 
     def to_dict(self):
         return dataclasses.asdict(self)

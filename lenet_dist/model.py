@@ -54,9 +54,11 @@ class LeNet5:
         """Move every parameter and gradient into one contiguous vector; layers keep views into it."""
         owners = {"conv1": self.conv1, "conv2": self.conv2, "fc1": self.fc1, "fc2": self.fc2, "fc3": self.fc3}
         params = np.empty(NUM_PARAMS, self.dtype)
+        self.grad_offset = {}           # layer -> flat offset of its first gradient (backward's ready() calls)
         off = 0
         for full, shape in PARAM_SPECS:
             layer, name = owners[full.split(".")[0]], full.split(".")[1]
+            self.grad_offset.setdefault(layer, off)
             n = int(np.prod(shape))
             assert layer.params[name].shape == shape, (full, layer.params[name].shape)
             pv, gv = params[off:off + n].reshape(shape), grads[off:off + n].reshape(shape)
@@ -89,19 +91,25 @@ class LeNet5:
             h = layer.forward(h, train)
         return h
 
-    def backward(self, dlogits):
+    def backward(self, dlogits, ready=None):
+        """`ready(offset)`, if given, is called as soon as every gradient from flat `offset` to the end is
+        final: after fc3, fc2, fc1, conv2, conv1 in turn (the layers run last to first), so that the caller
+        can send them off while the rest of backward computes (buckets.py).                       [dist]"""
         d = dlogits
         for layer in reversed(self.layers):
             d = layer.backward(d)
+            if ready is not None and layer in self.grad_offset:
+                ready(self.grad_offset[layer])
 
-    def loss_and_grad(self, x, y, scale):
-        """Fill self.grads with the gradient of `scale * sum of per-example losses` on (x, y).
+    def loss_and_grad(self, x, y, scale, ready=None):
+        """Fill self.grads with the gradient of `scale * sum of per-example losses` on (x, y); `ready`: see
+        backward().
 
         Returns (sum of losses, number correct) over the batch, for logging.
         """
         logits = self.forward(x, train=True)
         losses = self.loss.forward(logits, y)
-        self.backward(self.loss.backward(self.dtype.type(scale)))
+        self.backward(self.loss.backward(self.dtype.type(scale)), ready)
         return float(losses.sum(dtype=np.float64)), int((logits.argmax(axis=0) == y).sum())
 
     def evaluate(self, images, labels, batch_size=128):

@@ -5,12 +5,18 @@ Per step, on every rank (lines marked [dist] exist only for distribution; at siz
     shard        = this rank's contiguous slice of it           [dist]
     grads        = SUM over the shard of per-example gradients  (+ loss sum, correct count in the tail,
                                                                  and the seconds this rank computed)
-    allreduce(grads | tail)                                     [dist] one in-place call per step
+    allreduce(grads | tail)                                     [dist] in buckets started during backward
+                                                                       (buckets.py), or one fused call
     grads       /= B (the global batch size: exact full-batch gradient, even for uneven shards)
     SGD update                                                  identical on every rank
 
 The shards are equal (sizes differ by at most one) unless --balance asks for shares that follow each
 rank's measured speed (balance.py); the seconds in the tail are what it measures.
+
+Bucketed (the default with more than one rank; --bucket-kb 0: the one fused allreduce): backward hands each
+layer's finished gradients to buckets.BucketedAllreduce, which starts a non-blocking allreduce per bucket,
+fully connected layers first, and the step waits for all of them before the update. --allreduce-dtype
+float16 | bfloat16 sends the buckets in half precision (halfprec.py).
 
 Deterministic mode: the global batch is cut into fixed-size micro-batches, each micro-batch's gradient
 is rounded to 2**-32 fixed point in int64 and summed as integers. Integer addition is associative, so the
@@ -26,6 +32,7 @@ import numpy as np
 
 from . import sampler
 from .balance import ShardBalancer
+from .buckets import BucketedAllreduce, tail_slots
 from .checkpoint import Checkpoint
 from .data import normalize
 from .layers import Workspace
@@ -49,7 +56,9 @@ class DataParallelTrainer:
         self.images, self.labels = dataset.train_images[:n], dataset.train_labels[:n].astype(np.intp)
         self.test_images, self.test_labels = dataset.test_images, dataset.test_labels
         self.n = n
-        self.model = LeNet5(seed=cfg.seed, grad_tail=TAIL + comm.size)
+        bucketed = cfg.bucket_kb > 0 and comm.size > 1                  # [dist] (nothing to overlap at size 1)
+        extra = tail_slots(cfg.bucket_kb, cfg.allreduce_dtype) if bucketed else 0
+        self.model = LeNet5(seed=cfg.seed, grad_tail=TAIL + comm.size + extra)
         comm.bcast_(self.model.params)                                   # [dist] rank 0's initial weights
         self.opt = SGD(self.model.params, momentum=cfg.momentum, nesterov=cfg.nesterov,
                        weight_decay=cfg.weight_decay)
@@ -64,10 +73,14 @@ class DataParallelTrainer:
         self._xbuf = Workspace(np.float32)                               # normalized shard images
         if cfg.deterministic:
             self._acc = np.zeros(NUM_PARAMS + TAIL + comm.size, np.int64)  # fixed-point gradient sum
+        self.reducer = BucketedAllreduce(comm, self.model.grad_buffer, bucket_kb=cfg.bucket_kb,   # [dist]
+                                         dtype=cfg.allreduce_dtype,
+                                         send=self._acc if cfg.deterministic else None) if bucketed else None
         self.balancer = ShardBalancer(comm.size, enabled=cfg.balance)
         self.slowdown = 1.0             # > 1: this rank computes that many times slower (--fault RANK:STEP:slow)
         self.examples_by_rank = np.zeros(comm.size, np.int64)           # since the caller last reset them:
         self.seconds_by_rank = np.zeros(comm.size, np.float64)          # work and compute time of every rank
+        self.comm_seconds = 0.0         # this rank's time blocked on the step's reduction (caller resets it)
 
     # ------------------------------------------------------------------------------ position and state
     @property
@@ -102,10 +115,11 @@ class DataParallelTrainer:
         else:
             cuts = self.balancer.plan(B, quantum=BALANCE_QUANTUM)
             lo, hi = cuts[self.comm.rank], cuts[self.comm.rank + 1]            # [dist] this rank's shard
+            ready = self.reducer.ready if self.reducer else None                # [dist] buckets leave early
             t0 = time.perf_counter()
             if hi > lo:
                 x, y = self._examples(idx, lo, hi)
-                loss, correct = self.model.loss_and_grad(x, y, scale=1.0)       # sum, not mean
+                loss, correct = self.model.loss_and_grad(x, y, scale=1.0, ready=ready)  # sum, not mean
             else:
                 buf[:] = 0.0
                 loss, correct = 0.0, 0
@@ -113,13 +127,13 @@ class DataParallelTrainer:
             buf[NUM_PARAMS:] = 0.0
             buf[NUM_PARAMS:NUM_PARAMS + TAIL] = (loss, correct, stop_request)
             buf[NUM_PARAMS + TAIL + self.comm.rank] = seconds
-            self.comm.allreduce_(buf)                                           # [dist] the one allreduce
+            self._reduce(buf)                                                   # [dist]
         loss_sum, n_correct = float(buf[NUM_PARAMS]), int(round(float(buf[NUM_PARAMS + 1])))
         stop = bool(buf[NUM_PARAMS + 2] > 0)
         if not math.isfinite(loss_sum):
             raise TrainingError(f"loss is {loss_sum} at step {self.step}: training diverged "
                                 f"(lower --lr, or check the data)")
-        sizes, seconds = np.diff(cuts), buf[NUM_PARAMS + TAIL:]                # [dist] same figures everywhere
+        sizes, seconds = np.diff(cuts), buf[NUM_PARAMS + TAIL:NUM_PARAMS + TAIL + self.comm.size]  # [dist]
         self.balancer.observe(sizes, seconds)
         self.examples_by_rank += sizes
         self.seconds_by_rank += seconds
@@ -147,16 +161,35 @@ class DataParallelTrainer:
         acc[:] = 0
         t0 = time.perf_counter()
         buf[NUM_PARAMS:] = 0.0
-        for start in range(lo, hi, m):
+        starts = range(lo, hi, m)
+        in_acc = [NUM_PARAMS]               # bucketed: the last micro-batch's gradients from here on are in acc
+
+        def into_fixed_point(offset):       # [dist] a finished layer of the last micro-batch joins the sum ...
+            acc[offset:in_acc[0]] += np.rint(buf[offset:in_acc[0]].astype(np.float64) * scale).astype(np.int64)
+            in_acc[0] = offset
+            self.reducer.ready(offset)      # ... and its bucket may leave
+        for start in starts:
+            early = self.reducer is not None and start == starts[-1]                          # [dist]
             x, y = self._examples(idx, start, min(start + m, hi))
-            loss, correct = self.model.loss_and_grad(x, y, scale=1.0)
+            loss, correct = self.model.loss_and_grad(x, y, scale=1.0, ready=into_fixed_point if early else None)
             buf[NUM_PARAMS:NUM_PARAMS + TAIL] = (loss, correct, 0)
-            acc += np.rint(buf.astype(np.float64) * scale).astype(np.int64)
+            rest = slice(NUM_PARAMS if early else 0, None)
+            acc[rest] += np.rint(buf[rest].astype(np.float64) * scale).astype(np.int64)
         seconds = self._slow_down(time.perf_counter() - t0)
         acc[NUM_PARAMS + 2] = int(stop_request) << FIXED_POINT_BITS
         acc[NUM_PARAMS + TAIL + self.comm.rank] = int(round(seconds * scale))
-        self.comm.allreduce_(acc)                                             # [dist] exact integer sum
+        self._reduce(acc)                                                     # [dist] exact integer sum
         buf[:] = acc / scale
+
+    def _reduce(self, send):
+        """[dist] Sum `send` (the grad buffer, or the fixed-point sums) over the ranks: the buckets not yet
+        started and the tail, then wait for all; or, fused, in one allreduce."""
+        t = time.perf_counter()
+        if self.reducer:
+            self.reducer.finish()
+        else:
+            self.comm.allreduce_(send)
+        self.comm_seconds += time.perf_counter() - t
 
     # ---------------------------------------------------------------------------------------- evaluation
     def evaluate(self):

@@ -62,6 +62,12 @@ def parse_args(argv=None):
                         "ones (results then vary with the clock at float-rounding level; no change at all "
                         "with --deterministic)")
     g.add_argument("--train-subset", type=int, default=d.train_subset, help="use the first N examples")
+    g.add_argument("--bucket-kb", type=int, default=d.bucket_kb,
+                   help="reduce gradients in buckets of at least this many KiB, each started while backward "
+                        "goes on (fully connected layers first); 0: one fused allreduce after backward")
+    g.add_argument("--allreduce-dtype", choices=["float32", "float16", "bfloat16"], default=d.allreduce_dtype,
+                   help="gradients travel in this precision (half: scaled, with error feedback; needs "
+                        "--bucket-kb > 0, not --deterministic)")
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", help="folder with the four MNIST IDX files (default: $LENET_DATA_DIR, "
                                       "then the cache, then download)")

@@ -1,0 +1,61 @@
+"""The bucketed and the compressed allreduce against the fused float32 path, over real mpirun on 1-4 ranks:
+the real trainer, one epoch of the shipped subset (40 steps of batch 50, lr 0.01, where trajectories that
+differ by float rounding stay together; see test_mpi.py)."""
+import json
+
+import numpy as np
+import pytest
+
+from .mpiutil import final_params, launch
+
+BASE = ["--subset", "--epochs", "1", "--batch-size", "50", "--lr", "0.01", "--seed", "7", "--no-progress",
+        "--log-level", "WARNING", "--stall-timeout", "30"]
+
+
+def train(n, tmp_path, name, *extra):
+    d = tmp_path / name
+    launch(n, [*BASE, "--checkpoint-dir", d, "--metrics", d / "metrics.jsonl", *extra])
+    last = json.loads((d / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == 40 and last["ranks"] == max(n, 1), last
+    return final_params(d)[0], last
+
+
+def rel_diff(a, b):
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+@pytest.mark.parametrize("n, kb", [(2, "64"), (3, "1"), (4, "1")])
+def test_bucketed_allreduce_equals_the_fused_one(tmp_path, n, kb):
+    # kb 1: a bucket per layer (five and the tail); 64, the default: fc1..fc3, then conv1..conv2
+    fused, m0 = train(n, tmp_path, "fused", "--bucket-kb", "0")
+    bucketed, m = train(n, tmp_path, f"b{kb}", "--bucket-kb", kb)
+    assert rel_diff(bucketed, fused) <= 1e-5
+    assert abs(m["train_loss"] - m0["train_loss"]) <= 1e-4
+
+
+def test_bucketed_deterministic_mode_stays_bit_identical_across_rank_counts(tmp_path):
+    det = ["--deterministic", "--micro-batch", "4"]
+    one, _ = train(0, tmp_path, "one", *det, "--bucket-kb", "0")
+    for n, kb in ((2, "0"), (3, "1"), (4, "64")):
+        got, _ = train(n, tmp_path, f"n{n}", *det, "--bucket-kb", kb)
+        assert np.array_equal(got, one), (n, kb)
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_compressed_allreduce_follows_the_float32_one(tmp_path, n):
+    # measured: float16 5e-5, bfloat16 1e-3 relative to the largest parameter after 40 steps on 4 ranks
+    fused, m0 = train(n, tmp_path, "fused", "--bucket-kb", "0")
+    for dtype, tol in (("float16", 1e-3), ("bfloat16", 1e-2)):
+        half, m = train(n, tmp_path, dtype, "--allreduce-dtype", dtype)
+        assert 0 < rel_diff(half, fused) <= tol, dtype     # not the float32 path in disguise, and close to it
+        assert abs(m["test_acc"] - m0["test_acc"]) <= 0.005
+        assert abs(m["train_loss"] - m0["train_loss"]) <= 1e-3
+
+
+def test_one_rank_sends_nothing_so_neither_buckets_nor_compression_change_a_bit(tmp_path):
+    fused, _ = train(0, tmp_path, "fused", "--bucket-kb", "0")
+    for name, flags in (("b1", ["--bucket-kb", "1"]), ("half", ["--allreduce-dtype", "float16"])):
+        got, _ = train(0, tmp_path, name, *flags)
+        assert np.array_equal(got, fused), name
+    got, _ = train(1, tmp_path, "mpi1", "--allreduce-dtype", "bfloat16")   # under mpirun -n 1 as well
+    assert np.array_equal(got, fused)
