@@ -69,7 +69,7 @@ class Live:
             if args.tensorboard:
                 from .tensorboard import EvaluatorBoard
                 self.tb = EvaluatorBoard(args.tensorboard)
-            if args.connect:
+            if args.connect and self.state is not None:     # the trainer's own --tensorboard logs its steps
                 self.follower = TelemetryFollower(args, self._on_steps, stop)
         except BaseException:
             self.close()
@@ -78,8 +78,6 @@ class Live:
     def _on_steps(self, rows):
         if self.state is not None:
             self.state.add_steps(rows)
-        if self.tb is not None:
-            self.tb.add_steps(rows)
 
     def on_evaluation(self, result, params, detail, config):
         if self.state is not None:
