@@ -10,6 +10,8 @@ apt_needed=()
 need() { dpkg -s "$1" >/dev/null 2>&1 || apt_needed+=("$1"); }
 # (each part of the suite adds what it needs here)
 need systemd          # systemd-analyze: tests/test_deploy_recipes.py checks the evaluator's unit
+need chromium         # tests/test_browser.py: the dashboard in a real headless browser (Selenium)
+need chromium-driver
 
 if ((${#apt_needed[@]})); then
     if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then

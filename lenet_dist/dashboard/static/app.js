@@ -282,8 +282,10 @@ async function start() {
   showConfig(state.config);
   addSteps(history.steps);
   history.evaluations.forEach(addEvaluation);
-  const r = await fetch("/api/checkpoint");
-  if (r.ok) { showCheckpoint(await r.json()); showDigit($("digit-index").value); }
+  if (state.evaluations > 0) {                 // (asking before would be a 404 in the console)
+    showCheckpoint(await getJSON("/api/checkpoint"));
+    showDigit($("digit-index").value);
+  }
   headline();
 }
 

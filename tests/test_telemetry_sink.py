@@ -1,0 +1,59 @@
+"""The --log-every sink on its own: a row every K steps with the window's figures, per-rank figures across
+an epoch boundary (where the loop resets its per-rank counts), and the config on the first row only."""
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from workers.telemetry import TelemetrySink
+
+
+def steps(n, ranks=2, per_epoch=5):
+    """StepState-like objects: 100 examples a step split 60/40, 0.1 s a step, rank compute 0.06 / 0.05 s."""
+    counts = np.zeros(ranks, np.int64)
+    t = 1000.0
+    for k in range(1, n + 1):
+        epoch = (k - 1) // per_epoch
+        if (k - 1) % per_epoch == 0:
+            counts[:] = 0                                   # the loop resets them at every epoch start
+        counts += [60, 40]
+        t += 0.1
+        yield SimpleNamespace(step=k, epoch=epoch, batch=100, loss_sum=100 * 0.5 / k, correct=90, lr=0.01 * k,
+                              time=t, step_seconds=0.1, compute_seconds=np.array([0.06, 0.05])), counts
+
+
+def test_a_row_every_k_steps_with_the_window_figures():
+    rows, counts = [], None
+    sink = TelemetrySink(4, [rows.append], rank_examples=lambda: counts)
+    sink.on_start(SimpleNamespace(config={"lr": 0.1}))
+    for s, counts in steps(12):
+        sink.on_step(s)
+    assert [r["step"] for r in rows] == [4, 8, 12]
+    r = rows[1]                                             # steps 5..8, across the epoch boundary at 6
+    assert r["steps"] == 4 and r["seconds"] == pytest.approx(0.4)
+    assert r["loss"] == pytest.approx(np.mean([0.5 / k for k in (5, 6, 7, 8)]))
+    assert r["acc"] == pytest.approx(0.9) and r["lr"] == pytest.approx(0.08)
+    assert r["images_per_s"] == pytest.approx(1000.0)
+    assert r["rank_images_per_s"] == pytest.approx([600.0, 400.0])
+    assert r["rank_compute_s"] == pytest.approx([0.24, 0.2]) and r["rank_wait_s"] == pytest.approx([0.16, 0.2])
+    assert rows[0]["config"] == {"lr": 0.1} and "config" not in rows[1]
+    assert all(r["event"] == "step" for r in rows)
+
+
+def test_one_rank_has_no_per_rank_lists():
+    rows = []
+    sink = TelemetrySink(2, [rows.append])
+    for s, _ in steps(4):
+        s.compute_seconds = np.array([0.06])
+        sink.on_step(s)
+    assert len(rows) == 2 and "rank_compute_s" not in rows[0] and "rank_images_per_s" not in rows[0]
+
+
+def test_every_output_gets_the_row_and_k_must_be_positive():
+    a, b = [], []
+    sink = TelemetrySink(1, [a.append, b.append])
+    for s, _ in steps(3):
+        sink.on_step(s)
+    assert a == b and len(a) == 3
+    with pytest.raises(ValueError, match="--log-every"):
+        TelemetrySink(0, [])
