@@ -12,6 +12,8 @@ need() { dpkg -s "$1" >/dev/null 2>&1 || apt_needed+=("$1"); }
 need systemd          # systemd-analyze: tests/test_deploy_recipes.py checks the evaluator's unit
 need chromium         # tests/test_browser.py: the dashboard in a real headless browser (Selenium)
 need chromium-driver
+need slurm-wlm        # slurmctld, slurmd, srun: tests/test_deploy_slurm.py runs deploy/slurm/train.sbatch
+need munge            #   on a real cluster (tests/slurm_cluster.py)
 
 if ((${#apt_needed[@]})); then
     if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then

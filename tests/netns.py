@@ -16,6 +16,7 @@ import subprocess
 from pathlib import Path
 
 AGENT = Path(__file__).resolve().parent / "netns_agent.sh"
+NETNS_ETC = Path("/etc/netns")            # per-namespace files that `ip netns exec` mounts over /etc
 
 
 def _ip(*args):
@@ -40,6 +41,7 @@ class Hosts:
         self.ns = {h: f"{tag}-{h}" for h in self.addresses}
         self.switch = f"{tag}-sw"
         self.made = []
+        self.etc_dirs = []
 
     @classmethod
     @contextlib.contextmanager
@@ -66,6 +68,16 @@ class Hosts:
             _ip("-n", ns, "link", "set", "eth0", "up")
             _ip("-n", ns, "link", "set", "lo", "up")
 
+    def write_hosts_files(self):
+        """Let the hosts find each other by name: /etc/netns/NS/hosts, which `ip netns exec` (and so the
+        agent) mounts over /etc/hosts inside NS. Removed again by destroy()."""
+        lines = ["127.0.0.1 localhost"] + [f"{a} {h}" for h, a in self.addresses.items()]
+        for ns in self.ns.values():
+            d = NETNS_ETC / ns
+            d.mkdir(parents=True, exist_ok=True)
+            (d / "hosts").write_text("\n".join(lines) + "\n")
+            self.etc_dirs.append(d)
+
     def agent_map(self):
         """$LENET_NETNS_HOSTS for tests/netns_agent.sh."""
         return " ".join(f"{ns}:{h}:{self.addresses[h]}" for h, ns in self.ns.items())
@@ -87,6 +99,17 @@ class Hosts:
         env.setdefault("LENET_NETNS_HOSTS", self.agent_map())
         return subprocess.Popen([str(AGENT), host, line], env=env, **popen)
 
+    def popen_keeping_sys(self, host, argv, cwd=None, **popen):
+        """Start argv on `host` like popen(), but with the machine's /sys, which `ip netns exec` replaces by
+        a fresh sysfs without /sys/fs/cgroup (slurmd needs its cgroup mounts even when it uses no cgroups):
+        only the network namespace is entered; hostname and /etc/hosts (see write_hosts_files) are private."""
+        hosts_file = NETNS_ETC / self.ns[host] / "hosts"
+        script = ('[ ! -f "$1" ] || mount --bind "$1" /etc/hosts && hostname "$0" && cd "$2" && shift 2 '
+                  '&& exec "$@"')
+        return subprocess.Popen(["nsenter", f"--net=/run/netns/{self.ns[host]}", "unshare", "--uts", "--mount",
+                                 "sh", "-c", script, host, str(hosts_file), str(cwd or "/"), *map(str, argv)],
+                                **popen)
+
     def destroy(self):
         """Kill what still runs in our namespaces (only processes this test started), then delete them."""
         for ns in self.made:
@@ -99,3 +122,6 @@ class Hosts:
         for ns in reversed(self.made):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         self.made.clear()
+        for d in self.etc_dirs:
+            shutil.rmtree(d, ignore_errors=True)
+        self.etc_dirs.clear()

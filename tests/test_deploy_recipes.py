@@ -184,7 +184,8 @@ def test_launch_hostfile_dry_run_runs_nothing(tmp_path):
 
 
 def slurm_env(tmp_path, nodes):
-    return {"SLURM_JOB_NODELIST": "n[1-3]", "SLURM_JOB_ID": "42", "SLURM_SUBMIT_DIR": str(tmp_path),
+    return {"SLURM_JOB_NODELIST": "n[1-3]", "SLURM_JOB_ID": "42", "SLURM_JOB_NAME": "mnist-a",
+            "SLURM_SUBMIT_DIR": str(tmp_path),
             "FAKE_NODES": " ".join(nodes), "EVAL_GRACE": "2"}
 
 
@@ -219,7 +220,29 @@ def test_sbatch_with_srun(tmp_path, nodes):
     assert ("--overlap" if len(nodes) == 1 else "--exclusive") in evaluator
     assert host_port(flag(evaluator, "--connect")) == (rank0, PUBLISH_PORT)
     assert host_port(flag(evaluator, "--results-bind")) == ("0.0.0.0", RESULTS_PORT)
-    assert flag(evaluator, "--report").startswith(str(tmp_path / "runs" / "slurm-42"))
+    # The run folder is named after the job, so that the same job submitted again resumes there.
+    run_dir = tmp_path / "runs" / "mnist-a"
+    assert flag(evaluator, "--report") == str(run_dir / "evaluator.jsonl")
+    assert flag(train, "--checkpoint-dir") == str(run_dir / "checkpoints") and "--resume" in train
+    assert "--resume" in check[0]
+
+
+def test_sbatch_resume_can_be_turned_off_and_evaluator_flags_added(tmp_path):
+    bindir = fake_bin(tmp_path, scontrol=SCONTROL,
+                      srun='if [ "$1" = --mpi=list ]; then printf "MPI plugin types are...\\n\\tpmi2\\n"; exit 0; fi')
+    result = run_script(DEPLOY / "slurm/train.sbatch", tmp_path, bindir,
+                        dict(slurm_env(tmp_path, ["n1", "n2"]), RESUME="0", EVAL_ARGS="--no-download --timeout 60"))
+    assert result.returncode == 0, result.stderr
+    calls = [c for c in recorded_calls(tmp_path) if c[0] == "srun" and "--mpi=list" not in c]
+    assert calls and not any("--resume" in c for c in calls), calls
+    (evaluator,) = [c for c in calls if "lenet-evaluator" in c]
+    assert evaluator[-3:] == ["--no-download", "--timeout", "60"]
+
+
+def test_sbatch_header_makes_resuming_the_default():
+    header = dict(re.findall(r"^#SBATCH --([\w-]+)(?:=(\S+))?", read("slurm/train.sbatch"), re.M))
+    assert header["requeue"] == "" and header["dependency"] == "singleton"
+    assert header["open-mode"] == "append" and "%x" in header["output"]
 
 
 @pytest.mark.parametrize("flavor", ["mpich", "openmpi"])

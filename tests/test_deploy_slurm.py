@@ -1,0 +1,147 @@
+"""deploy/slurm/train.sbatch on a real Slurm cluster: slurmctld and three slurmd, each node a network
+namespace with its own hostname and address (tests/slurm_cluster.py), Debian's slurm-wlm 22.05 and munge.
+The recipe is submitted unmodified but for --nodes and --export, as a user submits it:
+
+    node  address      runs
+    n1    10.78.0.1    the batch script, rank 0 (srun --mpi=pmi2; binds the publish port)
+    n2    10.78.0.2    rank 1
+    n3    10.78.0.3    lenet-evaluator, its own job step
+    ctl   10.78.0.100  slurmctld; sbatch, scancel and scontrol are run here
+
+A first job is cancelled with scancel once it has written a checkpoint: it must stop with one; the same job
+submitted again must resume from it and finish, with the evaluator's report where the recipe says. Needs
+root, iproute2 and the Debian packages (scripts/setup-tests.sh); skips, saying which is missing, otherwise.
+The cluster's daemons and namespaces are removed even when the test fails.
+"""
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from lenet_dist import checkpoint
+from lenet_dist.transport import generate_keys
+
+from .mpiutil import REPO
+from .slurm_cluster import SlurmCluster, unavailable
+
+SBATCH = REPO / "deploy" / "slurm" / "train.sbatch"
+STEPS_PER_EPOCH = 40                    # 2,000 subset images / batch 50
+EPOCHS = 5
+JOB_NAME = "lenet-dist"                 # the script's own #SBATCH --job-name
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    why = unavailable()
+    if why:
+        pytest.skip(why)
+    c = SlurmCluster(tmp_path / "slurm", f"lslurm{os.getpid()}", ["n1", "n2", "n3"])
+    try:
+        try:
+            c.start()
+        except subprocess.CalledProcessError as e:
+            pytest.skip(f"cannot make network namespaces here: '{shlex.join(e.cmd)}' failed: {e.stderr.strip()}")
+        yield c
+    finally:
+        c.close()
+
+
+def submit_dir(tmp_path):
+    """The submit directory (every node sees it: one filesystem), with this checkout's commands on PATH and
+    the CurveZMQ keys in deploy/README.md's layout for KEYS_DIR."""
+    d = tmp_path / "submit"
+    bindir = d / "bin"
+    bindir.mkdir(parents=True)
+    for name, module in (("lenet-train", "workers.trainer"), ("lenet-evaluator", "workers.evaluator")):
+        (bindir / name).write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -m {module} \"$@\"\n")
+        (bindir / name).chmod(0o755)
+    keys = d / "keys"
+    generate_keys(keys, "trainer")
+    evaluator_public, _ = generate_keys(keys, "evaluator")
+    (keys / "authorized").mkdir()
+    shutil.copy(evaluator_public, keys / "authorized")
+    return d, bindir, keys
+
+
+def job_env(bindir):
+    e = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}", PYTHONUNBUFFERED="1",
+             PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+             # MPI data over TCP on the nodes' links: left alone, MPICH's UCX sees one machine and uses shared
+             # memory. Its OFI netmod, not UCX: UCX's long addresses reach Slurm's PMI in segments, which
+             # slurmstepd's pmi2 plugin sometimes reads split ("value not properly terminated").
+             MPIR_CVAR_CH4_NETMOD="ofi", FI_PROVIDER="tcp", FI_TCP_IFACE="eth0")
+    for var in ("LENET_DATA_DIR", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "LENET_FAULT"):
+        e.pop(var, None)
+    return e
+
+
+def newest_step(ckpt_dir):
+    found = checkpoint.latest_valid(ckpt_dir, warn=lambda m: None) if ckpt_dir.exists() else None
+    return found[1].step if found else None
+
+
+def stop_step(log):
+    """The step at which the ranks stopped on a signal, each with its checkpoint written (both ranks agree)."""
+    steps = {int(s) for s in re.findall(r"stopped by signal \d+ at step (\d+); checkpoint written", log)}
+    assert len(steps) == 1, log
+    return steps.pop()
+
+
+def test_sbatch_recipe_on_a_real_cluster_cancels_with_a_checkpoint_and_resumes(cluster, tmp_path):
+    d, bindir, keys = submit_dir(tmp_path)
+    env = job_env(bindir)
+    run_dir = d / "runs" / JOB_NAME                       # the recipe's run folder: by job name
+    args = ["--nodes=3", f"--export=ALL,RANKS_PER_NODE=1,KEYS_DIR={keys},EVAL_ARGS=--subset,EVAL_GRACE=60",
+            str(SBATCH), "--subset", "--epochs", str(EPOCHS), "--batch-size", "50", "--checkpoint-every", "10",
+            "--no-progress"]
+
+    # First job: requeued by Slurm (as after a node failure) once it has written a checkpoint; it stops
+    # with a checkpoint, starts again under the same job id and resumes there.
+    first = cluster.sbatch(args, cwd=d, env=env)
+    out = d / f"{JOB_NAME}-{first}.out"                   # %x-%j.out, appended to by each start
+    cluster.wait_for(lambda: newest_step(run_dir / "checkpoints") is not None, f"a checkpoint in {run_dir}",
+                     job_id=first, timeout=120)
+    cluster.run(["scontrol", "requeue", first])
+    cluster.wait_for(lambda: "requeued job, start number 2" in out.read_text(), "the requeued start",
+                     job_id=first, timeout=120)
+    requeue_step = stop_step(out.read_text())
+    cluster.wait_for(lambda: re.search(rf"resumed from \S+ at step {requeue_step} ", out.read_text()),
+                     f"a resume from step {requeue_step}", job_id=first, timeout=60)
+
+    # Then cancelled once it has written another checkpoint: it stops with one.
+    cluster.wait_for(lambda: newest_step(run_dir / "checkpoints") > requeue_step, "a newer checkpoint",
+                     job_id=first, timeout=60)
+    cluster.run(["scancel", first])
+    cluster.wait_state(first, {"CANCELLED"}, timeout=90)
+    text = out.read_text()
+    cancel_step = stop_step(text[text.index("requeued job, start number 2"):])
+    assert requeue_step < cancel_step < EPOCHS * STEPS_PER_EPOCH, text
+    assert newest_step(run_dir / "checkpoints") == cancel_step, text
+
+    # Submitted again under the same name: it resumes there and finishes.
+    second = cluster.sbatch(args, cwd=d, env=env)
+    fields = cluster.wait_state(second, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}, timeout=240)
+    out2 = (d / f"{JOB_NAME}-{second}.out").read_text()
+    assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", (fields, out2)
+    assert re.search(rf"resumed from \S+ at step {cancel_step} ", out2), out2
+
+    # Ranks on n1 and n2 (the pre-flight names each rank's host), the evaluator on n3.
+    assert "2 rank(s) on 2 host(s): n1 (rank 0), n2 (rank 1)" in out2, out2
+    assert "ok    rank 0 on n1  results: tcp://n3:5556 accepts connections" in out2, out2
+    # Checkpoints, metrics and the evaluator's report where the recipe says (deploy/README.md).
+    total = EPOCHS * STEPS_PER_EPOCH
+    assert newest_step(run_dir / "checkpoints") == total
+    epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in epochs if r.get("event") == "epoch"]
+    assert epochs[-1]["step"] == total and epochs[-1]["ranks"] == 2, epochs[-1]
+    report = [json.loads(line) for line in (run_dir / "evaluator.jsonl").read_text().splitlines()]
+    last = report[-1]
+    assert last["final"] and last["step"] == total, report[-3:]
+    assert last["evaluator"].startswith("n3:"), last
+    assert last["accuracy"] == pytest.approx(epochs[-1]["test_acc"], abs=1e-9)
+    assert (run_dir / "best" / "best.json").exists()
