@@ -264,3 +264,20 @@ def test_busy_port_fails_at_once(data):
             DashboardServer(state, port=port)
     finally:
         first.close()
+
+
+def test_closing_the_server_ends_open_streams(data):
+    state = LiveState(data.test_images, data.test_labels)
+    server = DashboardServer(state)
+    opened, ended = threading.Event(), threading.Event()
+
+    def watch():
+        with httpx.stream("GET", server.url + "/api/stream", timeout=30) as r:
+            for line in r.iter_lines():
+                if line.startswith("retry:"):
+                    opened.set()
+        ended.set()                                  # the server finished the response: a clean end
+    threading.Thread(target=watch, daemon=True).start()
+    assert opened.wait(10) and not ended.is_set()
+    server.close()
+    assert ended.wait(10)

@@ -101,9 +101,11 @@ def _png(body):
     return gray
 
 
-def build_app(state, token=None):
-    """The Starlette app over `state`. `token`: required of every request when given."""
+def build_app(state, token=None, closing=None):
+    """The Starlette app over `state`. `token`: required of every request when given. `closing`: a
+    threading.Event that, once set (and the state's listeners called), ends every live stream."""
     wakers = set()          # one asyncio.Event per open live stream
+    closing = closing if closing is not None else threading.Event()
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -120,8 +122,6 @@ def build_app(state, token=None):
             yield
         finally:
             state.listeners.remove(listener)
-            app.state.closing = True
-            bump()
 
     async def index(request):
         given = request.query_params.get("token")
@@ -184,7 +184,7 @@ def build_app(state, token=None):
             seq = start
             try:
                 yield "retry: 1000\n\n"
-                while not getattr(request.app.state, "closing", False):
+                while not closing.is_set():
                     for seq, kind, text in state.events_since(seq):
                         yield f"id: {seq}\nevent: {kind}\ndata: {text}\n\n"
                     try:
@@ -254,7 +254,8 @@ class DashboardServer:
         self._sock.listen(128)
         bound = self._sock.getsockname()
         self.url = f"http://{f'[{bound[0]}]' if family == socket.AF_INET6 else bound[0]}:{bound[1]}"
-        config = uvicorn.Config(build_app(state, token), log_level="warning", access_log=False,
+        self._closing, self._state = threading.Event(), state
+        config = uvicorn.Config(build_app(state, token, self._closing), log_level="warning", access_log=False,
                                 timeout_graceful_shutdown=2, lifespan="on")
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True,
@@ -271,6 +272,9 @@ class DashboardServer:
         return self._server.started
 
     def close(self):
+        self._closing.set()                     # the live streams end first: no connection outlives us
+        for listener in list(self._state.listeners):
+            listener()
         self._server.should_exit = True
         self._thread.join(5)
         self._sock.close()
