@@ -99,9 +99,8 @@ class LiveState:
     def events_since(self, seq):
         """[(seq, kind, json text)] after `seq`, oldest first (as many as the bounded log still holds)."""
         with self._lock:
-            if seq >= self._seq:
-                return []
-            return [e for e in self._events if e[0] > seq]
+            n = min(self._seq - seq, len(self._events))     # seqs are consecutive: the last n are newer
+            return [self._events[i] for i in range(len(self._events) - n, len(self._events))] if n > 0 else []
 
     @property
     def seq(self):
