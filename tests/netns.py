@@ -5,7 +5,8 @@ link, its own address and port space; tests/netns_agent.sh plays ssh into them. 
         hosts.run("h1", ["hostname"])   # or: mpirun -launcher-exec tests/netns_agent.sh, LENET_NETNS_HOSTS=hosts.agent_map()
 
 Only private addresses that exist inside these namespaces are used; nothing appears in the machine's own
-namespace, and destroy() kills what still runs inside them before deleting them.
+namespace, and destroy() kills what still runs inside them before deleting them. shape(host, rate) caps a
+host's link with tc tbf (bench/multihost.py).
 """
 import contextlib
 import json
@@ -86,6 +87,19 @@ class Hosts:
         """(received, sent) bytes on host's eth0 so far."""
         stats = json.loads(_ip("-n", self.ns[host], "-s", "-j", "link", "show", "dev", "eth0"))[0]["stats64"]
         return stats["rx"]["bytes"], stats["tx"]["bytes"]
+
+    def shape(self, host, rate_bits):
+        """Cap host's link at `rate_bits` bit/s both ways, with a token bucket (tc tbf; netem is not in
+        every kernel): on its eth0 for what it sends, on its bridge port for what it receives. Calling it
+        again replaces the cap; destroy() removes it with the namespaces."""
+        i = list(self.ns).index(host) + 1
+        rate_bytes = rate_bits / 8
+        burst = max(16 * 1024, int(rate_bytes / 1000))       # 1 ms of traffic: shaped at every rate
+        limit = max(4 << 20, int(rate_bytes * 0.05))         # a queue that holds every step's messages
+        for ns, dev in ((self.ns[host], "eth0"), (self.switch, f"p{i}")):
+            subprocess.run(["tc", "-n", ns, "qdisc", "replace", "dev", dev, "root", "tbf", "rate",
+                            f"{int(rate_bits)}bit", "burst", str(burst), "limit", str(limit)],
+                           capture_output=True, text=True, timeout=20, check=True)
 
     def link_down(self, host):
         """Cut host off the network (its end of the bridge goes down), as a lost host would be."""

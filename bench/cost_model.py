@@ -1,0 +1,186 @@
+"""A cost model of data-parallel training across hosts, checked against bench/multihost.py's measurements
+and drawn up to 64 hosts.
+
+    python bench/multihost.py --calibrate --per-host 1 --rates 1g --batches 2,4,8,16,32,64,128,256,512 --out mh.jsonl
+    python bench/multihost.py --calibrate --per-host 2 --rates 1g --out mh.jsonl
+    python bench/multihost.py --out mh.jsonl
+    python bench/cost_model.py mh.jsonl --plot docs/scaling.png        # needs matplotlib (the `plot` extra)
+
+One step of H hosts x r ranks (p = H r), global batch B, link rate R, gradient n = 246,844 bytes:
+
+    compute   C      the slowest rank's forward + backward on its shard B/p, measured with the same
+                     placement (pinning) and no communication at all (--calibrate)
+    allreduce T(v)   = 2 log2(p) a  +  V(v) / (R * 1448/1514)
+                     MPICH reduces 247 KB with reduce-scatter + allgather (Rabenseifner): 2 log2 p rounds,
+                     each rank sending 2 (p-1)/p of the buffer; with r ranks per host in blocks, the rounds
+                     between hosts move V(v) = 2 v (H-1)/H bytes over each host's link each way (the
+                     measured eth0 counters agree). a: one round's latency, from the median of a tiny
+                     allreduce on the same links (--calibrate: log2 p rounds). TCP over Ethernet carries
+                     1448 bytes of payload per 1514-byte frame.
+    fused     t = C + T(n)
+    overlap   t = C (1 - f) + max(C f, T(n_fc)) + T(n_conv) + log2(p) a
+                     f: the share of the backward-inclusive compute that comes after fc1's gradient is
+                     ready (measured with --calibrate), n_fc = 236.4 KiB of fc1..fc3, n_conv = 10.1 KiB
+    fp16      the same as overlap with half the bytes in the buckets
+    images/s = B / t
+
+Extrapolated to H hosts, each host is one rank on a core of its own: C is the 2 x 1 calibration at the
+shard B/H (the machine's two cores both busy, as on a cluster where every host computes at once), a the
+2 x 1 round latency. A link rate "usefully feeds" H hosts while H hosts still give at least half of H times
+one host's images/s (parallel efficiency >= 50%); the best H is where images/s peaks.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from lenet_dist.buckets import plan                       # noqa: E402
+from lenet_dist.model import NUM_PARAMS                    # noqa: E402
+
+GOODPUT = 1448 / 1514
+N_BYTES = 4 * NUM_PARAMS
+FC_LO = plan(64)[0][0]
+N_FC, N_CONV = 4 * (NUM_PARAMS - FC_LO), 4 * FC_LO
+RATE_BITS = {"10g": 10e9, "1g": 1e9, "100m": 100e6}
+
+
+def allreduce_s(v_bytes, hosts, ranks, rate_bits, a):
+    rounds = 2 * math.log2(ranks) if ranks > 1 else 0
+    cross = 2 * v_bytes * (hosts - 1) / hosts
+    return rounds * a + cross * 8 / (rate_bits * GOODPUT)
+
+
+def step_s(variant, compute_s, f, hosts, ranks, rate_bits, a):
+    if ranks == 1:
+        return compute_s
+    if variant == "fused":
+        return compute_s + allreduce_s(N_BYTES, hosts, ranks, rate_bits, a)
+    shrink = 0.5 if variant in ("fp16", "bf16") else 1.0
+    t_fc = allreduce_s(N_FC * shrink, hosts, ranks, rate_bits, a)
+    t_conv = allreduce_s(N_CONV * shrink, hosts, ranks, rate_bits, a)
+    return compute_s * (1 - f) + max(compute_s * f, t_fc) + t_conv + math.log2(ranks) * a
+
+
+def load(paths):
+    calib, runs = {}, []
+    for path in paths:
+        for line in Path(path).read_text().splitlines():
+            r = json.loads(line)
+            if r.get("calibration"):
+                calib[(r["hosts"], r["per_host"])] = r          # the last calibration of a placement wins
+            elif "variant" in r:
+                runs.append(r)
+    return calib, runs
+
+
+def round_latency(c):
+    """One round's latency from a tiny allreduce (recursive doubling: log2 p rounds)."""
+    return 1e-3 * c["tiny_allreduce_ms"] / max(math.log2(c["ranks"]), 1)
+
+
+def predict_run(r, calib):
+    c = calib.get((r["hosts"], r["per_host"]))
+    if not c or str(r["batch"]) not in c["by_batch"]:
+        return None
+    cb = c["by_batch"][str(r["batch"])]
+    t = step_s(r["variant"], 1e-3 * cb["compute_ms"], cb["after_fc_bucket"], r["hosts"], r["per_host"] *
+               r["hosts"], r["rate_bits"], round_latency(c))
+    return r["batch"] / t
+
+
+def curve(calib, batch, rate_bits, variant, max_hosts=64):
+    """[(H, images/s)] for H = 1 .. max_hosts hosts of one rank each, from the 2 x 1 calibration."""
+    c = calib[(2, 1)]
+    shards = {v["shard"]: v for v in c["by_batch"].values()}
+    out = []
+    for h in range(1, max_hosts + 1):
+        shard = batch / h
+        lo = max((s for s in shards if s <= shard), default=min(shards))
+        hi = min((s for s in shards if s >= shard), default=max(shards))
+        w = 0 if hi == lo else (math.log(shard) - math.log(lo)) / (math.log(hi) - math.log(lo))
+        per_ex = (1 - w) * shards[lo]["compute_ms"] / lo + w * shards[hi]["compute_ms"] / hi   # per example
+        f = shards[hi]["after_fc_bucket"]
+        t = step_s(variant, 1e-3 * per_ex * shard, f, h, h, rate_bits, round_latency(c))
+        out.append((h, batch / t))
+    return out
+
+
+def useful(points):
+    """(largest H with efficiency >= 50%, H where images/s peaks)."""
+    one = points[0][1]
+    ok = [h for h, ips in points if ips >= 0.5 * h * one]
+    return max(ok), max(points, key=lambda p: p[1])[0]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("results", nargs="+", help="JSONL files written by bench/multihost.py --out")
+    ap.add_argument("--plot", help="write the model's curves and the measured points to this PNG")
+    ap.add_argument("--variants", default="fused,overlap,fp16")
+    args = ap.parse_args(argv)
+    calib, runs = load(args.results)
+    print("hosts x ranks  rate  batch  variant   measured  model  error   comm share")
+    worst = 0.0
+    for r in sorted(runs, key=lambda r: (r["per_host"], -r["rate_bits"], r["batch"], r["variant"])):
+        pred = predict_run(r, calib)
+        if pred is None:
+            continue
+        err = pred / r["images_per_s"] - 1
+        if r["variant"] == "fused":
+            worst = max(worst, abs(err))
+        print(f"{r['hosts']} x {r['per_host']}        {r['rate']:>5} {r['batch']:>6}  {r['variant']:<8} "
+              f"{r['images_per_s']:>9.0f} {pred:>6.0f} {100 * err:>+6.1f}%  {100 * r['comm_share']:>5.1f}%")
+    print(f"largest error of the fused path's predictions: {100 * worst:.1f}%")
+    if (2, 1) not in calib:
+        print("no 2 x 1 calibration: no curves (bench/multihost.py --calibrate --per-host 1)")
+        return 0
+    batches = sorted({int(b) for b in ("64", "256")})
+    for batch in batches:
+        for rate, bits in RATE_BITS.items():
+            for v in args.variants.split(","):
+                pts = curve(calib, batch, bits, v)
+                h50, hbest = useful(pts)
+                print(f"batch {batch:>3} {rate:>5} {v:<8} 1 host {pts[0][1]:>6.0f}/s, best {hbest:>2} hosts "
+                      f"{max(p[1] for p in pts):>7.0f}/s, efficiency >= 50% up to {h50} hosts")
+    if args.plot:
+        draw(args.plot, calib, runs, batches, args.variants.split(","))
+    return 0
+
+
+def draw(path, calib, runs, batches, variants):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    colors = {"10g": "tab:blue", "1g": "tab:green", "100m": "tab:red"}
+    styles = {"fused": "-", "overlap": "--", "fp16": ":", "bf16": "-."}
+    marks = {"fused": "o", "overlap": "s", "fp16": "^", "bf16": "v"}
+    fig, axes = plt.subplots(1, len(batches), figsize=(6.5 * len(batches), 5), sharey=True)
+    for ax, batch in zip(axes if len(batches) > 1 else [axes], batches):
+        for rate, bits in RATE_BITS.items():
+            for v in variants:
+                pts = curve(calib, batch, bits, v)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], styles.get(v, "-"), color=colors[rate],
+                        label=f"{rate} {v} (model)")
+                for r in runs:
+                    if r["rate"] == rate and r["variant"] == v and r["batch"] == batch and r["per_host"] == 1:
+                        ax.plot(r["hosts"], r["images_per_s"], marks.get(v, "o"), color=colors[rate],
+                                markeredgecolor="black")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("hosts (one rank and one core each)")
+        ax.set_title(f"global batch {batch}: model (lines) and measured 2 x 1 (markers)")
+        ax.grid(True, which="both", alpha=0.3)
+    (axes[0] if len(batches) > 1 else axes).set_ylabel("images/s")
+    (axes[-1] if len(batches) > 1 else axes).legend(fontsize=7, ncol=1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
