@@ -7,6 +7,7 @@ returned Live's on_evaluation / close.
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import threading
 from pathlib import Path
@@ -29,6 +30,10 @@ def add_arguments(p):
 def check_args(p, args):
     """Parse --http into (host, port) and read the token; p.error on a bad value."""
     args.http_address, args.http_token = None, None
+    for flag, modules, extra in (("http", ("starlette", "uvicorn", "prometheus_client", "PIL"), "dashboard"),
+                                 ("tensorboard", ("tensorboardX",), "tensorboard")):
+        if getattr(args, flag) and not all(importlib.util.find_spec(m) for m in modules):
+            p.error(f"--{flag} needs the {extra} extra: pip install 'lenet-dist[{extra}]'")
     if args.http_token_file and not args.http:
         p.error("--http-token-file needs --http")
     if args.http:

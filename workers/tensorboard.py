@@ -18,7 +18,10 @@ from lenet_dist.model import PARAM_SPECS
 
 
 def _writer(directory):
-    from tensorboardX import SummaryWriter
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        raise RuntimeError("--tensorboard needs tensorboardX: pip install 'lenet-dist[tensorboard]'") from None
     Path(directory).mkdir(parents=True, exist_ok=True)
     return SummaryWriter(logdir=str(directory), flush_secs=5)
 
