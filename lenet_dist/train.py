@@ -81,6 +81,7 @@ class DataParallelTrainer:
         self.examples_by_rank = np.zeros(comm.size, np.int64)           # since the caller last reset them:
         self.seconds_by_rank = np.zeros(comm.size, np.float64)          # work and compute time of every rank
         self.comm_seconds = 0.0         # this rank's time blocked on the step's reduction (caller resets it)
+        self.step_compute_seconds = np.zeros(comm.size)                 # the last step's, per rank
 
     # ------------------------------------------------------------------------------ position and state
     @property
@@ -137,6 +138,7 @@ class DataParallelTrainer:
         self.balancer.observe(sizes, seconds)
         self.examples_by_rank += sizes
         self.seconds_by_rank += seconds
+        self.step_compute_seconds = seconds                                    # this step's, per rank (a view)
         self.model.grads *= np.float32(1.0 / B)
         self.opt.step(self.model.grads, self.schedule(self.step))
         self.step += 1

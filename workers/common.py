@@ -1,5 +1,5 @@
-"""What the processes share: logging with the rank in every line, BLAS threads, data loading, progress
-output, fault injection. Process plumbing only; no math."""
+"""What the processes share: logging with the rank in every line, BLAS threads, data loading, fault injection
+(outputs of a run are in sinks.py). Process plumbing only; no math."""
 from __future__ import annotations
 
 import contextlib
@@ -103,40 +103,3 @@ class FaultInjector:
             if kind == "hang":
                 while True:
                     time.sleep(3600)
-
-
-class ProgressReporter:
-    """A tqdm bar on a terminal; otherwise plain lines, a few per epoch. Silent on ranks other than 0."""
-
-    def __init__(self, *, enabled, bar, total, start):
-        self.enabled = enabled
-        self.bar = None
-        if enabled and (bar if bar is not None else sys.stderr.isatty()):
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, leave=False)
-        self.log = logging.getLogger("lenet.trainer")
-
-    def update(self, step, loss):
-        if self.bar is not None:
-            self.bar.n = step
-            if step % 10 == 0:
-                self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-                self.bar.refresh()
-
-    def epoch_line(self, r):
-        if not self.enabled:
-            return
-        ev = r.get("evaluator")
-        ev_text = (f" | evaluator: step {ev.get('step')} acc {number(ev.get('accuracy'), '.2f', 100)}%"
-                   if ev else "")
-        line = (f"epoch {r['epoch']} step {r['step']}: train loss {number(r['train_loss'])} "
-                f"acc {100 * r['train_acc']:.2f}% | test loss {number(r['test_loss'])} acc {100 * r['test_acc']:.2f}% "
-                f"| {r['images_per_s']:.0f} img/s on {r['ranks']} rank(s), {r['seconds']:.1f}s{ev_text}")
-        if self.bar is not None:
-            self.bar.write(line, file=sys.stdout)
-        else:
-            print(line, flush=True)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()

@@ -12,7 +12,6 @@ An exception on any rank aborts the whole job (MPI_Abort) with a one-line reason
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import signal
@@ -30,8 +29,8 @@ from lenet_dist.config import TrainConfig
 from lenet_dist.stall import StallGuard
 from lenet_dist.train import DataParallelTrainer
 
-from .common import (FaultInjector, ProgressReporter, blas_threads, load_dataset, number, one_line,
-                     setup_logging)
+from .common import FaultInjector, blas_threads, load_dataset, number, one_line, setup_logging
+from .sinks import LinkProgressSink, MetricsSink, ProgressSink, RunInfo, Sinks, StepState
 
 log = logging.getLogger("lenet.trainer")
 
@@ -182,31 +181,30 @@ def run(args, comm):
         log.info("serving checkpoints on %s%s", link.endpoint,
                  f", results also from {link.results_endpoint}" if link.results_endpoint else "")
     stop = _StopFlag()
-    progress = ProgressReporter(enabled=rank0, bar=args.progress, total=trainer.total_steps, start=trainer.step)
-    metrics = None
-    if args.metrics and rank0:
-        args.metrics.parent.mkdir(parents=True, exist_ok=True)
-        metrics = open(args.metrics, "a")
+    sinks = _sinks(args, link) if rank0 else Sinks()
+    sinks.on_start(RunInfo(total_steps=trainer.total_steps, start_step=trainer.step,
+                           steps_per_epoch=trainer.steps_per_epoch, epochs=cfg.epochs, ranks=comm.size,
+                           batch_size=cfg.batch_size, config=cfg.to_dict()))
+    state = StepState()
     every = args.checkpoint_every
     guard = _stall_guard(args, comm, trainer)
     first_step = trainer.step + 1          # logged when done: lenet-launch's restart time ends there
     try:
         while not trainer.done:
             ep_start_step, t0 = trainer.step, time.perf_counter()
-            seen = loss_sum = correct = 0
             epoch = trainer.epoch
+            state.begin_epoch(epoch, t0)
             trainer.examples_by_rank[:] = 0
             trainer.seconds_by_rank[:] = 0
             while trainer.epoch == epoch and not trainer.done:
                 args.fault.maybe_fire(trainer, comm.rank)
+                lr = trainer.schedule(trainer.step)
                 B, l, c, stop_all = trainer.train_step(stop_request=bool(stop.signum))
                 guard.beat()
                 if trainer.step == first_step:
                     log.info("step %d done, the first of this start", trainer.step)
-                if link:
-                    link.progress(trainer.step)
-                seen, loss_sum, correct = seen + B, loss_sum + l, correct + c
-                progress.update(trainer.step, loss_sum / max(seen, 1))
+                state.add(trainer.step, B, l, c, lr, trainer.step_compute_seconds, time.perf_counter())
+                sinks.on_step(state)
                 if args.sync_every and trainer.step % args.sync_every == 0:
                     trainer.check_synced()
                 if stop_all:
@@ -217,13 +215,16 @@ def run(args, comm):
             if stop_all:
                 _checkpoint(args, trainer, link, rank0)
                 log.warning("stopped by signal %d at step %d; checkpoint written", stop.signum, trainer.step)
+                sinks.on_end({"event": "end", "reason": "signal", "signal": stop.signum, "step": trainer.step})
                 return 128 + stop.signum
             trainer.check_synced()
             test_loss, test_acc = trainer.evaluate()
             _checkpoint(args, trainer, link, rank0)
             guard.beat()
+            seen = state.epoch_seen
             record = {"event": "epoch", "epoch": trainer.epoch, "step": trainer.step,
-                      "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
+                      "train_loss": state.epoch_loss_sum / max(seen, 1),
+                      "train_acc": state.epoch_correct / max(seen, 1),
                       "test_loss": test_loss, "test_acc": test_acc, "seconds": round(train_seconds, 3),
                       "images_per_s": round(seen / train_seconds, 1), "ranks": comm.size,
                       "steps": trainer.step - ep_start_step, "lr": trainer.schedule(max(trainer.step - 1, 0))}
@@ -237,10 +238,7 @@ def run(args, comm):
             evaluator = link.latest_result() if link else None
             if evaluator:
                 record["evaluator"] = evaluator
-            progress.epoch_line(record)
-            if metrics:
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
+            sinks.on_epoch(record)
         guard.stop()                        # past the last collective: rank 0 may linger for the evaluator
         if link:
             # Keep serving the final checkpoint until an evaluator has judged it: up to --linger seconds
@@ -258,14 +256,23 @@ def run(args, comm):
             if result:
                 log.info("evaluator: step %d accuracy %s loss %s", result["step"], number(result["accuracy"]),
                          number(result["loss"]))
+        sinks.on_end({"event": "end", "reason": "finished", "step": trainer.step})
         return 0
     finally:
         guard.stop()
-        progress.close()
-        if metrics:
-            metrics.close()
+        sinks.close()
         if link:
             link.close()
+
+
+def _sinks(args, link):
+    """Rank 0's outputs: the progress display and epoch lines, the --metrics JSONL, the link's step count."""
+    sinks = Sinks([ProgressSink(bar=args.progress)])
+    if args.metrics:
+        sinks.sinks.append(MetricsSink(args.metrics))
+    if link:
+        sinks.sinks.append(LinkProgressSink(link))
+    return sinks
 
 
 def _fatal(comm, text):
