@@ -17,6 +17,7 @@ import io
 import json
 import os
 import re
+import stat
 import time
 import zipfile
 from dataclasses import dataclass
@@ -131,20 +132,54 @@ def file_name(step):
 
 
 def save_atomic(path, data):
-    """Write bytes to `path` so that readers see the old file or the whole new one, never a part."""
+    """Write bytes to `path` so that readers see the old file or the whole new one, never a part. On any
+    failure the temp file is removed and the OSError names `path`."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # not *.npz: never mistaken for a checkpoint
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
     try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from None
     return path
+
+
+def read_bounded(path, max_bytes=MAX_BYTES):
+    """The bytes of `path` if it is a regular file of at most max_bytes; CheckpointError naming it if not.
+    Never blocks on a FIFO and never reads a file whole before knowing its size."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointError(f"{path}: not a regular file")
+        if st.st_size > max_bytes:
+            raise CheckpointError(f"{path}: {st.st_size} bytes, more than the {max_bytes} a checkpoint can be")
+        chunks, total = [], 0
+        while True:                                 # the size may change under us: bound what we read
+            chunk = os.read(fd, min(1 << 20, max_bytes + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > max_bytes:
+                raise CheckpointError(f"{path}: grew past {max_bytes} bytes while being read")
+        return b"".join(chunks)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
 
 
 def list_checkpoints(directory):
@@ -169,12 +204,7 @@ def save(directory, params, velocity, meta, keep=3):
 
 
 def load_file(path):
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
-    return from_bytes(data, name=str(path))
+    return from_bytes(read_bounded(path), name=str(path))
 
 
 def latest_valid(directory, warn=print):

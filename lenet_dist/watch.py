@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from . import wire
-from .checkpoint import MAX_BYTES, list_checkpoints
+from .checkpoint import MAX_BYTES, CheckpointError, list_checkpoints, read_bounded
 
 
 class DirectoryWatcher:
@@ -70,14 +70,12 @@ class DirectoryWatcher:
         if step < than_step or (step == than_step and not rewritten):
             return None
         self._served = {s: v for s, v in self._served.items() if s >= step - 1} | {step: ident}
-        if st.st_size > self.max_bytes:
-            raise wire.BadMessage(f"{path.name}: {st.st_size} bytes, more than the {self.max_bytes} allowed", step)
         try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            return None
-        except OSError as e:
-            raise wire.BadMessage(f"{path.name}: cannot read: {e.strerror or e}", step) from None
+            data = read_bounded(path, self.max_bytes)   # a regular file of bounded size; never blocks on a FIFO
+        except CheckpointError as e:
+            if not path.exists():
+                return None                             # rotated away meanwhile
+            raise wire.BadMessage(str(e), step) from None
         header = {"proto": wire.PROTO, "version": wire.VERSION, "kind": "checkpoint", "server": self.endpoint,
                   "trainer_step": step, "step": step, "size": len(data), "sha256": wire.sha256(data),
                   "final": False, "path": str(path)}

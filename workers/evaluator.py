@@ -251,8 +251,11 @@ def _loop(args, stop, source, model, images, labels, out, best, live=None):
         full = dict(result, per_class=detail.per_class, confusion=detail.confusion.tolist(), worst=detail.worst)
         for send in out:                            # the report gets the analysis too; the link the figures
             send(full if args.report and send is out[0] else result)
-        if best and best.offer(result, data, ckpt.meta.get("config")):
-            log.info("new best: step %d, %.2f%%, in %s", step, 100 * accuracy, best.dir / "best.npz")
+        try:
+            if best and best.offer(result, data, ckpt.meta.get("config")):
+                log.info("new best: step %d, %.2f%%, in %s", step, 100 * accuracy, best.dir / "best.npz")
+        except OSError as e:                        # a full or broken --best-dir: say so, keep evaluating
+            log.error("could not keep the best checkpoint: %s", e)
         evaluations += 1
         idle_since = time.monotonic()
         if final:

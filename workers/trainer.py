@@ -29,6 +29,7 @@ from lenet_dist.config import TrainConfig
 from lenet_dist.stall import StallGuard
 from lenet_dist.train import DataParallelTrainer
 
+from . import run_setup
 from .common import FaultInjector, blas_threads, load_dataset, number, one_line, setup_logging
 from .sinks import LinkProgressSink, MetricsSink, ProgressSink, RunInfo, Sinks, StepState
 
@@ -80,7 +81,15 @@ def parse_args(argv=None):
     g.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints "
                    "(0: only at epoch ends); needs --checkpoint-dir or --publish")
     g.add_argument("--keep", type=int, default=3, help="checkpoints kept in --checkpoint-dir")
-    g.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run in --checkpoint-dir from its newest usable checkpoint, with the "
+                        "configuration saved there")
+    g.add_argument("--override", default="", metavar="NAMES",
+                   help="with --resume: training flags (comma separated, e.g. epochs,lr) whose new values are "
+                        "meant to replace the saved ones; the change is recorded in the checkpoints")
+    g.add_argument("--start-over", action="store_true",
+                   help="begin a new run in a --checkpoint-dir that holds another run's checkpoints (they are "
+                        "moved into a superseded-* subfolder, not deleted)")
     g.add_argument("--sync-every", type=int, default=100, help="steps between replica checksum checks")
     g.add_argument("--stall-timeout", type=float, default=120.0, metavar="SECONDS",
                    help="under MPI, a rank that finishes no step for this long (a peer died or hangs) exits "
@@ -108,6 +117,7 @@ def parse_args(argv=None):
                    help="train 2 epochs on the shipped subset with an evaluator attached, print both")
     g.add_argument("--check", action="store_true", help="pre-flight checks only, then exit")
     args = p.parse_args(argv)
+    args.given = _given_config(p, argv)
     try:
         args.config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     except ValueError as e:
@@ -127,11 +137,32 @@ def parse_args(argv=None):
                 p.error(f"--{flag}: {e}")
     if args.resume and not args.checkpoint_dir:
         p.error("--resume needs --checkpoint-dir")
+    args.override = {name.strip().replace("-", "_") for name in args.override.split(",") if name.strip()}
+    unknown = sorted(args.override - {f.name for f in fields(TrainConfig)})
+    if unknown:
+        p.error(f"--override: {', '.join(unknown)} not a training flag (see the 'training' group in --help)")
+    if args.override and not args.resume:
+        p.error("--override only applies with --resume")
+    if args.start_over and args.resume:
+        p.error("--start-over begins a new run; --resume continues one: give one of them")
     try:
         args.fault = FaultInjector.parse(args.fault)
     except ValueError as e:
         p.error(str(e))
     return args
+
+
+def _given_config(parser, argv):
+    """The TrainConfig fields the user typed on the command line (parsed again with no defaults at all)."""
+    saved = [(a, a.default) for a in parser._actions]
+    try:
+        for a, _ in saved:
+            a.default = argparse.SUPPRESS
+        typed = vars(parser.parse_args(argv))
+    finally:
+        for a, d in saved:
+            a.default = d
+    return {f.name for f in fields(TrainConfig)} & set(typed)
 
 
 class _StopFlag:
@@ -149,9 +180,9 @@ class _StopFlag:
 
 
 def run(args, comm):
-    cfg = args.config
     rank0 = comm.rank == 0
     data = load_dataset(args, comm, log)
+    cfg, found, args.run_state = run_setup.prepare(args, comm, len(data.train_images), log)
     trainer = DataParallelTrainer(cfg, comm, data)
     log.info("%d ranks, global batch %d (%s per rank), %d steps per epoch, %d training examples, data: %s",
              comm.size, cfg.batch_size, "~%d" % -(-cfg.batch_size // comm.size), trainer.steps_per_epoch,
@@ -162,14 +193,11 @@ def run(args, comm):
     if cfg.balance and comm.size > 1:
         log.info("--balance: shards follow each rank's measured speed (rank_shares in the metrics)")
     if args.resume:
-        found = checkpoint.latest_valid(args.checkpoint_dir, warn=log.warning) if rank0 else None
         have = comm.bcast_(np.array([found is not None], np.int64))[0]          # rank 0 decides for all
         if have:
-            trainer.restore(found[1] if rank0 else None)
-            log.info("resumed from %s at step %d (epoch %d, batch %d)", found[0] if rank0 else "",
+            trainer.restore(found)
+            log.info("resumed from %s at step %d (epoch %d, batch %d)", args.run_state if rank0 else "",
                      trainer.step, trainer.epoch, trainer.pos)
-        else:
-            log.warning("no valid checkpoint in %s: starting fresh", args.checkpoint_dir)
     link = None
     if args.publish and rank0:
         from lenet_dist.transport import TrainerLink, TransportError, load_key
@@ -263,6 +291,8 @@ def run(args, comm):
         sinks.close()
         if link:
             link.close()
+        if args.run_state:
+            args.run_state.close()
 
 
 def _sinks(args, link):
@@ -295,11 +325,10 @@ def _checkpoint(args, trainer, link, rank0):
     if not rank0 or not (args.checkpoint_dir or link):
         return
     params, velocity, meta = trainer.checkpoint_content()
-    if args.checkpoint_dir:
-        path, data = checkpoint.save(args.checkpoint_dir, params, velocity, meta, keep=args.keep)
-        log.debug("checkpoint %s", path)
-    else:
-        data = checkpoint.to_bytes(params, velocity, meta)
+    meta = args.run_state.meta(dict(meta, created=time.time()))
+    data = checkpoint.to_bytes(params, velocity, meta)
+    if args.run_state.writer:
+        log.debug("checkpoint %s", args.run_state.writer.write(meta["step"], data))
     if link:
         link.publish(step=meta["step"], epoch=meta["epoch"], data=data, final=meta["final"])
 

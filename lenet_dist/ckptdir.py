@@ -1,0 +1,139 @@
+"""The trainer's checkpoint folder: which run owns it, and writing into it so that nothing is lost.
+
+- A run has an id (meta['run_id']); a fresh run refuses a folder holding another run's checkpoints
+  (claim()), and a run deletes only checkpoints it wrote itself (CheckpointWriter keeps their list).
+- Temp files are removed on every failure path, and leftovers of a crash are swept at start.
+- The folder is checked at start-up: the writer opens the temp file of the next checkpoint at once, so
+  an unwritable folder is an error before the first step, not at the first checkpoint.
+- Descriptors: the next temp file and the folder are held open between checkpoints, so that a write needs
+  no new file descriptor. When a flood of connections has taken every descriptor the process may have
+  (RLIMIT_NOFILE), the write still goes through; the next temp file is opened again as soon as one is free.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import re
+import secrets
+import time
+from pathlib import Path
+
+from .checkpoint import file_name, list_checkpoints
+from .errors import ResumeError
+
+_TEMP = re.compile(r"^\.ckpt-.*\.tmp$")     # ours: .ckpt-next.PID.tmp, and .ckpt-NNN.npz.PID.tmp (save_atomic)
+FD_WAIT_S = 30.0                            # how long a write waits for a free descriptor before failing
+
+
+def new_run_id():
+    return secrets.token_hex(6)
+
+
+def sweep_temps(directory, warn=print):
+    """Remove temp files a crashed writer left in `directory`; the names removed."""
+    gone = []
+    for p in Path(directory).iterdir():
+        if _TEMP.match(p.name) and p.is_file():
+            p.unlink(missing_ok=True)
+            gone.append(p.name)
+    if gone:
+        warn(f"removed {len(gone)} temp file(s) left by an interrupted write in {directory}: {', '.join(gone[:5])}")
+    return gone
+
+
+def claim(directory, *, start_over=False, log=print):
+    """A fresh run is about to use `directory`. If it holds checkpoints (another run's: this one has not
+    written any yet), refuse with ResumeError saying how to go on, or with start_over move them into a
+    superseded-* subfolder (nothing is deleted). Returns that subfolder or None."""
+    found = list_checkpoints(directory)
+    if not found:
+        return None
+    if not start_over:
+        raise ResumeError(f"{directory} holds {len(found)} checkpoint(s) of another run (newest {found[0][1].name}); "
+                          f"continue it with --resume, use another --checkpoint-dir, or add --start-over to begin "
+                          f"a new run here (the old checkpoints are moved into a superseded-* subfolder)")
+    aside = Path(directory) / time.strftime("superseded-%Y%m%d-%H%M%S", time.gmtime())
+    aside.mkdir()
+    for _, path in found:
+        os.replace(path, aside / path.name)
+    log(f"--start-over: moved {len(found)} checkpoint(s) of the previous run into {aside}")
+    return aside
+
+
+class CheckpointWriter:
+    """Writes this run's checkpoints into `directory` and keeps its newest `keep` (never touching files it
+    did not write; `own` lists those of this run found on resume, oldest first)."""
+
+    def __init__(self, directory, *, keep=3, own=(), warn=print):
+        self.dir = Path(directory)
+        self.keep, self.warn = keep, warn
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            sweep_temps(self.dir, warn)
+            self._dir_fd = os.open(self.dir, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise OSError(e.errno, f"checkpoint folder {self.dir}: {e.strerror or e}") from None
+        self._written = [Path(p) for p in own]
+        self._next = None                       # (fd, path) of the temp file the next checkpoint goes into
+        self._open_next()                       # an unwritable folder fails here, at start-up
+
+    def write(self, step, data):
+        """Write one checkpoint atomically; its path. OSError naming the path on failure, no temp file left."""
+        final = self.dir / file_name(int(step))
+        if self._next is None:
+            self._open_next(wait=FD_WAIT_S)
+        fd, tmp = self._next
+        self._next = None
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+            os.close(fd)
+            fd = -1
+            os.replace(tmp, final)
+            os.fsync(self._dir_fd)
+        except OSError as e:
+            if fd >= 0:
+                os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise OSError(e.errno, f"cannot write checkpoint {final}: {e.strerror or e}") from None
+        self._written = [p for p in self._written if p != final] + [final]
+        self._prune()
+        try:
+            self._open_next()
+        except OSError as e:                    # no descriptor now: retried at the next checkpoint
+            self.warn(f"{e}; will retry before the next checkpoint")
+        return final
+
+    def close(self):
+        if self._next is not None:
+            os.close(self._next[0])
+            self._next[1].unlink(missing_ok=True)
+            self._next = None
+        if self._dir_fd >= 0:
+            os.close(self._dir_fd)
+            self._dir_fd = -1
+
+    def _open_next(self, wait=0.0):
+        tmp = self.dir / f".ckpt-next.{os.getpid()}.tmp"
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+                break
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE) and time.monotonic() < deadline:
+                    time.sleep(0.05)            # descriptors come free as idle peers are dropped
+                    continue
+                raise OSError(e.errno, f"cannot write into checkpoint folder {self.dir}: {e.strerror or e}") \
+                    from None
+        self._next = (fd, tmp)
+
+    def _prune(self):
+        while len(self._written) > self.keep:
+            old = self._written.pop(0)
+            try:
+                old.unlink(missing_ok=True)
+            except OSError as e:
+                self.warn(f"could not remove old checkpoint {old}: {e.strerror or e}")

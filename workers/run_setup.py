@@ -1,0 +1,99 @@
+"""lenet-train's start-up around the checkpoint folder: claim it for a fresh run or pick the checkpoint to
+resume from and settle the configuration, then hold the writer. Rank 0 decides; every rank gets the
+configuration to train with. Errors here end the job before the first step (ResumeError for a refused
+resume, so that a restart launcher does not try again)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from lenet_dist import checkpoint, ckptdir, resume
+from lenet_dist.config import TrainConfig
+from lenet_dist.errors import ResumeError
+
+
+class RunState:
+    """What rank 0 adds to every checkpoint it writes (run_id, config_changes) and where it writes them."""
+
+    def __init__(self, run_id, changes=(), writer=None, resumed_from=None):
+        self.run_id, self.config_changes, self.writer = run_id, list(changes), writer
+        self.resumed_from = resumed_from
+
+    def __str__(self):
+        return f"{self.resumed_from} (run {self.run_id})"
+
+    def meta(self, meta):
+        return dict(meta, run_id=self.run_id, config_changes=self.config_changes)
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _bcast_json(comm, obj):
+    """Rank 0's JSON-able obj on every rank ([dist]: two broadcasts, a length and the bytes)."""
+    raw = json.dumps(obj).encode() if comm.rank == 0 else b""
+    n = comm.bcast_(np.array([len(raw)], np.int64))[0]
+    buf = np.frombuffer(raw, np.uint8).copy() if comm.rank == 0 else np.zeros(n, np.uint8)
+    comm.bcast_(buf)
+    return json.loads(buf.tobytes())
+
+
+def prepare(args, comm, n_examples, log):
+    """-> (TrainConfig, the Checkpoint to restore from on rank 0 or None, RunState on rank 0 or None).
+    Every rank calls it; the returned config is the same on all."""
+    cfg, found, state = args.config, None, None
+    if comm.rank == 0:
+        cfg, found, state = _decide(args, n_examples, log)
+    cfg = TrainConfig.from_dict(_bcast_json(comm, cfg.to_dict()))
+    return cfg, found, state
+
+
+def _decide(args, n_examples, log):
+    run_id, changes, own, found = ckptdir.new_run_id(), [], [], None
+    cfg = args.config
+    if args.resume:
+        found = resume.newest_usable(args.checkpoint_dir, n_examples, warn=log.warning)
+        if found is None:
+            log.warning("no usable checkpoint in %s: starting a new run", args.checkpoint_dir)
+        else:
+            path, ckpt = found
+            saved = ckpt.meta.get("config")
+            if not isinstance(saved, dict):
+                raise ResumeError(f"{path}: holds no saved configuration to continue")
+            merged, diff = resume.resolve(dict(TrainConfig().to_dict(), **saved), cfg.to_dict(), args.given,
+                                          args.override, what=str(path))
+            try:
+                cfg = TrainConfig.from_dict(merged)
+            except ValueError as e:
+                raise ResumeError(f"{path}: its configuration is not usable: {e}") from None
+            run_id = ckpt.meta.get("run_id") or run_id
+            changes = list(ckpt.meta.get("config_changes") or [])
+            if diff:
+                changes.append(resume.change_record(ckpt.step, diff))
+                log.warning("resuming with a changed configuration (--override): %s",
+                            ", ".join(f"{resume.flag(k)} {old!r} -> {new!r}" for k, (old, new) in diff.items()))
+            own = _same_run(args.checkpoint_dir, ckpt) + [path]
+    elif args.checkpoint_dir and args.checkpoint_dir.is_dir():
+        ckptdir.claim(args.checkpoint_dir, start_over=args.start_over, log=log.warning)
+    writer = None
+    if args.checkpoint_dir:
+        writer = ckptdir.CheckpointWriter(args.checkpoint_dir, keep=args.keep, own=own, warn=log.warning)
+    return cfg, found and found[1], RunState(run_id, changes, writer, found and found[0])
+
+
+def _same_run(directory, resumed):
+    """The older checkpoints of the resumed run, oldest first: the writer may rotate them out too."""
+    run_id, own = resumed.meta.get("run_id"), []
+    if not run_id:
+        return own
+    for step, path in checkpoint.list_checkpoints(directory):
+        if step >= resumed.step:
+            continue
+        try:
+            if checkpoint.load_file(path).meta.get("run_id") == run_id:
+                own.append(path)
+        except checkpoint.CheckpointError:
+            pass                                    # not usable, not provably ours: left alone
+    return own[::-1]
