@@ -109,3 +109,29 @@ def test_token_file_with_a_good_token(tmp_path):
     finally:
         ev.send_signal(signal.SIGTERM)
         finish(ev)
+
+
+def test_telemetry_reaches_the_dashboard_over_curvezmq(tmp_path):
+    import shutil
+    from lenet_dist.transport import generate_keys
+    keys = {name: generate_keys(tmp_path / "keys", name) for name in ("trainer", "evaluator")}
+    auth = tmp_path / "authorized"
+    auth.mkdir()
+    shutil.copy(keys["evaluator"][0], auth)
+    port = free_port()
+    with TrainerLink("tcp://127.0.0.1:*", secret_key=keys["trainer"][1], authorized=auth) as link:
+        for s in range(1, 6):
+            link.telemetry({"event": "step", "step": s, "epoch": 0, "loss": 0.5, "acc": 0.5, "lr": 0.1,
+                            "images_per_s": 700.0})
+        ev = evaluator("--connect", link.endpoint, "--http", f"127.0.0.1:{port}", "--curve-secret-key",
+                       keys["evaluator"][1], "--curve-server-key", keys["trainer"][0])
+        try:
+            def steps():
+                try:
+                    return len(httpx.get(f"http://127.0.0.1:{port}/api/history", timeout=5).json()["steps"])
+                except httpx.TransportError:
+                    return 0
+            assert until("the rows over CurveZMQ", lambda: steps() == 5)
+        finally:
+            ev.send_signal(signal.SIGTERM)
+            finish(ev)
