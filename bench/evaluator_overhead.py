@@ -62,6 +62,7 @@ def run_once(config, args, data_flags, tmp):
             evaluator.terminate()
             evaluator.wait(10)
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    rows = [r for r in rows if r.get("event") == "epoch"]
     seen = sum(r["images_per_s"] * r["seconds"] for r in rows)
     return seen / sum(r["seconds"] for r in rows)
 

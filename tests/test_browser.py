@@ -109,7 +109,7 @@ def test_dashboard_in_a_browser_during_a_real_run(tmp_path, browser):
     endpoint, port = f"tcp://127.0.0.1:{free_port()}", free_port()
     url = f"http://127.0.0.1:{port}"
     ev = start_evaluator(endpoint, tmp_path / "eval.jsonl", "--http", f"127.0.0.1:{port}")
-    tr = start_trainer(endpoint, tmp_path, epochs=40)
+    tr = start_trainer(endpoint, tmp_path, "--log-every", "4", epochs=40)
     try:
         client = httpx.Client(base_url=url, timeout=10)
 
@@ -130,6 +130,10 @@ def test_dashboard_in_a_browser_during_a_real_run(tmp_path, browser):
         assert js(browser, "return document.querySelectorAll('#filters canvas').length") == 6
         assert js(browser, "return document.querySelectorAll('#worst canvas').length") > 0
         assert js(browser, "return document.querySelectorAll('#maps2 canvas').length") == 16
+        # training's own curves, from the trainer's telemetry over the link: loss, images/s per rank, lr
+        assert js(browser, "return charts['chart-loss'].data[1].filter(v => v !== null).length") > 0
+        assert js(browser, "return charts['chart-speed'].series.length") == 4       # step, total, rank 0, 1
+        assert js(browser, "return charts['chart-lr'].data[1].filter(v => v !== null).length") > 0
 
         # A digit the newest checkpoint knows well, traced stroke by stroke on the canvas.
         until("a checkpoint at 85% or better", lambda: ((state() or {}).get("best_accuracy") or 0) >= 0.85)

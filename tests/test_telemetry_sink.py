@@ -5,21 +5,24 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from workers.sinks import StepState
 from workers.telemetry import TelemetrySink
 
 
-def steps(n, ranks=2, per_epoch=5):
-    """StepState-like objects: 100 examples a step split 60/40, 0.1 s a step, rank compute 0.06 / 0.05 s."""
-    counts = np.zeros(ranks, np.int64)
-    t = 1000.0
+def steps(n, per_epoch=5):
+    """The loop's StepState, step by step: 100 examples a step split 60/40, 0.1 s a step, rank compute
+    0.06 / 0.05 s, and 2 s of epoch-end work (test evaluation, checkpoint) between epochs."""
+    counts = np.zeros(2, np.int64)
+    s, t = StepState(), 1000.0
     for k in range(1, n + 1):
-        epoch = (k - 1) // per_epoch
         if (k - 1) % per_epoch == 0:
+            t += 2.0
+            s.begin_epoch((k - 1) // per_epoch, t)
             counts[:] = 0                                   # the loop resets them at every epoch start
         counts += [60, 40]
         t += 0.1
-        yield SimpleNamespace(step=k, epoch=epoch, batch=100, loss_sum=100 * 0.5 / k, correct=90, lr=0.01 * k,
-                              time=t, step_seconds=0.1, compute_seconds=np.array([0.06, 0.05])), counts
+        s.add(k, 100, 100 * 0.5 / k, 90, 0.01 * k, np.array([0.06, 0.05]), t)
+        yield s, counts
 
 
 def test_a_row_every_k_steps_with_the_window_figures():

@@ -5,18 +5,51 @@ link (a remote evaluator's dashboard sees training live) and TensorBoard.
      "loss": 0.312, "acc": 0.91, "lr": 0.05, "images_per_s": 1561.0,
      "rank_images_per_s": [781.0, 780.0], "rank_compute_s": [0.30, 0.31], "rank_wait_s": [0.11, 0.10]}
 
-loss and acc are over the K steps' examples (all ranks); seconds is the window's wall time on rank 0;
-a rank's wait is that wall time less its compute time (allreduce, the update, waiting for the others).
+loss and acc are over the K steps' examples (all ranks); seconds is the K steps' wall time on rank 0
+(not counting the test evaluation and checkpoint at an epoch's end); a rank's wait is that time less its
+compute time (allreduce, the update, waiting for the others).
 The first row also carries the run's "config". on_step does a few additions per step; the row is built
 every K steps only (bench/telemetry_cost.py measures what it costs).
 """
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 
 DEFAULT_EVERY = 10
+
+
+def add_arguments(p):
+    g = p.add_argument_group("telemetry (rank 0)")
+    g.add_argument("--log-every", type=int, default=DEFAULT_EVERY, metavar="K",
+                   help="every K steps, a row of step figures for --metrics, --publish and --tensorboard (0: none)")
+    g.add_argument("--tensorboard", type=Path, metavar="DIR",
+                   help="write TensorBoard event files under DIR/trainer (needs the tensorboard extra)")
+
+
+def check_args(p, args):
+    if args.log_every < 0:
+        p.error(f"--log-every must be >= 0, got {args.log_every}")
+    if args.tensorboard:
+        import importlib.util
+        if importlib.util.find_spec("tensorboardX") is None:
+            p.error("--tensorboard needs the tensorboard extra: pip install 'lenet-dist[tensorboard]'")
+
+
+def make_sinks(args, trainer, link=None, metrics=None):
+    """Rank 0's telemetry and TensorBoard sinks for these flags (a list, maybe empty). `metrics`: the
+    MetricsSink of --metrics, whose file gets the step rows."""
+    out, board = [], None
+    if args.tensorboard:
+        from .tensorboard import TrainerBoard
+        board = TrainerBoard(args.tensorboard, trainer.model)
+        out.append(board)
+    outputs = [f for f in (metrics and metrics.write, link and link.telemetry, board and board.add_row) if f]
+    if args.log_every and outputs:
+        out.insert(0, TelemetrySink(args.log_every, outputs, rank_examples=lambda: trainer.examples_by_rank))
+    return out
 
 
 class TelemetrySink:
@@ -29,22 +62,20 @@ class TelemetrySink:
             raise ValueError(f"--log-every must be >= 1, got {every}")
         self.every, self.outputs, self.rank_examples = every, list(outputs), rank_examples
         self.config = None
-        self._reset(None)
+        self._reset()
         self._epoch = self._last_ex = None
 
-    def _reset(self, start):
-        self.start = start                      # perf_counter at the window's start
+    def _reset(self):
         self.n = self.correct = self.steps = 0
-        self.loss = 0.0
+        self.loss = self.seconds = 0.0
         self.compute = self.examples = None
 
     def on_start(self, info):
         self.config = dict(info.config)
 
     def on_step(self, s):
-        if self.start is None:
-            self.start = s.time - s.step_seconds
         self.n += s.batch
+        self.seconds += s.step_seconds
         self.loss += s.loss_sum
         self.correct += s.correct
         self.steps += 1
@@ -59,7 +90,7 @@ class TelemetrySink:
             self._emit(s)
 
     def _emit(self, s):
-        seconds = max(s.time - self.start, 1e-9)
+        seconds = max(self.seconds, 1e-9)
         row = {"event": "step", "step": s.step, "epoch": s.epoch, "time": round(time.time(), 3),
                "steps": self.steps, "seconds": round(seconds, 4), "loss": self.loss / max(self.n, 1),
                "acc": self.correct / max(self.n, 1), "lr": float(s.lr), "images_per_s": round(self.n / seconds, 1)}
@@ -72,7 +103,7 @@ class TelemetrySink:
             row["config"], self.config = self.config, None
         for out in self.outputs:
             out(row)
-        self._reset(s.time)
+        self._reset()
 
     def on_epoch(self, record):
         pass

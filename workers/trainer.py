@@ -30,6 +30,7 @@ from lenet_dist.stall import StallGuard
 from lenet_dist.train import DataParallelTrainer
 
 from . import run_setup
+from . import telemetry
 from .common import FaultInjector, blas_threads, load_dataset, number, one_line, setup_logging
 from .sinks import LinkProgressSink, MetricsSink, ProgressSink, RunInfo, Sinks, StepState
 
@@ -116,8 +117,10 @@ def parse_args(argv=None):
     g.add_argument("--test-mode", action="store_true",
                    help="train 2 epochs on the shipped subset with an evaluator attached, print both")
     g.add_argument("--check", action="store_true", help="pre-flight checks only, then exit")
+    telemetry.add_arguments(p)
     args = p.parse_args(argv)
     args.given = _given_config(p, argv)
+    telemetry.check_args(p, args)
     try:
         args.config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     except ValueError as e:
@@ -209,7 +212,7 @@ def run(args, comm):
         log.info("serving checkpoints on %s%s", link.endpoint,
                  f", results also from {link.results_endpoint}" if link.results_endpoint else "")
     stop = _StopFlag()
-    sinks = _sinks(args, link) if rank0 else Sinks()
+    sinks = _sinks(args, link, trainer) if rank0 else Sinks()
     sinks.on_start(RunInfo(total_steps=trainer.total_steps, start_step=trainer.step,
                            steps_per_epoch=trainer.steps_per_epoch, epochs=cfg.epochs, ranks=comm.size,
                            batch_size=cfg.batch_size, config=cfg.to_dict()))
@@ -295,13 +298,16 @@ def run(args, comm):
             args.run_state.close()
 
 
-def _sinks(args, link):
-    """Rank 0's outputs: the progress display and epoch lines, the --metrics JSONL, the link's step count."""
+def _sinks(args, link, trainer):
+    """Rank 0's outputs: the progress display and epoch lines, the --metrics JSONL, the link's step count,
+    step telemetry (--log-every) and TensorBoard (--tensorboard)."""
     sinks = Sinks([ProgressSink(bar=args.progress)])
-    if args.metrics:
-        sinks.sinks.append(MetricsSink(args.metrics))
+    metrics = MetricsSink(args.metrics) if args.metrics else None
+    if metrics:
+        sinks.sinks.append(metrics)
     if link:
         sinks.sinks.append(LinkProgressSink(link))
+    sinks.sinks += telemetry.make_sinks(args, trainer, link, metrics)
     return sinks
 
 
