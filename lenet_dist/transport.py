@@ -38,6 +38,8 @@ from .checkpoint import MAX_BYTES
 
 RESULT_TOPIC = b"lenet-result"
 MAX_WAIT_MS = 60_000            # the longest a fetch may be parked
+HANDSHAKE_MS = 5_000            # a peer that has not completed the ZMTP handshake by then is dropped (it holds
+                                # a file descriptor; libzmq's default waits 30 s)
 _FAILED = {zmq.EVENT_HANDSHAKE_FAILED_AUTH: "refused our CurveZMQ key (is it in the trainer's authorized folder?)",
            zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "handshake failed (wrong server key, or CurveZMQ on one side only?)",
            zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake failed (wrong server key, or CurveZMQ on one side only?)"}
@@ -144,6 +146,7 @@ class TrainerLink:
                 raise TransportError("CurveZMQ needs both a secret key file and a folder of authorized keys")
             sock = _socket(self._ctx, zmq.ROUTER, wire.MAX_HEADER)
             sock.sndhwm = 100                       # queued replies share the published bytes (zero copy)
+            sock.handshake_ivl = HANDSHAKE_MS
             if secret_key:
                 self._auth = _authenticator(self._ctx, authorized)
                 sock.curve_publickey, sock.curve_secretkey = load_key(secret_key, secret=True)
@@ -278,7 +281,10 @@ class TrainerLink:
 
     def _client_event(self, mon):
         event = parse_monitor_message(mon.recv_multipart())["event"]
-        if event in _FAILED:
+        if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+            self._log(f"dropped a peer on {self.endpoint}: no complete handshake within {HANDSHAKE_MS // 1000} s "
+                      f"(an idle connection, or CurveZMQ on one side only)")
+        elif event in _FAILED:
             self._log(f"refused a client on {self.endpoint}: CurveZMQ handshake failed ({zmq.Event(event).name})")
 
     def _take_requests(self, sock, parked):

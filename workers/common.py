@@ -26,6 +26,23 @@ def number(v, spec=".4f", scale=1):
     return format(v * scale, spec)
 
 
+def raise_open_files_limit(log):
+    """Rank 0 with --publish: every peer that connects holds a file descriptor until the server drops it, so
+    take the soft RLIMIT_NOFILE up to the hard one (checkpoint writes keep a descriptor in hand anyway: see
+    lenet_dist/ckptdir.py). Returns the limit now in force."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError) as e:
+            log.warning("could not raise the open-files limit from %d to %d: %s", soft, want, e)
+    log.info("open-files limit %s (hard %s): about that many evaluator connections at once", soft, hard)
+    return soft
+
+
 def setup_logging(comm, level="INFO"):
     """Every line says which rank wrote it; ranks other than 0 only log warnings and errors."""
     fmt = f"%(asctime)s rank {comm.rank}/{comm.size} %(levelname)s %(message)s"

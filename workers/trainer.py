@@ -31,7 +31,8 @@ from lenet_dist.train import DataParallelTrainer
 
 from . import run_setup
 from . import telemetry
-from .common import FaultInjector, blas_threads, load_dataset, number, one_line, setup_logging
+from .common import (FaultInjector, blas_threads, load_dataset, number, one_line, raise_open_files_limit,
+                     setup_logging)
 from .sinks import LinkProgressSink, MetricsSink, ProgressSink, RunInfo, Sinks, StepState
 
 log = logging.getLogger("lenet.trainer")
@@ -207,6 +208,7 @@ def run(args, comm):
         if args.curve_public_key and args.curve_secret_key and \
                 load_key(args.curve_public_key) != load_key(args.curve_secret_key, secret=True)[0]:
             raise TransportError(f"{args.curve_public_key} is not the public half of {args.curve_secret_key}")
+        raise_open_files_limit(log)
         link = TrainerLink(args.publish, results=args.results, secret_key=args.curve_secret_key,
                            authorized=args.curve_authorized, log=log)
         log.info("serving checkpoints on %s%s", link.endpoint,
