@@ -75,7 +75,9 @@ def plot(metrics, report, output, title=None, dpi=80):
         ax.plot(*_xy(evals, "step", eval_key), ".", ms=6, color="#1e9e6a", label="evaluator")
         ax.set_ylabel(label)
     ax_loss.set_yscale("log")
-    ax_acc.set_ylim(top=1.0)
+    shown = [y for line in ax_acc.get_lines() for y in line.get_ydata()]
+    if shown:                               # the first steps' low accuracy would squash the rest
+        ax_acc.set_ylim(max(0.0, sorted(shown)[len(shown) // 20] - 0.02), 1.0)
     ax_lr.plot(*_xy(steps or epochs, "step", "lr"), color="#7a3fbf")
     ax_lr.set_ylabel("learning rate")
     ax_speed.plot(*_xy(steps or epochs, "step", "images_per_s"), color="#333", label="total")

@@ -1,0 +1,183 @@
+"""Does a watched dashboard slow training or evaluation? `mpirun -n 2 lenet-train` with an evaluator
+serving --http, with no browser attached ("quiet") and with 50 clients holding the live stream open while
+one more client sends a drawn digit to /api/predict five times a second ("loaded"); runs interleaved
+(quiet, loaded, quiet, loaded, ...).
+
+    LENET_DATA_DIR=/path/to/mnist python bench/dashboard_load.py [--repeats 3] [--train-subset 20000]
+
+Per run: the trainer's images/s (its --metrics epoch rows), the evaluator's median seconds per evaluation
+(its --report), and under load the predict latencies (p50, p99) and the events the 50 streams received.
+Prints one JSON line per run and a summary line with medians and the loaded/quiet ratios. Without
+MNIST it uses the shipped subset (then the runs are short and the figures rough).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def digit_png():
+    from PIL import Image
+    from lenet_dist.data import load_subset
+    big = np.kron(load_subset().test_images[0], np.ones((8, 8), np.uint8))
+    buf = io.BytesIO()
+    Image.fromarray(big).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class Load:
+    """50 live streams and a predict loop, on an asyncio loop in a thread of this (the bench) process."""
+
+    def __init__(self, url, streams, rate):
+        self.url, self.streams, self.rate = url, streams, rate
+        self.latencies, self.events, self.errors = [], 0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+        self._thread.start()
+
+    async def _stream(self, client):
+        try:
+            async with client.stream("GET", "/api/stream") as r:
+                async for line in r.aiter_lines():
+                    if line.startswith("data: "):
+                        self.events += 1
+                    if self._stop.is_set():
+                        return
+        except Exception:  # noqa: BLE001 - the evaluator exits after the final checkpoint: streams end
+            pass
+
+    async def _predict(self, client, body):
+        while not self._stop.is_set():
+            t0 = time.perf_counter()
+            r = await client.post("/api/predict", content=body, headers={"Content-Type": "image/png"})
+            if r.status_code == 200:
+                self.latencies.append(time.perf_counter() - t0)
+            elif r.status_code != 409:                  # 409: no checkpoint yet
+                self.errors += 1
+            await asyncio.sleep(max(0.0, 1 / self.rate - (time.perf_counter() - t0)))
+
+    async def _main(self):
+        import httpx
+        limits = httpx.Limits(max_connections=self.streams + 5)
+        async with httpx.AsyncClient(base_url=self.url, timeout=None, limits=limits) as client:
+            tasks = [asyncio.create_task(self._stream(client)) for _ in range(self.streams)]
+            tasks.append(asyncio.create_task(self._predict(client, digit_png())))
+            while not self._stop.is_set():
+                await asyncio.sleep(0.2)
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def close(self):
+        self._stop.set()
+        self._thread.join(10)
+
+
+def wait_http(url, timeout=60):
+    import httpx
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(url + "/api/state", timeout=2)
+            return
+        except httpx.TransportError:
+            time.sleep(0.2)
+    raise SystemExit(f"no dashboard at {url}")
+
+
+def run_once(loaded, args, data_flags, tmp):
+    endpoint, port = f"tcp://127.0.0.1:{free_port()}", free_port()
+    url = f"http://127.0.0.1:{port}"
+    stamp = time.monotonic_ns()
+    metrics, report = tmp / f"m-{stamp}.jsonl", tmp / f"r-{stamp}.jsonl"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    mpirun = shutil.which("mpirun")
+    trainer = [mpirun, "-n", "2", sys.executable, "-m", "workers.trainer", *data_flags, "--epochs", str(args.epochs),
+               "--batch-size", "128", "--no-progress", "--log-level", "WARNING", "--metrics", str(metrics),
+               "--publish", endpoint, "--checkpoint-every", str(args.checkpoint_every), "--linger", "10"]
+    evaluator = [sys.executable, "-m", "workers.evaluator", "--connect", endpoint, "--report", str(report),
+                 *(["--subset"] if "--subset" in data_flags else ["--no-download"]), "--log-level", "WARNING",
+                 "--http", f"127.0.0.1:{port}"]
+    ev = subprocess.Popen(evaluator, env=env, stdout=subprocess.DEVNULL)
+    load = None
+    try:
+        wait_http(url)
+        if loaded:
+            load = Load(url, args.clients, args.rate)
+        t = subprocess.Popen(trainer, env=env, stdout=subprocess.DEVNULL)
+        if t.wait(timeout=3600) != 0:
+            raise SystemExit(f"trainer exited {t.returncode}")
+        ev.wait(timeout=60)
+    finally:
+        if load is not None:
+            load.close()
+        if ev.poll() is None:
+            ev.terminate()
+            ev.wait(10)
+    epochs = [json.loads(x) for x in metrics.read_text().splitlines() if '"epoch"' in x]
+    epochs = [e for e in epochs if e.get("event") == "epoch"]
+    evals = [json.loads(x) for x in report.read_text().splitlines()]
+    out = {"config": "loaded" if loaded else "quiet",
+           "images_per_s": round(sum(e["images_per_s"] * e["seconds"] for e in epochs) / sum(e["seconds"] for e in epochs), 1),
+           "eval_seconds": round(statistics.median(e["eval_seconds"] for e in evals), 4), "evaluations": len(evals)}
+    if load is not None:
+        lat = sorted(load.latencies)
+        out.update(predicts=len(lat), predict_p50_ms=round(1000 * lat[len(lat) // 2], 2) if lat else None,
+                   predict_p99_ms=round(1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))], 2) if lat else None,
+                   stream_events=load.events, errors=load.errors)
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--train-subset", type=int, default=20000)
+    p.add_argument("--checkpoint-every", type=int, default=20)
+    p.add_argument("--clients", type=int, default=50)
+    p.add_argument("--rate", type=float, default=5.0, help="predict requests per second")
+    args = p.parse_args()
+    have_mnist = bool(os.environ.get("LENET_DATA_DIR"))
+    data_flags = ["--no-download", "--train-subset", str(args.train_subset)] if have_mnist else ["--subset"]
+    if not have_mnist:
+        args.epochs = max(args.epochs, 20)
+    runs = {"quiet": [], "loaded": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(args.repeats):
+            for loaded in (False, True):
+                r = run_once(loaded, args, data_flags, Path(tmp))
+                r["load_average"] = round(os.getloadavg()[0], 2)
+                print(json.dumps(r), flush=True)
+                runs[r["config"]].append(r)
+    med = {c: {k: statistics.median(r[k] for r in rs) for k in ("images_per_s", "eval_seconds")} for c, rs in runs.items()}
+    p99 = max(r["predict_p99_ms"] for r in runs["loaded"] if r.get("predict_p99_ms") is not None)
+    print(json.dumps({"summary": med,
+                      "trainer_ratio": round(med["loaded"]["images_per_s"] / med["quiet"]["images_per_s"], 4),
+                      "eval_ratio": round(med["loaded"]["eval_seconds"] / med["quiet"]["eval_seconds"], 4),
+                      "worst_predict_p99_ms": p99, "clients": args.clients, "predict_rate": args.rate}))
+
+
+if __name__ == "__main__":
+    main()
