@@ -8,6 +8,7 @@
                                      aspect, centre by centre of mass in 28x28 -> uint8 (28, 28)
     probabilities(model, u8)         softmax over the ten classes for uint8 images (N, 28, 28)
     feature_maps(model, u8)          conv1's six 28x28 and conv2's sixteen 10x10 maps (after ReLU) of one digit
+    look(model, u8)                  its probabilities and feature maps from one forward pass
 
 Pure NumPy; no sockets, no web. The model passed in is used for its forward pass only (its scratch
 buffers are overwritten: callers that share one across threads hold a lock).
@@ -84,13 +85,23 @@ def probabilities(model, u8):
 
 def feature_maps(model, u8):
     """One uint8 digit (28,28) -> {"conv1": (6,28,28), "conv2": (16,10,10)} float32 activations after
-    ReLU (before pooling). The convolutions give their output pool-major, (C, row parity, column parity,
-    H/2, W/2, B); interleaving the parities back gives the ordinary (C, H, W) picture."""
+    ReLU (before pooling)."""
+    return look(model, u8)[1]
+
+
+def look(model, u8):
+    """One uint8 digit (28,28) -> (its 10 class probabilities, feature_maps) from one forward pass.
+    The convolutions give their output pool-major, (C, row parity, column parity, H/2, W/2, B);
+    interleaving the parities back gives the ordinary (C, H, W) picture."""
     x = normalize(np.asarray(u8, np.uint8)[None]).astype(model.dtype, copy=False)   # (1,28,28)
-    h1 = model.conv1.forward(x.transpose(1, 2, 0)[None], False)        # (6,2,2,14,14,1)
-    c1 = _spatial(h1)
-    h2 = model.conv2.forward(model.layers[1].forward(h1, False), False)  # pool+ReLU, then (16,2,2,5,5,1)
-    return {"conv1": np.maximum(c1, 0), "conv2": np.maximum(_spatial(h2), 0)}
+    h = model.layers[0].forward(x.transpose(1, 2, 0)[None], False)     # conv1: (6,2,2,14,14,1)
+    maps = {"conv1": np.maximum(_spatial(h), 0)}
+    h = model.layers[2].forward(model.layers[1].forward(h, False), False)  # pool+ReLU, conv2: (16,2,2,5,5,1)
+    maps["conv2"] = np.maximum(_spatial(h), 0)
+    for layer in model.layers[3:]:                                      # the rest of LeNet5.forward
+        h = layer.forward(h, False)
+    z = h[:, 0].astype(np.float64) - h.max()
+    return np.exp(z) / np.exp(z).sum(), maps
 
 
 def _spatial(pool_major):

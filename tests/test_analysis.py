@@ -68,6 +68,13 @@ def test_probabilities_sum_to_one_and_pick_the_logits_argmax(trained, data):
     assert (p.argmax(1) == trained.forward(normalize(data.test_images[:20])).argmax(0)).all()
 
 
+def test_look_gives_the_forward_pass_probabilities(trained, data):
+    for u8 in data.test_images[:5]:
+        probs, maps = analysis.look(trained, u8)
+        np.testing.assert_allclose(probs, analysis.probabilities(trained, u8[None])[0], rtol=1e-5, atol=1e-7)
+        assert maps["conv2"].shape == (16, 10, 10)
+
+
 def _correlate(x, w, b, pad):
     """Slow direct cross-correlation: x (Ci,H,W), w (Co,Ci,k,k) -> (Co,Ho,Wo)."""
     x = np.pad(x, ((0, 0), (pad, pad), (pad, pad)))

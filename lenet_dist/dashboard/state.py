@@ -20,7 +20,7 @@ from ..model import LeNet5
 
 MAX_STEPS = 20_000          # telemetry rows kept (a 5-epoch MNIST run at the default --log-every has ~470)
 MAX_EVALUATIONS = 5_000
-MAX_EVENTS = 2_000
+MAX_EVENTS = 500             # replayed to a client that reconnects (Last-Event-ID): a few minutes of a run
 
 
 def _pixels(u8):
@@ -139,8 +139,7 @@ class LiveState:
             if got is None:
                 return None
             model, step, accuracy = got
-            probs = analysis.probabilities(model, u8[None])[0]
-            maps = analysis.feature_maps(model, u8)
+            probs, maps = analysis.look(model, u8)
         return {"model": which, "step": step, "accuracy": accuracy, "input": _pixels(u8),
                 "probabilities": [round(float(v), 6) for v in probs], "predicted": int(probs.argmax()),
                 "conv1": _maps(maps["conv1"]), "conv2": _maps(maps["conv2"])}
