@@ -29,6 +29,8 @@ from collections import deque
 from datetime import datetime, timezone
 from pathlib import Path
 
+from lenet_dist.checkpoint import latest_valid
+
 from .restart_policy import RestartPolicy, classify, fit_hosts, format_hostfile, parse_hostfile
 
 log = logging.getLogger("lenet.launch")
@@ -47,7 +49,8 @@ def parse_args(argv=None):
     p.add_argument("--restart-window", type=float, default=3600.0, metavar="SECONDS",
                    help="the window --max-restarts counts in (0: the whole run)")
     p.add_argument("--backoff", type=float, default=1.0, metavar="SECONDS",
-                   help="wait before a restart; doubles with each restart in the window")
+                   help="wait before a restart; doubles for each failure in a row that came less than a "
+                        "minute after its start")
     p.add_argument("--backoff-max", type=float, default=30.0, metavar="SECONDS")
     p.add_argument("--mpirun", default=os.environ.get("MPIRUN", "mpirun"))
     p.add_argument("--mpirun-args", default="", help="more mpirun flags, one shell-quoted string")
@@ -208,7 +211,7 @@ class Job:
     def wait(self, stop, exit_grace):
         while True:
             try:
-                self.proc.wait(0.2)
+                self.proc.wait(0.05)
                 break
             except subprocess.TimeoutExpired:
                 pass
@@ -273,7 +276,6 @@ class Launcher:
             f.write(json.dumps(row) + "\n")
 
     def resume_point(self):
-        from lenet_dist.checkpoint import latest_valid
         found = latest_valid(self.args.checkpoint_dir, warn=log.warning) if self.args.checkpoint_dir else None
         return (found[0].name, found[1].meta["step"]) if found else (None, 0)
 
@@ -287,6 +289,7 @@ class Launcher:
                      where, reason)
             self.record("restart" if resume else "start", attempt=attempt, ranks=self.ranks,
                         asked_ranks=a.ranks, reason=reason, failure=failure, resume_step=step if resume else None)
+            started = time.monotonic()
             job = Job(self.command(resume))
             code = job.wait(self.stop, a.exit_grace)
             if self.stop.count:
@@ -300,7 +303,7 @@ class Launcher:
                 self.record("end", outcome="finished", restarts=attempt, code=0)
                 return 0
             f = classify(code, job.lines)
-            restart, delay, why = a.policy.decide(f, time.time())
+            restart, delay, why = a.policy.decide(f, time.time(), ran=time.monotonic() - started)
             if restart and self.hosts:
                 restart, why = self._refit(why)
             log.log(logging.WARNING if restart else logging.ERROR, "mpirun exited with code %d: %s", code, why)

@@ -101,13 +101,16 @@ def classify(returncode, lines):
 
 @dataclass
 class RestartPolicy:
-    """At most `max_restarts` restarts within any `window` seconds (0: within the whole run); the k-th
-    restart in a row waits backoff * 2**k seconds, at most `backoff_max`."""
+    """At most `max_restarts` restarts within any `window` seconds (0: within the whole run). A restart waits
+    `backoff` seconds, doubled for each failure in a row that came less than `settle` seconds after its
+    start (a crash loop), at most `backoff_max`."""
     max_restarts: int = 3
     window: float = 3600.0
     backoff: float = 1.0
     backoff_max: float = 30.0
+    settle: float = 60.0
     restarts: list = field(default_factory=list)    # times of the restarts granted so far
+    quick: int = 0                                  # failures in a row that came soon after their start
 
     def __post_init__(self):
         if self.max_restarts < 0 or self.window < 0 or self.backoff < 0 or self.backoff_max < self.backoff:
@@ -115,8 +118,9 @@ class RestartPolicy:
                              f"backoff {self.backoff}, backoff_max {self.backoff_max}: need all >= 0 and "
                              f"backoff_max >= backoff")
 
-    def decide(self, failure, now):
-        """(restart, delay seconds, why). A granted restart is counted at `now`."""
+    def decide(self, failure, now, ran=float("inf")):
+        """(restart, delay seconds, why) for a job that failed at `now` after running `ran` seconds. A
+        granted restart is counted at `now`."""
         if not failure.retry:
             return False, 0.0, f"not restarting: {failure.kind} will recur: {failure.why}"
         recent = [t for t in self.restarts if not self.window or now - t < self.window]
@@ -124,7 +128,8 @@ class RestartPolicy:
         if len(recent) >= self.max_restarts:
             return False, 0.0, (f"not restarting: {failure.kind}: {failure.why}; already {len(recent)} "
                                 f"restart(s) {span} (--max-restarts {self.max_restarts})")
-        delay = min(self.backoff * 2 ** len(recent), self.backoff_max)
+        self.quick = self.quick + 1 if ran < self.settle else 0
+        delay = min(self.backoff * 2 ** max(self.quick - 1, 0), self.backoff_max)
         self.restarts.append(now)
         return True, delay, (f"restarting ({len(recent) + 1}/{self.max_restarts} {span}) in {delay:g} s: "
                              f"{failure.kind}: {failure.why}")
