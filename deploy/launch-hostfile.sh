@@ -16,6 +16,7 @@
 #
 # Every host needs the same Python environment at the same path (Hydra starts its proxy there) and
 # passwordless ssh from this host. A pre-flight `lenet-train --check` with the same flags runs first.
+# One attempt: for restarts after a rank dies, and a lost host left out, see lenet-launch (docs/restarts.md).
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
