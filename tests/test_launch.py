@@ -176,3 +176,32 @@ def test_restarts_need_a_checkpoint_dir_and_min_ranks_at_most_ranks(capsys):
         parse_args(["-n", "2", "--min-ranks", "3", "--", "--checkpoint-dir", "c"])
     assert "--min-ranks 3" in capsys.readouterr().err
     assert parse_args(["-n", "2", "--max-restarts", "0", "--", "--subset"]).train_args == ["--subset"]
+
+
+@pytest.mark.parametrize("version, flavor, hostfile_flag, line", [
+    ("HYDRA build details:\n    Version: 5.0.2", "mpich", "-f", "n1:2\n"),
+    ("mpirun (Open MPI) 4.1.5\n\nReport bugs to http://www.open-mpi.org/community/help/", "openmpi", "--hostfile",
+     "n1 slots=2\n")])
+def test_each_mpi_gets_its_own_spelling(tmp_path, version, flavor, hostfile_flag, line):
+    """What lenet-launch passes to MPICH's and to Open MPI's mpirun (the flavour is read from --version)."""
+    from workers.launch import Launcher
+    mpirun = tmp_path / "mpirun"
+    mpirun.write_text(f"#!/bin/sh\ncat <<'EOF'\n{version}\nEOF\n")
+    mpirun.chmod(0o755)
+    (tmp_path / "hosts").write_text("n1 slots=2\nn2:2\n")
+    args = parse_args(["-n", "4", "--min-ranks", "2", "--hostfile", str(tmp_path / "hosts"), "--mpirun", str(mpirun),
+                       "--mpirun-args", "-x PATH", "--trainer", "lenet-train", "--", "--checkpoint-dir", "c"])
+    launcher = Launcher(args)
+    try:
+        assert launcher.flavor == flavor
+        launcher.hosts, launcher.ranks = [("n1", 2)], 2          # as after n2 stopped answering
+        argv = launcher.command(resume=True)
+        i = argv.index(hostfile_flag)
+        assert argv[:i] == [str(mpirun), "-x", "PATH", "-n", "2"]
+        assert argv[i + 2:] == ["lenet-train", "--checkpoint-dir", "c", "--resume"]
+        with open(argv[i + 1]) as f:
+            assert f.read() == line
+    finally:
+        launcher.tmp.cleanup()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
