@@ -264,11 +264,11 @@ def run_mpirun(args, cmd, hosts, env):
 def launcher(args):
     from tests.netns import Hosts, unavailable
     log = (lambda m: print(m, file=sys.stderr, flush=True))
-    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", **dict(args.env))
     sink = open(args.out, "a") if args.out else None
 
     def emit(rec):
-        rec.update(load1=round(os.getloadavg()[0], 2), time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        rec.update(env=dict(args.env), load1=round(os.getloadavg()[0], 2), time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         line = json.dumps(rec)
         print(line, flush=True)
         if sink:
@@ -336,6 +336,8 @@ def main(argv=None):
     p.add_argument("--loopback", action="store_true", help="plain mpirun on this machine, no namespaces")
     p.add_argument("--calibrate", action="store_true", help="compute and latency for bench/cost_model.py")
     p.add_argument("--data-dir", help="MNIST folder (default: $LENET_DATA_DIR, then the cache)")
+    p.add_argument("--env", type=lambda t: tuple(t.split("=", 1)), action="append", default=[],
+                   metavar="KEY=VALUE", help="extra environment for every rank (repeatable)")
     p.add_argument("--out", help="also append every result line to this JSONL file")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per mpirun")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
