@@ -292,16 +292,16 @@ class Launcher:
             started = time.monotonic()
             job = Job(self.command(resume))
             code = job.wait(self.stop, a.exit_grace)
+            if code == 0:                   # finished, even if a stop came at the very end
+                log.info("the job finished (%d restart(s))", attempt)
+                self.record("end", outcome="finished", restarts=attempt, code=0)
+                return 0
             if self.stop.count:
                 ckpt, step = self.resume_point()
                 log.warning("stopped by %s: the job ended with code %d; newest checkpoint: %s (step %d); not a "
                             "failure, no restart", signal.Signals(self.stop.signum).name, code, ckpt, step)
                 self.record("end", outcome="stopped", signal=self.stop.signum, code=code, step=step)
                 return 128 + self.stop.signum
-            if code == 0:
-                log.info("the job finished (%d restart(s))", attempt)
-                self.record("end", outcome="finished", restarts=attempt, code=0)
-                return 0
             f = classify(code, job.lines)
             restart, delay, why = a.policy.decide(f, time.time(), ran=time.monotonic() - started)
             if restart and self.hosts:
