@@ -18,6 +18,8 @@ STALL = ["lenet-train: rank 0/2: error: no training step finished in 5s after st
 MPICH_KILLED = ["BAD TERMINATION OF ONE OF YOUR APPLICATION PROCESSES",
                 "YOUR APPLICATION TERMINATED WITH THE EXIT STRING: Killed (signal 9)"]
 OPENMPI_KILLED = ["mpirun noticed that process rank 1 with PID 4242 on node n1 exited on signal 9 (Killed)."]
+OPENMPI5_KILLED = ["-" * 74, "prterun noticed that process rank 1 with PID 28691 on node vm exited on",
+                   "signal 9 (Killed).", "-" * 74]
 CRASH = ["lenet-train: rank 1/2: error: RuntimeError: injected fault at step 7"]
 STOPPED = ["12:00:00 rank 0/2 WARNING stopped by signal 15 at step 241; checkpoint written"]
 
@@ -34,6 +36,7 @@ def test_failures_that_recur_are_not_retried(code, lines, kind):
 
 @pytest.mark.parametrize("code, lines, kind, says", [
     (9, MPICH_KILLED, "killed", "SIGKILL"), (137, OPENMPI_KILLED, "killed", "SIGKILL"),
+    (137, OPENMPI5_KILLED, "killed", "SIGKILL"),
     (1, STALL, "stall", "no training step finished in 5s after step 20"),
     (1, CRASH, "rank error", "RuntimeError: injected fault"), (17, [], "exit", "code 17"),
     (-9, [], "killed", "mpirun was killed by SIGKILL")])

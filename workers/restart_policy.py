@@ -20,9 +20,9 @@ RANK_ERROR = re.compile(r"lenet-train: rank (\d+)/(\d+): error: (.*)")
 USAGE_ERROR = re.compile(r"^lenet-train: error: |^usage: lenet-train")
 STALL = "no training step finished in"
 STOPPED = re.compile(r"stopped by signal (\d+) at step (\d+)")
-# mpirun's words for a rank that died on a signal: MPICH (Hydra) and Open MPI.
-SIGNAL_LINES = (re.compile(r"EXIT STRING: .*\(signal (\d+)\)"), re.compile(r"KILLED BY SIGNAL: (\d+)"),
-                re.compile(r"exited on signal (\d+)"))
+# mpirun's words for a rank that died on a signal: MPICH (Hydra), and Open MPI (5 breaks its line there).
+SIGNAL_WORDS = (re.compile(r"EXIT STRING: .*\(signal (\d+)\)"), re.compile(r"KILLED BY SIGNAL: (\d+)"),
+                re.compile(r"exited on\s+signal (\d+)"))
 
 # Failures that happen again on every restart: (kind, why it will recur) by the exception's type name.
 WILL_RECUR = {
@@ -68,10 +68,10 @@ def classify(returncode, lines):
         m = STOPPED.search(line)
         if m:
             stopped = stopped or (int(m.group(1)), int(m.group(2)))
-        for pattern in SIGNAL_LINES:
-            m = pattern.search(line)
-            if m and signum is None:
-                signum = int(m.group(1))
+    text = "\n".join(line.rstrip("\n") for line in lines)
+    found = [m for pattern in SIGNAL_WORDS if (m := pattern.search(text))]
+    if found:
+        signum = int(found[0].group(1))
     for rank, text in errors:
         typ, _, message = text.partition(": ")
         if typ == "TrainingError":
