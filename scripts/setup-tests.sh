@@ -14,6 +14,9 @@ need chromium         # tests/test_browser.py: the dashboard in a real headless 
 need chromium-driver
 need slurm-wlm        # slurmctld, slurmd, srun: tests/test_deploy_slurm.py runs deploy/slurm/train.sbatch
 need munge            #   on a real cluster (tests/slurm_cluster.py)
+need podman           # tests/test_deploy_container.py builds deploy/Dockerfile and runs it (runc, a
+need runc             #   stand-in base image made by debootstrap)
+need debootstrap
 
 if ((${#apt_needed[@]})); then
     if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then

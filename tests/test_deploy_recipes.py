@@ -591,44 +591,68 @@ def test_systemd_unit_exposure(tmp_path):
 
 # ---------------------------------------------------------------- container
 
-def dockerfile_pip_args():
-    lines = [ln for ln in joined_lines(read("Dockerfile")) if not ln.lstrip().startswith("#")]
-    found = [pip_install_args(ln) for ln in lines if pip_install_args(ln) is not None]
-    assert len(found) == 1, f"expected one pip install in the Dockerfile, found {found}"
-    return found[0]
+def dockerfile_instructions():
+    """(instruction, arguments) of each Dockerfile line, continuations joined, comments left out."""
+    lines = [ln.strip() for ln in joined_lines(read("Dockerfile")) if ln.strip() and not ln.lstrip().startswith("#")]
+    return [tuple(ln.split(None, 1)) for ln in lines]
 
 
-def readme_pip_args(path):
-    return {a for ln in joined_lines(path.read_text()) if (a := pip_install_args(ln)) is not None}
+def lock_pins():
+    """name -> (version, [sha256...]) from deploy/requirements.lock."""
+    pins = {}
+    for line in joined_lines(read("requirements.lock")):
+        line = line.split("#", 1)[0].strip()
+        if line:
+            m = re.fullmatch(r"([A-Za-z0-9_.-]+)==(\S+)((?:\s+--hash=sha256:[0-9a-f]{64})+)", line)
+            assert m, f"requirements.lock: not NAME==VERSION --hash=sha256:...: {line}"
+            pins[m.group(1).lower().replace("_", "-")] = (m.group(2), re.findall(r"sha256:(\w+)", m.group(3)))
+    return pins
 
 
-def test_dockerfile_base_and_install():
+def test_dockerfile_pins_its_base_and_fetches_no_frontend():
     text = read("Dockerfile")
-    assert re.search(r"^FROM python:3\.11-slim\s*$", text, re.M)
-    assert dockerfile_pip_args() == '".[mpich]"'
-    assert re.search(r"^USER (?!root)\S+", text, re.M), "the image should not run as root"
+    assert not re.search(r"^#\s*syntax\s*=", text, re.M | re.I), "a # syntax= line fetches a frontend"
+    steps = dockerfile_instructions()
+    froms = [args for op, args in steps if op == "FROM"]
+    assert froms == ["${BASE_IMAGE}"], froms
+    (base,) = [args for op, args in steps if op == "ARG" and args.startswith("BASE_IMAGE=")]
+    assert re.fullmatch(r"BASE_IMAGE=python:3\.11-slim-bookworm@sha256:[0-9a-f]{64}", base), base
+    assert [args for op, args in steps if op == "USER"][-1] not in ("root", "0"), "the image should not run as root"
 
 
-def test_dockerfile_install_matches_deploy_readme():
-    assert dockerfile_pip_args() in readme_pip_args(DEPLOY / "README.md")
+def test_dockerfile_installs_only_the_lock_offline():
+    runs = " ; ".join(args for op, args in dockerfile_instructions() if op == "RUN")
+    installs = re.findall(r"pip install ([^;&|]*)", runs)
+    assert len(installs) == 2, installs
+    lock, project = installs
+    assert "--no-index" in lock and "--require-hashes" in lock and "requirements.lock" in lock
+    assert "--no-index" in project and "--no-deps" in project and "--no-build-isolation" in project
+    assert "lenet-data fetch" not in runs and "curl" not in runs and "wget" not in runs
 
 
-def test_dockerfile_install_matches_readme():
-    readme = ROOT / "README.md"
-    if not readme.exists():
-        pytest.skip("README.md at the repository root is not written yet")
-    args = readme_pip_args(readme)
-    assert dockerfile_pip_args() in args, f"README.md installs with {sorted(args)}"
+def test_lock_pins_every_requirement_of_the_image():
+    """The lock holds exactly what `pip install ".[mpich]"` needs (and the build backend), each version
+    allowed by pyproject.toml, each with a wheel hash."""
+    tomllib = pytest.importorskip("tomllib", reason="Python >= 3.11")
+    req = pytest.importorskip("packaging.requirements", reason="packaging comes with pip's tooling")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    needed = [req.Requirement(r) for r in (*project["project"]["dependencies"],
+                                           *project["project"]["optional-dependencies"]["mpich"],
+                                           *project["build-system"]["requires"])]
+    pins = lock_pins()
+    names = {r.name.lower().replace("_", "-") for r in needed}
+    assert set(pins) == names, f"lock pins {sorted(pins)}, the image needs {sorted(names)}"
+    for r in needed:
+        version, hashes = pins[r.name.lower().replace("_", "-")]
+        assert r.specifier.contains(version, prereleases=True), f"{r.name}=={version} is outside '{r}'"
+        assert hashes
 
 
 def test_dockerfile_copies_what_exists():
-    for line in read("Dockerfile").splitlines():
-        m = re.match(r"COPY\s+(?:--\S+\s+)*(.+)\s+\S+$", line)
-        if not m:
-            continue
-        for src in m.group(1).split():
-            if src == "README.md" and not (ROOT / src).exists():
-                continue            # the lead's README, checked above once written
+    copies = [args.split() for op, args in dockerfile_instructions() if op == "COPY"]
+    assert copies
+    for args in copies:
+        for src in [a for a in args[:-1] if not a.startswith("--")]:
             assert (ROOT / src).exists(), f"COPY {src}: no such path in the repository"
 
 
@@ -637,9 +661,9 @@ def test_dockerfile_copies_what_exists():
 def test_readme_covers_every_recipe():
     text = read("README.md")
     for path in DEPLOY.rglob("*"):
-        if path.is_file() and path.name != "README.md":
+        if path.is_file() and path.name != "README.md" and not path.name.startswith("."):
             assert path.relative_to(DEPLOY).as_posix() in text, f"deploy/README.md never mentions {path.name}"
-    for needle in ("mpirun", "srun", "MPIJob", "lenet-keys generate", "OMP_NUM_THREADS",
+    for needle in ("mpirun", "srun", "MPIJob", "lenet-keys generate", "OMP_NUM_THREADS", "pip download",
                    "--threads", "--watch", str(PUBLISH_PORT), str(RESULTS_PORT),
                    "see README.md Performance section"):
         assert needle in text, f"deploy/README.md does not mention {needle}"
