@@ -143,6 +143,7 @@ def image(tmp_path):
     # chroot-isolated build uses the builder's network; --network=none is refused with --isolation=chroot).
     build = subprocess.run(
         ["unshare", "--net", "podman", "build", "--runtime", "runc", "--isolation=chroot", *build_ulimits(),
+         "--layers=false",                  # one commit at the end, no intermediate images to store and remove
          "--build-arg", f"BASE_IMAGE={base}", "--ignorefile", ctx / "deploy" / "Dockerfile.dockerignore",
          "-f", ctx / "deploy" / "Dockerfile", "-t", tag, ctx], capture_output=True, text=True, timeout=1200)
     assert build.returncode == 0, f"podman build exited {build.returncode}\n{build.stdout[-4000:]}\n{build.stderr[-4000:]}"
