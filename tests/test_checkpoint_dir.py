@@ -86,6 +86,10 @@ def test_a_fresh_run_never_takes_over_another_runs_folder(tmp_path):
     now = metas(d)
     assert sorted(now) == [3, 6] and {m["run_id"] for m in now.values()}.isdisjoint(first_run)
 
+    # a restart by lenet-launch repeats the flags and adds --resume: it continues the run started over
+    p = train(2, d, "--seed", "1", "--start-over", "--resume", "--log-level", "INFO")
+    assert "resumed from" in p.stderr and len(list(d.glob("superseded-*"))) == 1
+
 
 def test_resume_deletes_only_its_own_checkpoints(tmp_path):
     """A later checkpoint of another run, which cannot be resumed from (its position does not fit), stays."""

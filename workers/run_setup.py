@@ -20,9 +20,6 @@ class RunState:
         self.run_id, self.config_changes, self.writer = run_id, list(changes), writer
         self.resumed_from = resumed_from
 
-    def __str__(self):
-        return f"{self.resumed_from} (run {self.run_id})"
-
     def meta(self, meta):
         return dict(meta, run_id=self.run_id, config_changes=self.config_changes)
 

@@ -91,7 +91,7 @@ def parse_args(argv=None):
                         "meant to replace the saved ones; the change is recorded in the checkpoints")
     g.add_argument("--start-over", action="store_true",
                    help="begin a new run in a --checkpoint-dir that holds another run's checkpoints (they are "
-                        "moved into a superseded-* subfolder, not deleted)")
+                        "moved into a superseded-* subfolder, not deleted); ignored with --resume")
     g.add_argument("--sync-every", type=int, default=100, help="steps between replica checksum checks")
     g.add_argument("--stall-timeout", type=float, default=120.0, metavar="SECONDS",
                    help="under MPI, a rank that finishes no step for this long (a peer died or hangs) exits "
@@ -147,8 +147,8 @@ def parse_args(argv=None):
         p.error(f"--override: {', '.join(unknown)} not a training flag (see the 'training' group in --help)")
     if args.override and not args.resume:
         p.error("--override only applies with --resume")
-    if args.start_over and args.resume:
-        p.error("--start-over begins a new run; --resume continues one: give one of them")
+    if args.start_over and args.resume:     # a restart (lenet-launch adds --resume) continues what was started
+        args.start_over = False
     try:
         args.fault = FaultInjector.parse(args.fault)
     except ValueError as e:
@@ -200,8 +200,9 @@ def run(args, comm):
         have = comm.bcast_(np.array([found is not None], np.int64))[0]          # rank 0 decides for all
         if have:
             trainer.restore(found)
-            log.info("resumed from %s at step %d (epoch %d, batch %d)", args.run_state if rank0 else "",
-                     trainer.step, trainer.epoch, trainer.pos)
+            log.info("resumed from %s at step %d (epoch %d, batch %d; run %s)",
+                     args.run_state.resumed_from if rank0 else "", trainer.step, trainer.epoch, trainer.pos,
+                     args.run_state.run_id if rank0 else "")
     link = None
     if args.publish and rank0:
         from lenet_dist.transport import TrainerLink, TransportError, load_key
