@@ -3,7 +3,7 @@ joined by veth links capped with tc tbf, mpirun (MPICH Hydra, tests/netns_agent.
 
     LENET_DATA_DIR=/path/to/mnist python bench/multihost.py                 # the full table (~15 min)
     python bench/multihost.py --short                                       # a quick pass (the test suite's)
-    python bench/multihost.py --loopback --per-host 2                       # one "host": plain mpirun, no links
+    python bench/multihost.py --loopback --per-host 2                       # this machine: a core per rank, no links
     python bench/multihost.py --rates 100m --per-host 1 --variants fused,kb1,kb16,kb64,kb1024,overlap-notest
     python bench/multihost.py --out runs/mh.jsonl && python bench/cost_model.py runs/mh.jsonl --plot docs/scaling.png
 
@@ -173,7 +173,7 @@ def calibrate_worker(args):
         for batch in [int(b) for b in args.calibrate_batches.split(",")]:
             shard = max(1, batch // comm.size)
             steps, fracs = [], []
-            for i in range(args.warmup + args.rounds * args.steps):
+            for i in range(args.warmup + args.rounds * args.steps * max(1, 32 // shard)):   # small: more
                 idx = rng.integers(0, len(ds.train_images), shard)
                 x, y = normalize(ds.train_images[idx]), ds.train_labels[idx].astype(np.intp)
                 comm.wait_for_all() if comm.nap is not None else comm.barrier()
@@ -278,7 +278,7 @@ def launcher(args):
     if args.loopback:
         for per_host in [int(r) for r in args.per_host.split(",")]:
             for batch in args.batches.split(","):
-                for rec in run_mpirun(args, mpirun_line(args, per_host, per_host, None,
+                for rec in run_mpirun(args, mpirun_line(args, per_host, 1, None,     # a core per rank
                                                         ["--worker", "--batch", batch, "--variants", args.variants]),
                                       None, env):
                     emit(dict(rec, hosts=1, per_host=per_host, rate="loopback"))
