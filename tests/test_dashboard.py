@@ -281,3 +281,18 @@ def test_closing_the_server_ends_open_streams(data):
     assert opened.wait(10) and not ended.is_set()
     server.close()
     assert ended.wait(10)
+
+
+def test_every_static_file_ships_as_package_data():
+    """A file added to static/ but not to [tool.setuptools.package-data] would work here and 404 when installed."""
+    import fnmatch
+    import tomllib
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["lenet_dist"]
+    static = root / "lenet_dist" / "dashboard" / "static"
+    files = [p.relative_to(root / "lenet_dist").as_posix() for p in static.rglob("*") if p.is_file()]
+    assert len(files) >= 7
+    for f in files:
+        assert any(fnmatch.fnmatch(f, g) and f.count("/") == g.count("/") for g in globs), f
+    assert (static / "vendor" / "LICENSE.uPlot").read_text().startswith("The MIT License")
