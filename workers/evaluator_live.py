@@ -69,7 +69,8 @@ class Live:
                 from lenet_dist.dashboard.state import LiveState
                 self.state = LiveState(images, labels)
                 self.server = DashboardServer(self.state, *args.http_address, token=args.http_token)
-                self.server.wait_started()
+                if not self.server.wait_started():
+                    log.warning("the dashboard on %s is slow to start", self.server.url)
                 log.info("dashboard on %s%s", self.server.url, " (bearer token required)" if args.http_token else "")
             if args.tensorboard:
                 from .tensorboard import EvaluatorBoard

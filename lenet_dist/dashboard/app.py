@@ -26,6 +26,7 @@ import io
 import json
 import socket
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -263,12 +264,10 @@ class DashboardServer:
         self._thread.start()
 
     def wait_started(self, timeout=10.0):
-        """True once uvicorn has started serving."""
-        deadline = threading.Event()
-        for _ in range(int(timeout / 0.02)):
-            if self._server.started:
-                return True
-            deadline.wait(0.02)
+        """True once uvicorn serves (False if it has not after `timeout` seconds, or it died)."""
+        end = time.monotonic() + timeout
+        while not self._server.started and self._thread.is_alive() and time.monotonic() < end:
+            time.sleep(0.02)
         return self._server.started
 
     def close(self):
