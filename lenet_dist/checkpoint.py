@@ -182,6 +182,23 @@ def read_bounded(path, max_bytes=MAX_BYTES):
         os.close(fd)
 
 
+def set_pointer(directory, entry, target, info=None):
+    """Make `directory/<entry>.npz` (entry "last" or "best") the checkpoint file `target` of the same folder,
+    and `<entry>.json` say which one: {"file": its name, **info}. The .npz is a hard link, a real file that
+    any tool opens and that outlives the pruning of `target` (a copy where links are not supported); both
+    are replaced atomically. Their names do not match checkpoint names: resume and --watch ignore them."""
+    d, target = Path(directory), Path(target)
+    tmp = d / f".{entry}.npz.{os.getpid()}.tmp"
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(target, tmp)
+        os.replace(tmp, d / f"{entry}.npz")
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        save_atomic(d / f"{entry}.npz", target.read_bytes())
+    save_atomic(d / f"{entry}.json", json.dumps({"file": target.name, **(info or {})}).encode())
+
+
 def list_checkpoints(directory):
     """[(step, path)] of the trainer's checkpoints in `directory`, newest first (copies named *best* and
     anything else are not ours and are ignored)."""

@@ -15,7 +15,7 @@ BASE = ["--subset", "--epochs", "1", "--batch-size", "50", "--lr", "0.01", "--se
 def train(n, tmp_path, name, *extra):
     d = tmp_path / name
     launch(n, [*BASE, "--checkpoint-dir", d, "--metrics", d / "metrics.jsonl", *extra])
-    last = json.loads((d / "metrics.jsonl").read_text().splitlines()[-1])
+    last = [r for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines()) if r["event"] == "epoch"][-1]
     assert last["step"] == 40 and last["ranks"] == max(n, 1), last
     return final_params(d)[0], last
 

@@ -61,7 +61,8 @@ def wait_for_reports(path, n, timeout=60):
 
 
 def check_final_agrees(tmp_path, report, name="t"):
-    final = json.loads((tmp_path / f"{name}.jsonl").read_text().splitlines()[-1])
+    rows = [json.loads(line) for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+    final = [r for r in rows if r["event"] == "epoch"][-1]
     rows = reports(report)
     last = rows[-1]
     assert last["final"] and last["step"] == final["step"]
@@ -135,12 +136,15 @@ def test_trainer_restarted_with_resume_while_evaluator_keeps_running(tmp_path):
 
 
 def test_test_mode_runs_both_sides(tmp_path):
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
     p = subprocess.run([sys.executable, "-m", "workers.trainer", "--test-mode", "--no-progress",
-                        "--metrics", str(tmp_path / "m.jsonl")], cwd=REPO, env=env(), capture_output=True,
-                       text=True, timeout=180)
+                        "--metrics", str(tmp_path / "m.jsonl")], cwd=REPO, env=env(TMPDIR=scratch),
+                       capture_output=True, text=True, timeout=180)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "test mode: OK" in p.stdout
-    assert "test mode: evaluator step 96" in p.stdout
+    assert "test mode: evaluator step 96" in p.stdout             # 3 epochs of 32 steps, as --help says
+    assert "lenet-test-mode-" in p.stdout and list(scratch.iterdir()) == []     # its temp folder is gone
 
 
 def test_sigterm_stops_every_rank_after_the_same_step_with_a_checkpoint(tmp_path):

@@ -130,7 +130,7 @@ def test_forged_and_null_results_against_a_real_trainer(tmp_path):
             tr.communicate()
     assert tr.returncode == 0, err
     assert "Logging error" not in err and "Traceback" not in err
-    assert f"evaluator: step {step} accuracy 0.5000 loss n/a" in err
+    assert f"evaluator: step {step} accuracy 50.00% loss n/a" in err
     assert "1000000000" not in out and "refused a result" in err
 
 

@@ -2,10 +2,12 @@
 (outputs of a run are in sinks.py). Process plumbing only; no math."""
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import math
 import os
+import signal
 import sys
 import time
 
@@ -43,6 +45,17 @@ def raise_open_files_limit(log):
     return soft
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows a flag's default once, and only when it says something (not None, not an off switch or an
+    empty string, not when the help text already explains it)."""
+
+    def _get_help_string(self, action):
+        quiet = action.default is None or action.default is False or action.default in ("", argparse.SUPPRESS)
+        if quiet or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def setup_logging(comm, level="INFO"):
     """Every line says which rank wrote it; ranks other than 0 only log warnings and errors."""
     fmt = f"%(asctime)s rank {comm.rank}/{comm.size} %(levelname)s %(message)s"
@@ -77,10 +90,11 @@ class FaultInjector:
     """Rehearse failures: RANK:STEP:KIND makes rank RANK, just before step STEP, do one of
     raise (an exception), exit (die at once, exit code 17), perturb (nudge one parameter: replicas drift),
     nan (poison its parameters: the loss becomes NaN), slow (from then on compute 3x slower: a straggler),
-    hang (stop for good, alive but stuck, as a deadlocked rank would).
+    hang (stop for good, alive but stuck, as a deadlocked rank would), term (send itself SIGTERM: a stop
+    request that reaches one rank only).
     Several specs may be joined with commas."""
 
-    KINDS = ("raise", "exit", "perturb", "nan", "slow", "hang")
+    KINDS = ("raise", "exit", "perturb", "nan", "slow", "hang", "term")
     SLOWDOWN = 3.0
 
     def __init__(self, specs):
@@ -117,6 +131,8 @@ class FaultInjector:
                 trainer.model.params[:] = np.nan
             if kind == "slow":
                 trainer.slowdown = self.SLOWDOWN
+            if kind == "term":
+                os.kill(os.getpid(), signal.SIGTERM)
             if kind == "hang":
                 while True:
                     time.sleep(3600)

@@ -36,14 +36,14 @@ from lenet_dist.data import DataError
 from lenet_dist.transport import TransportError
 
 from . import evaluator_live
-from .common import number, one_line
+from .common import HelpFormatter, number, one_line
 
 log = logging.getLogger("lenet.evaluator")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="lenet-evaluator", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--connect", metavar="ENDPOINT", help="the trainer's --publish endpoint, e.g. tcp://127.0.0.1:5555")
     src.add_argument("--watch", metavar="DIR", type=Path, help="poll this checkpoint directory instead")
@@ -64,7 +64,8 @@ def parse_args(argv=None):
     g.add_argument("--delay", type=float, default=0.0, metavar="SECONDS",
                    help="artificial slowness before each evaluation (tests, rehearsals)")
     g.add_argument("--threads", type=int, default=1, help="BLAS threads")
-    g.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    g.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="WARNING: only problems and the evaluation lines")
     g = p.add_argument_group("CurveZMQ (with --connect; keys from lenet-keys generate)")
     g.add_argument("--curve-secret-key", type=Path, metavar="FILE", help="this evaluator's .key_secret file")
     g.add_argument("--curve-public-key", type=Path, metavar="FILE", help="its .key file (optional, checked)")
@@ -191,11 +192,16 @@ def _loop(args, stop, source, model, images, labels, out, best, live=None):
     whoami = f"{socket.gethostname()}:{os.getpid()}"
     last_step, last_final, evaluations, status = -1, False, 0, None
     idle_since = time.monotonic()
+    reminder = Reminder()
     while not stop:
         if source.status != status:
             status = source.status
             ok = status.startswith(("connecting to", "connected to", "watching"))
             (log.info if ok else log.warning)("%s", status)
+            reminder.restart()
+        elif not ok and (waited := reminder.due()) is not None:
+            log.warning("still %s%s, for %.0fs; waiting (%s)", status[0].lower(), status[1:], waited,
+                        f"giving up at --timeout {args.timeout:g}s" if args.timeout else "--timeout SECONDS to give up")
         behind = getattr(source, "trainer_step", None)
         if behind is not None and behind < last_step:
             # The trainer is behind what we evaluated: a new run, or one resumed from an older checkpoint.
@@ -243,7 +249,7 @@ def _loop(args, stop, source, model, images, labels, out, best, live=None):
                   "lag_steps": max(0, (trainer_step or step) - step), "trainer_step": trainer_step,
                   "sha256": header["sha256"], "final": final, "time": round(time.time(), 3), "evaluator": whoami,
                   "server": header.get("server")}     # which trainer process served it
-        print(f"step {step} epoch {result['epoch']}: test accuracy {100 * accuracy:.2f}% loss {number(loss)} "
+        print(f"step {step} epoch {_epoch_text(ckpt.meta)}: test accuracy {100 * accuracy:.2f}% loss {number(loss)} "
               f"({len(images)} images, {seconds:.2f}s), {result['lag_steps']} steps behind"
               + (", final" if final else ""), flush=True)
         if live is not None:
@@ -265,6 +271,36 @@ def _loop(args, stop, source, model, images, labels, out, best, live=None):
             return 0
     log.info("stopped by signal %d after %d evaluations", stop.signum, evaluations)
     return 130 if stop.signum == signal.SIGINT else 0
+
+
+class Reminder:
+    """When to repeat a warning that still holds: after 10 s, then 20, 40, ... at most every 10 minutes, so
+    that a daemon waiting for a trainer that never comes keeps saying so without flooding its log."""
+
+    def __init__(self, first=10.0, longest=600.0, clock=time.monotonic):
+        self.first, self.longest, self.clock = first, longest, clock
+        self.restart()
+
+    def restart(self):
+        self.since = self.clock()
+        self.interval = self.first
+        self.next_at = self.since + self.first
+
+    def due(self):
+        """Seconds since restart() when a reminder is due now, else None."""
+        now = self.clock()
+        if now < self.next_at:
+            return None
+        self.interval = min(2 * self.interval, self.longest)
+        self.next_at = now + self.interval
+        return now - self.since
+
+
+def _epoch_text(meta):
+    """The epoch as the trainer's lines say it: 'epoch 1/5' is the first epoch, in progress or just done."""
+    epoch = int(meta["epoch"]) + (int(meta.get("pos", 0)) > 0)
+    epochs = (meta.get("config") or {}).get("epochs")
+    return f"{epoch}/{epochs}" if isinstance(epochs, int) else str(epoch)
 
 
 def main(argv=None):

@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from dataclasses import dataclass, field
-
-from .common import number
 
 log = logging.getLogger("lenet.trainer")
 
@@ -136,6 +133,9 @@ class MetricsSink(Sink):
     def on_epoch(self, record):
         self.write(record)
 
+    def on_end(self, summary):
+        self.write(summary)
+
     def close(self):
         self.f.close()
 
@@ -148,40 +148,3 @@ class LinkProgressSink(Sink):
 
     def on_step(self, s):
         self.link.progress(s.step)
-
-
-class ProgressSink(Sink):
-    """A tqdm bar on a terminal; the epoch lines on stdout."""
-
-    def __init__(self, bar=None):
-        self.want_bar = bar
-        self.bar = None
-
-    def on_start(self, info):
-        if self.want_bar if self.want_bar is not None else sys.stderr.isatty():
-            from tqdm import tqdm
-            self.bar = tqdm(total=info.total_steps, initial=info.start_step, unit="step", dynamic_ncols=True,
-                            leave=False)
-
-    def on_step(self, s):
-        if self.bar is not None:
-            self.bar.n = s.step
-            if s.step % 10 == 0:
-                self.bar.set_postfix(loss=f"{s.epoch_loss_sum / max(s.epoch_seen, 1):.4f}", refresh=False)
-                self.bar.refresh()
-
-    def on_epoch(self, r):
-        ev = r.get("evaluator")
-        ev_text = (f" | evaluator: step {ev.get('step')} acc {number(ev.get('accuracy'), '.2f', 100)}%"
-                   if ev else "")
-        line = (f"epoch {r['epoch']} step {r['step']}: train loss {number(r['train_loss'])} "
-                f"acc {100 * r['train_acc']:.2f}% | test loss {number(r['test_loss'])} acc {100 * r['test_acc']:.2f}% "
-                f"| {r['images_per_s']:.0f} img/s on {r['ranks']} rank(s), {r['seconds']:.1f}s{ev_text}")
-        if self.bar is not None:
-            self.bar.write(line, file=sys.stdout)
-        else:
-            print(line, flush=True)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()

@@ -2,11 +2,13 @@
 
 Trains 3 epochs on the subset shipped in the package (2,000 training, 1,000 test images) in this process,
 publishing a checkpoint every 10 steps over ZeroMQ on loopback, while a real `lenet-evaluator` process pulls
-them and reports; then prints both sides' final figures, which must agree.
+them and reports; then prints both sides' final figures, which must agree. Its temporary folder (the
+report, and the metrics unless --metrics names a file) is removed at the end; kept, and named, on a failure.
 """
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -26,7 +28,6 @@ def _free_port():
 
 
 def run_test_mode(args):
-    from .trainer import run
     comm = LocalComm()
     setup_logging(comm, args.log_level)
     endpoint = args.publish or f"tcp://127.0.0.1:{_free_port()}"
@@ -36,6 +37,19 @@ def run_test_mode(args):
     args.checkpoint_every = args.checkpoint_every or 10
     args.config = args.config.replace(epochs=3, batch_size=64)
     print(f"test mode: trainer publishing on {endpoint}; evaluator reporting to {report}", flush=True)
+    ok = False
+    try:
+        ok = _run_both(args, comm, endpoint, report)
+    finally:
+        if ok:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            print(f"test mode: files kept in {tmp}", flush=True)
+    return 0 if ok else 1
+
+
+def _run_both(args, comm, endpoint, report):
+    from .trainer import run
     evaluator = subprocess.Popen([sys.executable, "-m", "workers.evaluator", "--connect", endpoint, "--subset",
                                   "--report", str(report), "--log-level", "WARNING", "--timeout", "120"])
     t0 = time.monotonic()
@@ -46,14 +60,15 @@ def run_test_mode(args):
     finally:
         if evaluator.poll() is None:
             evaluator.kill()
-    trainer_final = json.loads(Path(args.metrics).read_text().splitlines()[-1])
+    rows = [json.loads(x) for x in Path(args.metrics).read_text().splitlines()]
+    trainer_final = [r for r in rows if r["event"] == "epoch"][-1]
     lines = [json.loads(x) for x in report.read_text().splitlines()] if report.exists() else []
     final = [r for r in lines if r.get("step") == trainer_final["step"]]
-    print(f"test mode: trainer  step {trainer_final['step']}: test accuracy {trainer_final['test_acc']:.4f}, "
+    print(f"test mode: trainer  step {trainer_final['step']}: test accuracy {100 * trainer_final['test_acc']:.2f}%, "
           f"loss {trainer_final['test_loss']:.4f}")
     if final:
-        print(f"test mode: evaluator step {final[-1]['step']}: accuracy {final[-1]['accuracy']:.4f}, "
+        print(f"test mode: evaluator step {final[-1]['step']}: accuracy {100 * final[-1]['accuracy']:.2f}%, "
               f"loss {final[-1]['loss']:.4f} ({len(lines)} evaluations, lag {final[-1]['lag_steps']} steps)")
     ok = code == 0 and evaluator_code == 0 and final and abs(final[-1]["accuracy"] - trainer_final["test_acc"]) < 1e-9
     print(f"test mode: {'OK' if ok else 'FAILED'} in {time.monotonic() - t0:.1f}s", flush=True)
-    return 0 if ok else 1
+    return bool(ok)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 import time
 from dataclasses import fields
@@ -31,9 +30,11 @@ from lenet_dist.train import DataParallelTrainer
 
 from . import run_setup
 from . import telemetry
-from .common import (FaultInjector, blas_threads, load_dataset, number, one_line, raise_open_files_limit,
-                     setup_logging)
-from .sinks import LinkProgressSink, MetricsSink, ProgressSink, RunInfo, Sinks, StepState
+from .common import (FaultInjector, HelpFormatter, blas_threads, load_dataset, number, one_line,
+                     raise_open_files_limit, setup_logging)
+from .progress import ProgressSink
+from .run_end import StopFlag, Tally, agreed_signal, position, signal_name, summary, what_was_saved
+from .sinks import LinkProgressSink, MetricsSink, RunInfo, Sinks, StepState
 
 log = logging.getLogger("lenet.trainer")
 
@@ -41,21 +42,24 @@ log = logging.getLogger("lenet.trainer")
 def parse_args(argv=None):
     d = TrainConfig()
     p = argparse.ArgumentParser(prog="lenet-train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     g = p.add_argument_group("training (saved in every checkpoint)")
-    g.add_argument("--epochs", type=int, default=d.epochs)
+    g.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training set")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="the GLOBAL batch, split across ranks")
     g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
-    g.add_argument("--momentum", type=float, default=d.momentum)
-    g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=d.nesterov)
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    g.add_argument("--schedule", choices=["constant", "step", "cosine"], default=d.schedule)
-    g.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
+    g.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum (0: plain SGD)")
+    g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=d.nesterov,
+                   help="Nesterov momentum")
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="L2 penalty on all parameters")
+    g.add_argument("--schedule", choices=["constant", "step", "cosine"], default=d.schedule,
+                   help="learning-rate schedule after the warm-up")
+    g.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs,
+                   help="linear warm-up of the learning rate over this many epochs")
     g.add_argument("--step-epochs", type=int, default=d.step_epochs, help="'step' schedule: decay period")
     g.add_argument("--gamma", type=float, default=d.gamma, help="'step' schedule: decay factor")
     g.add_argument("--augment-shift", type=int, default=d.augment_shift,
                    help="random shifts of up to this many pixels (0 = no augmentation)")
-    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--seed", type=int, default=d.seed, help="initial weights, data order and augmentation")
     g.add_argument("--deterministic", action="store_true",
                    help="bit-identical parameters for any number of ranks (fixed-point gradient sums)")
     g.add_argument("--micro-batch", type=int, default=d.micro_batch, help="--deterministic chunk size")
@@ -63,7 +67,8 @@ def parse_args(argv=None):
                    help="size each rank's shard by its measured speed, so that fast ranks do not wait for slow "
                         "ones (results then vary with the clock at float-rounding level; no change at all "
                         "with --deterministic)")
-    g.add_argument("--train-subset", type=int, default=d.train_subset, help="use the first N examples")
+    g.add_argument("--train-subset", type=int, default=d.train_subset,
+                   help="use only the first N training examples (0: all of them)")
     g.add_argument("--bucket-kb", type=int, default=d.bucket_kb,
                    help="reduce gradients in buckets of at least this many KiB, each started while backward "
                         "goes on (fully connected layers first); 0: one fused allreduce after backward")
@@ -71,15 +76,17 @@ def parse_args(argv=None):
                    help="gradients travel in this precision (half: scaled, with error feedback; needs "
                         "--bucket-kb > 0, not --deterministic)")
     g = p.add_argument_group("data")
-    g.add_argument("--data-dir", help="folder with the four MNIST IDX files (default: $LENET_DATA_DIR, "
-                                      "then the cache, then download)")
+    g.add_argument("--data-dir", help="folder with the four MNIST IDX files (when not given: $LENET_DATA_DIR, "
+                                      "then the cache, then a download)")
     g.add_argument("--subset", action="store_true", help="the small MNIST subset shipped in the package")
     g.add_argument("--no-download", action="store_true", help="fail rather than download")
     g = p.add_argument_group("run")
     g.add_argument("--threads", type=int, default=0,
-                   help="BLAS threads per rank (0: one; see README, Performance)")
+                   help="BLAS threads per rank (0: one; see docs/performance.md)")
     g.add_argument("--metrics", type=Path, help="append one JSON object per epoch to this file (rank 0)")
-    g.add_argument("--checkpoint-dir", type=Path)
+    g.add_argument("--checkpoint-dir", type=Path,
+                   help="rank 0 writes checkpoints here (at epoch ends and every --checkpoint-every steps), "
+                        "with last.npz and best.npz beside them")
     g.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints "
                    "(0: only at epoch ends); needs --checkpoint-dir or --publish")
     g.add_argument("--keep", type=int, default=3, help="checkpoints kept in --checkpoint-dir")
@@ -97,11 +104,15 @@ def parse_args(argv=None):
                    help="under MPI, a rank that finishes no step for this long (a peer died or hangs) exits "
                         "with a one-line error so that the launcher ends the job; 0: wait forever")
     g.add_argument("--fault", default=os.environ.get("LENET_FAULT", ""),
-                   help="inject a failure: RANK:STEP:KIND, KIND one of raise, exit, perturb, nan, slow, hang "
+                   help="inject a failure: RANK:STEP:KIND, KIND one of raise, exit, perturb, nan, slow, hang, term "
                         "(also $LENET_FAULT)")
-    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="progress bar (default: when stderr is a terminal)")
-    g.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="rank 0 shows progress: a bar when stderr is a terminal, else a plain line every "
+                        "--progress-every seconds (under mpirun stderr is a pipe)")
+    g.add_argument("--progress-every", type=float, default=5.0, metavar="SECONDS",
+                   help="seconds between plain progress lines")
+    g.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="WARNING: only problems and the epoch lines")
     g = p.add_argument_group("evaluator link (rank 0)")
     g.add_argument("--publish", metavar="ENDPOINT", help="serve checkpoints over ZeroMQ, e.g. tcp://127.0.0.1:5555")
     g.add_argument("--results", metavar="ENDPOINT",
@@ -116,19 +127,23 @@ def parse_args(argv=None):
     g.add_argument("--curve-authorized", type=Path, help="CurveZMQ: folder of clients' public keys")
     g = p.add_argument_group("modes")
     g.add_argument("--test-mode", action="store_true",
-                   help="train 2 epochs on the shipped subset with an evaluator attached, print both")
+                   help="a few seconds' rehearsal of the whole system: train 3 epochs on the shipped subset in "
+                        "this process while a real lenet-evaluator process evaluates the published "
+                        "checkpoints; pass if both report the same final accuracy; temporary files removed")
     g.add_argument("--check", action="store_true", help="pre-flight checks only, then exit")
     telemetry.add_arguments(p)
     args = p.parse_args(argv)
     args.given = _given_config(p, argv)
     telemetry.check_args(p, args)
+    args.argv = list(sys.argv[1:] if argv is None else argv)     # for the resume command the run prints
     try:
         args.config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     except ValueError as e:
         p.error(str(e))
     if args.checkpoint_every < 0 or args.sync_every < 0 or args.keep < 1 or args.threads < 0 \
-            or not args.stall_timeout >= 0:
-        p.error("--checkpoint-every, --sync-every and --stall-timeout must be >= 0, --keep >= 1, --threads >= 0")
+            or not args.stall_timeout >= 0 or not args.progress_every >= 0:
+        p.error("--checkpoint-every, --sync-every, --stall-timeout and --progress-every must be >= 0, --keep >= 1, "
+                "--threads >= 0")
     if args.deterministic and args.threads > 1:
         p.error("--deterministic needs one BLAS thread per rank (a threaded GEMM sums in another order)")
     if args.deterministic:
@@ -169,20 +184,6 @@ def _given_config(parser, argv):
     return {f.name for f in fields(TrainConfig)} & set(typed)
 
 
-class _StopFlag:
-    """SIGTERM / Ctrl-C ask for a stop; the ranks agree on it inside the step's allreduce."""
-
-    def __init__(self):
-        self.signum = 0
-        for s in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(s, self._handle)
-
-    def _handle(self, signum, frame):
-        if self.signum:                     # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        self.signum = signum
-
-
 def run(args, comm):
     rank0 = comm.rank == 0
     data = load_dataset(args, comm, log)
@@ -200,8 +201,9 @@ def run(args, comm):
         have = comm.bcast_(np.array([found is not None], np.int64))[0]          # rank 0 decides for all
         if have:
             trainer.restore(found)
-            log.info("resumed from %s at step %d (epoch %d, batch %d; run %s)",
-                     args.run_state.resumed_from if rank0 else "", trainer.step, trainer.epoch, trainer.pos,
+            log.info("resumed from %s at step %d/%d (epoch %d/%d, batch %d of %d; run %s)",
+                     args.run_state.resumed_from if rank0 else "", trainer.step, trainer.total_steps,
+                     trainer.epoch + 1, cfg.epochs, trainer.pos, trainer.steps_per_epoch,
                      args.run_state.run_id if rank0 else "")
     link = None
     if args.publish and rank0:
@@ -214,7 +216,10 @@ def run(args, comm):
                            authorized=args.curve_authorized, log=log)
         log.info("serving checkpoints on %s%s", link.endpoint,
                  f", results also from {link.results_endpoint}" if link.results_endpoint else "")
-    stop = _StopFlag()
+    stop = StopFlag()
+    t_start = time.perf_counter()
+    tally = Tally(args.checkpoint_dir / "best.json", args.run_state.run_id) if args.resume and rank0 \
+        else Tally()
     sinks = _sinks(args, link, trainer) if rank0 else Sinks()
     sinks.on_start(RunInfo(total_steps=trainer.total_steps, start_step=trainer.step,
                            steps_per_epoch=trainer.steps_per_epoch, epochs=cfg.epochs, ranks=comm.size,
@@ -223,6 +228,7 @@ def run(args, comm):
     every = args.checkpoint_every
     guard = _stall_guard(args, comm, trainer)
     first_step = trainer.step + 1          # logged when done: lenet-launch's restart time ends there
+    saved = None                           # rank 0: the newest checkpoint file written
     try:
         while not trainer.done:
             ep_start_step, t0 = trainer.step, time.perf_counter()
@@ -246,14 +252,18 @@ def run(args, comm):
                 if every and trainer.step % every == 0 and trainer.epoch == epoch:
                     _checkpoint(args, trainer, link, rank0)
             train_seconds = time.perf_counter() - t0
+            tally.add_training(state.epoch_seen, train_seconds)
             if stop_all:
-                _checkpoint(args, trainer, link, rank0)
-                log.warning("stopped by signal %d at step %d; checkpoint written", stop.signum, trainer.step)
-                sinks.on_end({"event": "end", "reason": "signal", "signal": stop.signum, "step": trainer.step})
-                return 128 + stop.signum
+                signum = agreed_signal(comm, stop.signum)                       # [dist] the same on every rank
+                saved = _checkpoint(args, trainer, link, rank0)
+                log.warning("stopped by signal %d (%s) at step %d; %s; exit status %d", signum, signal_name(signum),
+                            trainer.step, what_was_saved(args, saved, link, rank0), 128 + signum)
+                sinks.on_end(summary(args, reason="signal", signum=signum, saved=saved, link=link, tally=tally,
+                                     **position(trainer, comm, t_start)))
+                return 128 + signum
             trainer.check_synced()
             test_loss, test_acc = trainer.evaluate()
-            _checkpoint(args, trainer, link, rank0)
+            saved = _checkpoint(args, trainer, link, rank0)
             guard.beat()
             seen = state.epoch_seen
             record = {"event": "epoch", "epoch": trainer.epoch, "step": trainer.step,
@@ -272,6 +282,9 @@ def run(args, comm):
             evaluator = link.latest_result() if link else None
             if evaluator:
                 record["evaluator"] = evaluator
+            if rank0 and tally.add_epoch(record) and saved:
+                checkpoint.set_pointer(args.checkpoint_dir, "best", saved, dict(
+                    step=trainer.step, epoch=trainer.epoch, test_acc=test_acc, run_id=args.run_state.run_id))
             sinks.on_epoch(record)
         guard.stop()                        # past the last collective: rank 0 may linger for the evaluator
         if link:
@@ -288,9 +301,11 @@ def run(args, comm):
             if result is None and not in_touch and link.requests_seen:
                 result = link.wait_final(trainer.step, args.linger - patience, stop=lambda: bool(stop.signum))
             if result:
-                log.info("evaluator: step %d accuracy %s loss %s", result["step"], number(result["accuracy"]),
-                         number(result["loss"]))
-        sinks.on_end({"event": "end", "reason": "finished", "step": trainer.step})
+                log.info("evaluator: step %d accuracy %s%% loss %s", result["step"],
+                         number(result["accuracy"], ".2f", 100), number(result["loss"]))
+                tally.add_evaluator(result)
+        sinks.on_end(summary(args, reason="finished", saved=saved, link=link, tally=tally,
+                             **position(trainer, comm, t_start)))
         return 0
     finally:
         guard.stop()
@@ -302,9 +317,9 @@ def run(args, comm):
 
 
 def _sinks(args, link, trainer):
-    """Rank 0's outputs: the progress display and epoch lines, the --metrics JSONL, the link's step count,
-    step telemetry (--log-every) and TensorBoard (--tensorboard)."""
-    sinks = Sinks([ProgressSink(bar=args.progress)])
+    """Rank 0's outputs: the progress display, epoch lines and summary, the --metrics JSONL, the link's step
+    count, step telemetry (--log-every) and TensorBoard (--tensorboard)."""
+    sinks = Sinks([ProgressSink(enabled=args.progress, every=args.progress_every)])
     metrics = MetricsSink(args.metrics) if args.metrics else None
     if metrics:
         sinks.sinks.append(metrics)
@@ -330,16 +345,22 @@ def _stall_guard(args, comm, trainer):
 
 
 def _checkpoint(args, trainer, link, rank0):
-    """Rank 0 writes the checkpoint to disk and/or publishes it; other ranks have nothing to do."""
+    """Rank 0 writes the checkpoint to disk (returns its path; last.npz then leads to it) and/or publishes
+    it; other ranks have nothing to do."""
     if not rank0 or not (args.checkpoint_dir or link):
-        return
+        return None
     params, velocity, meta = trainer.checkpoint_content()
     meta = args.run_state.meta(dict(meta, created=time.time()))
     data = checkpoint.to_bytes(params, velocity, meta)
+    path = None
     if args.run_state.writer:
-        log.debug("checkpoint %s", args.run_state.writer.write(meta["step"], data))
+        path = args.run_state.writer.write(meta["step"], data)
+        checkpoint.set_pointer(args.checkpoint_dir, "last", path,
+                               {"step": meta["step"], "epoch": meta["epoch"], "run_id": meta["run_id"]})
+        log.debug("checkpoint %s", path)
     if link:
         link.publish(step=meta["step"], epoch=meta["epoch"], data=data, final=meta["final"])
+    return path
 
 
 def main(argv=None):

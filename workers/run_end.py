@@ -1,0 +1,151 @@
+"""How a training run ends: the signal every rank stops for, the tally of what the run reached, the end
+row of --metrics and the commands that go on from there (resume, evaluate, export)."""
+from __future__ import annotations
+
+import json
+import shlex
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+class StopFlag:
+    """SIGTERM / Ctrl-C ask for a stop; the ranks agree on it inside the step's allreduce (and then on the
+    signal, agreed_signal)."""
+
+    def __init__(self):
+        self.signum = 0
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signum:                     # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+
+
+def agreed_signal(comm, mine):
+    """The signal the job stops for, the same on every rank: the one the lowest-numbered rank received.
+    A rank that stops because a peer asked has received none (0) itself. One allgather; every rank calls
+    it once, right after the step in which they agreed to stop."""
+    got = comm.allgather(np.array([mine], np.int64))[:, 0]                 # [dist]
+    received = got[got > 0]
+    return int(received[0]) if len(received) else int(mine)
+
+
+def signal_name(signum):
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+class Tally:
+    """What the run reached, kept by rank 0: images and seconds trained, the test accuracy of the last
+    and of the best epoch (and the best's checkpoint), the evaluator's latest and best verdicts."""
+
+    def __init__(self, best_json=None, run_id=None):
+        self.images, self.seconds = 0, 0.0
+        self.test_acc = self.last_epoch = None
+        self.best_test_acc, self.best_epoch, self.best_step = -1.0, None, None
+        self.evaluator = None
+        self.ev_best = None
+        if best_json is not None:                  # --resume: the best so far stays the best to beat
+            try:
+                b = json.loads(Path(best_json).read_text())
+                if b.get("run_id") != run_id:
+                    raise ValueError("another run's best")
+                self.best_test_acc, self.best_epoch, self.best_step = float(b["test_acc"]), int(b["epoch"]), \
+                    int(b["step"])
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
+
+    def add_training(self, images, seconds):
+        self.images += images
+        self.seconds += seconds
+
+    def add_epoch(self, record):
+        """Returns True when this epoch's test accuracy is the best so far."""
+        self.test_acc, self.last_epoch = record["test_acc"], record["epoch"]
+        if record.get("evaluator"):
+            self.add_evaluator(record["evaluator"])
+        if record["test_acc"] > self.best_test_acc:
+            self.best_test_acc, self.best_epoch, self.best_step = record["test_acc"], record["epoch"], record["step"]
+            return True
+        return False
+
+    def add_evaluator(self, result):
+        if not isinstance(result.get("accuracy"), (int, float)):
+            return
+        if self.evaluator is None or result["step"] >= self.evaluator["step"]:
+            self.evaluator = result
+        if self.ev_best is None or result["accuracy"] > self.ev_best["accuracy"]:
+            self.ev_best = result
+
+
+def position(trainer, comm, t_start):
+    """Where the run is, for summary()."""
+    return dict(step=trainer.step, total_steps=trainer.total_steps, epoch=trainer.epoch + (trainer.pos > 0),
+                epochs=trainer.cfg.epochs, ranks=comm.size, wall_seconds=time.perf_counter() - t_start)
+
+
+def what_was_saved(args, saved, link, rank0):
+    """9.9: say what a stop left behind, and where."""
+    if not rank0:
+        return "rank 0 saves the checkpoint" if args.checkpoint_dir else "nothing saved on disk"
+    if saved is not None:
+        return f"checkpoint {saved} written"
+    if link:
+        return (f"nothing saved on disk (no --checkpoint-dir); the checkpoint was only served on "
+                f"{link.endpoint} until now")
+    return "nothing saved (no --checkpoint-dir, no --publish)"
+
+
+def train_command(args, size, extra=()):
+    """The lenet-train command line of this run (mpirun -n N in front under MPI) with `extra` flags."""
+    argv = [a for a in args.argv if a not in extra]
+    return shlex.join((["mpirun", "-n", str(size)] if size > 1 else []) + ["lenet-train", *argv, *extra])
+
+
+def summary(args, *, reason, step, total_steps, epoch, epochs, ranks, wall_seconds, tally, signum=0,
+            saved=None, link=None):
+    """The end row: {"event": "end", ...}, fractions as in the epoch rows, paths as strings."""
+    s = {"event": "end", "outcome": "stopped" if reason == "signal" else "finished", "step": step,
+         "total_steps": total_steps, "epoch": epoch, "epochs": epochs, "ranks": ranks,
+         "wall_seconds": round(wall_seconds, 3), "train_seconds": round(tally.seconds, 3), "images": tally.images,
+         "images_per_s": round(tally.images / tally.seconds, 1) if tally.seconds > 0 else None}
+    if reason == "signal":
+        s["signal"], s["signal_name"] = signum, signal_name(signum)
+    if tally.test_acc is not None:
+        s.update(test_acc=tally.test_acc, last_epoch=tally.last_epoch)
+    if tally.best_epoch is not None:
+        s.update(best_test_acc=tally.best_test_acc, best_epoch=tally.best_epoch, best_step=tally.best_step)
+    if tally.evaluator:
+        s["evaluator"] = {"step": tally.evaluator["step"], "accuracy": tally.evaluator["accuracy"],
+                          "best_step": tally.ev_best["step"], "best_accuracy": tally.ev_best["accuracy"]}
+    d = args.checkpoint_dir
+    if d:
+        s["checkpoint_dir"] = str(d)
+        if saved:
+            s["checkpoint"] = str(saved)
+        if (Path(d) / "last.npz").exists():
+            s["last"] = str(Path(d) / "last.npz")
+        if (Path(d) / "best.npz").exists():
+            s["best"] = str(Path(d) / "best.npz")
+    if link:
+        s["published"] = link.endpoint
+    if args.metrics:
+        s["metrics"] = str(args.metrics)
+    if args.test_mode:                              # a rehearsal: nothing to go on with
+        return s
+    if reason == "signal" and d:
+        s["resume_command"] = train_command(args, ranks, ["--resume"])
+    elif reason == "signal":
+        s["note"] = ("nothing was saved on disk (no --checkpoint-dir), so this run cannot be resumed; "
+                     "to be able to, start it with --checkpoint-dir DIR")
+    if d and (s.get("best") or s.get("last")):
+        data = [f"--data-dir={args.data_dir}"] if args.data_dir else (["--subset"] if args.subset else [])
+        s["evaluate_command"] = shlex.join(["lenet-evaluator", "--watch", str(d), "--once", *data])
+    return s
