@@ -132,6 +132,7 @@ class ProgressSink(Sink):
 
     def on_epoch(self, r):
         self._print(epoch_line(r, self.info.epochs, self.info.total_steps))
+        self.t_last, self.images_last = time.perf_counter(), self.images     # speed: training only
 
     def on_end(self, summary):
         if self.bar is not None:

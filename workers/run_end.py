@@ -148,4 +148,6 @@ def summary(args, *, reason, step, total_steps, epoch, epochs, ranks, wall_secon
     if d and (s.get("best") or s.get("last")):
         data = [f"--data-dir={args.data_dir}"] if args.data_dir else (["--subset"] if args.subset else [])
         s["evaluate_command"] = shlex.join(["lenet-evaluator", "--watch", str(d), "--once", *data])
+    if s.get("best"):
+        s["export_command"] = shlex.join(["lenet-export", s["best"], "-o", "lenet.onnx"])
     return s
