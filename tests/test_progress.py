@@ -119,7 +119,7 @@ def test_summary_of_a_stop_without_a_checkpoint_dir_says_nothing_was_saved():
 def test_sigterm_without_checkpoint_dir_says_nothing_was_saved(tmp_path):
     p = launch(0, [*SMALL, "--epochs", "2", "--no-progress", "--fault", "0:3:term"], check=False)
     assert p.returncode == 128 + signal.SIGTERM, p.stderr
-    assert ("stopped by signal 15 (SIGTERM) at step 4; nothing saved (no --checkpoint-dir, no --publish); "
+    assert ("stopped by signal 15 at step 4 (SIGTERM); nothing saved (no --checkpoint-dir, no --publish); "
             "exit status 143") in p.stderr
     assert "checkpoint written" not in p.stderr and "cannot be resumed" in p.stdout and "resume:" not in p.stdout
 
@@ -130,7 +130,7 @@ def test_a_signal_on_one_rank_stops_every_rank_alike_and_the_printed_command_res
                check=False)
     assert p.returncode == 143, p.stderr
     for rank in (0, 1):                  # rank 0 got no signal itself: it stops because rank 1 asked
-        assert re.search(rf"rank {rank}/2 WARNING stopped by signal 15 \(SIGTERM\) at step 6; .*exit status 143",
+        assert re.search(rf"rank {rank}/2 WARNING stopped by signal 15 at step 6 \(SIGTERM\); .*exit status 143",
                          p.stderr), p.stderr
     assert f"checkpoint {ck / 'ckpt-000000006.npz'} written" in p.stderr
     command = next(x for x in p.stdout.splitlines() if x.strip().startswith("resume: ")).split("resume: ", 1)[1]

@@ -94,7 +94,7 @@ def position(trainer, comm, t_start):
 def what_was_saved(args, saved, link, rank0):
     """9.9: say what a stop left behind, and where."""
     if not rank0:
-        return "rank 0 saves the checkpoint" if args.checkpoint_dir else "nothing saved on disk"
+        return "rank 0 writes the checkpoint" if args.checkpoint_dir else "nothing saved on disk"
     if saved is not None:
         return f"checkpoint {saved} written"
     if link:

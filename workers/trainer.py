@@ -256,8 +256,8 @@ def run(args, comm):
             if stop_all:
                 signum = agreed_signal(comm, stop.signum)                       # [dist] the same on every rank
                 saved = _checkpoint(args, trainer, link, rank0)
-                log.warning("stopped by signal %d (%s) at step %d; %s; exit status %d", signum, signal_name(signum),
-                            trainer.step, what_was_saved(args, saved, link, rank0), 128 + signum)
+                log.warning("stopped by signal %d at step %d (%s); %s; exit status %d", signum, trainer.step,
+                            signal_name(signum), what_was_saved(args, saved, link, rank0), 128 + signum)
                 sinks.on_end(summary(args, reason="signal", signum=signum, saved=saved, link=link, tally=tally,
                                      **position(trainer, comm, t_start)))
                 return 128 + signum
