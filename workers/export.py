@@ -10,6 +10,7 @@ Exit status: 0 written; 1 the checkpoint or the output cannot be used; 2 a usage
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -38,12 +39,10 @@ def _load(path):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        from lenet_dist import onnx_export
-        import onnx  # noqa: F401 - the extra is there
-    except ImportError:
+    if importlib.util.find_spec("onnx") is None:
         print("lenet-export: error: needs the onnx package: pip install 'lenet-dist[export]'", file=sys.stderr)
         return 2
+    from lenet_dist import onnx_export
     try:
         path, ckpt = _load(args.checkpoint)
         data = onnx_export.to_bytes(ckpt.params, step=ckpt.step,
