@@ -78,13 +78,14 @@ def test_mpirun_trainer_with_evaluator_started_first(tmp_path):
     ev = start_evaluator(endpoint, report)
     time.sleep(0.5)
     tr = start_trainer(endpoint, tmp_path)
-    code, _, err = finish(tr)
+    code, tout, err = finish(tr)
     assert code == 0, err
     ecode, out, eerr = finish(ev, timeout=60)
     assert ecode == 0, eerr                                  # exits by itself after the final checkpoint
     final, rows = check_final_agrees(tmp_path, report)
     assert final["ranks"] == 2
     assert f"evaluator: step {final['step']} accuracy" in err  # the trainer heard the verdict
+    assert f"  evaluator: {100 * rows[-1]['accuracy']:.2f}% at step {final['step']}" in tout   # in its summary
 
 
 def test_trainer_started_first(tmp_path):
