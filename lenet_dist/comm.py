@@ -7,6 +7,7 @@ of a small buffer, barrier, abort. `LocalComm` is the one-process version and ne
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 
@@ -17,23 +18,25 @@ from .halfprec import from_bfloat16, to_bfloat16
 # Environment variables that MPI launchers set in every process they start.
 _LAUNCHER_VARS = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS", "HYDI_CONTROL_FD")
 
-# MPICH spins while it waits for a peer. On an oversubscribed node (mpirun -n 4 on 2 cores, or any node
-# shared with other work) the spinning rank steals the core from the rank it waits for: plain MPICH ran 4
-# ranks on 2 cores at 667-939 images/s. Two waits differ, and each gets its own remedy:
+# An MPI library spins while it waits for a peer. On an oversubscribed node (mpirun -n 4 on 2 cores, or any
+# node shared with other work) the spinning rank steals the core from the rank it waits for: plain MPICH ran
+# 4 ranks on 2 cores at 667-939 images/s. Two waits differ, and each gets its own remedy:
 # - waiting for a peer that is still computing (most of the wait): allreduce_ first waits for everybody to
 #   arrive in an MPI_Ibarrier, testing it between naps of `LENET_MPI_NAP_US` microseconds (time.sleep),
 #   so the waiter gives its core to the rank it waits for;
-# - the collective itself, once all are in it: the throttle makes MPICH's wait loop sched_yield after
-#   every fruitless poll, so two ranks sharing a core take turns quickly. (MPIR_CVAR_ENABLE_HEAVY_YIELD=1,
-#   a nanosleep per fruitless poll, was the first fix: it gives the core away in both waits, but each
-#   round of the collective then waits for a sleeping peer, ~6 ms of a 24 ms step at 4 ranks.)
+# - the collective itself, once all are in it: the library's own setting that makes its wait loop yield the
+#   core after a fruitless poll, so two ranks sharing a core take turns quickly. MPICH: the CH4 progress
+#   throttle (MPIR_CVAR_ENABLE_HEAVY_YIELD=1, a nanosleep per fruitless poll, was the first fix: it gives
+#   the core away in both waits, but each round of the collective then waits for a sleeping peer, ~6 ms
+#   of a 24 ms step at 4 ranks). Open MPI: mpi_yield_when_idle, its sched_yield in the progress loop.
 # Measured with bench/scaling.py (bench/README.md, "Waiting politely"). Neither is applied when the node
 # has a core per rank: 2 ranks on 2 cores ran ~5% faster without them. Users override any from the
 # environment (LENET_MPI_NAP_US=off: no Ibarrier, the collective waits alone).
-MPICH_OVERSUBSCRIBED_DEFAULTS = {
-    "MPIR_CVAR_CH4_PROGRESS_THROTTLE": "1",
-    "MPIR_CVAR_CH4_PROGRESS_THROTTLE_NO_PROGRESS_COUNT": "1",
+OVERSUBSCRIBED_DEFAULTS = {
+    "MPICH": {"MPIR_CVAR_CH4_PROGRESS_THROTTLE": "1", "MPIR_CVAR_CH4_PROGRESS_THROTTLE_NO_PROGRESS_COUNT": "1"},
+    "Open MPI": {"OMPI_MCA_mpi_yield_when_idle": "1"},
 }
+MPICH_OVERSUBSCRIBED_DEFAULTS = OVERSUBSCRIBED_DEFAULTS["MPICH"]
 NAP_US_DEFAULT = 20
 ABORT_GRACE_S = 0.3            # time the launcher gets to forward the reason for an abort
 
@@ -52,18 +55,92 @@ def _nap_seconds():
     return us * 1e-6
 
 
-def _oversubscribed():
-    """More ranks on this node than cores for them; True when the launcher does not tell (the safe side)."""
-    local = next((int(os.environ[v]) for v in ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE",
-                                                "PMI_LOCAL_SIZE") if os.environ.get(v, "").isdigit()), 0)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return local == 0 or local > cores
+def _slurm_tasks_here(env):
+    """Tasks of this Slurm step on this node, from SLURM_STEP_TASKS_PER_NODE / SLURM_TASKS_PER_NODE
+    ("2(x3),1": 2 on each of the first three nodes, 1 on the fourth) at index SLURM_NODEID; else 0."""
+    if env.get("SLURM_NTASKS_PER_NODE", "").isdigit():
+        return int(env["SLURM_NTASKS_PER_NODE"])
+    spec = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or ""
+    counts = []
+    for part in filter(None, spec.split(",")):
+        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if not m:
+            return 0
+        counts += [int(m[1])] * int(m[2] or 1)
+    node = int(env["SLURM_NODEID"]) if env.get("SLURM_NODEID", "").isdigit() else 0
+    return counts[node] if node < len(counts) else 0
+
+
+def node_layout(env=None, cpu_count=None):
+    """(ranks on this node, cores for them, where the rank count came from); ranks 0 when nobody says.
+
+    The ranks come from the launcher: Hydra's MPI_LOCALNRANKS, Open MPI's OMPI_COMM_WORLD_LOCAL_SIZE,
+    PMI(x)'s local size, Slurm's tasks per node. The cores are the node's (os.cpu_count), not this
+    process's affinity mask: a launcher that binds each rank to one core (Open MPI's default, srun
+    --cpu-bind, Hydra -bind-to core) leaves a mask of one core on a node with a core per rank. Under
+    Slurm the job may hold only part of the node: SLURM_CPUS_ON_NODE caps the count.
+    """
+    env = os.environ if env is None else env
+    cores = cpu_count if cpu_count is not None else (os.cpu_count() or 1)
+    if env.get("SLURM_CPUS_ON_NODE", "").isdigit():
+        cores = min(cores, int(env["SLURM_CPUS_ON_NODE"]))
+    for var in ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "PMIX_LOCAL_SIZE", "PMI_LOCAL_SIZE"):
+        if env.get(var, "").isdigit():
+            return int(env[var]), cores, var
+    if "SLURM_PROCID" in env:
+        tasks = _slurm_tasks_here(env)
+        if tasks:
+            return tasks, cores, "Slurm tasks per node"
+    return 0, cores, None
+
+
+def _oversubscribed(env=None, cpu_count=None):
+    """More ranks on this node than cores for them; True when the launcher does not tell (the safe side).
+    Under Slurm, --cpus-per-task C books C cores per rank: ranks * C must fit."""
+    env = os.environ if env is None else env
+    local, cores, _ = node_layout(env, cpu_count)
+    per_rank = int(env["SLURM_CPUS_PER_TASK"]) if env.get("SLURM_CPUS_PER_TASK", "").isdigit() else 1
+    return local == 0 or local * max(per_rank, 1) > cores
+
+
+def launcher_size(env=None):
+    """(ranks the launcher says it started, the variable that says so), or (None, None)."""
+    env = os.environ if env is None else env
+    for var in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "SLURM_STEP_NUM_TASKS"):
+        if env.get(var, "").isdigit():
+            return int(env[var]), var
+    return None, None
+
+
+def library_family(version):
+    """'MPICH', 'Open MPI' or None from MPI_Get_library_version's text."""
+    return next((family for family in ("Open MPI", "MPICH") if version.startswith(family)), None)
 
 
 def launched_by_mpi():
     """True when this process was started by an MPI launcher (mpirun, mpiexec, srun with PMI)."""
     return any(v in os.environ for v in _LAUNCHER_VARS) or "SLURM_PROCID" in os.environ and \
         int(os.environ.get("SLURM_NTASKS", "1")) > 1
+
+
+class LauncherMismatch(RuntimeError):
+    """The launcher started N ranks, the MPI library sees 1: mpi4py's MPI is not the launcher's."""
+
+
+def check_launcher(library, size=None, env=None):
+    """Raise LauncherMismatch when the launcher is not for `library` (before MPI_Init: `size` None, judged
+    from the launcher's variables, since MPICH under Open MPI's mpirun dies inside MPI_Init), or when it
+    started N ranks and MPI sees `size` 1 (after)."""
+    env = os.environ if env is None else env
+    started, var = launcher_size(env)
+    family = library_family(library)
+    foreign = (family == "MPICH" and "OMPI_COMM_WORLD_SIZE" in env and "PMI_SIZE" not in env) or \
+              (family == "Open MPI" and "PMI_SIZE" in env and "PMIX_RANK" not in env)
+    if started is not None and started > 1 and (foreign if size is None else size == 1):
+        raise LauncherMismatch(
+            f"the launcher started {started} ranks ({var}={started}) but the MPI library ({library}) "
+            f"{'cannot join them' if size is None else 'sees 1'}: this mpirun is not the one of the MPI that "
+            f"mpi4py uses; launch with that library's mpirun")
 
 
 class LocalComm:
@@ -113,16 +190,28 @@ class MPIComm:
 
     def __init__(self, oversubscribed_defaults=True):
         self.nap = None                     # seconds between arrival tests; None: the collective waits alone
-        if oversubscribed_defaults and _oversubscribed():
-            for k, v in MPICH_OVERSUBSCRIBED_DEFAULTS.items():
-                os.environ.setdefault(k, v)
-            self.nap = _nap_seconds()
+        self.tuning = {}                    # what was set for the library when oversubscribed
         import mpi4py
         mpi4py.rc.threads = False           # no MPI_THREAD_MULTIPLE: ranks are single-threaded callers
+        mpi4py.rc.initialize = False        # first learn which library this is: its tuning goes in before Init
+        mpi4py.rc.finalize = True
         from mpi4py import MPI
         self.MPI = MPI
+        # "Open MPI v5.0.11, package: ..." or "MPICH Version:      5.0.2": name and version only
+        self.library = " ".join(MPI.Get_library_version().splitlines()[0].split(",")[0].split())
+        self.family = library_family(self.library)
+        check_launcher(self.library)
+        if oversubscribed_defaults and _oversubscribed():
+            for k, v in OVERSUBSCRIBED_DEFAULTS.get(self.family, {}).items():
+                if k not in os.environ:     # the user's own setting wins
+                    os.environ[k] = v
+                    self.tuning[k] = v
+            self.nap = _nap_seconds()
+        if not MPI.Is_initialized():
+            MPI.Init()
         self.comm = MPI.COMM_WORLD
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+        check_launcher(self.library, self.size)
 
     def allreduce_(self, buf):
         """Sum `buf` over all ranks, in place, in one call (oversubscribed: after everyone has arrived)."""

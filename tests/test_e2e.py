@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from .mpiutil import MPIRUN, REPO, env, need_mpirun
+from .mpiutil import REPO, env, mpirun_cmd, python
 
 # --stall-timeout: if the launcher misses a killed rank (--fault ...:exit), the survivor ends the job itself
 TRAIN = ["--subset", "--batch-size", "50", "--checkpoint-every", "10", "--no-progress", "--log-level", "INFO",
@@ -26,8 +26,7 @@ def start_trainer(endpoint, tmp_path, *extra, ranks=2, epochs=3, name="t"):
     cmd = [sys.executable, "-m", "workers.trainer", *TRAIN, "--epochs", str(epochs), "--publish", endpoint,
            "--metrics", str(tmp_path / f"{name}.jsonl"), *map(str, extra)]
     if ranks:
-        need_mpirun()
-        cmd = [MPIRUN, "-n", str(ranks), *cmd]
+        cmd = [*mpirun_cmd(ranks), python(), *cmd[1:]]
     return subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -73,6 +72,7 @@ def check_final_agrees(tmp_path, report, name="t"):
     return final, rows
 
 
+@pytest.mark.usefixtures("mpi_flavour")
 def test_mpirun_trainer_with_evaluator_started_first(tmp_path):
     endpoint, report = f"tcp://127.0.0.1:{free_port()}", tmp_path / "eval.jsonl"
     ev = start_evaluator(endpoint, report)
@@ -148,11 +148,12 @@ def test_test_mode_runs_both_sides(tmp_path):
     assert "lenet-test-mode-" in p.stdout and list(scratch.iterdir()) == []     # its temp folder is gone
 
 
-def test_sigterm_stops_every_rank_after_the_same_step_with_a_checkpoint(tmp_path):
+def test_sigterm_stops_every_rank_after_the_same_step_with_a_checkpoint(tmp_path, mpi_flavour):
     ckpt = tmp_path / "ckpt"
     tr = start_trainer(f"tcp://127.0.0.1:{free_port()}", tmp_path, "--checkpoint-dir", ckpt, epochs=50)
     time.sleep(4.0)
-    tr.send_signal(signal.SIGTERM)                            # mpirun forwards it to the ranks
+    # mpirun forwards it to the ranks; Open MPI's kills the job on SIGTERM, and forwards SIGUSR1 instead
+    tr.send_signal(signal.SIGUSR1 if mpi_flavour.name == "openmpi" else signal.SIGTERM)
     code, _, err = finish(tr, timeout=30)
     assert code != 0 and "stopped by signal" in err
     from lenet_dist import checkpoint

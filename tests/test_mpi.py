@@ -9,7 +9,9 @@ import pytest
 
 from lenet_dist import checkpoint
 
-from .mpiutil import MPIRUN, REPO, env, final_params, launch, need_mpirun
+from .mpiutil import REPO, env, final_params, launch, mpirun_cmd, python
+
+pytestmark = pytest.mark.usefixtures("mpi_flavour")   # every test once under MPICH, once under Open MPI
 
 # 2,000 subset examples / batch 20 = 100 steps in one epoch; batch 20 on 3 ranks is uneven (7, 7, 6).
 # --stall-timeout: if the launcher misses a killed rank (--fault ...:exit), the survivor ends the job itself.
@@ -93,17 +95,16 @@ def test_balance_in_deterministic_mode_changes_no_bit(tmp_path):
 def test_uneven_shards_give_the_full_batch_gradient(tmp_path, n, batch):
     # (4, 3): one rank's shard is empty.
     prog = str(REPO / "tests" / "mpi_prog.py")
-    need_mpirun()
     single, multi = tmp_path / "g1.npy", tmp_path / "gn.npy"
     subprocess.run([sys.executable, prog, single, str(batch)], check=True, timeout=60, env=env())
-    subprocess.run([MPIRUN, "-n", str(n), sys.executable, prog, multi, str(batch)], check=True, timeout=60,
+    subprocess.run([*mpirun_cmd(n), python(), prog, multi, str(batch)], check=True, timeout=60,
                    env=env())
     g1, gn = np.load(single), np.load(multi)
     assert g1.shape == gn.shape and np.abs(g1).max() > 0
     np.testing.assert_allclose(gn, g1, rtol=1e-5, atol=1e-6 * np.abs(g1).max())
     # and in deterministic mode, exactly
     subprocess.run([sys.executable, prog, single, str(batch), "--deterministic"], check=True, timeout=60, env=env())
-    subprocess.run([MPIRUN, "-n", str(n), sys.executable, prog, multi, str(batch), "--deterministic"], check=True,
+    subprocess.run([*mpirun_cmd(n), python(), prog, multi, str(batch), "--deterministic"], check=True,
                    timeout=60, env=env())
     assert np.array_equal(np.load(single), np.load(multi))
 

@@ -10,7 +10,7 @@ import pytest
 from lenet_dist.data import SUBSET_DIR
 from lenet_dist.transport import generate_keys
 
-from .mpiutil import MPIRUN, REPO, env, launch, need_mpirun
+from .mpiutil import REPO, env, launch, mpirun_cmd, python
 
 
 def check(n, *argv, tmp_path, expect_rc):
@@ -87,13 +87,13 @@ def test_corrupt_and_missing_data_fail_naming_the_file(tmp_path):
     assert "lenet-data fetch" in why                 # no --no-download: training would download; say how first
 
 
+@pytest.mark.usefixtures("mpi_flavour")
 def test_data_missing_on_one_rank_names_that_rank(tmp_path):
     # MPMD launch: rank 0 uses the shipped subset, rank 1 looks in an empty folder, as a host without the files.
-    need_mpirun()
     empty = tmp_path / "nothing"
     empty.mkdir()
-    trainer = [sys.executable, "-m", "workers.trainer", "--check"]
-    cmd = [MPIRUN, "-n", "1", *trainer, "--subset", ":", "-n", "1", *trainer, "--data-dir", str(empty)]
+    trainer = [python(), "-m", "workers.trainer", "--check"]
+    cmd = [*mpirun_cmd(1), *trainer, "--subset", ":", "-n", "1", *trainer, "--data-dir", str(empty)]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=90, cwd=REPO,
                        env=env(LENET_CACHE_DIR=tmp_path / "empty-cache", LENET_DATA_DIR=""))
     assert p.returncode == 1, p.stdout + p.stderr

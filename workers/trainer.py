@@ -23,7 +23,7 @@ import numpy as np
 
 from lenet_dist import checkpoint, wire
 from lenet_dist.balance import straggler
-from lenet_dist.comm import get_comm
+from lenet_dist.comm import LauncherMismatch, get_comm
 from lenet_dist.config import TrainConfig
 from lenet_dist.stall import StallGuard
 from lenet_dist.train import DataParallelTrainer
@@ -193,8 +193,9 @@ def run(args, comm):
              comm.size, cfg.batch_size, "~%d" % -(-cfg.batch_size // comm.size), trainer.steps_per_epoch,
              trainer.n, data.source)
     if comm.nap is not None:
+        tuned = " ".join(f"{k}={v}" for k, v in comm.tuning.items()) or "nothing (set by the user, or unknown)"
         log.info("more ranks than cores on this node: a rank that waits for the others naps %g us between "
-                 "checks (LENET_MPI_NAP_US) and MPICH yields while it polls", comm.nap * 1e6)
+                 "checks (LENET_MPI_NAP_US); set for %s: %s", comm.nap * 1e6, comm.family or comm.library, tuned)
     if cfg.balance and comm.size > 1:
         log.info("--balance: shards follow each rank's measured speed (rank_shares in the metrics)")
     if args.resume:
@@ -370,7 +371,7 @@ def main(argv=None):
         return run_test_mode(args)
     try:
         comm = get_comm()
-    except ValueError as e:                 # a bad setting in the environment (LENET_MPI_NAP_US)
+    except (ValueError, LauncherMismatch) as e:   # a bad setting in the environment, or the wrong mpirun
         print(f"lenet-train: error: {one_line(e)}", file=sys.stderr, flush=True)
         return 2
     setup_logging(comm, args.log_level)

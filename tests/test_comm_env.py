@@ -1,0 +1,77 @@
+"""How comm reads the launcher's environment: ranks and cores on the node, Slurm, a foreign mpirun. No MPI."""
+import pytest
+
+from lenet_dist.comm import LauncherMismatch, _oversubscribed, check_launcher, launcher_size, node_layout
+
+OMPI = "Open MPI v5.0.11"
+MPICH = "MPICH Version: 5.0.2"
+
+
+@pytest.mark.parametrize("env, local", [
+    ({"MPI_LOCALNRANKS": "2"}, 2),                                    # MPICH's Hydra
+    ({"OMPI_COMM_WORLD_LOCAL_SIZE": "2", "PMIX_LOCAL_SIZE": "2"}, 2),  # Open MPI's mpirun
+    ({"PMIX_LOCAL_SIZE": "3"}, 3),                                    # srun --mpi=pmix
+])
+def test_launchers_own_local_count(env, local):
+    assert node_layout(env, cpu_count=2)[0] == local
+
+
+def test_cores_are_the_nodes_not_the_affinity_mask(monkeypatch):
+    # Open MPI binds each rank to one core: the mask says 1, the node has 2 for 2 ranks
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0}, raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert not _oversubscribed({"OMPI_COMM_WORLD_LOCAL_SIZE": "2"})
+    assert _oversubscribed({"OMPI_COMM_WORLD_LOCAL_SIZE": "3"})
+
+
+# srun --mpi=pmi2 sets no local-rank count, only PMI_* and SLURM_*
+SRUN = {"PMI_RANK": "0", "PMI_SIZE": "4", "SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "4"}
+
+
+@pytest.mark.parametrize("extra, cores, over", [
+    ({"SLURM_STEP_TASKS_PER_NODE": "2(x2)", "SLURM_NODEID": "1"}, 2, False),   # 2 ranks on 2 cores
+    ({"SLURM_STEP_TASKS_PER_NODE": "3,1", "SLURM_NODEID": "0"}, 2, True),      # 3 on 2
+    ({"SLURM_STEP_TASKS_PER_NODE": "3,1", "SLURM_NODEID": "1"}, 2, False),     # the second node: 1 on 2
+    ({"SLURM_TASKS_PER_NODE": "2(x2)", "SLURM_NODEID": "0"}, 2, False),        # the job's count
+    ({"SLURM_NTASKS_PER_NODE": "2"}, 2, False),
+    ({"SLURM_NTASKS_PER_NODE": "2", "SLURM_CPUS_ON_NODE": "1"}, 8, True),      # the job holds 1 of 8 cores
+    ({"SLURM_NTASKS_PER_NODE": "2", "SLURM_CPUS_PER_TASK": "2"}, 4, False),    # 2 ranks x 2 cores on 4
+    ({"SLURM_NTASKS_PER_NODE": "2", "SLURM_CPUS_PER_TASK": "2"}, 3, True),
+    ({}, 2, True),                                                             # nobody says: the safe side
+])
+def test_slurm_tasks_per_node(extra, cores, over):
+    assert _oversubscribed({**SRUN, **extra}, cpu_count=cores) is over
+
+
+def test_slurm_layout_names_its_source():
+    env = {**SRUN, "SLURM_STEP_TASKS_PER_NODE": "2(x3),1", "SLURM_NODEID": "3", "SLURM_CPUS_ON_NODE": "4"}
+    assert node_layout(env, cpu_count=8) == (1, 4, "Slurm tasks per node")
+
+
+def test_launcher_size():
+    assert launcher_size({"OMPI_COMM_WORLD_SIZE": "4"}) == (4, "OMPI_COMM_WORLD_SIZE")
+    assert launcher_size({"SLURM_NTASKS": "4"}) == (None, None)     # a batch script is not a step of 4
+
+
+@pytest.mark.parametrize("library, env", [
+    (OMPI, {"PMI_SIZE": "2", "PMI_RANK": "0", "MPI_LOCALNRANKS": "2"}),   # MPICH's mpirun, Open MPI's mpi4py
+    (MPICH, {"OMPI_COMM_WORLD_SIZE": "2", "PMIX_RANK": "0"}),             # the other way round
+])
+def test_a_foreign_launcher_is_refused_before_init(library, env):
+    with pytest.raises(LauncherMismatch, match=r"the launcher started 2 ranks .* MPI library \(" + library):
+        check_launcher(library, env=env)
+
+
+def test_n_ranks_that_each_see_one_are_refused_after_init():
+    env = {"PMIX_SIZE": "3", "PMIX_RANK": "0"}
+    check_launcher(OMPI, env=env)                                         # nothing to judge before Init
+    with pytest.raises(LauncherMismatch, match=r"started 3 ranks \(PMIX_SIZE=3\) .* sees 1"):
+        check_launcher(OMPI, size=1, env=env)
+    check_launcher(OMPI, size=3, env=env)
+
+
+def test_matching_launchers_pass():
+    check_launcher(MPICH, env={"PMI_SIZE": "2", "PMI_RANK": "0"}, size=2)
+    check_launcher(OMPI, env={"OMPI_COMM_WORLD_SIZE": "2", "PMIX_RANK": "0"}, size=2)
+    check_launcher(OMPI, env={"PMI_SIZE": "2", "PMIX_RANK": "0"}, size=2)   # srun --mpi=pmix sets both
+    check_launcher(MPICH, env={}, size=1)
