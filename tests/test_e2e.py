@@ -151,12 +151,15 @@ def test_test_mode_runs_both_sides(tmp_path):
 def test_sigterm_stops_every_rank_after_the_same_step_with_a_checkpoint(tmp_path, mpi_flavour):
     ckpt = tmp_path / "ckpt"
     tr = start_trainer(f"tcp://127.0.0.1:{free_port()}", tmp_path, "--checkpoint-dir", ckpt, epochs=50)
-    time.sleep(4.0)
+    from lenet_dist import checkpoint
+    deadline = time.monotonic() + 120                 # the first checkpoint: every rank is past its setup,
+    while not checkpoint.list_checkpoints(ckpt):      # signal handlers installed, inside the training loop
+        assert tr.poll() is None and time.monotonic() < deadline, "the trainer never wrote a checkpoint"
+        time.sleep(0.05)
     # mpirun forwards it to the ranks; Open MPI's kills the job on SIGTERM, and forwards SIGUSR1 instead
     tr.send_signal(signal.SIGUSR1 if mpi_flavour.name == "openmpi" else signal.SIGTERM)
     code, _, err = finish(tr, timeout=30)
     assert code != 0 and "stopped by signal" in err
-    from lenet_dist import checkpoint
     step, path = checkpoint.list_checkpoints(ckpt)[0]
     assert checkpoint.load_file(path).step == step > 0       # a whole, valid checkpoint at the stop step
     assert f"at step {step}" in err
