@@ -14,6 +14,7 @@ from lenet_dist import checkpoint
 from lenet_dist.model import LeNet5
 from workers.evaluator import Reminder, _epoch_text
 from workers.progress import ProgressSink, summary_lines
+from workers.run_end import Tally
 from workers.sinks import RunInfo, StepState
 
 from .mpiutil import launch
@@ -172,13 +173,34 @@ def help_entries(text):
     return entries
 
 
-@pytest.mark.parametrize("prog", ["workers.trainer", "workers.evaluator"])
+@pytest.mark.parametrize("prog", ["workers.trainer", "workers.evaluator", "workers.export"])
 def test_help_gives_every_flag_a_text_and_each_default_once(prog):
     entries = help_entries(launch(0, ["--help"], module=prog).stdout)
-    assert len(entries) > 15
+    assert len(entries) > (1 if prog == "workers.export" else 15)
     for flag, text in entries.items():
         assert text and not text.startswith("(default"), f"{flag}: no help text"
         assert text.count("default") <= 1 and "(default: None)" not in text, (flag, text)
     if prog == "workers.trainer":
         assert "(0: all of them)" in entries["--train-subset TRAIN_SUBSET"]
         assert "train 3 epochs" in entries["--test-mode"] and "removed" in entries["--test-mode"]
+
+
+def test_a_resumed_run_keeps_its_own_best_but_not_another_runs(tmp_path):
+    best = tmp_path / "best.json"
+    best.write_text(json.dumps({"file": "ckpt-000000020.npz", "step": 20, "epoch": 2, "test_acc": 0.9,
+                                "run_id": "abc"}))
+    mine, other = Tally(best, "abc"), Tally(best, "xyz")
+    record = {"epoch": 3, "step": 30, "test_acc": 0.85}
+    assert not mine.add_epoch(record) and mine.best_epoch == 2           # 0.85 does not beat its 0.90
+    assert other.add_epoch(record) and other.best_epoch == 3             # another run's best does not count
+
+
+def test_after_start_over_the_summary_names_only_this_runs_pointers(tmp_path):
+    ck = tmp_path / "ck"
+    launch(0, [*SMALL, "--epochs", "1", "--no-progress", "--checkpoint-dir", ck])
+    assert (ck / "best.npz").exists()
+    p = launch(0, [*SMALL, "--epochs", "2", "--no-progress", "--checkpoint-dir", ck, "--start-over",
+                   "--fault", "0:3:term"], check=False)
+    assert p.returncode == 143, p.stderr
+    assert f"last: {ck / 'last.npz'}" in p.stdout and "best:" not in p.stdout    # the old run's best stays, unnamed
+    assert checkpoint.load_file(ck / "last.npz").step == 4

@@ -110,6 +110,13 @@ def train_command(args, size, extra=()):
     return shlex.join((["mpirun", "-n", str(size)] if size > 1 else []) + ["lenet-train", *argv, *extra])
 
 
+def _pointer_run(path):
+    try:
+        return json.loads(path.read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def summary(args, *, reason, step, total_steps, epoch, epochs, ranks, wall_seconds, tally, signum=0,
             saved=None, link=None):
     """The end row: {"event": "end", ...}, fractions as in the epoch rows, paths as strings."""
@@ -131,10 +138,9 @@ def summary(args, *, reason, step, total_steps, epoch, epochs, ranks, wall_secon
         s["checkpoint_dir"] = str(d)
         if saved:
             s["checkpoint"] = str(saved)
-        if (Path(d) / "last.npz").exists():
-            s["last"] = str(Path(d) / "last.npz")
-        if (Path(d) / "best.npz").exists():
-            s["best"] = str(Path(d) / "best.npz")
+        for entry in ("last", "best"):              # only this run's (a --start-over leaves the old ones)
+            if _pointer_run(Path(d) / f"{entry}.json") == getattr(args.run_state, "run_id", None):
+                s[entry] = str(Path(d) / f"{entry}.npz")
     if link:
         s["published"] = link.endpoint
     if args.metrics:
