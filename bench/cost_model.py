@@ -5,11 +5,14 @@ and drawn up to 64 hosts.
     python bench/multihost.py --calibrate --per-host 2 --rates 1g --out mh.jsonl
     python bench/multihost.py --out mh.jsonl
     python bench/cost_model.py mh.jsonl --plot docs/scaling.png        # needs matplotlib (the `plot` extra)
+    python bench/cost_model.py bench/multihost-2026-11-28.jsonl        # the figures of docs/scaling.md
 
 One step of H hosts x r ranks (p = H r), global batch B, link rate R, gradient n = 246,844 bytes:
 
     compute   C      the slowest rank's forward + backward on its shard B/p, measured with the same
-                     placement (pinning) and no communication at all (--calibrate)
+                     placement (pinning) and no communication at all (--calibrate: "model"), or the
+                     slowest rank's in each step of the measured run itself ("model*": the same
+                     placement at the same moment, for a machine whose load moves between runs)
     allreduce T(v)   = 2 log2(p) a  +  V(v) / (R * 1448/1514)
                      MPICH reduces 247 KB with reduce-scatter + allgather (Rabenseifner): 2 log2 p rounds,
                      each rank sending 2 (p-1)/p of the buffer; with r ranks per host in blocks, the rounds
@@ -83,12 +86,16 @@ def round_latency(c):
     return 1e-3 * c["tiny_allreduce_ms"] / max(math.log2(c["ranks"]), 1)
 
 
-def predict_run(r, calib):
+def predict_run(r, calib, compute="calibrated"):
+    """images/s the model predicts for a measured configuration; compute "calibrated" (the --calibrate
+    run's) or "run" (the slowest rank's forward + backward measured in that run itself: the same
+    placement at the same moment, so a machine whose load moves between runs does not move the model)."""
     c = calib.get((r["hosts"], r["per_host"]))
     if not c or str(r["batch"]) not in c["by_batch"]:
         return None
     cb = c["by_batch"][str(r["batch"])]
-    t = step_s(r["variant"], 1e-3 * cb["compute_ms"], cb["after_fc_bucket"], r["hosts"], r["per_host"] *
+    compute_ms = cb["compute_ms"] if compute == "calibrated" else r["compute_ms"]
+    t = step_s(r["variant"], 1e-3 * compute_ms, cb["after_fc_bucket"], r["hosts"], r["per_host"] *
                r["hosts"], r["rate_bits"], round_latency(c))
     return r["batch"] / t
 
@@ -124,18 +131,23 @@ def main(argv=None):
     ap.add_argument("--variants", default="fused,overlap,fp16")
     args = ap.parse_args(argv)
     calib, runs = load(args.results)
-    print("hosts x ranks  rate  batch  variant   measured  model  error   comm share")
-    worst = 0.0
+    print("model: compute from the calibration | model*: compute measured in the run itself")
+    print("hosts x ranks  rate  batch  variant   measured  model  error   model*  error*  comm share")
+    worst = {}
     for r in sorted(runs, key=lambda r: (r["per_host"], -r["rate_bits"], r["batch"], r["variant"])):
-        pred = predict_run(r, calib)
+        if r["variant"] not in args.variants.split(","):
+            continue
+        pred, pred_run = predict_run(r, calib), predict_run(r, calib, compute="run")
         if pred is None:
             continue
-        err = pred / r["images_per_s"] - 1
-        if r["variant"] == "fused":
-            worst = max(worst, abs(err))
+        err, err_run = pred / r["images_per_s"] - 1, pred_run / r["images_per_s"] - 1
+        key = (r["variant"], r["per_host"])
+        worst[key] = max(worst.get(key, 0.0), abs(err_run))
         print(f"{r['hosts']} x {r['per_host']}        {r['rate']:>5} {r['batch']:>6}  {r['variant']:<8} "
-              f"{r['images_per_s']:>9.0f} {pred:>6.0f} {100 * err:>+6.1f}%  {100 * r['comm_share']:>5.1f}%")
-    print(f"largest error of the fused path's predictions: {100 * worst:.1f}%")
+              f"{r['images_per_s']:>9.0f} {pred:>6.0f} {100 * err:>+6.1f}%  {pred_run:>6.0f} {100 * err_run:>+6.1f}%"
+              f"  {100 * r['comm_share']:>5.1f}%")
+    for (v, per_host), w in sorted(worst.items()):
+        print(f"largest error* of {v} at {per_host} rank(s) per host: {100 * w:.1f}%")
     if (2, 1) not in calib:
         print("no 2 x 1 calibration: no curves (bench/multihost.py --calibrate --per-host 1)")
         return 0

@@ -14,7 +14,8 @@ alike. Per variant, medians over the rounds:
 
     images_per_s     global batch * steps / wall time of the slowest rank
     comm_share       time blocked on the reduction (trainer.comm_seconds) / wall time, mean over ranks
-    compute_ms       per step, the slowest rank's forward + backward (trainer.seconds_by_rank)
+    compute_ms       per step, the slowest rank's forward + backward in that step (the seconds every
+                     rank puts in the step's tail), mean over the steps
     tx_kb_per_step   bytes rank 0's host sent on its link per step (its eth0 counter)
 
 All namespace hosts share this machine's cores: each host is pinned to one core (host i to core i mod
@@ -105,13 +106,15 @@ def worker(args):
 
     from lenet_dist.comm import MPIComm
     from lenet_dist.config import TrainConfig
-    from lenet_dist.train import DataParallelTrainer
+    from lenet_dist.model import NUM_PARAMS
+    from lenet_dist.train import TAIL, DataParallelTrainer
 
     comm = MPIComm()
     ds = load(args, comm)
     total = args.rounds * args.steps + args.warmup
     epochs = max(1, -(-total * args.batch // len(ds.train_images)) + 1)
     names = args.variants.split(",")
+    seconds = slice(NUM_PARAMS + TAIL, NUM_PARAMS + TAIL + comm.size)   # the step's compute seconds per rank
     out = {n: {"images_per_s": [], "comm_share": [], "compute_ms": [], "tx_kb_per_step": []} for n in names}
     with threadpool_limits(limits=1, user_api="blas"):
         trainers = {n: DataParallelTrainer(TrainConfig(batch_size=args.batch, epochs=epochs, **variant_config(n)),
@@ -126,16 +129,18 @@ def worker(args):
                 comm.barrier()
                 t.comm_seconds, t.seconds_by_rank[:] = 0.0, 0.0
                 rx0, tx0 = link_bytes()
+                slowest = 0.0
                 t0 = time.perf_counter()
                 for _ in range(args.steps):
                     t.train_step()
+                    slowest += float(t.model.grad_buffer[seconds].max())   # every rank's, from the tail
                 wall = time.perf_counter() - t0
                 rx1, tx1 = link_bytes()
                 every = comm.allgather(np.array([wall, t.comm_seconds], np.float64))
                 r = out[n]
                 r["images_per_s"].append(args.batch * args.steps / float(every[:, 0].max()))
                 r["comm_share"].append(float((every[:, 1] / every[:, 0]).mean()))
-                r["compute_ms"].append(1e3 * float(t.seconds_by_rank.max()) / args.steps)
+                r["compute_ms"].append(1e3 * slowest / args.steps)
                 r["tx_kb_per_step"].append((tx1 - tx0) / 1024 / args.steps)
     names = comm.allgather(np.frombuffer(comm.processor_name().encode()[:64].ljust(64), np.uint8))
     hosts = {bytes(row) for row in names}                   # the hosts the ranks really ran on
