@@ -18,6 +18,7 @@ from lenet_dist.transport import RESULT_TOPIC, TrainerLink, generate_keys
 from workers import evaluator
 
 from .fakes import FakeTrainer, bad_replies, good_reply, make_ckpt, make_params
+from .mpiutil import env
 
 ANY = "tcp://127.0.0.1:*"
 
@@ -33,7 +34,8 @@ class Evaluator:
         argv = [sys.executable, "-m", "workers.evaluator", "--report", str(self.report), *args]
         argv += ["--subset"] if subset else []
         with open(self.err_path, "w") as err:
-            self.proc = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=err, text=True)
+            # env(): this checkout's code on PYTHONPATH, whatever copy of the package is installed
+            self.proc = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=err, text=True, env=env())
 
     @property
     def stderr(self):
