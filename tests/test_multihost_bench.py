@@ -51,9 +51,11 @@ def test_short_run_crosses_shaped_links_and_removes_its_namespaces(can_shape, tm
     for (per_host, variant), r in got.items():
         assert r["hosts_seen"] == 2 and r["ranks"] == 2 * per_host and r["rate"] == "1g"
         assert r["images_per_s"] > 0 and 0 <= r["comm_share"] <= 1
-        # what rank 0's host sent per step: the gradient once (float32) or half of it (float16), plus headers
+        # what rank 0's host sent per step: the gradient once (float32) or half of it (float16), plus headers.
+        # The counter is read at the edges of 4 steps: a message still queued in the shaper at one edge is
+        # counted in the next window, so +-15%.
         want = GRAD_KIB / 2 if variant == "fp16" else GRAD_KIB
-        assert want <= r["tx_kb_per_step"] <= want * 1.15, (variant, r["tx_kb_per_step"])
+        assert want * 0.85 <= r["tx_kb_per_step"] <= want * 1.15, (variant, r["tx_kb_per_step"])
 
 
 def test_a_stopped_run_removes_every_namespace(can_shape, tmp_path):
