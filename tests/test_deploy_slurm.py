@@ -123,6 +123,12 @@ def test_sbatch_recipe_on_a_real_cluster_cancels_with_a_checkpoint_and_resumes(c
     cancel_step = stop_step(text[text.index("requeued job, start number 2"):])
     assert requeue_step < cancel_step < EPOCHS * STEPS_PER_EPOCH, text
     assert newest_step(run_dir / "checkpoints") == cancel_step, text
+    # Every rank says which signal the job received (scancel sends SIGTERM), not "signal 0" for a rank that
+    # stopped because its peer voted to, and every rank exits alike: 128 + 15.
+    cancelled = text[text.index("requeued job, start number 2"):]
+    stops = re.findall(r"rank (\d)/2 WARNING stopped by signal (\d+) at step \d+ \((SIG\w+)\);.*exit status (\d+)",
+                       cancelled)
+    assert sorted(stops) == [("0", "15", "SIGTERM", "143"), ("1", "15", "SIGTERM", "143")], cancelled
 
     # Submitted again under the same name: it resumes there and finishes.
     second = cluster.sbatch(args, cwd=d, env=env)
@@ -133,6 +139,8 @@ def test_sbatch_recipe_on_a_real_cluster_cancels_with_a_checkpoint_and_resumes(c
 
     # Ranks on n1 and n2 (the pre-flight names each rank's host), the evaluator on n3.
     assert "2 rank(s) on 2 host(s): n1 (rank 0), n2 (rank 1)" in out2, out2
+    # One rank on each 2-CPU node: Slurm's own variables say so, and nothing is taken for oversubscribed.
+    assert "more ranks than cores" not in text + out2, text + out2
     assert "ok    rank 0 on n1  results: tcp://n3:5556 accepts connections" in out2, out2
     # Checkpoints, metrics and the evaluator's report where the recipe says (deploy/README.md).
     total = EPOCHS * STEPS_PER_EPOCH
