@@ -36,7 +36,6 @@ OVERSUBSCRIBED_DEFAULTS = {
     "MPICH": {"MPIR_CVAR_CH4_PROGRESS_THROTTLE": "1", "MPIR_CVAR_CH4_PROGRESS_THROTTLE_NO_PROGRESS_COUNT": "1"},
     "Open MPI": {"OMPI_MCA_mpi_yield_when_idle": "1"},
 }
-MPICH_OVERSUBSCRIBED_DEFAULTS = OVERSUBSCRIBED_DEFAULTS["MPICH"]
 NAP_US_DEFAULT = 20
 ABORT_GRACE_S = 0.3            # time the launcher gets to forward the reason for an abort
 

@@ -30,6 +30,7 @@ class TrainConfig:
     bucket_kb: int = 64             # gradients reduced in buckets of >= this many KiB, each started as soon
                                     # as backward has produced it (buckets.py); 0 = one fused allreduce
     allreduce_dtype: str = "float32"  # float16 | bfloat16: gradients travel in half precision (halfprec.py)
+    val_size: int = -1              # examples held out of those for validation (-1: 1/12 of them; dataid.py)
 
     def __post_init__(self):
         for f in fields(self):
@@ -57,6 +58,7 @@ class TrainConfig:
             (self.train_subset >= 0, "train_subset", ">= 0"),
             (self.bucket_kb >= 0, "bucket_kb", "an integer >= 0 (0: one fused allreduce)"),
             (self.allreduce_dtype in DTYPES, "allreduce_dtype", " | ".join(DTYPES)),
+            (self.val_size >= -1, "val_size", ">= 0, or -1 for the default"),
         ]
         for ok, name, expected in checks:
             if not ok:

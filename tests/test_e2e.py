@@ -12,7 +12,8 @@ import pytest
 from .mpiutil import REPO, env, mpirun_cmd, python
 
 # --stall-timeout: if the launcher misses a killed rank (--fault ...:exit), the survivor ends the job itself
-TRAIN = ["--subset", "--batch-size", "50", "--checkpoint-every", "10", "--no-progress", "--log-level", "INFO",
+TRAIN = ["--subset", "--val-size", "0",  # no held-out split: 40 steps an epoch
+         "--batch-size", "50", "--checkpoint-every", "10", "--no-progress", "--log-level", "INFO",
          "--stall-timeout", "20"]
 
 
@@ -144,7 +145,7 @@ def test_test_mode_runs_both_sides(tmp_path):
                        capture_output=True, text=True, timeout=180)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "test mode: OK" in p.stdout
-    assert "test mode: evaluator step 96" in p.stdout             # 3 epochs of 32 steps, as --help says
+    assert "test mode: evaluator step 87" in p.stdout             # 3 epochs of 29 (1,834 not held out / 64)
     assert "lenet-test-mode-" in p.stdout and list(scratch.iterdir()) == []     # its temp folder is gone
 
 

@@ -13,6 +13,7 @@ from threadpoolctl import threadpool_limits
 
 from lenet_dist import checkpoint
 from lenet_dist.data import load_subset
+from lenet_dist.dataid import data_record
 from lenet_dist.model import LeNet5
 from lenet_dist.transport import RESULT_TOPIC, TrainerLink, generate_keys
 from workers import evaluator
@@ -95,11 +96,12 @@ def test_reports_best_results_and_exit_after_final(tmp_path, link, subset):
     ev = Evaluator(tmp_path, "--connect", link.endpoint, "--best-dir", str(tmp_path / "best"),
                    "--results-bind", results_at)
     ev.wait_for("connected to trainer")
-    link.publish(10, 0, make_ckpt(10, seed=1, epoch=0))
+    split = data_record(load_subset().identity(), 2000, 200, seed=0)      # trained on the subset, 200 held out
+    link.publish(10, 0, make_ckpt(10, seed=1, epoch=0, data=split))
     deadline = time.monotonic() + 15
     while not ev.lines() and time.monotonic() < deadline:
         time.sleep(0.05)
-    link.publish(20, 1, make_ckpt(20, seed=2, epoch=1, final=True), final=True)
+    link.publish(20, 1, make_ckpt(20, seed=2, epoch=1, final=True, data=split), final=True)
     rc, out = ev.finish()
     assert rc == 0, ev.stderr
     lines = ev.lines()
@@ -107,7 +109,8 @@ def test_reports_best_results_and_exit_after_final(tmp_path, link, subset):
     for r, seed, epoch in zip(lines, (1, 2), (0, 1)):
         loss, acc = expected(seed, subset)
         assert r["accuracy"] == acc and r["loss"] == pytest.approx(loss, rel=1e-12) and r["epoch"] == epoch
-        assert r["lag_steps"] == 0 and r["n_test"] == 1000 and 0 < r["eval_seconds"] < 5
+        assert r["lag_steps"] == 0 and r["n_test"] == 1000 and r["n_val"] == 200 and 0 < r["eval_seconds"] < 5
+        assert 0 <= r["val_accuracy"] <= 1 and r["val_loss"] > 0
         assert len(r["sha256"]) == 64
     assert len(out.splitlines()) == 2 and "final" in out.splitlines()[1]
     assert [r["step"] for r in link.poll_results()] == [10, 20]        # the trainer heard both
@@ -117,7 +120,7 @@ def test_reports_best_results_and_exit_after_final(tmp_path, link, subset):
     ctx.destroy(0)
     assert heard[-1:] == [20]                               # (PUB/SUB may miss what precedes the join)
     best = json.loads((tmp_path / "best" / "best.json").read_text())
-    assert best["step"] == max(lines, key=lambda r: r["accuracy"])["step"]
+    assert best["step"] == max(lines, key=lambda r: r["val_accuracy"])["step"]   # chosen on validation
     assert checkpoint.from_bytes((tmp_path / "best" / "best.npz").read_bytes()).step == best["step"]
 
 

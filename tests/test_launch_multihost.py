@@ -47,7 +47,7 @@ def test_a_lost_host_is_left_out_and_the_run_finishes_on_the_other(hosts, tmp_pa
     ckpt, metrics, log = tmp_path / "ckpt", tmp_path / "metrics.jsonl", tmp_path / "launch.log"
     argv = [sys.executable, "-m", "workers.launch", "-n", "2", "--min-ranks", "1", "--hostfile", tmp_path / "hosts",
             "--mpirun-args", f"-launcher ssh -launcher-exec {AGENT}", "--exit-grace", "5", "--probe-timeout", "5",
-            "--backoff", "0.5", "--", "--subset", "--epochs", "3", "--batch-size", "50", "--checkpoint-dir", ckpt,
+            "--backoff", "0.5", "--", "--subset", "--val-size", "0", "--epochs", "3", "--batch-size", "50", "--checkpoint-dir", ckpt,
             "--checkpoint-every", "5", "--stall-timeout", "5", "--metrics", metrics, "--no-progress"]
     with open(log, "w") as out:
         launch = hosts.popen("h1", argv, cwd=REPO, env=e, stdout=out, stderr=subprocess.STDOUT)

@@ -43,3 +43,10 @@ def test_an_mpirun_of_another_mpi_is_a_one_line_error(launcher, library, tmp_pat
     assert 1 <= len(errors) <= 2 and len(set(errors)) == 1, p.stderr
     assert re.search(rf"the launcher started 2 ranks \(\w+=2\) but the MPI library \({library}", errors[0])
     assert not ckpt.exists()                                 # stopped before training: nothing written
+
+
+def test_test_mode_under_a_launcher_of_several_ranks_is_refused():
+    p = launch(0, ["--test-mode", "--no-progress"], check=False, timeout=60, extra_env={"PMI_SIZE": 2, "PMI_RANK": 0})
+    assert p.returncode == 2
+    assert p.stderr.strip() == ("lenet-train: error: --test-mode runs in one process, but the launcher started 2 "
+                                "(PMI_SIZE=2): run it without mpirun")

@@ -15,8 +15,9 @@ pytestmark = pytest.mark.usefixtures("mpi_flavour")   # every test once under MP
 
 # 2,000 subset examples / batch 20 = 100 steps in one epoch; batch 20 on 3 ranks is uneven (7, 7, 6).
 # --stall-timeout: if the launcher misses a killed rank (--fault ...:exit), the survivor ends the job itself.
+# --val-size 0: no held-out split, so that the step arithmetic above holds.
 BASE = ["--subset", "--epochs", "1", "--batch-size", "20", "--lr", "0.05", "--seed", "7", "--no-progress",
-        "--log-level", "WARNING", "--stall-timeout", "20"]
+        "--log-level", "WARNING", "--stall-timeout", "20", "--val-size", "0"]
 
 
 def train(n, tmp_path, name, *extra, check=True, timeout=120, extra_env=None):

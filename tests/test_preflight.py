@@ -13,10 +13,10 @@ from lenet_dist.transport import generate_keys
 from .mpiutil import REPO, env, launch, mpirun_cmd, python
 
 
-def check(n, *argv, tmp_path, expect_rc):
+def check(n, *argv, tmp_path, expect_rc, data_dir_env=""):
     """`lenet-train --check` under `mpirun -n n` (0: alone), with an empty MNIST cache; its stdout."""
     p = launch(n, ["--check", *argv], check=False, timeout=90,
-               extra_env={"LENET_CACHE_DIR": tmp_path / "empty-cache", "LENET_DATA_DIR": ""})
+               extra_env={"LENET_CACHE_DIR": tmp_path / "empty-cache", "LENET_DATA_DIR": data_dir_env})
     assert p.returncode == expect_rc, f"exit {p.returncode}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}"
     return p.stdout
 
@@ -82,6 +82,11 @@ def test_corrupt_and_missing_data_fail_naming_the_file(tmp_path):
     empty = tmp_path / "nothing"
     empty.mkdir()
     out = check(0, "--data-dir", empty, tmp_path=tmp_path, expect_rc=1)
+    [(_, why)] = lines(out, "FAIL", "data")          # a folder named on the command line must hold the files
+    assert f"{empty}: no train-images-idx3-ubyte" in why and "in the --data-dir given" in why, out
+    assert "training would try to download" not in why
+
+    out = check(0, tmp_path=tmp_path, expect_rc=1, data_dir_env=empty)   # $LENET_DATA_DIR: looked further
     [(_, why)] = lines(out, "FAIL", "data")
     assert "could not obtain MNIST" in why and "not found" in why and "download (disabled)" in why
     assert "lenet-data fetch" in why                 # no --no-download: training would download; say how first

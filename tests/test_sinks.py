@@ -38,7 +38,8 @@ def test_the_loop_feeds_every_sink_with_figures_that_add_up(tmp_path, monkeypatc
     real = trainer_mod._sinks
     monkeypatch.setattr(trainer_mod, "_sinks", lambda args, link, trainer: Sinks([real(args, link, trainer), rec]))
     metrics = tmp_path / "m.jsonl"
-    code = trainer_mod.main(["--subset", "--train-subset", "300", "--batch-size", "64", "--epochs", "2",
+    code = trainer_mod.main(["--subset", "--train-subset", "300", "--val-size", "0",
+                             "--batch-size", "64", "--epochs", "2",
                              "--no-progress", "--schedule", "cosine", "--metrics", str(metrics)])
     assert code == 0
     assert rec.calls == ["start", "epoch", "epoch", "end", "close"]

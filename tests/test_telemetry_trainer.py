@@ -12,7 +12,7 @@ from workers.tensorboard import filters_image  # noqa: E402
 from . import tbevents  # noqa: E402
 from .mpiutil import final_params, launch  # noqa: E402
 
-RUN = ["--subset", "--epochs", "2", "--batch-size", "50", "--no-progress"]       # 40 steps per epoch
+RUN = ["--subset", "--val-size", "0", "--epochs", "2", "--batch-size", "50", "--no-progress"]  # 40 steps an epoch
 
 
 def rows(path):

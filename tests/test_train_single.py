@@ -26,6 +26,7 @@ def data():
 
 
 def trainer(data, **kw):
+    kw.setdefault("val_size", 0)        # these tests count examples and steps: no held-out split unless asked
     return DataParallelTrainer(TrainConfig(**kw), LocalComm(), data)
 
 
@@ -105,7 +106,7 @@ def test_checkpoint_and_continue_is_bit_identical(data, cut, extra):
 
     fresh = trainer(data, **kw)
     ck = checkpoint.from_bytes(blob)
-    assert ck.step == cut and ck.meta["config"] == TrainConfig(**kw).to_dict()
+    assert ck.step == cut and ck.meta["config"] == TrainConfig(**kw, val_size=0).to_dict()
     fresh.restore(ck)
     assert (fresh.step, fresh.epoch, fresh.pos) == (cut, *divmod(cut, 5))
     run(fresh)
@@ -209,3 +210,17 @@ def test_divergence_raises_training_error(data):
                 nesterov=False)
     with np.errstate(all="ignore"), pytest.raises(TrainingError, match="step"):
         run(t)
+
+
+def test_default_validation_split_is_held_out_of_training(data):
+    t = DataParallelTrainer(TrainConfig(epochs=1, batch_size=64), LocalComm(), data)   # val_size -1: 1/12
+    assert t.n == 2000 - 166 and len(t.val_images) == 166 and t.steps_per_epoch == 29
+    seen = set()
+    for img in t.images:                                            # no validation image is trained on
+        seen.add(img.tobytes())
+    assert not any(v.tobytes() in seen for v in t.val_images)
+    split = t.checkpoint_content()[2]["data"]["split"]
+    assert split == {"of": 2000, "val_size": 166, "seed": 0, "val_sha256": split["val_sha256"]}
+    loss, acc = t.evaluate("val")
+    assert 0 <= acc <= 1 and loss > 0
+    assert trainer(data, epochs=1).evaluate("val") is None          # --val-size 0: no split to score

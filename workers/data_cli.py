@@ -1,12 +1,15 @@
-"""lenet-data: obtain, check and locate the MNIST files.
+"""lenet-data: obtain, check and locate the data files (MNIST, another pinned data set, or your own).
 
     lenet-data fetch  [--data-dir DIR]   # find or download the four files, verify them, print where they are
     lenet-data verify [--data-dir DIR]   # status of each file in DIR (default $LENET_DATA_DIR, else the cache)
     lenet-data verify --subset           # the small subset shipped inside the package
     lenet-data where  [--data-dir DIR]   # the places searched, in order
+    lenet-data fetch --dataset fashion-mnist            # another pinned data set: its own mirrors and cache
+    lenet-data verify --dataset idx --data-dir DIR      # your own four IDX files: structural checks
 
-Environment: LENET_DATA_DIR, LENET_CACHE_DIR (else $XDG_CACHE_HOME/lenet-dist/mnist), LENET_MNIST_MIRRORS
-(comma-separated base URLs), LENET_NPM (the npm command). Exit status 1 with one line on stderr on failure.
+Environment: LENET_DATA_DIR, LENET_CACHE_DIR (else $XDG_CACHE_HOME/lenet-dist/NAME), LENET_MNIST_MIRRORS and
+LENET_FASHION_MNIST_MIRRORS (comma-separated base URLs), LENET_NPM (the npm command). Exit status 1 with one
+line on stderr on failure.
 """
 import argparse
 import os
@@ -14,6 +17,7 @@ import shutil
 import sys
 
 from lenet_dist import fetch
+from lenet_dist.catalog import NAMES, PINNED
 from lenet_dist.data import SUBSET_DIR, SUBSET_HASHES, DataError, fetch_mnist, verify_dir
 
 
@@ -25,20 +29,36 @@ def _data_dir(args) -> str | None:
     return args.data_dir or os.environ.get("LENET_DATA_DIR") or None
 
 
+def _no_idx(args, what):
+    if args.dataset == "idx":
+        raise DataError(f"--dataset idx is your own files: nothing to {what}; "
+                        f"`lenet-data verify --dataset idx --data-dir DIR` checks them")
+
+
 def cmd_fetch(args) -> int:
-    paths = fetch_mnist(args.data_dir, log=_log, timeout=args.timeout)
+    _no_idx(args, "fetch")
+    paths = fetch_mnist(args.data_dir, log=_log, timeout=args.timeout, dataset=args.dataset)
     for path in paths.values():
         print(path)
     return 0
 
 
 def cmd_verify(args) -> int:
+    if args.dataset == "idx" and not args.subset:
+        from lenet_dist.owndata import load_idx_dir
+        if not _data_dir(args):
+            raise DataError("--dataset idx needs --data-dir DIR (or LENET_DATA_DIR): the folder with your files")
+        ds = load_idx_dir(_data_dir(args))
+        print(f"ok   {ds.source}: {len(ds.train_images)} training and {len(ds.test_images)} test images, 28x28, "
+              f"labels 0..9")
+        return 0
+    spec = PINNED["mnist" if args.subset else args.dataset]
     if args.subset:
         directory, hashes = SUBSET_DIR, SUBSET_HASHES
     else:
-        directory, hashes = _data_dir(args) or fetch.cache_dir(), None
-    print(f"checking {directory}")
-    rows = verify_dir(directory, hashes)
+        directory, hashes = _data_dir(args) or fetch.cache_dir(spec.name), None
+    print(f"checking {directory} ({spec.title})")
+    rows = verify_dir(directory, hashes, spec)
     for name, path, problem in rows:
         shown = path.name if path is not None else name
         print(f"  {'FAIL' if problem else 'ok  '} {shown}" + (f": {problem}" if problem else ""))
@@ -50,21 +70,24 @@ def cmd_verify(args) -> int:
 
 
 def cmd_where(args) -> int:
+    _no_idx(args, "look for")
+    spec = PINNED[args.dataset]
     data_dir = _data_dir(args)
     print(f"data dir: {data_dir or '(none; set --data-dir or LENET_DATA_DIR)'}")
-    cache = fetch.cache_dir()
-    present = sum(problem is None for _, _, problem in verify_dir(cache)) if cache.is_dir() else 0
+    cache = fetch.cache_dir(spec.name)
+    present = sum(problem is None for _, _, problem in verify_dir(cache, spec=spec)) if cache.is_dir() else 0
     print(f"cache:    {cache} ({present} of 4 files verified)")
-    for base in fetch.mirror_list():
+    for base in fetch.mirror_list(None, spec.mirrors, spec.mirrors_env):
         print(f"mirror:   {base}")
-    argv = fetch.npm_command()
-    exe = shutil.which(argv[0])
-    print(f"npm:      {' '.join(argv)} pack {fetch.NPM_SPEC} ({exe or 'not found'})")
+    if spec.npm_spec:
+        argv = fetch.npm_command()
+        exe = shutil.which(argv[0])
+        print(f"npm:      {' '.join(argv)} pack {spec.npm_spec} ({exe or 'not found'})")
     return 0
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="lenet-data", description="Obtain, verify and locate MNIST.")
+    parser = argparse.ArgumentParser(prog="lenet-data", description="Obtain, verify and locate the data files.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("fetch", help="find or download MNIST, verify it, print the file paths")
     p.add_argument("--data-dir", help="folder holding the four IDX files (gz or raw)")
@@ -78,6 +101,9 @@ def main(argv=None) -> int:
     p = sub.add_parser("where", help="show the places searched, in order")
     p.add_argument("--data-dir", help="folder holding the four IDX files")
     p.set_defaults(func=cmd_where)
+    for p in sub.choices.values():
+        p.add_argument("--dataset", choices=NAMES, default="mnist",
+                       help="a pinned data set, or idx: your own four IDX files (verify only)")
     args = parser.parse_args(argv)
     try:
         return args.func(args)

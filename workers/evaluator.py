@@ -1,4 +1,4 @@
-"""lenet-evaluator: evaluates the trainer's checkpoints on the MNIST test set as they come.
+"""lenet-evaluator: scores the trainer's checkpoints as they come, on their validation split and the test set.
 
     lenet-evaluator --connect tcp://127.0.0.1:5555 --report eval.jsonl   # from lenet-train --publish
     lenet-evaluator --watch ckpt --report eval.jsonl                     # or poll its --checkpoint-dir
@@ -21,7 +21,6 @@ import argparse
 import contextlib
 import json
 import logging
-import math
 import os
 import signal
 import socket
@@ -36,7 +35,8 @@ from lenet_dist.data import DataError
 from lenet_dist.transport import TransportError
 
 from . import evaluator_live
-from .common import HelpFormatter, number, one_line
+from .common import HelpFormatter, add_data_flags, number, one_line, read_dataset
+from .judge import DataRefused, Judge
 
 log = logging.getLogger("lenet.evaluator")
 
@@ -47,14 +47,12 @@ def parse_args(argv=None):
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--connect", metavar="ENDPOINT", help="the trainer's --publish endpoint, e.g. tcp://127.0.0.1:5555")
     src.add_argument("--watch", metavar="DIR", type=Path, help="poll this checkpoint directory instead")
-    g = p.add_argument_group("test set")
-    g.add_argument("--data-dir", type=Path, help="MNIST files (else $LENET_DATA_DIR, the cache, a download)")
-    g.add_argument("--no-download", action="store_true", help="fail rather than download MNIST")
-    g.add_argument("--subset", action="store_true", help="the 1,000 test images shipped in the package")
+    add_data_flags(p)       # the trainer's own: a checkpoint is scored only on the data it was trained for
     g = p.add_argument_group("output")
     g.add_argument("--report", type=Path, help="append one JSON object per evaluation here")
     g.add_argument("--results-bind", metavar="ENDPOINT", help="also publish results on a PUB socket here")
-    g.add_argument("--best-dir", type=Path, help="keep the best checkpoint (by accuracy) here as best.npz")
+    g.add_argument("--best-dir", type=Path,
+                   help="keep the best checkpoint (by validation accuracy, never test) here as best.npz")
     g = p.add_argument_group("when to stop, pacing")
     g.add_argument("--once", action="store_true", help="evaluate the newest checkpoint, then exit")
     g.add_argument("--max-evaluations", type=int, default=0, metavar="N", help="exit after N (0: no limit)")
@@ -116,11 +114,11 @@ class StopFlag:
         return bool(self.signum)
 
 
-def _test_set(args):
-    from lenet_dist.data import load_mnist, load_subset
-    ds = load_subset() if args.subset else load_mnist(args.data_dir, download=not args.no_download, log=log.info)
-    log.info("test set: %d images from %s", len(ds.test_images), ds.source)
-    return ds.test_images, ds.test_labels
+def _dataset(args):
+    ds = read_dataset(args, log)
+    log.info("data: %s, %d test images (and %d training images for validation splits) from %s", ds.name,
+             len(ds.test_images), len(ds.train_images), ds.source)
+    return ds
 
 
 def _source(args, stop):
@@ -133,28 +131,34 @@ def _source(args, stop):
 
 
 class BestKeeper:
-    """--best-dir: the best checkpoint seen, by accuracy, as best.npz, and its figures as best.json, both
+    """--best-dir: the best checkpoint seen, by validation accuracy, as best.npz, and its figures as best.json, both
     written atomically. A restarted evaluator carries on from best.json if it describes the same run
     (same training config, same test set); anything else starts afresh."""
 
     def __init__(self, directory):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.accuracy = None
+        self.accuracy = None                # the best validation accuracy so far
+        self.warned = False
 
     def offer(self, result, data, config):
+        if "val_accuracy" not in result:    # choosing on the test set would make its figure optimistic
+            if not self.warned:
+                log.warning("--best-dir keeps nothing: the checkpoints have no validation split (--val-size 0)")
+                self.warned = True
+            return False
         if self.accuracy is None:
             try:
                 prev = json.loads((self.dir / "best.json").read_text())
-                same = prev.get("config") == config and prev.get("n_test") == result["n_test"]
-                self.accuracy = float(prev["accuracy"]) if same else -1.0
+                same = prev.get("config") == config and prev.get("n_val") == result["n_val"]
+                self.accuracy = float(prev["val_accuracy"]) if same else -1.0
             except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 self.accuracy = -1.0
-        if result["accuracy"] <= self.accuracy:
+        if result["val_accuracy"] <= self.accuracy:
             return False
         checkpoint.save_atomic(self.dir / "best.npz", data)
         checkpoint.save_atomic(self.dir / "best.json", json.dumps(dict(result, config=config)).encode())
-        self.accuracy = result["accuracy"]
+        self.accuracy = result["val_accuracy"]
         return True
 
 
@@ -162,7 +166,7 @@ def run(args, stop):
     from threadpoolctl import threadpool_limits
 
     from lenet_dist.model import LeNet5
-    images, labels = _test_set(args)
+    ds = _dataset(args)
     with contextlib.ExitStack() as stack:
         source = _source(args, stop)
         stack.callback(source.close)
@@ -180,15 +184,15 @@ def run(args, stop):
         best = BestKeeper(args.best_dir) if args.best_dir else None
         stack.enter_context(threadpool_limits(limits=args.threads, user_api="blas"))
         model = LeNet5()
-        model.evaluate(images[:500], labels[:500])  # warm-up, so that the first evaluation is not slower
-        live = evaluator_live.start(args, images, labels, stop)     # --http, --tensorboard
+        model.evaluate(ds.test_images[:500], ds.test_labels[:500])  # warm-up: the first evaluation is not slower
+        live = evaluator_live.start(args, ds.test_images, ds.test_labels, stop)     # --http, --tensorboard
         if live is not None:
             stack.callback(live.close)
         log.info("evaluating checkpoints from %s", source.endpoint)
-        return _loop(args, stop, source, model, images, labels, out, best, live)
+        return _loop(args, stop, source, model, Judge(ds), out, best, live)
 
 
-def _loop(args, stop, source, model, images, labels, out, best, live=None):
+def _loop(args, stop, source, model, judge, out, best, live=None):
     whoami = f"{socket.gethostname()}:{os.getpid()}"
     last_step, last_final, evaluations, status = -1, False, 0, None
     idle_since = time.monotonic()
@@ -238,19 +242,21 @@ def _loop(args, stop, source, model, images, labels, out, best, live=None):
         if args.delay and stop.sleep(args.delay):
             break
         model.load_named(ckpt.params)
-        t0 = time.perf_counter()
-        detail = analysis.analyse(model, images, labels)    # loss and accuracy as model.evaluate, and more
-        loss, accuracy = detail.loss, detail.accuracy
-        seconds = time.perf_counter() - t0
+        try:
+            figures, detail = judge.score(model, ckpt, f"the checkpoint of step {step}")
+        except DataRefused as e:
+            log.error("%s", one_line(e))
+            return 1
         trainer_step = source.trainer_step_now()
-        result = {"step": step, "epoch": int(ckpt.meta["epoch"]), "accuracy": accuracy,
-                  "loss": loss if math.isfinite(loss) else None,      # JSON has no inf
-                  "eval_seconds": round(seconds, 4), "n_test": len(images),
+        result = {"step": step, "epoch": int(ckpt.meta["epoch"]), **figures,
                   "lag_steps": max(0, (trainer_step or step) - step), "trainer_step": trainer_step,
                   "sha256": header["sha256"], "final": final, "time": round(time.time(), 3), "evaluator": whoami,
                   "server": header.get("server")}     # which trainer process served it
-        print(f"step {step} epoch {_epoch_text(ckpt.meta)}: test accuracy {100 * accuracy:.2f}% loss {number(loss)} "
-              f"({len(images)} images, {seconds:.2f}s), {result['lag_steps']} steps behind"
+        val = (f"validation accuracy {100 * result['val_accuracy']:.2f}% loss {number(result['val_loss'])}, "
+               if "val_accuracy" in result else "")
+        print(f"step {step} epoch {_epoch_text(ckpt.meta)}: {val}test accuracy {100 * result['accuracy']:.2f}% "
+              f"loss {number(result['loss'])} ({result['n_test']} images, {result['eval_seconds']:.2f}s), "
+              f"{result['lag_steps']} steps behind"
               + (", final" if final else ""), flush=True)
         if live is not None:
             live.on_evaluation(result, ckpt.params, detail, ckpt.meta.get("config"))
@@ -259,7 +265,8 @@ def _loop(args, stop, source, model, images, labels, out, best, live=None):
             send(full if args.report and send is out[0] else result)
         try:
             if best and best.offer(result, data, ckpt.meta.get("config")):
-                log.info("new best: step %d, %.2f%%, in %s", step, 100 * accuracy, best.dir / "best.npz")
+                log.info("new best: step %d, validation %.2f%% (test %.2f%%), in %s", step,
+                         100 * result["val_accuracy"], 100 * result["accuracy"], best.dir / "best.npz")
         except OSError as e:                        # a full or broken --best-dir: say so, keep evaluating
             log.error("could not keep the best checkpoint: %s", e)
         evaluations += 1

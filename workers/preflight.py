@@ -78,13 +78,19 @@ def check_data(args):
             ds = load_subset()
             return _ok("data", f"{ds.source}: {len(ds.train_images)} train + {len(ds.test_images)} test "
                                f"images, sha256 verified")
-        paths = fetch_mnist(args.data_dir, download=False, log=lambda msg: None)
+        if args.dataset == "idx":
+            from workers.common import read_dataset
+            ds = read_dataset(args, None)
+            return _ok("data", f"{ds.source}: {len(ds.train_images)} train + {len(ds.test_images)} test images, "
+                               f"structure checked")
+        paths = fetch_mnist(args.data_dir, download=False, log=lambda msg: None, dataset=args.dataset,
+                            strict_dir=args.data_dir is not None)
     except DataError as e:
-        hint = "" if args.no_download else \
+        hint = "" if args.no_download or args.data_dir else \
             " (training would try to download it; `lenet-data fetch` on this host does it beforehand)"
         return _fail("data", f"{e}{hint}")
     where = ", ".join(sorted({str(p.parent) for p in paths.values()}))
-    return _ok("data", f"the 4 MNIST files in {where}, sha256 verified")
+    return _ok("data", f"the 4 {args.dataset} files in {where}, sha256 verified")
 
 
 def check_checkpoint_dir(directory, resume):

@@ -39,7 +39,8 @@ def epoch_line(r, epochs, total_steps):
     ev_text = f" | evaluator: step {ev.get('step')} acc {percent(ev.get('accuracy'))}" if ev else ""
     return (f"epoch {r['epoch']}/{epochs} step {r['step']}/{total_steps}: lr {r['lr']:.4g} | "
             f"train loss {number(r['train_loss'])} acc {percent(r['train_acc'])} | "
-            f"test loss {number(r['test_loss'])} acc {percent(r['test_acc'])} | "
+            + (f"val loss {number(r['val_loss'])} acc {percent(r['val_acc'])} | " if "val_acc" in r else "")
+            + f"test loss {number(r['test_loss'])} acc {percent(r['test_acc'])} | "
             f"{r['images_per_s']:,.0f} images/s on {r['ranks']} rank(s), {r['seconds']:.1f}s{ev_text}")
 
 
@@ -54,7 +55,7 @@ def summary_lines(s):
     else:
         lines.append(f"finished {s['epochs']} epochs ({s['step']} steps) in {duration(s['wall_seconds'])}, {speed}")
     if s.get("test_acc") is not None:
-        best = (f", best {percent(s['best_test_acc'])} after epoch {s['best_epoch']}"
+        best = (f", {percent(s['best_test_acc'])} after epoch {s['best_epoch']} (best by validation)"
                 if s.get("best_epoch") not in (None, s.get("last_epoch")) else "")
         lines.append(f"  test accuracy {percent(s['test_acc'])} after epoch {s['last_epoch']}{best}")
     ev = s.get("evaluator")

@@ -45,12 +45,15 @@ def signal_name(signum):
 
 class Tally:
     """What the run reached, kept by rank 0: images and seconds trained, the test accuracy of the last
-    and of the best epoch (and the best's checkpoint), the evaluator's latest and best verdicts."""
+    and of the best epoch (and the best's checkpoint), the evaluator's latest and best verdicts. "Best" is
+    by validation accuracy only (choosing on the test set would flatter its test figure); with no
+    validation split (--val-size 0) no epoch is chosen."""
 
     def __init__(self, best_json=None, run_id=None):
         self.images, self.seconds = 0, 0.0
         self.test_acc = self.last_epoch = None
         self.best_test_acc, self.best_epoch, self.best_step = -1.0, None, None
+        self.best_val_acc = -1.0
         self.evaluator = None
         self.ev_best = None
         if best_json is not None:                  # --resume: the best so far stays the best to beat
@@ -60,6 +63,7 @@ class Tally:
                     raise ValueError("another run's best")
                 self.best_test_acc, self.best_epoch, self.best_step = float(b["test_acc"]), int(b["epoch"]), \
                     int(b["step"])
+                self.best_val_acc = float(b["val_acc"])
             except (OSError, ValueError, KeyError, TypeError):
                 pass
 
@@ -68,12 +72,13 @@ class Tally:
         self.seconds += seconds
 
     def add_epoch(self, record):
-        """Returns True when this epoch's test accuracy is the best so far."""
+        """Returns True when this epoch's validation accuracy is the best so far."""
         self.test_acc, self.last_epoch = record["test_acc"], record["epoch"]
         if record.get("evaluator"):
             self.add_evaluator(record["evaluator"])
-        if record["test_acc"] > self.best_test_acc:
+        if "val_acc" in record and record["val_acc"] > self.best_val_acc:
             self.best_test_acc, self.best_epoch, self.best_step = record["test_acc"], record["epoch"], record["step"]
+            self.best_val_acc = record["val_acc"]
             return True
         return False
 
@@ -82,8 +87,9 @@ class Tally:
             return
         if self.evaluator is None or result["step"] >= self.evaluator["step"]:
             self.evaluator = result
-        if self.ev_best is None or result["accuracy"] > self.ev_best["accuracy"]:
-            self.ev_best = result
+        if isinstance(result.get("val_accuracy"), (int, float)) and \
+                (self.ev_best is None or result["val_accuracy"] > self.ev_best["val_accuracy"]):
+            self.ev_best = result                   # the evaluator's best, by validation like its --best-dir
 
 
 def position(trainer, comm, t_start):

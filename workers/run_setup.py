@@ -59,8 +59,9 @@ def _decide(args, n_examples, log):
             saved = ckpt.meta.get("config")
             if not isinstance(saved, dict):
                 raise ResumeError(f"{path}: holds no saved configuration to continue")
-            merged, diff = resume.resolve(dict(TrainConfig().to_dict(), **saved), cfg.to_dict(), args.given,
-                                          args.override, what=str(path))
+            # a checkpoint from before validation splits trained on every example: it goes on with none
+            saved = {**TrainConfig().to_dict(), "val_size": 0, **saved}
+            merged, diff = resume.resolve(saved, cfg.to_dict(), args.given, args.override, what=str(path))
             try:
                 cfg = TrainConfig.from_dict(merged)
             except ValueError as e:

@@ -23,15 +23,17 @@ import numpy as np
 
 from lenet_dist import checkpoint, wire
 from lenet_dist.balance import straggler
-from lenet_dist.comm import LauncherMismatch, get_comm
+from lenet_dist.comm import LauncherMismatch, get_comm, launcher_size
 from lenet_dist.config import TrainConfig
+from lenet_dist.dataid import data_mismatch
+from lenet_dist.errors import ResumeError
 from lenet_dist.stall import StallGuard
 from lenet_dist.train import DataParallelTrainer
 
 from . import run_setup
 from . import telemetry
-from .common import (FaultInjector, HelpFormatter, blas_threads, load_dataset, number, one_line,
-                     raise_open_files_limit, setup_logging)
+from .common import (FaultInjector, HelpFormatter, add_data_flags, blas_threads, load_dataset, number,
+                     one_line, raise_open_files_limit, setup_logging)
 from .progress import ProgressSink
 from .run_end import StopFlag, Tally, agreed_signal, position, signal_name, summary, what_was_saved
 from .sinks import LinkProgressSink, MetricsSink, RunInfo, Sinks, StepState
@@ -75,11 +77,10 @@ def parse_args(argv=None):
     g.add_argument("--allreduce-dtype", choices=["float32", "float16", "bfloat16"], default=d.allreduce_dtype,
                    help="gradients travel in this precision (half: scaled, with error feedback; needs "
                         "--bucket-kb > 0, not --deterministic)")
-    g = p.add_argument_group("data")
-    g.add_argument("--data-dir", help="folder with the four MNIST IDX files (when not given: $LENET_DATA_DIR, "
-                                      "then the cache, then a download)")
-    g.add_argument("--subset", action="store_true", help="the small MNIST subset shipped in the package")
-    g.add_argument("--no-download", action="store_true", help="fail rather than download")
+    g.add_argument("--val-size", type=int, default=d.val_size,
+                   help="examples held out of the training set for validation, drawn with --seed "
+                        "(-1: 1/12 of them, 5,000 of MNIST's 60,000; 0: none)")
+    add_data_flags(p)
     g = p.add_argument_group("run")
     g.add_argument("--threads", type=int, default=0,
                    help="BLAS threads per rank (0: one; see docs/performance.md)")
@@ -189,9 +190,9 @@ def run(args, comm):
     data = load_dataset(args, comm, log)
     cfg, found, args.run_state = run_setup.prepare(args, comm, len(data.train_images), log)
     trainer = DataParallelTrainer(cfg, comm, data)
-    log.info("%d ranks, global batch %d (%s per rank), %d steps per epoch, %d training examples, data: %s",
-             comm.size, cfg.batch_size, "~%d" % -(-cfg.batch_size // comm.size), trainer.steps_per_epoch,
-             trainer.n, data.source)
+    log.info("%d ranks, global batch %d (%s per rank), %d steps per epoch, %d training examples (%d held out "
+             "for validation), data: %s from %s", comm.size, cfg.batch_size, "~%d" % -(-cfg.batch_size // comm.size),
+             trainer.steps_per_epoch, trainer.n, len(trainer.val_images), data.name, data.source)
     if comm.nap is not None:
         tuned = " ".join(f"{k}={v}" for k, v in comm.tuning.items()) or "nothing (set by the user, or unknown)"
         log.info("more ranks than cores on this node: a rank that waits for the others naps %g us between "
@@ -201,6 +202,8 @@ def run(args, comm):
     if args.resume:
         have = comm.bcast_(np.array([found is not None], np.int64))[0]          # rank 0 decides for all
         if have:
+            if rank0:
+                _check_same_data(args.run_state.resumed_from, found, trainer)
             trainer.restore(found)
             log.info("resumed from %s at step %d/%d (epoch %d/%d, batch %d of %d; run %s)",
                      args.run_state.resumed_from if rank0 else "", trainer.step, trainer.total_steps,
@@ -264,12 +267,14 @@ def run(args, comm):
                 return 128 + signum
             trainer.check_synced()
             test_loss, test_acc = trainer.evaluate()
+            val = trainer.evaluate("val")   # the held-out split: what model selection may look at
             saved = _checkpoint(args, trainer, link, rank0)
             guard.beat()
             seen = state.epoch_seen
             record = {"event": "epoch", "epoch": trainer.epoch, "step": trainer.step,
                       "train_loss": state.epoch_loss_sum / max(seen, 1),
                       "train_acc": state.epoch_correct / max(seen, 1),
+                      **({"val_loss": val[0], "val_acc": val[1]} if val else {}),
                       "test_loss": test_loss, "test_acc": test_acc, "seconds": round(train_seconds, 3),
                       "images_per_s": round(seen / train_seconds, 1), "ranks": comm.size,
                       "steps": trainer.step - ep_start_step, "lr": trainer.schedule(max(trainer.step - 1, 0))}
@@ -285,7 +290,8 @@ def run(args, comm):
                 record["evaluator"] = evaluator
             if rank0 and tally.add_epoch(record) and saved:
                 checkpoint.set_pointer(args.checkpoint_dir, "best", saved, dict(
-                    step=trainer.step, epoch=trainer.epoch, test_acc=test_acc, run_id=args.run_state.run_id))
+                    step=trainer.step, epoch=trainer.epoch, val_acc=record["val_acc"], test_acc=test_acc,
+                    run_id=args.run_state.run_id))
             sinks.on_epoch(record)
         guard.stop()                        # past the last collective: rank 0 may linger for the evaluator
         if link:
@@ -330,6 +336,22 @@ def _sinks(args, link, trainer):
     return sinks
 
 
+def _check_same_data(path, ckpt, trainer):
+    """Rank 0, --resume: the checkpoint must have been trained on this data with this validation split."""
+    recorded = ckpt.meta.get("data")
+    why = data_mismatch(recorded, trainer.data_record)
+    if why is None and recorded and recorded.get("split") != trainer.data_record["split"]:
+        theirs, ours = recorded.get("split") or {}, trainer.data_record["split"]
+        why = (f"it held out {theirs.get('val_size')} of {theirs.get('of')} examples for validation (seed "
+               f"{theirs.get('seed')}), this run {ours['val_size']} of {ours['of']} (seed {ours['seed']})")
+    if why:
+        raise ResumeError(f"{path} was trained on other data: {why}; resume with that run's --dataset, "
+                          f"--data-dir, --train-subset, --val-size and --seed, or use a new --checkpoint-dir")
+    if not recorded:
+        log.warning("%s records no data identity (an older checkpoint): cannot check it was trained on %s",
+                    path, trainer.data_record["name"])
+
+
 def _fatal(comm, text):
     """The one line a failing rank leaves on stderr: it names the rank, and tests and users grep for it."""
     print(f"lenet-train: rank {comm.rank}/{comm.size}: error: {text}", file=sys.stderr, flush=True)
@@ -367,6 +389,11 @@ def _checkpoint(args, trainer, link, rank0):
 def main(argv=None):
     args = parse_args(argv)
     if args.test_mode:
+        started, var = launcher_size()
+        if started and started > 1:         # N copies of the whole demo would fight over one port
+            print(f"lenet-train: error: --test-mode runs in one process, but the launcher started {started} "
+                  f"({var}={started}): run it without mpirun", file=sys.stderr, flush=True)
+            return 2
         from .test_mode import run_test_mode
         return run_test_mode(args)
     try:
