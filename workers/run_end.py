@@ -137,8 +137,9 @@ def summary(args, *, reason, step, total_steps, epoch, epochs, ranks, wall_secon
     if tally.best_epoch is not None:
         s.update(best_test_acc=tally.best_test_acc, best_epoch=tally.best_epoch, best_step=tally.best_step)
     if tally.evaluator:
-        s["evaluator"] = {"step": tally.evaluator["step"], "accuracy": tally.evaluator["accuracy"],
-                          "best_step": tally.ev_best["step"], "best_accuracy": tally.ev_best["accuracy"]}
+        s["evaluator"] = {"step": tally.evaluator["step"], "accuracy": tally.evaluator["accuracy"]}
+        if tally.ev_best:                           # chosen on validation: none without a split
+            s["evaluator"].update(best_step=tally.ev_best["step"], best_accuracy=tally.ev_best["accuracy"])
     d = args.checkpoint_dir
     if d:
         s["checkpoint_dir"] = str(d)
