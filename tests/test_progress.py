@@ -189,10 +189,10 @@ def test_help_gives_every_flag_a_text_and_each_default_once(prog):
 
 def test_a_resumed_run_keeps_its_own_best_but_not_another_runs(tmp_path):
     best = tmp_path / "best.json"
-    best.write_text(json.dumps({"file": "ckpt-000000020.npz", "step": 20, "epoch": 2, "test_acc": 0.9,
-                                "run_id": "abc"}))
+    best.write_text(json.dumps({"file": "ckpt-000000020.npz", "step": 20, "epoch": 2, "val_acc": 0.9,
+                                "test_acc": 0.9, "run_id": "abc"}))
     mine, other = Tally(best, "abc"), Tally(best, "xyz")
-    record = {"epoch": 3, "step": 30, "test_acc": 0.85}
+    record = {"epoch": 3, "step": 30, "val_acc": 0.85, "test_acc": 0.95}   # better on test: that never counts
     assert not mine.add_epoch(record) and mine.best_epoch == 2           # 0.85 does not beat its 0.90
     assert other.add_epoch(record) and other.best_epoch == 3             # another run's best does not count
 
