@@ -76,7 +76,10 @@ def test_balance_moves_work_off_a_straggler(tmp_path):
     de, p = train(2, tmp_path, "eq", *eq, "--fault", "1:0:slow")
     assert rel_diff(params_at(db, 100), params_at(d1, 100)) <= 1e-5
     shares = metrics(db)[-1]["rank_shares"]
-    assert shares[1] < 0.4 and abs(sum(shares) - 1) < 1e-3
+    # Equal shards give rank 1 exactly 0.5; cuts move in steps of 8 of 50 examples (0.16), after the first
+    # steps have been measured. Below 0.45 means work moved off the straggler for most of the epoch, with
+    # room for a machine so loaded that the measured speeds of both ranks are noisy.
+    assert shares[1] < 0.45 and abs(sum(shares) - 1) < 1e-3
     assert metrics(de)[-1]["rank_shares"] == [0.5, 0.5]
     r = metrics(de)[-1]["rank_compute_s"]
     assert r[1] > 2 * r[0]                                  # the straggler shows in the metrics ...
@@ -89,7 +92,7 @@ def test_balance_in_deterministic_mode_changes_no_bit(tmp_path):
     d1, _ = train(0, tmp_path, "one", *det)
     db, _ = train(2, tmp_path, "bal", *det, "--balance", "--fault", "1:0:slow")
     assert np.array_equal(final_params(db)[0], final_params(d1)[0])
-    assert metrics(db)[-1]["rank_shares"][1] < 0.4          # whole micro-batches moved off the straggler
+    assert metrics(db)[-1]["rank_shares"][1] < 0.45         # whole micro-batches moved off the straggler
 
 
 @pytest.mark.parametrize("n,batch", [(3, 7), (4, 3), (2, 5)])

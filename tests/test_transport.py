@@ -89,12 +89,14 @@ def test_publish_never_blocks(link):
         worst = max(worst, time.perf_counter() - t)
     total = time.perf_counter() - t0
     ctx.destroy(0)
-    assert worst < 0.05 and total < 2.0, (worst, total)
+    # A publish that waited for the network would wait for ever (the client never reads): bounds far above
+    # a busy machine's scheduling noise tell the two apart without timing the call.
+    assert worst < 1.0 and total < 20.0, (worst, total)
     with TrainerLink(ANY) as alone:                         # and with nobody at all
         t = time.perf_counter()
         for step in range(1000):
             alone.publish(step, 0, data)
-        assert time.perf_counter() - t < 0.5
+        assert time.perf_counter() - t < 10.0
 
 
 @pytest.mark.parametrize("name", list(bad_replies()))
