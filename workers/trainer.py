@@ -11,20 +11,16 @@ An exception on any rank aborts the whole job (MPI_Abort) with a one-line reason
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
 import time
-from dataclasses import fields
-from pathlib import Path
 
 import numpy as np
 
-from lenet_dist import checkpoint, wire
+from lenet_dist import checkpoint
 from lenet_dist.balance import straggler
 from lenet_dist.comm import LauncherMismatch, get_comm, launcher_size
-from lenet_dist.config import TrainConfig
 from lenet_dist.dataid import data_mismatch
 from lenet_dist.errors import ResumeError
 from lenet_dist.stall import StallGuard
@@ -32,157 +28,13 @@ from lenet_dist.train import DataParallelTrainer
 
 from . import run_setup
 from . import telemetry
-from .common import (FaultInjector, HelpFormatter, add_data_flags, blas_threads, load_dataset, number,
-                     one_line, raise_open_files_limit, setup_logging)
+from .common import blas_threads, load_dataset, number, one_line, raise_open_files_limit, setup_logging
 from .progress import ProgressSink
+from .train_flags import parse_args
 from .run_end import StopFlag, Tally, agreed_signal, position, signal_name, summary, what_was_saved
 from .sinks import LinkProgressSink, MetricsSink, RunInfo, Sinks, StepState
 
 log = logging.getLogger("lenet.trainer")
-
-
-def parse_args(argv=None):
-    d = TrainConfig()
-    p = argparse.ArgumentParser(prog="lenet-train", description=__doc__.split("\n\n")[0],
-                                formatter_class=HelpFormatter)
-    g = p.add_argument_group("training (saved in every checkpoint)")
-    g.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training set")
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help="the GLOBAL batch, split across ranks")
-    g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
-    g.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum (0: plain SGD)")
-    g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=d.nesterov,
-                   help="Nesterov momentum")
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="L2 penalty on all parameters")
-    g.add_argument("--schedule", choices=["constant", "step", "cosine"], default=d.schedule,
-                   help="learning-rate schedule after the warm-up")
-    g.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs,
-                   help="linear warm-up of the learning rate over this many epochs")
-    g.add_argument("--step-epochs", type=int, default=d.step_epochs, help="'step' schedule: decay period")
-    g.add_argument("--gamma", type=float, default=d.gamma, help="'step' schedule: decay factor")
-    g.add_argument("--augment-shift", type=int, default=d.augment_shift,
-                   help="random shifts of up to this many pixels (0 = no augmentation)")
-    g.add_argument("--seed", type=int, default=d.seed, help="initial weights, data order and augmentation")
-    g.add_argument("--deterministic", action="store_true",
-                   help="bit-identical parameters for any number of ranks (fixed-point gradient sums)")
-    g.add_argument("--micro-batch", type=int, default=d.micro_batch, help="--deterministic chunk size")
-    g.add_argument("--balance", action="store_true",
-                   help="size each rank's shard by its measured speed, so that fast ranks do not wait for slow "
-                        "ones (results then vary with the clock at float-rounding level; no change at all "
-                        "with --deterministic)")
-    g.add_argument("--train-subset", type=int, default=d.train_subset,
-                   help="use only the first N training examples (0: all of them)")
-    g.add_argument("--bucket-kb", type=int, default=d.bucket_kb,
-                   help="reduce gradients in buckets of at least this many KiB, each started while backward "
-                        "goes on (fully connected layers first); 0: one fused allreduce after backward")
-    g.add_argument("--allreduce-dtype", choices=["float32", "float16", "bfloat16"], default=d.allreduce_dtype,
-                   help="gradients travel in this precision (half: scaled, with error feedback; needs "
-                        "--bucket-kb > 0, not --deterministic)")
-    g.add_argument("--val-size", type=int, default=d.val_size,
-                   help="examples held out of the training set for validation, drawn with --seed "
-                        "(-1: 1/12 of them, 5,000 of MNIST's 60,000; 0: none)")
-    add_data_flags(p)
-    g = p.add_argument_group("run")
-    g.add_argument("--threads", type=int, default=0,
-                   help="BLAS threads per rank (0: one; see docs/performance.md)")
-    g.add_argument("--metrics", type=Path, help="append one JSON object per epoch to this file (rank 0)")
-    g.add_argument("--checkpoint-dir", type=Path,
-                   help="rank 0 writes checkpoints here (at epoch ends and every --checkpoint-every steps), "
-                        "with last.npz and best.npz beside them")
-    g.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints "
-                   "(0: only at epoch ends); needs --checkpoint-dir or --publish")
-    g.add_argument("--keep", type=int, default=3, help="checkpoints kept in --checkpoint-dir")
-    g.add_argument("--resume", action="store_true",
-                   help="continue the run in --checkpoint-dir from its newest usable checkpoint, with the "
-                        "configuration saved there")
-    g.add_argument("--override", default="", metavar="NAMES",
-                   help="with --resume: training flags (comma separated, e.g. epochs,lr) whose new values are "
-                        "meant to replace the saved ones; the change is recorded in the checkpoints")
-    g.add_argument("--start-over", action="store_true",
-                   help="begin a new run in a --checkpoint-dir that holds another run's checkpoints (they are "
-                        "moved into a superseded-* subfolder, not deleted); ignored with --resume")
-    g.add_argument("--sync-every", type=int, default=100, help="steps between replica checksum checks")
-    g.add_argument("--stall-timeout", type=float, default=120.0, metavar="SECONDS",
-                   help="under MPI, a rank that finishes no step for this long (a peer died or hangs) exits "
-                        "with a one-line error so that the launcher ends the job; 0: wait forever")
-    g.add_argument("--fault", default=os.environ.get("LENET_FAULT", ""),
-                   help="inject a failure: RANK:STEP:KIND, KIND one of raise, exit, perturb, nan, slow, hang, term "
-                        "(also $LENET_FAULT)")
-    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                   help="rank 0 shows progress: a bar when stderr is a terminal, else a plain line every "
-                        "--progress-every seconds (under mpirun stderr is a pipe)")
-    g.add_argument("--progress-every", type=float, default=5.0, metavar="SECONDS",
-                   help="seconds between plain progress lines")
-    g.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                   help="WARNING: only problems and the epoch lines")
-    g = p.add_argument_group("evaluator link (rank 0)")
-    g.add_argument("--publish", metavar="ENDPOINT", help="serve checkpoints over ZeroMQ, e.g. tcp://127.0.0.1:5555")
-    g.add_argument("--results", metavar="ENDPOINT",
-                   help="also subscribe to an evaluator's --results-bind here (evaluators send their results "
-                        "over the checkpoint connection anyway)")
-    g.add_argument("--linger", type=float, default=30.0,
-                   help="seconds to keep serving the final checkpoint after training until an evaluator "
-                        "reports on it (5 s at most when no evaluator has been in touch)")
-    g.add_argument("--curve-secret-key", type=Path, help="CurveZMQ: this server's secret key file")
-    g.add_argument("--curve-public-key", type=Path,
-                   help="CurveZMQ: this server's public key file, checked against the secret key")
-    g.add_argument("--curve-authorized", type=Path, help="CurveZMQ: folder of clients' public keys")
-    g = p.add_argument_group("modes")
-    g.add_argument("--test-mode", action="store_true",
-                   help="a few seconds' rehearsal of the whole system: train 3 epochs on the shipped subset in "
-                        "this process while a real lenet-evaluator process evaluates the published "
-                        "checkpoints; pass if both report the same final accuracy; temporary files removed")
-    g.add_argument("--check", action="store_true", help="pre-flight checks only, then exit")
-    telemetry.add_arguments(p)
-    args = p.parse_args(argv)
-    args.given = _given_config(p, argv)
-    telemetry.check_args(p, args)
-    args.argv = list(sys.argv[1:] if argv is None else argv)     # for the resume command the run prints
-    try:
-        args.config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
-    except ValueError as e:
-        p.error(str(e))
-    if args.checkpoint_every < 0 or args.sync_every < 0 or args.keep < 1 or args.threads < 0 \
-            or not args.stall_timeout >= 0 or not args.progress_every >= 0:
-        p.error("--checkpoint-every, --sync-every, --stall-timeout and --progress-every must be >= 0, --keep >= 1, "
-                "--threads >= 0")
-    if args.deterministic and args.threads > 1:
-        p.error("--deterministic needs one BLAS thread per rank (a threaded GEMM sums in another order)")
-    if args.deterministic:
-        args.threads = 1
-    for flag in ("publish", "results"):
-        if getattr(args, flag):
-            try:
-                setattr(args, flag, wire.check_endpoint(getattr(args, flag)))
-            except ValueError as e:
-                p.error(f"--{flag}: {e}")
-    if args.resume and not args.checkpoint_dir:
-        p.error("--resume needs --checkpoint-dir")
-    args.override = {name.strip().replace("-", "_") for name in args.override.split(",") if name.strip()}
-    unknown = sorted(args.override - {f.name for f in fields(TrainConfig)})
-    if unknown:
-        p.error(f"--override: {', '.join(unknown)} not a training flag (see the 'training' group in --help)")
-    if args.override and not args.resume:
-        p.error("--override only applies with --resume")
-    if args.start_over and args.resume:     # a restart (lenet-launch adds --resume) continues what was started
-        args.start_over = False
-    try:
-        args.fault = FaultInjector.parse(args.fault)
-    except ValueError as e:
-        p.error(str(e))
-    return args
-
-
-def _given_config(parser, argv):
-    """The TrainConfig fields the user typed on the command line (parsed again with no defaults at all)."""
-    saved = [(a, a.default) for a in parser._actions]
-    try:
-        for a, _ in saved:
-            a.default = argparse.SUPPRESS
-        typed = vars(parser.parse_args(argv))
-    finally:
-        for a, d in saved:
-            a.default = d
-    return {f.name for f in fields(TrainConfig)} & set(typed)
 
 
 def run(args, comm):
