@@ -139,3 +139,21 @@ class Hosts:
         for d in self.etc_dirs:
             shutil.rmtree(d, ignore_errors=True)
         self.etc_dirs.clear()
+
+
+@contextlib.contextmanager
+def hosts_or_skip(tag, addresses):
+    """Hosts for one test, destroyed afterwards; pytest.skip saying exactly why where they cannot be made."""
+    import pytest
+    why = unavailable()
+    if why:
+        pytest.skip(why)
+    h = Hosts(tag, addresses)
+    try:
+        try:
+            h.create()
+        except subprocess.CalledProcessError as e:
+            pytest.skip(f"cannot make network namespaces here: '{shlex.join(e.cmd)}' failed: {e.stderr.strip()}")
+        yield h
+    finally:
+        h.destroy()

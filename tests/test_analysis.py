@@ -2,34 +2,11 @@
 versions, feature maps against a direct convolution, and a drawn digit prepared the way MNIST's were."""
 import numpy as np
 import pytest
-from threadpoolctl import threadpool_limits
 
 from lenet_dist import analysis
-from lenet_dist.comm import LocalComm
-from lenet_dist.config import TrainConfig
-from lenet_dist.data import load_subset, normalize
-from lenet_dist.model import LeNet5
-from lenet_dist.train import DataParallelTrainer
+from lenet_dist.data import normalize
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_blas_thread():
-    with threadpool_limits(limits=1, user_api="blas"):
-        yield
-
-
-@pytest.fixture(scope="module")
-def data():
-    return load_subset()
-
-
-@pytest.fixture(scope="module")
-def trained(data):
-    """A LeNet5 trained for 3 epochs on the shipped subset (~90% on its test images)."""
-    t = DataParallelTrainer(TrainConfig(epochs=3, batch_size=32, lr=0.05), LocalComm(), data)
-    while not t.done:
-        t.train_step()
-    return t.model
+from .trained import data, one_blas_thread, trained  # noqa: F401 (fixtures)
 
 
 def test_analyse_agrees_with_evaluate_and_with_a_slow_count(trained, data):

@@ -13,37 +13,15 @@ pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 from PIL import Image  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
-from threadpoolctl import threadpool_limits  # noqa: E402
 
 from lenet_dist import analysis  # noqa: E402
-from lenet_dist.comm import LocalComm  # noqa: E402
-from lenet_dist.config import TrainConfig  # noqa: E402
 from lenet_dist.dashboard import state as state_mod  # noqa: E402
 from lenet_dist.dashboard.app import MAX_BODY, DashboardServer  # noqa: E402
 from lenet_dist.dashboard.state import LiveState  # noqa: E402
-from lenet_dist.data import load_subset  # noqa: E402
-from lenet_dist.train import DataParallelTrainer  # noqa: E402
+
+from .trained import data, one_blas_thread, trained  # noqa: E402, F401 (fixtures)
 
 TOKEN = "s3cret-token-of-some-length"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_blas_thread():
-    with threadpool_limits(limits=1, user_api="blas"):
-        yield
-
-
-@pytest.fixture(scope="module")
-def data():
-    return load_subset()
-
-
-@pytest.fixture(scope="module")
-def trained(data):
-    t = DataParallelTrainer(TrainConfig(epochs=3, batch_size=32, lr=0.05), LocalComm(), data)
-    while not t.done:
-        t.train_step()
-    return t.model
 
 
 def evaluate_into(state, model, data, step):

@@ -3,7 +3,6 @@
 global batch. Needs root and iproute2; skips otherwise."""
 import json
 import os
-import shlex
 import subprocess
 import sys
 import time
@@ -13,26 +12,16 @@ import pytest
 from lenet_dist import checkpoint
 
 from .mpiutil import REPO, env, need_mpirun
-from .netns import AGENT, Hosts, unavailable
+from .netns import AGENT, hosts_or_skip
 
 HOSTS = {"h1": "10.78.0.1", "h2": "10.78.0.2"}     # private, and only ever inside our namespaces
 
 
 @pytest.fixture
 def hosts():
-    why = unavailable()
-    if why:
-        pytest.skip(why)
     need_mpirun()
-    h = Hosts(f"lnch{os.getpid()}", HOSTS)
-    try:
-        try:
-            h.create()
-        except subprocess.CalledProcessError as e:
-            pytest.skip(f"cannot make network namespaces here: '{shlex.join(e.cmd)}' failed: {e.stderr.strip()}")
+    with hosts_or_skip(f"lnch{os.getpid()}", HOSTS) as h:
         yield h
-    finally:
-        h.destroy()
 
 
 def newest_step(ckpt):

@@ -26,7 +26,7 @@ import pytest
 from lenet_dist.transport import generate_keys
 
 from .mpiutil import REPO, env, need_mpirun
-from .netns import AGENT, Hosts, unavailable
+from .netns import AGENT, hosts_or_skip
 
 SUBNET = "10.77.0"                                  # private, and only ever inside our namespaces
 HOSTS = {"h1": f"{SUBNET}.1", "h2": f"{SUBNET}.2", "h3": f"{SUBNET}.3"}
@@ -36,19 +36,9 @@ STEPS = 37                                          # 1,834 subset images (166 h
 
 @pytest.fixture
 def hosts():
-    why = unavailable()
-    if why:
-        pytest.skip(why)
     need_mpirun()
-    h = Hosts(f"lenet{os.getpid()}", HOSTS)
-    try:
-        try:
-            h.create()
-        except subprocess.CalledProcessError as e:
-            pytest.skip(f"cannot make network namespaces here: '{shlex.join(e.cmd)}' failed: {e.stderr.strip()}")
+    with hosts_or_skip(f"lenet{os.getpid()}", HOSTS) as h:
         yield h
-    finally:
-        h.destroy()
 
 
 def on_host(hosts, host, argv, **popen):
