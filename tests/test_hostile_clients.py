@@ -11,22 +11,14 @@ import pytest
 import zmq
 
 from lenet_dist import wire
-from lenet_dist.transport import CheckpointClient, TrainerLink
+from lenet_dist.transport import CheckpointClient
 
 from . import fuzzgen
 from .fakes import make_ckpt
 from .mpiutil import MPIRUN, REPO, env, need_mpirun
 
-ANY = "tcp://127.0.0.1:*"
+from .links import link  # noqa: F401 (fixture)
 FUZZ_MESSAGES = 10_000
-
-
-@pytest.fixture
-def link():
-    lines = []
-    with TrainerLink(ANY, log=lines.append) as ln:
-        ln.lines = lines
-        yield ln
 
 
 @pytest.fixture

@@ -2,27 +2,16 @@
 a checkpoint round trip continues exactly, deterministic mode trains, and a partial last batch is exact."""
 import numpy as np
 import pytest
-from threadpoolctl import threadpool_limits
 
 from lenet_dist import checkpoint, sampler
 from lenet_dist.comm import LocalComm
 from lenet_dist.config import TrainConfig
-from lenet_dist.data import load_subset, normalize
+from lenet_dist.data import normalize
 from lenet_dist.model import LeNet5
 from lenet_dist.optim import SGD
 from lenet_dist.train import DataParallelTrainer, TrainingError
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_blas_thread():
-    # small matrices on a shared 2-core machine: two BLAS threads made these tests many times slower
-    with threadpool_limits(limits=1, user_api="blas"):
-        yield
-
-
-@pytest.fixture(scope="module")
-def data():
-    return load_subset()
+from .trained import data, one_blas_thread  # noqa: F401 (fixtures)
 
 
 def trainer(data, **kw):

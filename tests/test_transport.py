@@ -13,15 +13,7 @@ from lenet_dist.transport import (CheckpointClient, ResultsPublisher, TrainerLin
                                   generate_keys)
 from lenet_dist.watch import DirectoryWatcher
 
-ANY = "tcp://127.0.0.1:*"
-
-
-@pytest.fixture
-def link():
-    lines = []
-    with TrainerLink(ANY, log=lines.append) as ln:
-        ln.lines = lines
-        yield ln
+from .links import ANY, link  # noqa: F401 (fixture)
 
 
 @pytest.fixture
