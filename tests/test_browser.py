@@ -145,9 +145,13 @@ def test_dashboard_in_a_browser_during_a_real_run(tmp_path, browser):
         js(browser, "document.getElementById('which').value = 'best'")
         pad = browser.find_element("id", "pad")
         browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", pad)
-        draw(browser, pad, strokes(u8))
-        predicted = until("the drawn digit's class", lambda: js(
-            browser, "return document.getElementById('prediction').dataset.predicted"), timeout=30)
+        paths = strokes(u8)
+        draw(browser, pad, paths)
+        # Under load a prediction of the half-drawn digit can land first: wait for the one that saw every stroke.
+        assert js(browser, "return document.getElementById('pad').dataset.strokes") == str(len(paths))
+        until("the drawn digit's class", lambda: js(
+            browser, "return document.getElementById('prediction').dataset.strokes") == str(len(paths)), timeout=30)
+        predicted = js(browser, "return document.getElementById('prediction').dataset.predicted")
         seen = js(browser, "return document.getElementById('features-title').textContent")
         assert int(predicted) == d["label"], f"drew test image {index} (a {d['label']}), the page says {predicted}"
         assert "drawn digit" in seen

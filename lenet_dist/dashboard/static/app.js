@@ -219,6 +219,7 @@ async function showDigit(index) {
 function setupPad() {
   const pad = $("pad"), ctx = pad.getContext("2d");
   let drawing = false, timer = null;
+  pad.dataset.strokes = 0;                          // strokes on the pad; each prediction says which it saw
   const clear = () => { ctx.fillStyle = "#000"; ctx.fillRect(0, 0, pad.width, pad.height); };
   clear();
   ctx.strokeStyle = "#fff"; ctx.lineWidth = 18; ctx.lineCap = "round"; ctx.lineJoin = "round";
@@ -234,28 +235,35 @@ function setupPad() {
   const end = () => {
     if (!drawing) return;
     drawing = false;
+    pad.dataset.strokes = Number(pad.dataset.strokes) + 1;
     clearTimeout(timer); timer = setTimeout(predict, 250);
   };
   pad.addEventListener("pointerup", end);
   pad.addEventListener("pointercancel", end);
-  $("clear").addEventListener("click", () => { clear(); $("prediction").textContent = "draw a digit"; $("probs").textContent = ""; });
+  $("clear").addEventListener("click", () => { clear(); pad.dataset.strokes = 0; $("prediction").textContent = "draw a digit"; $("probs").textContent = ""; });
   $("which").addEventListener("change", predict);
 }
 
+// A prediction can come back after a later one was asked for (a slow reply to a half-drawn digit): only the
+// newest request's reply is shown, tagged with the number of strokes it saw.
+let predictions = 0;
 function predict() {
+  const ticket = ++predictions, strokes = $("pad").dataset.strokes;
   $("pad").toBlob(async (blob) => {
     try {
       const r = await getJSON("/api/predict?model=" + $("which").value, { method: "POST", headers: { "Content-Type": "image/png" }, body: blob });
+      if (ticket !== predictions) return;
       const seen = $("seen"), sctx = seen.getContext("2d");
       sctx.imageSmoothingEnabled = false;
       sctx.drawImage(greyCanvas(bytes(r.input), 28, 28, 1), 0, 0, seen.width, seen.height);
       $("prediction").textContent = `${r.predicted}  (${pct(r.probabilities[r.predicted])}, ${r.model} checkpoint, step ${r.step})`;
       $("prediction").dataset.predicted = r.predicted;
+      $("prediction").dataset.strokes = strokes;
       bars($("probs"), r.probabilities, r.predicted);
       mapsOfTestImage = false;
       showMaps(r, `the drawn digit, seen by step ${r.step}: predicted ${r.predicted}`);
     } catch (err) {
-      $("prediction").textContent = err.message;
+      if (ticket === predictions) $("prediction").textContent = err.message;
     }
   }, "image/png");
 }
