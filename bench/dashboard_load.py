@@ -5,8 +5,9 @@ one more client sends a drawn digit to /api/predict five times a second ("loaded
 
     LENET_DATA_DIR=/path/to/mnist python bench/dashboard_load.py [--repeats 3] [--train-subset 20000]
 
-The 50 clients run in this process at nice 19 (they stand for browsers elsewhere; --no-nice: at normal
-priority). Per run: the trainer's images/s (its --metrics epoch rows), the evaluator's median seconds per evaluation
+The 50 streams run in a process of their own at the lowest priority (SCHED_IDLE: they stand for browsers on
+other machines; --no-nice: at normal priority); the predict client runs at normal priority in this one.
+Per run: the trainer's images/s (its --metrics epoch rows), the evaluator's median seconds per evaluation
 (its --report), and under load the predict latencies (p50, p99) and the events the 50 streams received.
 Prints one JSON line per run and a summary line with medians and the loaded/quiet ratios. Without
 MNIST it uses the shipped subset (then the runs are short and the figures rough).
@@ -48,55 +49,79 @@ def digit_png():
     return buf.getvalue()
 
 
-class Load:
-    """50 live streams and a predict loop, on an asyncio loop in a thread of this (the bench) process."""
+class Streams:
+    """The 50 live streams, in a process of their own at the lowest priority (SCHED_IDLE, else nice 19): they
+    stand for browsers on other machines, so on this one they yield the cores to the trainer and the
+    evaluator. A process, not a thread: a starved thread holding this interpreter's lock would stall the
+    predict client too. It counts the events it received and prints the count when its stdin closes."""
 
-    def __init__(self, url, streams, rate, nice=True):
-        self.url, self.streams, self.rate, self.nice = url, streams, rate, nice
-        self.latencies, self.events, self.errors = [], 0, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+    def __init__(self, url, streams, idle=True):
+        self.proc = subprocess.Popen([sys.executable, __file__, "--streams-child", url, str(streams),
+                                     "--idle" if idle else "--no-idle"], stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, text=True)
 
-    def _run(self):
-        # The clients stand for browsers on other machines: on this one they yield the cores to the trainer
-        # and the evaluator (nice 19 for this thread only; Linux sets priorities per thread).
-        if self.nice:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-        asyncio.run(self._main())
+    def close(self):
+        out, _ = self.proc.communicate(timeout=30)      # closes its stdin: the signal to stop
+        return int(out.strip() or 0)
 
-    async def _stream(self, client):
+
+def streams_child(url, n, idle):
+    if idle:
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        except (AttributeError, OSError):
+            os.nice(19)
+    events, stop = [0], threading.Event()
+    threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+
+    async def stream(client):
         try:
             async with client.stream("GET", "/api/stream") as r:
                 async for line in r.aiter_lines():
                     if line.startswith("data: "):
-                        self.events += 1
-                    if self._stop.is_set():
-                        return
+                        events[0] += 1
         except Exception:  # noqa: BLE001 - the evaluator exits after the final checkpoint: streams end
             pass
 
-    async def _predict(self, client, body):
-        while not self._stop.is_set():
-            t0 = time.perf_counter()
-            r = await client.post("/api/predict", content=body, headers={"Content-Type": "image/png"})
-            if r.status_code == 200:
-                self.latencies.append(time.perf_counter() - t0)
-            elif r.status_code != 409:                  # 409: no checkpoint yet
-                self.errors += 1
-            await asyncio.sleep(max(0.0, 1 / self.rate - (time.perf_counter() - t0)))
-
-    async def _main(self):
+    async def main():
         import httpx
-        limits = httpx.Limits(max_connections=self.streams + 5)
-        async with httpx.AsyncClient(base_url=self.url, timeout=None, limits=limits) as client:
-            tasks = [asyncio.create_task(self._stream(client)) for _ in range(self.streams)]
-            tasks.append(asyncio.create_task(self._predict(client, digit_png())))
-            while not self._stop.is_set():
+        async with httpx.AsyncClient(base_url=url, timeout=None, limits=httpx.Limits(max_connections=n + 5)) as c:
+            tasks = [asyncio.create_task(stream(c)) for _ in range(n)]
+            while not stop.is_set():
                 await asyncio.sleep(0.2)
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+    asyncio.run(main())
+    print(events[0], flush=True)
+
+
+class Predicts:
+    """A drawn digit sent to /api/predict `rate` times a second from a thread of this process, at normal
+    priority: its latencies are the server's, not a starved client's."""
+
+    def __init__(self, url, rate):
+        self.url, self.rate = url, rate
+        self.latencies, self.errors = [], 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+        self._thread.start()
+
+    async def _main(self):
+        import httpx
+        body = digit_png()
+        async with httpx.AsyncClient(base_url=self.url, timeout=None) as client:
+            while not self._stop.is_set():
+                t0 = time.perf_counter()
+                try:
+                    r = await client.post("/api/predict", content=body, headers={"Content-Type": "image/png"})
+                except httpx.TransportError:                # the evaluator exits after the final checkpoint
+                    break
+                if r.status_code == 200:
+                    self.latencies.append(time.perf_counter() - t0)
+                elif r.status_code != 409:                  # 409: no checkpoint yet
+                    self.errors += 1
+                await asyncio.sleep(max(0.0, 1 / self.rate - (time.perf_counter() - t0)))
 
     def close(self):
         self._stop.set()
@@ -129,18 +154,22 @@ def run_once(loaded, args, data_flags, tmp):
                  *(["--subset"] if "--subset" in data_flags else ["--no-download"]), "--log-level", "WARNING",
                  "--http", f"127.0.0.1:{port}"]
     ev = subprocess.Popen(evaluator, env=env, stdout=subprocess.DEVNULL)
-    load = None
+    streams = predicts = None
+    events = 0
     try:
         wait_http(url)
         if loaded:
-            load = Load(url, args.clients, args.rate, nice=not args.no_nice)
+            streams = Streams(url, args.clients, idle=not args.no_nice)
+            predicts = Predicts(url, args.rate)
         t = subprocess.Popen(trainer, env=env, stdout=subprocess.DEVNULL)
         if t.wait(timeout=3600) != 0:
             raise SystemExit(f"trainer exited {t.returncode}")
         ev.wait(timeout=60)
     finally:
-        if load is not None:
-            load.close()
+        if predicts is not None:
+            predicts.close()
+        if streams is not None:
+            events = streams.close()
         if ev.poll() is None:
             ev.terminate()
             ev.wait(10)
@@ -150,19 +179,21 @@ def run_once(loaded, args, data_flags, tmp):
     out = {"config": "loaded" if loaded else "quiet",
            "images_per_s": round(sum(e["images_per_s"] * e["seconds"] for e in epochs) / sum(e["seconds"] for e in epochs), 1),
            "eval_seconds": round(statistics.median(e["eval_seconds"] for e in evals), 4), "evaluations": len(evals)}
-    if load is not None:
-        lat = sorted(load.latencies)
+    if predicts is not None:
+        lat = sorted(predicts.latencies)
         out.update(predicts=len(lat), predict_p50_ms=round(1000 * lat[len(lat) // 2], 2) if lat else None,
                    predict_p99_ms=round(1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))], 2) if lat else None,
-                   stream_events=load.events, errors=load.errors)
+                   stream_events=events, errors=predicts.errors, _latencies=lat)
     return out
 
 
 def main():
+    if sys.argv[1:2] == ["--streams-child"]:
+        return streams_child(sys.argv[2], int(sys.argv[3]), sys.argv[4] == "--idle")
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--train-subset", type=int, default=20000)
+    p.add_argument("--train-subset", type=int, default=60000)
     p.add_argument("--checkpoint-every", type=int, default=20)
     p.add_argument("--clients", type=int, default=50)
     p.add_argument("--rate", type=float, default=5.0, help="predict requests per second")
@@ -178,14 +209,18 @@ def main():
             for loaded in (False, True):
                 r = run_once(loaded, args, data_flags, Path(tmp))
                 r["load_average"] = round(os.getloadavg()[0], 2)
-                print(json.dumps(r), flush=True)
+                print(json.dumps({k: v for k, v in r.items() if not k.startswith("_")}), flush=True)
                 runs[r["config"]].append(r)
     med = {c: {k: statistics.median(r[k] for r in rs) for k in ("images_per_s", "eval_seconds")} for c, rs in runs.items()}
     p99 = max(r["predict_p99_ms"] for r in runs["loaded"] if r.get("predict_p99_ms") is not None)
+    pooled = sorted(x for r in runs["loaded"] for x in r.pop("_latencies", []))
     print(json.dumps({"summary": med,
                       "trainer_ratio": round(med["loaded"]["images_per_s"] / med["quiet"]["images_per_s"], 4),
                       "eval_ratio": round(med["loaded"]["eval_seconds"] / med["quiet"]["eval_seconds"], 4),
-                      "worst_predict_p99_ms": p99, "clients": args.clients, "predict_rate": args.rate}))
+                      "worst_predict_p99_ms": p99, "clients": args.clients, "predict_rate": args.rate,
+                      "predicts": len(pooled),
+                      "pooled_predict_p99_ms": round(1000 * pooled[min(len(pooled) - 1, int(0.99 * len(pooled)))], 2)
+                      if pooled else None}))
 
 
 if __name__ == "__main__":

@@ -62,37 +62,33 @@ def start(args, images, labels, stop):
 
 class Live:
     def __init__(self, args, images, labels, stop):
-        self.state = self.server = self.tb = self.follower = None
+        self.dashboard = self.tb = self.follower = None
         try:
             if args.http_address:
-                from lenet_dist.dashboard.app import DashboardServer
-                from lenet_dist.dashboard.state import LiveState
-                self.state = LiveState(images, labels)
-                self.server = DashboardServer(self.state, *args.http_address, token=args.http_token)
-                if not self.server.wait_started():
-                    log.warning("the dashboard on %s is slow to start", self.server.url)
-                log.info("dashboard on %s%s", self.server.url, " (bearer token required)" if args.http_token else "")
+                from lenet_dist.dashboard.process import DashboardProcess
+                self.dashboard = DashboardProcess(images, labels, *args.http_address, token=args.http_token)
+                log.info("dashboard on %s%s", self.dashboard.url, " (bearer token required)" if args.http_token else "")
             if args.tensorboard:
                 from .tensorboard import EvaluatorBoard
                 self.tb = EvaluatorBoard(args.tensorboard)
-            if args.connect and self.state is not None:     # the trainer's own --tensorboard logs its steps
+            if args.connect and self.dashboard is not None:     # the trainer's own --tensorboard logs its steps
                 self.follower = TelemetryFollower(args, self._on_steps, stop)
         except BaseException:
             self.close()
             raise
 
     def _on_steps(self, rows):
-        if self.state is not None:
-            self.state.add_steps(rows)
+        if self.dashboard is not None:
+            self.dashboard.add_steps(rows)
 
     def on_evaluation(self, result, params, detail, config):
-        if self.state is not None:
-            self.state.add_evaluation(result, params, detail, config)
+        if self.dashboard is not None:
+            self.dashboard.add_evaluation(result, params, detail, config)
         if self.tb is not None:
             self.tb.add_evaluation(result, detail)
 
     def close(self):
-        for part in (self.follower, self.server, self.tb):
+        for part in (self.follower, self.dashboard, self.tb):
             if part is not None:
                 part.close()
 

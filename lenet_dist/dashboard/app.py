@@ -1,4 +1,5 @@
-"""The dashboard's HTTP side: a Starlette app over a LiveState, served by uvicorn on a thread of its own.
+"""The dashboard's HTTP side: a Starlette app over a LiveState, served by uvicorn on a thread of its own
+(the evaluator runs it in a process of its own: process.py).
 
     GET  /                      the page (static/index.html; its scripts and uPlot from /static/)
     GET  /api/state             run configuration, newest step and evaluation, best accuracy
@@ -238,23 +239,35 @@ class TokenGate:
         return hmac.compare_digest(given.encode(), self.token)
 
 
-class DashboardServer:
-    """uvicorn serving build_app(state) on a thread. The socket is bound here, so that a busy port or a
-    bad host fails at once (OSError) in the caller; .url is where it listens."""
+def listening_socket(host="127.0.0.1", port=0):
+    """A TCP socket bound and listening on (host, port), and its URL. Bound by the caller, so that a busy
+    port or a bad host fails at once (OSError) where the flag was given."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.listen(128)
+    return sock, socket_url(sock)
 
-    def __init__(self, state, host="127.0.0.1", port=0, token=None):
+
+def socket_url(sock):
+    bound = sock.getsockname()
+    return f"http://{f'[{bound[0]}]' if sock.family == socket.AF_INET6 else bound[0]}:{bound[1]}"
+
+
+class DashboardServer:
+    """uvicorn serving build_app(state) on a thread, on `sock` (a listening socket) or on a socket bound
+    here to (host, port); .url is where it listens."""
+
+    def __init__(self, state, host="127.0.0.1", port=0, token=None, sock=None):
         import uvicorn
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self._sock = socket.socket(family, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            self._sock.bind((host, port))
-        except OSError:
-            self._sock.close()
-            raise
-        self._sock.listen(128)
-        bound = self._sock.getsockname()
-        self.url = f"http://{f'[{bound[0]}]' if family == socket.AF_INET6 else bound[0]}:{bound[1]}"
+        if sock is None:
+            sock, _ = listening_socket(host, port)
+        self._sock, self.url = sock, socket_url(sock)
         self._closing, self._state = threading.Event(), state
         config = uvicorn.Config(build_app(state, token, self._closing), log_level="warning", access_log=False,
                                 timeout_graceful_shutdown=2, lifespan="on")

@@ -1,0 +1,163 @@
+"""The dashboard in a process of its own (lenet_dist/dashboard/process.py): the frames between the evaluator
+and its dashboard child, and what happens when either side dies. Real processes and real sockets."""
+import io
+import logging
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("starlette")
+
+from lenet_dist import analysis  # noqa: E402
+from lenet_dist.dashboard import process  # noqa: E402
+from lenet_dist.data import load_subset  # noqa: E402
+from lenet_dist.model import LeNet5  # noqa: E402
+from lenet_dist.transport import TrainerLink  # noqa: E402
+
+from .fakes import make_ckpt  # noqa: E402
+from .mpiutil import REPO, env  # noqa: E402
+from .test_browser import until  # noqa: E402
+from .test_e2e import finish, free_port  # noqa: E402
+
+
+def test_frames_carry_json_and_arrays_both_ways():
+    arrays = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "u": np.arange(4, dtype=np.uint8),
+              "none": np.zeros((0, 5), np.int64)}
+    stream = io.BytesIO(process.encode({"kind": "x", "n": [1, 2.5, None]}, arrays) + process.encode({"kind": "y"}))
+    head, got = process.read(stream)
+    assert head == {"kind": "x", "n": [1, 2.5, None]}
+    assert set(got) == set(arrays) and all(np.array_equal(got[k], arrays[k]) and got[k].dtype == arrays[k].dtype
+                                           for k in arrays)
+    assert process.read(stream) == ({"kind": "y"}, {})
+    assert process.read(stream) is None
+
+
+def test_what_cannot_travel_is_refused_when_sent():
+    with pytest.raises(ValueError, match="cannot travel"):
+        process.encode({}, {"o": np.array([object()])})
+    with pytest.raises(ValueError):
+        process.encode({"loss": float("nan")})
+
+
+def frame(head, body=b""):
+    return struct.pack("<II", 4 + len(head) + len(body), len(head)) + head + body
+
+
+@pytest.mark.parametrize("raw, message", [
+    (b"\x01\x00\x00", "truncated frame header"),
+    (struct.pack("<II", 100, 10) + b"{}", "truncated frame"),
+    (struct.pack("<II", 1 << 30, 2), "frame of"),
+    (struct.pack("<II", 8, 50) + b"{}", "header"),
+    (frame(b'{"arrays": [["a", "object", [2]]]}'), "dtype 'object'"),
+    (frame(b'{"arrays": [["a", "float32", [-1]]]}'), "shape"),
+    (frame(b'{"arrays": [["a", "float32", [1000]]]}', b"\0" * 16), "runs past the frame"),
+])
+def test_bad_frames_are_named_not_unpickled(raw, message):
+    with pytest.raises(process.BadFrame, match=message):
+        process.read(io.BytesIO(raw))
+
+
+@pytest.fixture()
+def subset():
+    return load_subset()
+
+
+def children_of(pid):
+    """Pids of the dashboard processes whose parent is `pid`."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+                cmd = (d / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"lenet_dist.dashboard.process" in cmd:
+                out.append(int(d.name))
+    return out
+
+
+def gone(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def test_the_child_serves_what_the_parent_feeds_and_ends_with_it(subset):
+    dash = process.DashboardProcess(subset.test_images, subset.test_labels)
+    try:
+        c = httpx.Client(base_url=dash.url, timeout=10)
+        dash.add_steps([{"event": "step", "step": 1, "epoch": 0, "loss": 2.0, "config": {"lr": 0.1}}])
+        until("the step on the dashboard", lambda: c.get("/api/history").json()["steps"])
+        m = LeNet5()
+        detail = analysis.analyse(m, subset.test_images, subset.test_labels)
+        dash.add_evaluation({"step": 7, "epoch": 1, "accuracy": detail.accuracy, "loss": detail.loss},
+                            m.named_params(), detail, {"lr": 0.1})
+        ck = until("the checkpoint", lambda: (lambda r: r.status_code == 200 and r.json())(c.get("/api/checkpoint")))
+        assert ck["step"] == 7 and ck["confusion"] == detail.confusion.tolist()
+        assert ck["worst"][0]["pixels"]                        # the child has the test images
+        r = c.post("/api/predict", json={"pixels": (subset.test_images[0] / 255.0).ravel().tolist()})
+        assert r.status_code == 200 and r.json()["step"] == 7
+        p = m.named_params()["conv1.weight"][:, 0].round(5).tolist()
+        assert ck["conv1_filters"] == p
+    finally:
+        dash.close()
+    assert dash.proc.returncode == 0
+    with pytest.raises(httpx.TransportError):
+        httpx.get(dash.url + "/api/state", timeout=2)
+
+
+def test_a_dead_dashboard_does_not_stop_its_evaluator(subset, caplog):
+    dash = process.DashboardProcess(subset.test_images, subset.test_labels)
+    try:
+        dash.proc.kill()
+        dash.proc.wait(10)
+        m = LeNet5()
+        detail = analysis.analyse(m, subset.test_images[:50], subset.test_labels[:50])
+        with caplog.at_level(logging.WARNING, logger="lenet.evaluator"):
+            for step in range(3):               # sends after the death: no exception, one warning
+                dash.add_steps([{"event": "step", "step": step}])
+                dash.add_evaluation({"step": step, "accuracy": 0.1, "loss": 2.3}, m.named_params(), detail)
+                time.sleep(0.2)
+    finally:
+        dash.close()
+    assert [r.message for r in caplog.records].count(
+        f"the dashboard process exited (code {-signal.SIGKILL}); evaluation goes on without it") == 1
+
+
+def test_killing_the_evaluator_takes_its_dashboard_along(tmp_path):
+    """kill -9 of the evaluator: its dashboard child sees the end of its stdin and exits (no orphan
+    holding the port)."""
+    port = free_port()
+    with TrainerLink("tcp://127.0.0.1:*") as link:
+        link.publish(30, 0, make_ckpt(30, seed=1))
+        ev = subprocess.Popen([sys.executable, "-m", "workers.evaluator", "--subset", "--connect", link.endpoint,
+                               "--http", f"127.0.0.1:{port}"], cwd=REPO, env=env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            until("the dashboard", lambda: _up(port))
+            kids = children_of(ev.pid)
+            assert len(kids) == 1
+            ev.kill()
+            until("the dashboard process to exit", lambda: gone(kids[0]), timeout=30)
+            assert not _up(port)
+        finally:
+            finish(ev)
+
+
+def _up(port):
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/api/state", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
