@@ -8,7 +8,8 @@ one more client sends a drawn digit to /api/predict five times a second ("loaded
 The 50 streams run in a process of their own at the lowest priority (SCHED_IDLE: they stand for browsers on
 other machines; --no-nice: at normal priority); the predict client runs at normal priority in this one.
 Per run: the trainer's images/s (its --metrics epoch rows), the evaluator's median seconds per evaluation
-(its --report), and under load the predict latencies (p50, p99) and the events the 50 streams received.
+(its --report), the CPU seconds of the evaluator, its dashboard process and the streams' process, and under
+load the predict latencies (p50, p99) and the events the 50 streams received.
 Prints one JSON line per run and a summary line with medians and the loaded/quiet ratios. Without
 MNIST it uses the shipped subset (then the runs are short and the figures rough).
 """
@@ -140,6 +141,49 @@ def wait_http(url, timeout=60):
     raise SystemExit(f"no dashboard at {url}")
 
 
+def cpu_seconds(pid):
+    """User + system CPU seconds of a live process (None once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def dashboard_child(pid):
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat, cmd = (d / "stat").read_text(), (d / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"lenet_dist.dashboard.process" in cmd:
+                return int(d.name)
+    return None
+
+
+class CpuSampler:
+    """The CPU seconds of some processes, sampled twice a second up to their end (the last sample stays)."""
+
+    def __init__(self, pids):
+        self.pids, self.seconds = {k: v for k, v in pids.items() if v}, {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.wait(0.5):
+            for name, pid in self.pids.items():
+                got = cpu_seconds(pid)
+                if got is not None:
+                    self.seconds[name] = round(got, 2)
+
+    def close(self):
+        self._stop.set()
+        self._thread.join(5)
+        return self.seconds
+
+
 def run_once(loaded, args, data_flags, tmp):
     endpoint, port = f"tcp://127.0.0.1:{free_port()}", free_port()
     url = f"http://127.0.0.1:{port}"
@@ -154,18 +198,21 @@ def run_once(loaded, args, data_flags, tmp):
                  *(["--subset"] if "--subset" in data_flags else ["--no-download"]), "--log-level", "WARNING",
                  "--http", f"127.0.0.1:{port}"]
     ev = subprocess.Popen(evaluator, env=env, stdout=subprocess.DEVNULL)
-    streams = predicts = None
+    streams = predicts = sampler = None
     events = 0
     try:
         wait_http(url)
         if loaded:
             streams = Streams(url, args.clients, idle=not args.no_nice)
             predicts = Predicts(url, args.rate)
+        sampler = CpuSampler({"evaluator": ev.pid, "dashboard": dashboard_child(ev.pid),
+                              "streams": streams.proc.pid if streams else None})
         t = subprocess.Popen(trainer, env=env, stdout=subprocess.DEVNULL)
         if t.wait(timeout=3600) != 0:
             raise SystemExit(f"trainer exited {t.returncode}")
         ev.wait(timeout=60)
     finally:
+        cpu = sampler.close() if sampler is not None else {}
         if predicts is not None:
             predicts.close()
         if streams is not None:
@@ -178,7 +225,8 @@ def run_once(loaded, args, data_flags, tmp):
     evals = [json.loads(x) for x in report.read_text().splitlines()]
     out = {"config": "loaded" if loaded else "quiet",
            "images_per_s": round(sum(e["images_per_s"] * e["seconds"] for e in epochs) / sum(e["seconds"] for e in epochs), 1),
-           "eval_seconds": round(statistics.median(e["eval_seconds"] for e in evals), 4), "evaluations": len(evals)}
+           "eval_seconds": round(statistics.median(e["eval_seconds"] for e in evals), 4), "evaluations": len(evals),
+           "cpu_seconds": cpu}
     if predicts is not None:
         lat = sorted(predicts.latencies)
         out.update(predicts=len(lat), predict_p50_ms=round(1000 * lat[len(lat) // 2], 2) if lat else None,
