@@ -44,9 +44,12 @@ def sweep_temps(directory, warn=print):
 def claim(directory, *, start_over=False, log=print):
     """A fresh run is about to use `directory`. If it holds checkpoints (another run's: this one has not
     written any yet), refuse with ResumeError saying how to go on, or with start_over move them into a
-    superseded-* subfolder (nothing is deleted). Returns that subfolder or None."""
+    superseded-* subfolder (nothing is deleted), with the old run's last/best pointers, so that no `last` or
+    `best` names a checkpoint of the run before. Returns that subfolder or None."""
     found = list_checkpoints(directory)
-    if not found:
+    pointers = [Path(directory) / f"{e}.{x}" for e in ("last", "best") for x in ("npz", "json")]
+    pointers = [p for p in pointers if p.exists()]
+    if not found and not (start_over and pointers):
         return None
     if not start_over:
         raise ResumeError(f"{directory} holds {len(found)} checkpoint(s) of another run (newest {found[0][1].name}); "
@@ -54,9 +57,10 @@ def claim(directory, *, start_over=False, log=print):
                           f"a new run here (the old checkpoints are moved into a superseded-* subfolder)")
     aside = Path(directory) / time.strftime("superseded-%Y%m%d-%H%M%S", time.gmtime())
     aside.mkdir()
-    for _, path in found:
+    for path in [path for _, path in found] + pointers:
         os.replace(path, aside / path.name)
-    log(f"--start-over: moved {len(found)} checkpoint(s) of the previous run into {aside}")
+    log(f"--start-over: moved {len(found)} checkpoint(s) of the previous run"
+        f"{' and its last/best pointers' if pointers else ''} into {aside}")
     return aside
 
 

@@ -82,7 +82,10 @@ def test_a_fresh_run_never_takes_over_another_runs_folder(tmp_path):
 
     train(2, d, "--seed", "1", "--start-over")                     # on purpose: the old run is moved aside
     [aside] = d.glob("superseded-*")
-    assert {p.name: p.read_bytes() for p in aside.iterdir()} == before
+    assert {p.name: p.read_bytes() for p in aside.iterdir() if p.name.startswith("ckpt")} == before
+    assert {p.name for p in aside.iterdir() if not p.name.startswith("ckpt")} == {"last.npz", "last.json"} | (
+        {"best.npz", "best.json"} if (aside / "best.json").exists() else set())
+    assert json.loads((d / "last.json").read_text())["file"] == checkpoint.file_name(6)   # this run's own
     now = metas(d)
     assert sorted(now) == [3, 6] and {m["run_id"] for m in now.values()}.isdisjoint(first_run)
 

@@ -204,5 +204,6 @@ def test_after_start_over_the_summary_names_only_this_runs_pointers(tmp_path):
     p = launch(0, [*SMALL, "--epochs", "2", "--no-progress", "--checkpoint-dir", ck, "--start-over",
                    "--fault", "0:3:term"], check=False)
     assert p.returncode == 143, p.stderr
-    assert f"last: {ck / 'last.npz'}" in p.stdout and "best:" not in p.stdout    # the old run's best stays, unnamed
+    assert f"last: {ck / 'last.npz'}" in p.stdout and "best:" not in p.stdout
+    assert not (ck / "best.npz").exists() and list(ck.glob("superseded-*/best.npz"))   # the old run's, moved aside
     assert checkpoint.load_file(ck / "last.npz").step == 4

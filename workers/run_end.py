@@ -145,7 +145,7 @@ def summary(args, *, reason, step, total_steps, epoch, epochs, ranks, wall_secon
         s["checkpoint_dir"] = str(d)
         if saved:
             s["checkpoint"] = str(saved)
-        for entry in ("last", "best"):              # only this run's (a --start-over leaves the old ones)
+        for entry in ("last", "best"):              # only this run's (a restarted evaluator's best may be older)
             if _pointer_run(Path(d) / f"{entry}.json") == getattr(args.run_state, "run_id", None):
                 s[entry] = str(Path(d) / f"{entry}.npz")
     if link:
