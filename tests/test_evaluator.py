@@ -230,3 +230,20 @@ def test_timeout_and_usage_errors(tmp_path):
     ev = Evaluator(tmp_path, "--connect", nobody, "--curve-secret-key", "nope", "--curve-server-key", "nope")
     rc, _ = ev.finish()
     assert rc == 1 and "not a readable CurveZMQ key file" in ev.stderr and "Traceback" not in ev.stderr
+
+
+def test_best_dir_in_the_trainers_checkpoint_folder_is_a_usage_error(tmp_path, capsys):
+    """The trainer keeps its own best.npz / best.json in its checkpoint folder: an evaluator's --best-dir there
+    would overwrite them (and read the trainer's pointer as its own record)."""
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    for argv in (["--watch", str(ck), "--best-dir", str(ck)], ["--watch", str(ck), "--best-dir", f"{ck}/."]):
+        with pytest.raises(SystemExit) as e:
+            evaluator.parse_args(argv)
+        assert e.value.code == 2 and "checkpoint folder" in capsys.readouterr().err
+    (ck / checkpoint.file_name(10)).write_bytes(b"a checkpoint's name")
+    with pytest.raises(SystemExit) as e:
+        evaluator.parse_args(["--connect", "tcp://127.0.0.1:5555", "--best-dir", str(ck)])
+    assert e.value.code == 2 and "give the evaluator a folder of its own" in capsys.readouterr().err
+    args = evaluator.parse_args(["--watch", str(ck), "--best-dir", str(tmp_path / "best")])
+    assert args.best_dir == tmp_path / "best"

@@ -75,6 +75,10 @@ def parse_args(argv=None):
         p.error("--max-evaluations, --timeout and --delay must be >= 0, --threads >= 1")
     if not 10 <= args.poll_ms <= 10_000:
         p.error(f"--poll-ms must be in [10, 10000], got {args.poll_ms}")
+    if args.best_dir and ((args.watch and args.best_dir.resolve() == args.watch.resolve())
+                          or checkpoint.list_checkpoints(args.best_dir)):
+        p.error(f"--best-dir {args.best_dir} is a trainer's checkpoint folder, where the trainer keeps its own "
+                f"best.npz and best.json: give the evaluator a folder of its own")
     for flag in ("connect", "results_bind"):
         if getattr(args, flag):
             try:
