@@ -79,6 +79,7 @@ def pin_by_rank(per_host):
     rank = int(os.environ.get("PMI_RANK", "0"))
     cores = sorted(os.sched_getaffinity(0))
     os.sched_setaffinity(0, {cores[(rank // per_host) % len(cores)]})
+    os.environ.setdefault("LENET_NODE_CORES", "1")  # comm.py counts the node's cores, not the mask: say it
 
 
 def load(args, comm):

@@ -6,10 +6,12 @@ of a small buffer, barrier, abort. `LocalComm` is the one-process version and ne
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -70,19 +72,53 @@ def _slurm_tasks_here(env):
     return counts[node] if node < len(counts) else 0
 
 
-def node_layout(env=None, cpu_count=None):
+def cgroup_cores(root="/sys/fs/cgroup", membership="/proc/self/cgroup"):
+    """Cores this process's cgroup may use by its CPU quota (cgroup v2 cpu.max, v1 cpu.cfs_quota_us), rounded
+    up; None without a quota. A container or Kubernetes pod limited to 2 CPUs sees every core of its host
+    in os.cpu_count(); its quota is what it gets."""
+    try:
+        lines = Path(membership).read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        rel = path.lstrip("/")
+        try:
+            if controllers == "":                                          # v2: one unified hierarchy
+                quota, period = Path(root, rel, "cpu.max").read_text().split()
+                if quota == "max":
+                    return None
+            elif "cpu" in controllers.split(","):                          # v1: the cpu controller's own tree
+                d = Path(root, controllers, rel)
+                quota, period = (d / "cpu.cfs_quota_us").read_text(), (d / "cpu.cfs_period_us").read_text()
+                if int(quota) < 0:
+                    return None
+            else:
+                continue
+            return max(1, math.ceil(int(quota) / int(period)))
+        except (OSError, ValueError, ZeroDivisionError):
+            continue
+    return None
+
+
+def node_layout(env=None, cpu_count=None, cgroup=None):
     """(ranks on this node, cores for them, where the rank count came from); ranks 0 when nobody says.
 
     The ranks come from the launcher: Hydra's MPI_LOCALNRANKS, Open MPI's OMPI_COMM_WORLD_LOCAL_SIZE,
     PMI(x)'s local size, Slurm's tasks per node. The cores are the node's (os.cpu_count), not this
     process's affinity mask: a launcher that binds each rank to one core (Open MPI's default, srun
-    --cpu-bind, Hydra -bind-to core) leaves a mask of one core on a node with a core per rank. Under
-    Slurm the job may hold only part of the node: SLURM_CPUS_ON_NODE caps the count.
+    --cpu-bind, Hydra -bind-to core) leaves a mask of one core on a node with a core per rank. What may
+    hold only part of the node caps the count: a cgroup CPU quota (containers, pods), Slurm's
+    SLURM_CPUS_ON_NODE, and LENET_NODE_CORES, set by hand. `cgroup`: cores by quota (tests; default: read).
     """
     env = os.environ if env is None else env
     cores = cpu_count if cpu_count is not None else (os.cpu_count() or 1)
-    if env.get("SLURM_CPUS_ON_NODE", "").isdigit():
-        cores = min(cores, int(env["SLURM_CPUS_ON_NODE"]))
+    quota = cgroup_cores() if cgroup is None else cgroup
+    if quota:
+        cores = min(cores, quota)
+    for var in ("SLURM_CPUS_ON_NODE", "LENET_NODE_CORES"):
+        if env.get(var, "").isdigit() and int(env[var]) > 0:
+            cores = min(cores, int(env[var]))
     for var in ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "PMIX_LOCAL_SIZE", "PMI_LOCAL_SIZE"):
         if env.get(var, "").isdigit():
             return int(env[var]), cores, var
@@ -93,11 +129,11 @@ def node_layout(env=None, cpu_count=None):
     return 0, cores, None
 
 
-def _oversubscribed(env=None, cpu_count=None):
+def _oversubscribed(env=None, cpu_count=None, cgroup=None):
     """More ranks on this node than cores for them; True when the launcher does not tell (the safe side).
     Under Slurm, --cpus-per-task C books C cores per rank: ranks * C must fit."""
     env = os.environ if env is None else env
-    local, cores, _ = node_layout(env, cpu_count)
+    local, cores, _ = node_layout(env, cpu_count, cgroup)
     per_rank = int(env["SLURM_CPUS_PER_TASK"]) if env.get("SLURM_CPUS_PER_TASK", "").isdigit() else 1
     return local == 0 or local * max(per_rank, 1) > cores
 

@@ -1,4 +1,4 @@
-"""The checkpoint wire format, without any sockets: what transport.py sends and what it accepts.
+"""The checkpoint wire format, without any sockets: what transport/ sends and what it accepts.
 
 A reply from the trainer is one ZeroMQ message of one or two frames:
 

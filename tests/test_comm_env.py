@@ -75,3 +75,37 @@ def test_matching_launchers_pass():
     check_launcher(OMPI, env={"OMPI_COMM_WORLD_SIZE": "2", "PMIX_RANK": "0"}, size=2)
     check_launcher(OMPI, env={"PMI_SIZE": "2", "PMIX_RANK": "0"}, size=2)   # srun --mpi=pmix sets both
     check_launcher(MPICH, env={}, size=1)
+
+
+def cgroup_tree(tmp_path, membership, files):
+    for rel, text in files.items():
+        (tmp_path / "fs" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "fs" / rel).write_text(text)
+    (tmp_path / "cgroup").write_text(membership)
+    return str(tmp_path / "fs"), str(tmp_path / "cgroup")
+
+
+@pytest.mark.parametrize("membership, files, cores", [
+    ("0::/kubepods/pod1/c1\n", {"kubepods/pod1/c1/cpu.max": "150000 100000\n"}, 2),     # 1.5 CPUs: 2 cores
+    ("0::/kubepods/pod1/c1\n", {"kubepods/pod1/c1/cpu.max": "max 100000\n"}, None),
+    ("0::/\n", {"cpu.max": "100000 100000\n"}, 1),
+    ("4:cpu,cpuacct:/docker/abc\n1:memory:/x\n", {"cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "300000\n",
+                                                   "cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000\n"}, 3),
+    ("4:cpu,cpuacct:/\n", {"cpu,cpuacct/cpu.cfs_quota_us": "-1\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"}, None),
+    ("0::/gone\n", {}, None),                                                            # no file: no quota
+    ("0::/x\n", {"x/cpu.max": "garbage\n"}, None),
+])
+def test_cgroup_cpu_quota(tmp_path, membership, files, cores):
+    from lenet_dist.comm import cgroup_cores
+    root, member = cgroup_tree(tmp_path, membership, files)
+    assert cgroup_cores(root, member) == cores
+
+
+def test_a_quota_or_a_stated_core_count_caps_the_nodes_cores():
+    """A pod limited to 2 CPUs on a 64-core host runs 4 ranks oversubscribed; LENET_NODE_CORES says so by hand."""
+    env = {"MPI_LOCALNRANKS": "4"}
+    assert node_layout(env, cpu_count=64, cgroup=2)[1] == 2 and _oversubscribed(env, cpu_count=64, cgroup=2)
+    assert not _oversubscribed(env, cpu_count=64, cgroup=0)                               # 0: no quota
+    assert _oversubscribed({**env, "LENET_NODE_CORES": "2"}, cpu_count=64, cgroup=0)
+    assert not _oversubscribed({**env, "LENET_NODE_CORES": "0"}, cpu_count=64, cgroup=0)      # 0: not a count
+    assert node_layout({**env, "LENET_NODE_CORES": "8", "SLURM_CPUS_ON_NODE": "6"}, cpu_count=64, cgroup=0)[1] == 6
