@@ -13,15 +13,21 @@ One step of H hosts x r ranks (p = H r), global batch B, link rate R, gradient n
                      placement (pinning) and no communication at all (--calibrate: "model"), or the
                      slowest rank's in each step of the measured run itself ("model*": the same
                      placement at the same moment, for a machine whose load moves between runs)
-    allreduce T(v)   = 2 log2(p) a  +  V(v) / (R * 1448/1514)
+    allreduce T(v)   = 2 log2(p) a  +  max(V(v) - b, 0) / (R * 1448/1514)
                      MPICH reduces 247 KB with reduce-scatter + allgather (Rabenseifner): 2 log2 p rounds,
                      each rank sending 2 (p-1)/p of the buffer; with r ranks per host in blocks, the rounds
                      between hosts move V(v) = 2 v (H-1)/H bytes over each host's link each way (the
                      measured eth0 counters agree). a: one round's latency, from the median of a tiny
                      allreduce on the same links (--calibrate: log2 p rounds). TCP over Ethernet carries
-                     1448 bytes of payload per 1514-byte frame.
+                     1448 bytes of payload per 1514-byte frame. b: what the link lets through at once
+                     after an idle spell: the shaped links of the benchmark are token buckets (tc tbf)
+                     of 1 ms of traffic (at least 16 KiB: tests/netns.py), full again after 1 ms idle;
+                     a transfer that starts after compute finds it full (the fused one, the fc bucket),
+                     the conv bucket right behind it finds what refilled while the link was idle. A real
+                     link has no bucket: the extrapolated curves use b = 0.
     fused     t = C + T(n)
-    overlap   t = C (1 - f) + max(C f, T(n_fc)) + T(n_conv) + log2(p) a
+    overlap   t = C (1 - f) + max(C f, T(n_fc)) + T'(n_conv) + log2(p) a
+                     (T': with the bucket refilled for the max(C f - T(n_fc), 0) the link was idle)
                      f: the share of the backward-inclusive compute that comes after fc1's gradient is
                      ready (measured with --calibrate), n_fc = 236.4 KiB of fc1..fc3, n_conv = 10.1 KiB
     fp16      the same as overlap with half the bytes in the buckets
@@ -44,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lenet_dist.buckets import plan                       # noqa: E402
 from lenet_dist.model import NUM_PARAMS                    # noqa: E402
+from tests.netns import tbf_burst                          # noqa: E402
 
 GOODPUT = 1448 / 1514
 N_BYTES = 4 * NUM_PARAMS
@@ -52,20 +59,24 @@ N_FC, N_CONV = 4 * (NUM_PARAMS - FC_LO), 4 * FC_LO
 RATE_BITS = {"10g": 10e9, "1g": 1e9, "100m": 100e6}
 
 
-def allreduce_s(v_bytes, hosts, ranks, rate_bits, a):
+def allreduce_s(v_bytes, hosts, ranks, rate_bits, a, bucket=0.0):
+    """Seconds to sum v_bytes; `bucket`: bytes the link lets through at once (its token bucket's fill)."""
     rounds = 2 * math.log2(ranks) if ranks > 1 else 0
     cross = 2 * v_bytes * (hosts - 1) / hosts
-    return rounds * a + cross * 8 / (rate_bits * GOODPUT)
+    return rounds * a + max(cross - bucket, 0.0) * 8 / (rate_bits * GOODPUT)
 
 
-def step_s(variant, compute_s, f, hosts, ranks, rate_bits, a):
+def step_s(variant, compute_s, f, hosts, ranks, rate_bits, a, burst=0.0):
+    """Seconds per step; `burst`: the link's token bucket in bytes (0: a real link)."""
     if ranks == 1:
         return compute_s
     if variant == "fused":
-        return compute_s + allreduce_s(N_BYTES, hosts, ranks, rate_bits, a)
+        return compute_s + allreduce_s(N_BYTES, hosts, ranks, rate_bits, a, burst)
     shrink = 0.5 if variant in ("fp16", "bf16") else 1.0
-    t_fc = allreduce_s(N_FC * shrink, hosts, ranks, rate_bits, a)
-    t_conv = allreduce_s(N_CONV * shrink, hosts, ranks, rate_bits, a)
+    t_fc = allreduce_s(N_FC * shrink, hosts, ranks, rate_bits, a, burst)
+    idle = max(compute_s * f - t_fc, 0.0)                          # the link rests before the conv bucket
+    refilled = min(burst, idle * rate_bits / 8)
+    t_conv = allreduce_s(N_CONV * shrink, hosts, ranks, rate_bits, a, refilled)
     return compute_s * (1 - f) + max(compute_s * f, t_fc) + t_conv + math.log2(ranks) * a
 
 
@@ -96,7 +107,7 @@ def predict_run(r, calib, compute="calibrated"):
     cb = c["by_batch"][str(r["batch"])]
     compute_ms = cb["compute_ms"] if compute == "calibrated" else r["compute_ms"]
     t = step_s(r["variant"], 1e-3 * compute_ms, cb["after_fc_bucket"], r["hosts"], r["per_host"] *
-               r["hosts"], r["rate_bits"], round_latency(c))
+               r["hosts"], r["rate_bits"], round_latency(c), tbf_burst(r["rate_bits"]))
     return r["batch"] / t
 
 

@@ -34,6 +34,12 @@ def unavailable():
     return None
 
 
+def tbf_burst(rate_bits):
+    """The token bucket of a shaped link, in bytes: 1 ms of traffic, at least 16 KiB (bench/cost_model.py
+    models it: after an idle millisecond that much passes at once)."""
+    return max(16 * 1024, int(rate_bits / 8 / 1000))
+
+
 class Hosts:
     """Network namespaces acting as hosts (name -> address in one /24), joined by a bridge in one more."""
 
@@ -94,7 +100,7 @@ class Hosts:
         again replaces the cap; destroy() removes it with the namespaces."""
         i = list(self.ns).index(host) + 1
         rate_bytes = rate_bits / 8
-        burst = max(16 * 1024, int(rate_bytes / 1000))       # 1 ms of traffic: shaped at every rate
+        burst = tbf_burst(rate_bits)
         limit = max(4 << 20, int(rate_bytes * 0.05))         # a queue that holds every step's messages
         for ns, dev in ((self.ns[host], "eth0"), (self.switch, f"p{i}")):
             subprocess.run(["tc", "-n", ns, "qdisc", "replace", "dev", dev, "root", "tbf", "rate",
