@@ -14,10 +14,14 @@ as MPI requires. Each element is the same sum as in the fused path: exactly so i
 another order for a smaller message).
 
 Compression (dtype float16 | bfloat16, halfprec.py): a bucket is rounded to half precision with a
-power-of-two scale every rank agrees on and with error feedback, and summed in half. The scale comes from
-the previous step's bound (each rank's largest |g| in the bucket, summed over ranks: extra tail slots),
-which every rank holds bit for bit. A bucket without a bound yet (the first step) travels in float32; one
-whose half sum overflowed (every rank sees the same inf) is summed again in float32.
+power-of-two scale every rank agrees on and with error feedback. The scale comes from the previous step's
+bound (each rank's largest |g| in the bucket, summed over ranks: extra tail slots), which every rank holds
+bit for bit. A bucket without a bound yet (the first step) travels in float32; one whose half sum
+overflowed (every rank sees the same inf) is summed again in float32. The halves are summed by HalfSum:
+an all-to-all gives rank r the r-th chunk of every rank's bucket, rank r adds them in float32 and rounds
+once, and an allgather hands every rank every summed chunk: the bytes of MPI's reduce-scatter + allgather,
+without its half-precision additions (MPICH's float16 sum took 0.58 ms a step, and bfloat16 needed a
+Python user op).
 """
 from __future__ import annotations
 
@@ -25,6 +29,8 @@ import numpy as np
 
 from . import halfprec
 from .model import NUM_PARAMS, PARAM_SPECS
+
+U16 = np.uint16         # half-precision values travel as their bits
 
 # Measured (docs/scaling.md): 64 KiB gives two buckets, fc1..fc3 (236 KiB, started after fc1's backward)
 # and conv1..conv2 (10 KiB, after conv1's), as fast as any other cut on slow links, and as the fused
@@ -81,15 +87,17 @@ class BucketedAllreduce:
             self.local_bound = np.zeros(nb, np.float32)                 # this rank's max |g| per bucket
             self.bound_slots = slice(len(buf) - nb, len(buf))           # where they travel (the tail's end)
             self.overflows = 0                                          # buckets summed again in float32
-        self._next, self._requests = 0, []
+            self.sums = [HalfSum(comm, lo, hi, dtype) for lo, hi in self.buckets]
+        self._next, self._requests, self._halves = 0, [], []        # MPI requests; HalfSums under way
 
     def ready(self, offset):
         """Backward has finished every gradient from flat `offset` on: start the buckets that covers, and let
         MPI move the ones under way (MPICH progresses only inside MPI calls)."""
         while self._next < len(self.buckets) and self.buckets[self._next][0] >= offset:
-            self._requests.append(self._start(*self.buckets[self._next], self._next))
+            self._start(*self.buckets[self._next], self._next)
             self._next += 1
         self.comm.test_all(self._requests)
+        HalfSum.advance(self._halves)
 
     def finish(self):
         """Start what is left (all of it on a rank that computed nothing), then the tail; wait for all."""
@@ -97,24 +105,28 @@ class BucketedAllreduce:
         if self.compress:
             self.buf[self.bound_slots] = self.local_bound
         self._requests.append(self.comm.iallreduce_(self.send[NUM_PARAMS:]))
+        HalfSum.wait(self._halves)
         self.comm.wait_all(self._requests)
-        self._next, self._requests = 0, []
+        for s in self._halves:
+            self.half[s.lo:s.hi].view(U16)[...] = s.result
+        self._next, self._requests, self._halves = 0, [], []
         if self.compress:
             self._decode()
 
     def _start(self, lo, hi, i):
         if not self.compress:
-            return self.comm.iallreduce_(self.send[lo:hi])
+            self._requests.append(self.comm.iallreduce_(self.send[lo:hi]))
+            return
         g, scale = self.buf[lo:hi], self.scale[i]
         if scale is None:                                       # no agreed scale yet: this time in float32
             g += self.residual[lo:hi]
             self.residual[lo:hi] = 0.0
-            request = self.comm.iallreduce_(g)
+            self._requests.append(self.comm.iallreduce_(g))
         else:
             halfprec.encode(g, self.residual[lo:hi], scale, self.dtype, out=self.half[lo:hi])
-            request = self.comm.iallreduce_(self.half[lo:hi], self.dtype)
+            self.sums[i].start(self.half[lo:hi].view(U16))
+            self._halves.append(self.sums[i])
         self.local_bound[i] = np.abs(g).max()                  # of what was sent, residual included
-        return request
 
     def _decode(self):
         """The half sums back into buf as float32; the next step's scales from this step's bounds."""
@@ -129,3 +141,65 @@ class BucketedAllreduce:
                 self.comm.allreduce_(self.buf[lo:hi])
                 self.overflows += 1
         self.scale = [halfprec.agreed_scale(float(b), self.dtype) for b in self.buf[self.bound_slots]]
+
+
+class HalfSum:
+    """The sum over the ranks of one bucket of half-precision values (their bits, uint16), in two non-blocking
+    steps: an all-to-all hands rank r the r-th chunk of every rank's bucket; rank r adds them up in float32
+    (in rank order, so the result does not depend on timing) and rounds once; an allgather gives every
+    rank every summed chunk. MPI progresses the steps only inside MPI calls: advance() moves them along
+    between layers, wait() at the end.
+
+    MPI wants every rank to start its collectives in the same order on a communicator. The all-to-alls go
+    on the world communicator in bucket order, like everything else; the allgathers go on a duplicate of
+    it (comm.iallgather_), each started only after the previous bucket's, so their order is the bucket
+    order too, whichever all-to-all happens to finish first."""
+
+    def __init__(self, comm, lo, hi, dtype):
+        """The bucket's flat range [lo, hi) of the gradient; dtype float16 | bfloat16."""
+        p, n = comm.size, hi - lo
+        self.comm, self.lo, self.hi, self.n, self.dtype = comm, lo, hi, n, dtype
+        c = -(-n // p)                                          # chunk: the bucket padded to p chunks
+        self.send = np.zeros(p * c, U16)                        # the padding stays zero
+        self.recv = np.empty((p, c), U16)                       # chunk r of every rank, on rank r
+        self.mine = np.empty(c, U16)                            # their sum, rounded to half
+        self.gathered = np.empty(p * c, U16)
+        self.request, self.step = None, 0                       # 1: all-to-all under way, 2: allgather, 3: done
+
+    def start(self, bits):
+        self.send[:self.n] = bits
+        self.request, self.step = self.comm.ialltoall_(self.send, self.recv), 1
+
+    @property
+    def result(self):
+        return self.gathered[:self.n]
+
+    def _reduce_and_gather(self):
+        parts = self.recv.view(np.float16).astype(np.float32) if self.dtype == "float16" \
+            else halfprec.from_bfloat16(self.recv)                                          # (p, c)
+        total = parts.sum(axis=0, dtype=np.float32)
+        self.mine[...] = (halfprec.to_float16(total).view(U16) if self.dtype == "float16"
+                          else halfprec.to_bfloat16(total))
+        self.request, self.step = self.comm.iallgather_(self.mine, self.gathered), 2
+
+    @staticmethod
+    def advance(sums):
+        """Move every sum along without waiting; allgathers start in bucket order."""
+        for s in sums:
+            if s.step == 1:
+                if not s.comm.test_all([s.request]):
+                    return                                      # the later ones wait for this one's turn
+                s._reduce_and_gather()
+            if s.step == 2 and s.comm.test_all([s.request]):
+                s.step = 3
+
+    @staticmethod
+    def wait(sums):
+        for s in sums:
+            if s.step == 1:
+                s.comm.wait_all([s.request])
+                s._reduce_and_gather()
+        for s in sums:
+            if s.step == 2:
+                s.comm.wait_all([s.request])
+                s.step = 3

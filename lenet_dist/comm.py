@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .halfprec import from_bfloat16, to_bfloat16
 
 # Environment variables that MPI launchers set in every process they start.
 _LAUNCHER_VARS = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS", "HYDI_CONTROL_FD")
@@ -199,7 +198,15 @@ class LocalComm:
     def wait_for_all(self):
         pass
 
-    def iallreduce_(self, buf, dtype="float32"):
+    def iallreduce_(self, buf):
+        return _DONE
+
+    def ialltoall_(self, send, recv):
+        recv.reshape(-1)[...] = send.reshape(-1)
+        return _DONE
+
+    def iallgather_(self, send, recv):
+        recv.reshape(-1)[...] = send.reshape(-1)
         return _DONE
 
     def test_all(self, requests):
@@ -245,6 +252,7 @@ class MPIComm:
         if not MPI.Is_initialized():
             MPI.Init()
         self.comm = MPI.COMM_WORLD
+        self.gather_comm = self.comm.Dup()  # the compressed sums' allgathers (iallgather_), in an order of their own
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         check_launcher(self.library, self.size)
 
@@ -265,11 +273,18 @@ class MPIComm:
     # ready, let MPI progress it while backward goes on, wait before the update. MPICH progresses a
     # non-blocking collective only inside MPI calls (no progress thread: ranks are single-threaded), so
     # the caller tests its requests between layers (test_all).
-    def iallreduce_(self, buf, dtype="float32"):
-        """Start summing `buf` over all ranks in place; returns the request. dtype 'float16' / 'bfloat16':
-        `buf` holds half-precision values (np.float16, or bfloat16 bits in np.uint16)."""
-        mpi_type, op = self._half_types(dtype)
-        return self.comm.Iallreduce(self.MPI.IN_PLACE, buf if mpi_type is None else [buf, mpi_type], op=op)
+    def iallreduce_(self, buf):
+        """Start summing `buf` over all ranks in place; returns the request."""
+        return self.comm.Iallreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
+
+    def ialltoall_(self, send, recv):
+        """Start sending chunk r of `send` (size equal chunks) to rank r, into chunk s of `recv` from rank s."""
+        return self.comm.Ialltoall(send, recv)
+
+    def iallgather_(self, send, recv):
+        """Start gathering every rank's `send` into `recv`, rank order, on a duplicate of the world
+        communicator: its order among these calls is its own (buckets.HalfSum)."""
+        return self.gather_comm.Iallgather(send, recv)
 
     def test_all(self, requests):
         """Let MPI move the requests along; True when all are done."""
@@ -282,18 +297,6 @@ class MPIComm:
             return
         while not self.MPI.Request.Testall(requests):
             time.sleep(self.nap)
-
-    def _half_types(self, dtype):
-        """(MPI datatype or None for the buffer's own, op) for a reduction in `dtype`."""
-        if dtype == "float32":
-            return None, self.MPI.SUM
-        if dtype == "float16":                          # MPICH sums MPIX_C_FLOAT16 natively
-            return self.MPI.FLOAT16_T, self.MPI.SUM
-        if dtype == "bfloat16":                         # no native bfloat16 here: a user op on the bits
-            if getattr(self, "_bf16_op", None) is None:
-                self._bf16_op = self.MPI.Op.Create(_bf16_sum, commute=True)
-            return self.MPI.UINT16_T, self._bf16_op
-        raise ValueError(f"allreduce dtype must be float32, float16 or bfloat16, got {dtype!r}")
 
     def bcast_(self, buf):
         """Overwrite `buf` on every rank with rank 0's."""
@@ -337,12 +340,6 @@ class _Done:
 
 
 _DONE = _Done()
-
-
-def _bf16_sum(inbuf, inoutbuf, datatype):
-    """MPI user op: inout += in, both bfloat16 bits (uint16), summed in float32 and rounded back."""
-    a, b = np.frombuffer(inbuf, np.uint16), np.frombuffer(inoutbuf, np.uint16)
-    b[:] = to_bfloat16(from_bfloat16(a) + from_bfloat16(b))
 
 
 def get_comm(force_local=False):

@@ -33,6 +33,28 @@ def to_bfloat16(x):
     return (rounded >> np.uint32(16)).astype(np.uint16)
 
 
+def to_float16(x, out=None):
+    """float32 array -> float16, rounded to nearest, ties to even: the same bits as x.astype(np.float16),
+    in integer arithmetic that is ~2.5x faster than NumPy's cast (17 ns an element here, the bulk of
+    compressing a bucket). Normal results: rebias the exponent and round the mantissa at bit 13; subnormal
+    ones: adding 0.5 lines the 10 mantissa bits up at the bottom of a float32 and lets the FPU round;
+    |x| >= 65536, inf, NaN: inf or a quiet NaN. `out`: a float16 array to write into."""
+    u = np.ascontiguousarray(x, np.float32).view(np.uint32)
+    a = u & np.uint32(0x7FFFFFFF)                                               # |x|'s bits
+    normal = (a + (np.uint32(0xC8000FFF) + ((a >> np.uint32(13)) & np.uint32(1)))) >> np.uint32(13)
+    with np.errstate(invalid="ignore", over="ignore"):
+        sub = (a.view(np.float32) + np.float32(0.5)).view(np.uint32) - np.uint32(126 << 23)
+    h = np.where(a < np.uint32(113 << 23), sub, normal)                        # below 2**-14: subnormal or 0
+    if a.max(initial=0) >= np.uint32(143 << 23):                               # 65536 or more, inf, NaN
+        h = np.where(a >= np.uint32(143 << 23),
+                     np.where(a > np.uint32(0x7F800000), np.uint32(0x7E00), np.uint32(0x7C00)), h)
+    h |= (u >> np.uint32(16)) & np.uint32(0x8000)                               # the sign
+    if out is None:
+        return h.astype(np.uint16).view(np.float16)
+    out.view(np.uint16)[...] = h
+    return out
+
+
 def from_bfloat16(bits):
     """bfloat16 bits (uint16) -> float32 (exact)."""
     return (np.asarray(bits, np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
@@ -56,7 +78,7 @@ def encode(g, residual, scale, dtype, out):
     with np.errstate(over="ignore", invalid="ignore"):    # an overflow is seen in the sum and handled there
         if dtype == "float16":
             np.multiply(g, np.float32(scale), out=residual)
-            out[...] = residual                            # the rounding
+            to_float16(residual, out=out)                  # the rounding
         else:
             out[...] = to_bfloat16(g * np.float32(scale))
         np.subtract(g, decode(out, scale, dtype), out=residual)
@@ -71,6 +93,5 @@ def decode(h, scale, dtype, out=None):
 
 def all_finite(h, dtype):
     """No inf or NaN in the half array `h` (a sum overflowed)."""
-    if dtype == "float16":
-        return bool(np.isfinite(h).all())
-    return not bool(((h & np.uint16(0x7F80)) == np.uint16(0x7F80)).any())    # exponent all ones
+    bits, ones = (h.view(np.uint16), np.uint16(0x7C00)) if dtype == "float16" else (h, np.uint16(0x7F80))
+    return not bool(((bits & ones) == ones).any())                             # exponent all ones

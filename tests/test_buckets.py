@@ -47,6 +47,28 @@ def test_bfloat16_rounds_to_nearest_even_and_back_exactly():
     assert abs(got[6] - 1e-30) / 1e-30 < 2 ** -8                 # float32's range: no flush to zero
 
 
+def test_float16_by_bits_is_numpys_cast_bit_for_bit():
+    """Every float16 value and its float32 neighbours (the rounding boundaries and ties), a sweep over all
+    float32 bit patterns (signs, subnormals, overflow, inf, NaN), and gradient-like values."""
+    h = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+    hb = h.view(np.uint32).astype(np.int64)
+    with np.errstate(all="ignore"):                                   # inf - inf, NaN neighbours
+        mids = (h.astype(np.float64)[:-1] + np.diff(h.astype(np.float64)) / 2).astype(np.float32)   # exact ties
+    sweep = np.arange(0, 1 << 32, 1009, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    rng = np.random.default_rng(0)
+    x = np.concatenate([((hb + d) & 0xFFFFFFFF).astype(np.uint32).view(np.float32) for d in (-1, 0, 1)] +
+                       [mids[np.isfinite(mids)], sweep] +
+                       [rng.standard_normal(20_000).astype(np.float32) * s for s in (1e-7, 1e-3, 1.0, 7e4)])
+    with np.errstate(all="ignore"):
+        want = x.astype(np.float16).view(np.uint16)
+    got = halfprec.to_float16(x).view(np.uint16)
+    nan = np.isnan(x)
+    assert np.array_equal(got[~nan], want[~nan]) and np.isnan(got[nan].view(np.float16)).all()
+    out = np.zeros(5, np.float16)
+    assert halfprec.to_float16(np.float32([1.0, -2.5, 65519.0, 65520.0, 1e-8]), out=out) is out
+    assert out.tolist() == [1.0, -2.5, 65504.0, np.inf, 0.0]
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_the_agreed_scale_leaves_headroom_and_keeps_small_values(dtype):
     for bound in (1e-6, 0.37, 5.0, 12345.0, 3e7):

@@ -60,3 +60,21 @@ def test_one_rank_sends_nothing_so_neither_buckets_nor_compression_change_a_bit(
         assert np.array_equal(got, fused), name
     got, _ = train(1, tmp_path, "mpi1", "--allreduce-dtype", "bfloat16")   # under mpirun -n 1 as well
     assert np.array_equal(got, fused)
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_half_sums_are_one_rounding_of_the_float32_sum_and_the_same_on_every_rank(tmp_path, n):
+    """HalfSum (all-to-all, float32 sums, allgather) over real mpirun: for every bucket and element, the
+    float32 sum of the ranks' halves rounded once to half, identical on all ranks, with uneven chunks."""
+    from lenet_dist import halfprec
+    out = tmp_path / "h.npz"
+    launch(n, [out], module="tests.halfsum_prog", timeout=180)
+    got = np.load(out)
+    for dtype in ("float16", "bfloat16"):
+        for k in range(3):
+            ins, outs = got[f"{dtype}-in{k}"], got[f"{dtype}-out{k}"]             # (ranks, n) bits each
+            assert ins.shape[0] == n and (outs == outs[0]).all(), (dtype, k)        # every rank alike
+            f32 = ins.view(np.float16).astype(np.float32) if dtype == "float16" else halfprec.from_bfloat16(ins)
+            total = f32.sum(axis=0, dtype=np.float32)
+            want = halfprec.to_float16(total).view(np.uint16) if dtype == "float16" else halfprec.to_bfloat16(total)
+            assert np.array_equal(outs[0], want), (dtype, k)
