@@ -207,6 +207,7 @@ def main(argv=None):
     from .state import LiveState
     argv = sys.argv[1:] if argv is None else argv
     signal.signal(signal.SIGINT, signal.SIG_IGN)               # Ctrl-C reaches the evaluator, which closes us
+    sys.setswitchinterval(0.001)    # a request waits at most 1 ms (not 5) for the feed thread's interpreter lock
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s dashboard %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
     stdin, stdout = sys.stdin.buffer, sys.stdout
