@@ -161,3 +161,11 @@ def _up(port):
         return httpx.get(f"http://127.0.0.1:{port}/api/state", timeout=2).status_code == 200
     except httpx.TransportError:
         return False
+
+
+def test_a_child_that_cannot_start_is_a_one_line_setup_error(subset, monkeypatch):
+    """The evaluator reports OSError (one line, exit 1) rather than serving nothing: here the "python" that
+    should run the child exits at once."""
+    monkeypatch.setattr(process.sys, "executable", "/bin/false")
+    with pytest.raises(OSError, match="dashboard process did not start"):
+        process.DashboardProcess(subset.test_images, subset.test_labels)

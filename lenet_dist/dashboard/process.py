@@ -123,7 +123,7 @@ class DashboardProcess:
         self._queue.put(None)
         self.proc.kill()
         self.proc.wait(5)
-        raise RuntimeError(f"the dashboard process did not start (exit code {self.proc.returncode})")
+        raise OSError(f"the dashboard process did not start (exit code {self.proc.returncode}; its error is above)")
 
     def wait_started(self, timeout=10.0):
         return self._started
