@@ -17,11 +17,13 @@ Compression (dtype float16 | bfloat16, halfprec.py): a bucket is rounded to half
 power-of-two scale every rank agrees on and with error feedback. The scale comes from the previous step's
 bound (each rank's largest |g| in the bucket, summed over ranks: extra tail slots), which every rank holds
 bit for bit. A bucket without a bound yet (the first step) travels in float32; one whose half sum
-overflowed (every rank sees the same inf) is summed again in float32. The halves are summed by HalfSum:
-an all-to-all gives rank r the r-th chunk of every rank's bucket, rank r adds them in float32 and rounds
-once, and an allgather hands every rank every summed chunk: the bytes of MPI's reduce-scatter + allgather,
-without its half-precision additions (MPICH's float16 sum took 0.58 ms a step, and bfloat16 needed a
-Python user op).
+overflowed (every rank sees the same inf) is summed again in float32. With 2 ranks, or one rank per
+node, the halves are summed by HalfSum: an all-to-all gives rank r the r-th chunk of every rank's bucket,
+rank r adds them in float32 and rounds once, and an allgather hands every rank every summed chunk: the
+bytes of MPI's reduce-scatter + allgather, without its half-precision additions (MPICH's float16 sum took
+0.58 ms a step, and bfloat16 needs a Python user op). With several ranks on a node MPI's own allreduce
+sums in half: its recursive halving keeps a node's first exchanges inside the node, where an all-to-all
+would send twice the bytes across the link.
 """
 from __future__ import annotations
 
@@ -87,7 +89,11 @@ class BucketedAllreduce:
             self.local_bound = np.zeros(nb, np.float32)                 # this rank's max |g| per bucket
             self.bound_slots = slice(len(buf) - nb, len(buf))           # where they travel (the tail's end)
             self.overflows = 0                                          # buckets summed again in float32
-            self.sums = [HalfSum(comm, lo, hi, dtype) for lo, hi in self.buckets]
+            # HalfSum's all-to-all crosses the links with as many bytes as MPI's reduce-scatter only when
+            # each node holds one rank (or there are just 2): with 2 ranks per host it sends twice as many
+            # (MPI's recursive halving pairs a host's ranks first). Elsewhere MPI sums in half itself.
+            self.sums = [HalfSum(comm, lo, hi, dtype) for lo, hi in self.buckets] \
+                if comm.size == 2 or comm.ranks_per_node == 1 else None
         self._next, self._requests, self._halves = 0, [], []        # MPI requests; HalfSums under way
 
     def ready(self, offset):
@@ -124,8 +130,11 @@ class BucketedAllreduce:
             self._requests.append(self.comm.iallreduce_(g))
         else:
             halfprec.encode(g, self.residual[lo:hi], scale, self.dtype, out=self.half[lo:hi])
-            self.sums[i].start(self.half[lo:hi].view(U16))
-            self._halves.append(self.sums[i])
+            if self.sums is None:
+                self._requests.append(self.comm.iallreduce_(self.half[lo:hi], self.dtype))
+            else:
+                self.sums[i].start(self.half[lo:hi].view(U16))
+                self._halves.append(self.sums[i])
         self.local_bound[i] = np.abs(g).max()                  # of what was sent, residual included
 
     def _decode(self):
