@@ -109,7 +109,7 @@ class DashboardProcess:
                          {"images": test_images, "labels": np.asarray(test_labels, np.int64)}), wait=True)
         self._sender = threading.Thread(target=self._send, daemon=True, name="lenet-dashboard-feed")
         self._sender.start()
-        self._started = self._wait_ready()
+        self._wait_ready()
 
     def _wait_ready(self):
         """True once the child says it serves (reads its one "ready" line on a thread: never blocks long)."""
@@ -124,9 +124,6 @@ class DashboardProcess:
         self.proc.kill()
         self.proc.wait(5)
         raise OSError(f"the dashboard process did not start (exit code {self.proc.returncode}; its error is above)")
-
-    def wait_started(self, timeout=10.0):
-        return self._started
 
     def add_steps(self, rows):
         try:
@@ -185,6 +182,8 @@ class DashboardProcess:
             self.proc.kill()
             self.proc.wait(5)
         self.proc.stdout.close()
+        if self.dropped:
+            log.info("the dashboard missed %d telemetry update(s) while it was busy", self.dropped)
 
 
 def _jsonable(v):
