@@ -11,6 +11,7 @@ An exception on any rank aborts the whole job (MPI_Abort) with a one-line reason
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -35,6 +36,8 @@ from .run_end import StopFlag, Tally, agreed_signal, position, signal_name, summ
 from .sinks import LinkProgressSink, MetricsSink, RunInfo, Sinks, StepState
 
 log = logging.getLogger("lenet.trainer")
+
+POINTER_RETRY_S = 2.0       # how long a last/best pointer waits for a free file descriptor
 
 
 def run(args, comm):
@@ -141,7 +144,7 @@ def run(args, comm):
             if evaluator:
                 record["evaluator"] = evaluator
             if rank0 and tally.add_epoch(record) and saved:
-                checkpoint.set_pointer(args.checkpoint_dir, "best", saved, dict(
+                point(args.checkpoint_dir, "best", saved, dict(
                     step=trainer.step, epoch=trainer.epoch, val_acc=record["val_acc"], test_acc=test_acc,
                     run_id=args.run_state.run_id))
             sinks.on_epoch(record)
@@ -230,12 +233,29 @@ def _checkpoint(args, trainer, link, rank0):
     path = None
     if args.run_state.writer:
         path = args.run_state.writer.write(meta["step"], data)
-        checkpoint.set_pointer(args.checkpoint_dir, "last", path,
-                               {"step": meta["step"], "epoch": meta["epoch"], "run_id": meta["run_id"]})
+        point(args.checkpoint_dir, "last", path, {"step": meta["step"], "epoch": meta["epoch"], "run_id": meta["run_id"]})
         log.debug("checkpoint %s", path)
     if link:
         link.publish(step=meta["step"], epoch=meta["epoch"], data=data, final=meta["final"])
     return path
+
+
+def point(directory, entry, target, info):
+    """Make `entry` (last / best) name the checkpoint `target`. A pointer is a convenience: one that cannot
+    be written is a warning, never the end of the run whose checkpoint is already on disk. Out of file
+    descriptors (a flood of connections holds them until the link drops idle peers) it retries a while."""
+    deadline = time.monotonic() + POINTER_RETRY_S
+    while True:
+        try:
+            checkpoint.set_pointer(directory, entry, target, info)
+            return True
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE) and time.monotonic() < deadline:
+                time.sleep(0.05)
+                continue
+            log.warning("could not point %s at %s (%s); the checkpoint itself is written",
+                        os.path.join(directory, f"{entry}.npz"), os.path.basename(target), e.strerror or e)
+            return False
 
 
 def main(argv=None):

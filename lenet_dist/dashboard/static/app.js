@@ -7,6 +7,7 @@ const evals = [];          // evaluator results, by step
 const charts = {};
 let redrawPending = false;
 let mapsOfTestImage = true;   // the feature maps show a test image (else the drawn digit)
+let mapsTicket = 0;           // every request that would redraw the maps takes one; only the newest may
 
 const $ = (id) => document.getElementById(id);
 const fmt = (v, d = 4) => (v === null || v === undefined ? "–" : Number(v).toFixed(d));
@@ -206,12 +207,14 @@ function showMaps(seen, title) {
 }
 
 async function showDigit(index) {
+  const ticket = ++mapsTicket;
   try {
     const d = await getJSON("/api/digit/" + encodeURIComponent(index));
+    if (ticket !== mapsTicket) return;                 // a drawing (or another digit) came since
     mapsOfTestImage = true;
     showMaps(d, `test image ${d.index} (label ${d.label}), seen by step ${d.step}: predicted ${d.predicted}`);
   } catch (err) {
-    $("features-title").textContent = err.message;
+    if (ticket === mapsTicket) $("features-title").textContent = err.message;
   }
 }
 
@@ -236,6 +239,7 @@ function setupPad() {
     if (!drawing) return;
     drawing = false;
     pad.dataset.strokes = Number(pad.dataset.strokes) + 1;
+    mapsOfTestImage = false; mapsTicket++;            // the maps are the drawing's now: no test image over it
     clearTimeout(timer); timer = setTimeout(predict, 250);
   };
   pad.addEventListener("pointerup", end);
@@ -248,7 +252,7 @@ function setupPad() {
 // newest request's reply is shown, tagged with the number of strokes it saw.
 let predictions = 0;
 function predict() {
-  const ticket = ++predictions, strokes = $("pad").dataset.strokes;
+  const ticket = ++predictions, strokes = $("pad").dataset.strokes, maps = ++mapsTicket;
   $("pad").toBlob(async (blob) => {
     try {
       const r = await getJSON("/api/predict?model=" + $("which").value, { method: "POST", headers: { "Content-Type": "image/png" }, body: blob });
@@ -260,8 +264,10 @@ function predict() {
       $("prediction").dataset.predicted = r.predicted;
       $("prediction").dataset.strokes = strokes;
       bars($("probs"), r.probabilities, r.predicted);
-      mapsOfTestImage = false;
-      showMaps(r, `the drawn digit, seen by step ${r.step}: predicted ${r.predicted}`);
+      if (maps === mapsTicket) {
+        mapsOfTestImage = false;
+        showMaps(r, `the drawn digit, seen by step ${r.step}: predicted ${r.predicted}`);
+      }
     } catch (err) {
       if (ticket === predictions) $("prediction").textContent = err.message;
     }
