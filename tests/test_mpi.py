@@ -82,7 +82,9 @@ def test_balance_moves_work_off_a_straggler(tmp_path):
     assert shares[1] < 0.45 and abs(sum(shares) - 1) < 1e-3
     assert metrics(de)[-1]["rank_shares"] == [0.5, 0.5]
     r = metrics(de)[-1]["rank_compute_s"]
-    assert r[1] > 2 * r[0]                                  # the straggler shows in the metrics ...
+    # the straggler shows in the metrics (3x its own compute; without the fault the two are ~1:1, and on a
+    # machine loaded past its cores rank 0's own compute was measured 1.7x rank 1's) ...
+    assert r[1] > 1.5 * r[0]
     assert "rank 1 computed" in p.stderr and "--balance" in p.stderr  # ... and in a warning
     assert metrics(db)[-1]["step"] == 120 and abs(metrics(db)[-1]["test_acc"] - metrics(d1)[-1]["test_acc"]) <= 0.001
 
