@@ -148,18 +148,26 @@ class Hosts:
 
 
 @contextlib.contextmanager
-def hosts_or_skip(tag, addresses):
-    """Hosts for one test, destroyed afterwards; pytest.skip saying exactly why where they cannot be made."""
+def made_or_skip(make, unmake, why=None):
+    """Run `make()` (which builds namespaces), yield, `unmake()` afterwards; pytest.skip saying exactly why
+    where they cannot be made: `why` (a reason known beforehand) or the command that failed."""
     import pytest
-    why = unavailable()
     if why:
         pytest.skip(why)
-    h = Hosts(tag, addresses)
     try:
         try:
-            h.create()
+            make()
         except subprocess.CalledProcessError as e:
             pytest.skip(f"cannot make network namespaces here: '{shlex.join(e.cmd)}' failed: {e.stderr.strip()}")
-        yield h
+        yield
     finally:
-        h.destroy()
+        unmake()
+
+
+@contextlib.contextmanager
+def hosts_or_skip(tag, addresses):
+    """Hosts for one test, destroyed afterwards; pytest.skip saying exactly why where they cannot be made."""
+    why = unavailable()
+    h = None if why else Hosts(tag, addresses)
+    with made_or_skip(lambda: h.create(), lambda: h and h.destroy(), why):
+        yield h

@@ -18,7 +18,6 @@ import os
 import re
 import shlex
 import shutil
-import subprocess
 import sys
 
 import pytest
@@ -27,6 +26,7 @@ from lenet_dist import checkpoint
 from lenet_dist.transport import generate_keys
 
 from .mpiutil import REPO
+from .netns import made_or_skip
 from .slurm_cluster import SlurmCluster, unavailable
 
 SBATCH = REPO / "deploy" / "slurm" / "train.sbatch"
@@ -38,17 +38,9 @@ JOB_NAME = "lenet-dist"                 # the script's own #SBATCH --job-name
 @pytest.fixture
 def cluster(tmp_path):
     why = unavailable()
-    if why:
-        pytest.skip(why)
-    c = SlurmCluster(tmp_path / "slurm", f"lslurm{os.getpid()}", ["n1", "n2", "n3"])
-    try:
-        try:
-            c.start()
-        except subprocess.CalledProcessError as e:
-            pytest.skip(f"cannot make network namespaces here: '{shlex.join(e.cmd)}' failed: {e.stderr.strip()}")
+    c = None if why else SlurmCluster(tmp_path / "slurm", f"lslurm{os.getpid()}", ["n1", "n2", "n3"])
+    with made_or_skip(lambda: c.start(), lambda: c and c.close(), why):
         yield c
-    finally:
-        c.close()
 
 
 def submit_dir(tmp_path):
