@@ -4,7 +4,7 @@ joined by veth links capped with tc tbf, mpirun (MPICH Hydra, tests/netns_agent.
     LENET_DATA_DIR=/path/to/mnist python bench/multihost.py                 # the full table (~15 min)
     python bench/multihost.py --short                                       # a quick pass (the test suite's)
     python bench/multihost.py --loopback --per-host 2                       # this machine: a core per rank, no links
-    python bench/multihost.py --rates 100m --per-host 1 --variants fused,kb1,kb16,kb64,kb1024,overlap-notest
+    python bench/multihost.py --rates 100m --per-host 1 --variants fused,overlap-serial,overlap,overlap-c16-w3
     python bench/multihost.py --out runs/mh.jsonl && python bench/cost_model.py runs/mh.jsonl --plot docs/scaling.png
 
 For every hosts x ranks-per-host, link rate and global batch, one mpirun runs the real DataParallelTrainer
@@ -45,30 +45,37 @@ MARK = "MULTIHOST-RESULT "
 TAG = "lmh"                        # namespace names: lmh<pid>-h1 ...; the pid tells a stale set from a live one
 SUBNET = "10.79.0"
 RATES = {"10g": 10e9, "1g": 1e9, "100m": 100e6}
-VARIANTS = {"fused": {"bucket_kb": 0}, "overlap": {}, "fp16": {"allreduce_dtype": "float16"},
-            "bf16": {"allreduce_dtype": "bfloat16"}, "overlap-notest": {}}   # -notest: no MPI_Test between layers
+VARIANTS = {"fused": {"bucket_kb": 0}, "overlap": {"bucket_kb": 64},     # bucketed on loopback too
+            "fp16": {"bucket_kb": 64, "allreduce_dtype": "float16"}, "bf16": {"bucket_kb": 64, "allreduce_dtype": "bfloat16"}}
 
 
 def variant_config(name):
-    """TrainConfig fields of a variant: a VARIANTS name, or kbN (buckets of N KiB, float32)."""
-    if name in VARIANTS:
-        return VARIANTS[name]
-    if name.startswith("kb") and name[2:].isdigit():
-        return {"bucket_kb": int(name[2:])}
+    """TrainConfig fields of a variant: a VARIANTS name or kbN (buckets of N KiB, float32), optionally
+    followed by how the buckets travel (variant_lanes): fp16-serial, overlap-c16-w3. None if unknown."""
+    base, *how = name.split("-")
+    if variant_lanes(name) is None:
+        return None
+    if base in VARIANTS:
+        return VARIANTS[base]
+    if base.startswith("kb") and base[2:].isdigit():
+        return {"bucket_kb": int(base[2:])}
     return None
 
 
-class _NoTests:
-    """The communicator without test_all: buckets progress only when the step waits for them."""
-
-    def __init__(self, comm):
-        self._comm = comm
-
-    def __getattr__(self, name):
-        return getattr(self._comm, name)
-
-    def test_all(self, requests):
-        return False
+def variant_lanes(name):
+    """How a variant's buckets travel, from its suffixes: {} for the defaults (pipelined, back lane in chunks
+    of buckets.CHUNK_KB_DEFAULT with WINDOW_DEFAULT under way); -serial: every bucket whole and at once,
+    the whole update after the step (the bucketed path of 2026-11-29 and before); -cN: chunks of N KiB; -wN:
+    N under way. None for an unknown suffix."""
+    out = {}
+    for part in name.split("-")[1:]:
+        if part == "serial":
+            out.update(pipelined=False)
+        elif part[:1] in "cw" and part[1:].isdigit():
+            out["chunk_kb" if part[0] == "c" else "window"] = int(part[1:])
+        else:
+            return None
+    return out
 
 
 # -------------------------------------------------------------------------------------------------- worker
@@ -116,31 +123,32 @@ def worker(args):
     epochs = max(1, -(-total * args.batch // len(ds.train_images)) + 1)
     names = args.variants.split(",")
     seconds = slice(NUM_PARAMS + TAIL, NUM_PARAMS + TAIL + comm.size)   # the step's compute seconds per rank
-    out = {n: {"images_per_s": [], "comm_share": [], "compute_ms": [], "tx_kb_per_step": []} for n in names}
+    out = {n: {"images_per_s": [], "comm_share": [], "settle_share": [], "compute_ms": [], "tx_kb_per_step": []}
+           for n in names}
     with threadpool_limits(limits=1, user_api="blas"):
         trainers = {n: DataParallelTrainer(TrainConfig(batch_size=args.batch, epochs=epochs, **variant_config(n)),
-                                           comm, ds) for n in names}
+                                           comm, ds, **variant_lanes(n)) for n in names}
         for n, t in trainers.items():
-            if n.endswith("-notest") and t.reducer:
-                t.reducer.comm = _NoTests(comm)
             for _ in range(args.warmup):
                 t.train_step()
         for _ in range(args.rounds):
             for n, t in trainers.items():
                 comm.barrier()
-                t.comm_seconds, t.seconds_by_rank[:] = 0.0, 0.0
+                t.comm_seconds, t.settle_seconds, t.seconds_by_rank[:] = 0.0, 0.0, 0.0
                 rx0, tx0 = link_bytes()
                 slowest = 0.0
                 t0 = time.perf_counter()
                 for _ in range(args.steps):
                     t.train_step()
                     slowest += float(t.model.grad_buffer[seconds].max())   # every rank's, from the tail
+                t.settle()                                          # the last step's owed update
                 wall = time.perf_counter() - t0
                 rx1, tx1 = link_bytes()
-                every = comm.allgather(np.array([wall, t.comm_seconds], np.float64))
+                every = comm.allgather(np.array([wall, t.comm_seconds, t.settle_seconds], np.float64))
                 r = out[n]
                 r["images_per_s"].append(args.batch * args.steps / float(every[:, 0].max()))
                 r["comm_share"].append(float((every[:, 1] / every[:, 0]).mean()))
+                r["settle_share"].append(float((every[:, 2] / every[:, 0]).mean()))
                 r["compute_ms"].append(1e3 * slowest / args.steps)
                 r["tx_kb_per_step"].append((tx1 - tx0) / 1024 / args.steps)
     names = comm.allgather(np.frombuffer(comm.processor_name().encode()[:64].ljust(64), np.uint8))
@@ -150,8 +158,8 @@ def worker(args):
             rec = {"variant": n, "ranks": comm.size, "hosts_seen": len(hosts), "batch": args.batch,
                    "rounds": args.rounds, "steps": args.steps, "data_images": len(ds.train_images)}
             for k, v in r.items():
-                rec[k] = round(statistics.median(v), 4 if k == "comm_share" else 2)
-                rec[k + "_all"] = [round(x, 4 if k == "comm_share" else 1) for x in v]
+                rec[k] = round(statistics.median(v), 4 if k.endswith("share") else 2)
+                rec[k + "_all"] = [round(x, 4 if k.endswith("share") else 1) for x in v]
             print(MARK + json.dumps(rec), flush=True)
     return 0
 
@@ -299,7 +307,7 @@ def launcher(args):
     with cleanup_on_signals():
         for n_hosts in [int(h) for h in args.hosts.split(",")]:
             addresses = {f"h{i}": f"{SUBNET}.{i}" for i in range(1, n_hosts + 1)}
-            hosts = Hosts(f"{TAG}{os.getpid()}", addresses)
+            hosts = Hosts(f"{TAG}{os.getpid()}", addresses, mtu=args.mtu)
             try:
                 hosts.create()
                 env["LENET_NETNS_HOSTS"] = hosts.agent_map()
@@ -308,7 +316,7 @@ def launcher(args):
                     for rate in args.rates.split(","):
                         for h in addresses:
                             hosts.shape(h, RATES[rate])
-                        base = dict(hosts=n_hosts, per_host=per_host, rate=rate, rate_bits=RATES[rate])
+                        base = dict(hosts=n_hosts, per_host=per_host, rate=rate, rate_bits=RATES[rate], mtu=args.mtu)
                         if args.calibrate:
                             cmd = mpirun_line(args, n, per_host, list(addresses.values()),
                                               ["--calibrate-worker", "--calibrate-batches", args.batches])
@@ -334,7 +342,8 @@ def main(argv=None):
     p.add_argument("--rates", default="10g,1g,100m", help=f"link rates: {', '.join(RATES)}")
     p.add_argument("--batches", default="64,256", help="global batch sizes")
     p.add_argument("--variants", default="fused,overlap,fp16",
-                   help=f"of {', '.join(VARIANTS)}, or kbN (buckets of N KiB)")
+                   help=f"of {', '.join(VARIANTS)}, or kbN (buckets of N KiB); a suffix -serial (buckets "
+                        f"whole, update after the step), -cN (back chunks of N KiB), -wN (N under way)")
     p.add_argument("--steps", type=int, default=30, help="timed steps per round and variant")
     p.add_argument("--rounds", type=int, default=5, help="rounds of every variant; figures are medians")
     p.add_argument("--warmup", type=int, default=5)
@@ -344,6 +353,7 @@ def main(argv=None):
     p.add_argument("--data-dir", help="MNIST folder (default: $LENET_DATA_DIR, then the cache)")
     p.add_argument("--env", type=lambda t: tuple(t.split("=", 1)), action="append", default=[],
                    metavar="KEY=VALUE", help="extra environment for every rank (repeatable)")
+    p.add_argument("--mtu", type=int, default=1500, help="the links' MTU (9000: jumbo frames; see docs/scaling.md)")
     p.add_argument("--out", help="also append every result line to this JSONL file")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per mpirun")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

@@ -6,6 +6,7 @@ of a small buffer, barrier, abort. `LocalComm` is the one-process version and ne
 """
 from __future__ import annotations
 
+import copy
 import math
 import os
 import re
@@ -201,6 +202,9 @@ class LocalComm:
     def wait_for_all(self):
         pass
 
+    def lane(self):
+        return self
+
     def iallreduce_(self, buf, dtype="float32"):
         return _DONE
 
@@ -276,6 +280,14 @@ class MPIComm:
             arrived = self.comm.Ibarrier()
             while not arrived.Test():
                 time.sleep(self.nap)        # give the core to the peer we wait for
+
+    def lane(self):
+        """This communicator again, on duplicates of its own: a class of collectives (buckets.Lane) whose
+        order on every rank is independent of the others'. Collective: every rank makes its lanes in the
+        same order."""
+        other = copy.copy(self)
+        other.comm, other.gather_comm = self.comm.Dup(), self.comm.Dup()
+        return other
 
     # Non-blocking sums for the bucketed allreduce (buckets.py): start one as soon as its gradients are
     # ready, let MPI progress it while backward goes on, wait before the update. MPICH progresses a

@@ -34,24 +34,14 @@ def to_bfloat16(x):
 
 
 def to_float16(x, out=None):
-    """float32 array -> float16, rounded to nearest, ties to even: the same bits as x.astype(np.float16),
-    in integer arithmetic that is ~2.5x faster than NumPy's cast (17 ns an element here, the bulk of
-    compressing a bucket). Normal results: rebias the exponent and round the mantissa at bit 13; subnormal
-    ones: adding 0.5 lines the 10 mantissa bits up at the bottom of a float32 and lets the FPU round;
-    |x| >= 65536, inf, NaN: inf or a quiet NaN. `out`: a float16 array to write into."""
-    u = np.ascontiguousarray(x, np.float32).view(np.uint32)
-    a = u & np.uint32(0x7FFFFFFF)                                               # |x|'s bits
-    normal = (a + (np.uint32(0xC8000FFF) + ((a >> np.uint32(13)) & np.uint32(1)))) >> np.uint32(13)
-    with np.errstate(invalid="ignore", over="ignore"):
-        sub = (a.view(np.float32) + np.float32(0.5)).view(np.uint32) - np.uint32(126 << 23)
-    h = np.where(a < np.uint32(113 << 23), sub, normal)                        # below 2**-14: subnormal or 0
-    if a.max(initial=0) >= np.uint32(143 << 23):                               # 65536 or more, inf, NaN
-        h = np.where(a >= np.uint32(143 << 23),
-                     np.where(a > np.uint32(0x7F800000), np.uint32(0x7E00), np.uint32(0x7C00)), h)
-    h |= (u >> np.uint32(16)) & np.uint32(0x8000)                               # the sign
+    """float32 array -> float16, rounded to nearest, ties to even (NumPy's cast: 2.5 ns an element with
+    NumPy 2.4 on x86 with F16C, 6x the integer arithmetic this module used before). `out`: a float16
+    array to write into."""
+    with np.errstate(over="ignore"):                    # too large: inf, seen where the sum is checked
+        h = np.asarray(x, np.float32).astype(np.float16)
     if out is None:
-        return h.astype(np.uint16).view(np.float16)
-    out.view(np.uint16)[...] = h
+        return h
+    out[...] = h            # a cast straight into a view not 32-byte aligned took 1.8x as long (measured)
     return out
 
 

@@ -84,10 +84,14 @@ class LeNet5:
                 raise ValueError(f"{name}: expected shape {view.shape}, got {a.shape}")
             view[...] = a
 
-    def forward(self, x, train=False):
-        """x (B,28,28) normalized -> logits (10,B). `train=True` keeps what backward needs."""
+    def forward(self, x, train=False, before=None):
+        """x (B,28,28) normalized -> logits (10,B). `train=True` keeps what backward needs. `before(offset)`,
+        if given, is called before each layer with parameters (flat offset of its first one): the pipelined
+        step applies the previous update's last layers there (train.py).                         [dist]"""
         h = x.transpose(1, 2, 0)[None]  # (1,28,28,B) view; conv1 copies it into its padded buffer
         for layer in self.layers:
+            if before is not None and layer in self.grad_offset:
+                before(self.grad_offset[layer])
             h = layer.forward(h, train)
         return h
 
@@ -101,13 +105,13 @@ class LeNet5:
             if ready is not None and layer in self.grad_offset:
                 ready(self.grad_offset[layer])
 
-    def loss_and_grad(self, x, y, scale, ready=None):
+    def loss_and_grad(self, x, y, scale, ready=None, before=None):
         """Fill self.grads with the gradient of `scale * sum of per-example losses` on (x, y); `ready`: see
-        backward().
+        backward(), `before`: forward().
 
         Returns (sum of losses, number correct) over the batch, for logging.
         """
-        logits = self.forward(x, train=True)
+        logits = self.forward(x, train=True, before=before)
         losses = self.loss.forward(logits, y)
         self.backward(self.loss.backward(self.dtype.type(scale)), ready)
         return float(losses.sum(dtype=np.float64)), int((logits.argmax(axis=0) == y).sum())

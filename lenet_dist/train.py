@@ -13,10 +13,15 @@ Per step, on every rank (lines marked [dist] exist only for distribution; at siz
 The shards are equal (sizes differ by at most one) unless --balance asks for shares that follow each
 rank's measured speed (balance.py); the seconds in the tail are what it measures.
 
-Bucketed (the default with more than one rank; --bucket-kb 0: the one fused allreduce): backward hands each
-layer's finished gradients to buckets.BucketedAllreduce, which starts a non-blocking allreduce per bucket,
-fully connected layers first, and the step waits for all of them before the update. --allreduce-dtype
-float16 | bfloat16 sends the buckets in half precision (halfprec.py).
+Bucketed (the default when the ranks span several nodes; --bucket-kb 0: the one fused allreduce, the
+default on one node): backward hands each layer's finished gradients to buckets.BucketedAllreduce, which
+starts a non-blocking allreduce per bucket, fully connected layers first. Pipelined (unless deterministic
+or oversubscribed): the step waits only for the first layers' bucket and the tail, updates conv1..conv2,
+and owes the update of fc1..fc3 until the next forward reaches fc1 (settle()), so their sums travel
+during the convolutions' backward and the next step's convolutions' forward. Each parameter gets the same
+update from the same sum as in the serial order, bit for bit; everything that reads the parameters
+between steps settles first. --allreduce-dtype float16 | bfloat16 sends the buckets in half precision
+(halfprec.py).
 
 Deterministic mode: the global batch is cut into fixed-size micro-batches, each micro-batch's gradient
 is rounded to 2**-32 fixed point in int64 and summed as integers. Integer addition is associative, so the
@@ -32,7 +37,7 @@ import numpy as np
 
 from . import sampler
 from .balance import ShardBalancer
-from .buckets import BucketedAllreduce, tail_slots
+from .buckets import BUCKET_KB_DEFAULT, BucketedAllreduce, tail_slots
 from .checkpoint import Checkpoint
 from .data import normalize
 from .dataid import data_record, val_size_of, validation_split
@@ -46,12 +51,26 @@ FIXED_POINT_BITS = 32         # deterministic mode: gradients rounded to multipl
 BALANCE_QUANTUM = 8           # --balance: shard cuts move in steps of 8 examples (few, steady shapes)
 
 
+def bucket_kb_for(cfg, comm):
+    """[dist] The bucket size a run uses (0: one fused allreduce): --bucket-kb as given; by default (-1)
+    BUCKET_KB_DEFAULT when the ranks span several nodes or the gradient travels in half precision, fused
+    when they share one node, where shared memory sums the gradient in ~0.1 ms and the buckets cost
+    5-19% of the step (docs/scaling.md, loopback)."""
+    if comm.size == 1:
+        return 0                                                        # nothing to sum, nothing to hide
+    if cfg.bucket_kb >= 0:
+        return cfg.bucket_kb
+    return BUCKET_KB_DEFAULT if comm.ranks_per_node < comm.size or cfg.allreduce_dtype != "float32" else 0
+
+
 class TrainingError(RuntimeError):
     """Training cannot go on (a NaN loss, replicas out of sync); the message is one line."""
 
 
 class DataParallelTrainer:
-    def __init__(self, cfg, comm, dataset):
+    def __init__(self, cfg, comm, dataset, *, pipelined=None, chunk_kb=None, window=None):
+        """`pipelined`, `chunk_kb`, `window`: how the buckets travel (buckets.BucketedAllreduce); None: the
+        defaults, pipelined unless deterministic or oversubscribed (benchmarks and tests set them)."""
         self.cfg, self.comm = cfg, comm
         n = len(dataset.train_images) if not cfg.train_subset else min(cfg.train_subset, len(dataset.train_images))
         val_size = val_size_of(n, cfg.val_size)
@@ -61,8 +80,9 @@ class DataParallelTrainer:
         self.test_images, self.test_labels = dataset.test_images, dataset.test_labels
         self.n = len(train_idx)
         self.data_record = data_record(dataset.identity(), n, val_size, cfg.seed)  # meta["data"]
-        bucketed = cfg.bucket_kb > 0 and comm.size > 1                  # [dist] (nothing to overlap at size 1)
-        extra = tail_slots(cfg.bucket_kb, cfg.allreduce_dtype) if bucketed else 0
+        self.bucket_kb = bucket_kb_for(cfg, comm)                        # [dist] 0: fused
+        bucketed = self.bucket_kb > 0
+        extra = tail_slots(self.bucket_kb, cfg.allreduce_dtype) if bucketed else 0
         self.model = LeNet5(seed=cfg.seed, grad_tail=TAIL + comm.size + extra)
         comm.bcast_(self.model.params)                                   # [dist] rank 0's initial weights
         self.opt = SGD(self.model.params, momentum=cfg.momentum, nesterov=cfg.nesterov,
@@ -78,14 +98,24 @@ class DataParallelTrainer:
         self._xbuf = Workspace(np.float32)                               # normalized shard images
         if cfg.deterministic:
             self._acc = np.zeros(NUM_PARAMS + TAIL + comm.size, np.int64)  # fixed-point gradient sum
-        self.reducer = BucketedAllreduce(comm, self.model.grad_buffer, bucket_kb=cfg.bucket_kb,   # [dist]
-                                         dtype=cfg.allreduce_dtype,
+        # [dist] pipelined: the last layers' update waits for the next forward to need it (see settle()).
+        # Not on a node with more ranks than cores, where a rank's waits give its core to a peer: there the
+        # back lane's chunks would each wait for that peer's turn (measured 0.71-0.79x the whole buckets).
+        if pipelined is None:
+            pipelined = not cfg.deterministic and comm.nap is None
+        self.pipelined = bucketed and pipelined and not cfg.deterministic
+        self.reducer = BucketedAllreduce(comm, self.model.grad_buffer, bucket_kb=self.bucket_kb,   # [dist]
+                                         dtype=cfg.allreduce_dtype, pipelined=self.pipelined,
+                                         chunk_kb=chunk_kb, window=window,
                                          send=self._acc if cfg.deterministic else None) if bucketed else None
+        self._pending = None            # (B, lr) of the update still owed to [back_lo, NUM_PARAMS)
+        self._settle_wait = 0.0         # seconds the current step's forward waited for it
         self.balancer = ShardBalancer(comm.size, enabled=cfg.balance)
         self.slowdown = 1.0             # > 1: this rank computes that many times slower (--fault RANK:STEP:slow)
         self.examples_by_rank = np.zeros(comm.size, np.int64)           # since the caller last reset them:
         self.seconds_by_rank = np.zeros(comm.size, np.float64)          # work and compute time of every rank
         self.comm_seconds = 0.0         # this rank's time blocked on the step's reduction (caller resets it)
+        self.settle_seconds = 0.0       # the part of it spent waiting for an owed update (pipelined)
         self.step_compute_seconds = np.zeros(comm.size)                 # the last step's, per rank
 
     # ------------------------------------------------------------------------------ position and state
@@ -122,14 +152,17 @@ class DataParallelTrainer:
             cuts = self.balancer.plan(B, quantum=BALANCE_QUANTUM)
             lo, hi = cuts[self.comm.rank], cuts[self.comm.rank + 1]            # [dist] this rank's shard
             ready = self.reducer.ready if self.reducer else None                # [dist] buckets leave early
+            before = self._before_layer if self.pipelined else None             # [dist] the owed update
+            self._settle_wait = 0.0
             t0 = time.perf_counter()
             if hi > lo:
                 x, y = self._examples(idx, lo, hi)
-                loss, correct = self.model.loss_and_grad(x, y, scale=1.0, ready=ready)  # sum, not mean
+                loss, correct = self.model.loss_and_grad(x, y, scale=1.0, ready=ready, before=before)  # sums
             else:
+                self.settle()                                                   # [dist] before buf is reused
                 buf[:] = 0.0
                 loss, correct = 0.0, 0
-            seconds = self._slow_down(time.perf_counter() - t0)
+            seconds = self._slow_down(time.perf_counter() - t0 - self._settle_wait)
             buf[NUM_PARAMS:] = 0.0
             buf[NUM_PARAMS:NUM_PARAMS + TAIL] = (loss, correct, stop_request)
             buf[NUM_PARAMS + TAIL + self.comm.rank] = seconds
@@ -144,13 +177,47 @@ class DataParallelTrainer:
         self.examples_by_rank += sizes
         self.seconds_by_rank += seconds
         self.step_compute_seconds = seconds                                    # this step's, per rank (a view)
-        self.model.grads *= np.float32(1.0 / B)
-        self.opt.step(self.model.grads, self.schedule(self.step))
+        lr = self.schedule(self.step)
+        if self.pipelined and self.reducer.back_lo < NUM_PARAMS:              # [dist] the first layers now,
+            front = slice(0, self.reducer.back_lo)                              # the rest when needed
+            self.model.grads[front] *= np.float32(1.0 / B)
+            self.opt.step(self.model.grads, lr, front)
+            self._pending = (B, lr)
+        else:
+            self.model.grads *= np.float32(1.0 / B)
+            self.opt.step(self.model.grads, lr)
         self.step += 1
         self.pos += 1
         if self.pos == self.steps_per_epoch:
             self.epoch, self.pos = self.epoch + 1, 0
         return B, loss_sum, n_correct, stop
+
+    def _before_layer(self, offset):
+        """[dist] Forward is about to use the weights from flat `offset` on: if they are owed an update,
+        wait for their sums and apply it; otherwise let MPI move the sums along."""
+        if self._pending is not None and offset >= self.reducer.back_lo:
+            t = time.perf_counter()
+            self.settle()
+            self._settle_wait += time.perf_counter() - t
+        else:
+            self.reducer.pump()
+
+    def settle(self):
+        """[dist] Apply the update the last step still owes its last layers (pipelined: their sums travel
+        while the next forward runs its convolutions). Every rank calls this at the same points: before
+        anything reads or writes the parameters between steps (evaluation, checks, checkpoints)."""
+        if self._pending is None:
+            return
+        B, lr = self._pending
+        self._pending = None
+        t = time.perf_counter()
+        self.reducer.settle()
+        waited = time.perf_counter() - t
+        self.comm_seconds += waited
+        self.settle_seconds += waited
+        back = slice(self.reducer.back_lo, NUM_PARAMS)
+        self.model.grads[back] *= np.float32(1.0 / B)
+        self.opt.step(self.model.grads, lr, back)
 
     def _slow_down(self, seconds):
         """Rehearsing a straggler: stretch this rank's compute time by self.slowdown. Returns the seconds."""
@@ -194,6 +261,8 @@ class DataParallelTrainer:
         t = time.perf_counter()
         if self.reducer:
             self.reducer.finish()
+            if not self.pipelined:
+                self.reducer.settle()
         else:
             self.comm.allreduce_(send)
         self.comm_seconds += time.perf_counter() - t
@@ -202,6 +271,7 @@ class DataParallelTrainer:
     def evaluate(self, split="test"):
         """(mean loss, accuracy) on the test set or the validation split ("val"), each rank evaluating a
         shard, figures summed; None for an empty split."""
+        self.settle()
         images, labels = (self.val_images, self.val_labels) if split == "val" else (self.test_images, self.test_labels)
         if not len(images):
             return None
@@ -214,6 +284,7 @@ class DataParallelTrainer:
 
     # ---------------------------------------------------------------------------------- replica checks
     def params_digest(self):
+        self.settle()
         return hashlib.sha256(self.model.params.tobytes()).digest()[:8]
 
     def check_synced(self):
@@ -233,7 +304,9 @@ class DataParallelTrainer:
 
     # ------------------------------------------------------------------------------- checkpoint content
     def checkpoint_content(self):
-        """(named params, velocity, meta) for checkpoint.to_bytes / checkpoint.save."""
+        """(named params, velocity, meta) for checkpoint.to_bytes / checkpoint.save. Settles first: every
+        rank calls this, or settle() at the same point."""
+        self.settle()
         meta = {"step": self.step, "epoch": self.epoch, "pos": self.pos, "ranks": self.comm.size,
                 "config": self.cfg.to_dict(), "final": self.done, "data": self.data_record,
                 "rng": {"generator": "numpy PCG64", "data_order": "SeedSequence([seed, epoch, 0])",
@@ -242,6 +315,7 @@ class DataParallelTrainer:
 
     def restore(self, ckpt: Checkpoint | None):
         """Every rank calls this; rank 0's checkpoint (others pass None) is broadcast to all."""
+        self.settle()
         state = np.zeros(3, np.int64)
         if self.comm.rank == 0:
             self.model.load_named(ckpt.params)

@@ -25,7 +25,7 @@ def main():
             s.start(b)
             if comm.rank % 2:                                   # odd ranks move things along between starts
                 HalfSum.advance([t for t in sums if t.step])
-        HalfSum.wait(sums)
+        HalfSum.wait_all(sums)
         for k, (s, b) in enumerate(zip(sums, bits)):
             out[f"{dtype}-in{k}"] = comm.allgather(b)
             out[f"{dtype}-out{k}"] = comm.allgather(s.result.copy())

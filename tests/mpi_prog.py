@@ -20,6 +20,7 @@ def main():
     comm = get_comm()
     trainer = DataParallelTrainer(cfg, comm, load_subset())
     trainer.train_step()
+    trainer.settle()
     if comm.rank == 0:
         np.save(out, trainer.model.grads)
 

@@ -43,8 +43,8 @@ def tbf_burst(rate_bits):
 class Hosts:
     """Network namespaces acting as hosts (name -> address in one /24), joined by a bridge in one more."""
 
-    def __init__(self, tag, addresses):
-        self.addresses = dict(addresses)
+    def __init__(self, tag, addresses, mtu=1500):
+        self.addresses, self.mtu = dict(addresses), mtu
         self.ns = {h: f"{tag}-{h}" for h in self.addresses}
         self.switch = f"{tag}-sw"
         self.made = []
@@ -52,8 +52,8 @@ class Hosts:
 
     @classmethod
     @contextlib.contextmanager
-    def made(cls, tag, addresses):
-        h = cls(tag, addresses)
+    def made(cls, tag, addresses, mtu=1500):
+        h = cls(tag, addresses, mtu)
         try:
             h.create()
             yield h
@@ -70,7 +70,8 @@ class Hosts:
             # One veth pair per host: eth0 in the host, pN on the bridge. Created in place, so no
             # interface ever appears in the machine's own namespace.
             _ip("-n", self.switch, "link", "add", f"p{i}", "type", "veth", "peer", "name", "eth0", "netns", ns)
-            _ip("-n", self.switch, "link", "set", f"p{i}", "master", "br0", "up")
+            _ip("-n", self.switch, "link", "set", f"p{i}", "mtu", str(self.mtu), "master", "br0", "up")
+            _ip("-n", ns, "link", "set", "eth0", "mtu", str(self.mtu))
             _ip("-n", ns, "addr", "add", f"{self.addresses[h]}/24", "dev", "eth0")
             _ip("-n", ns, "link", "set", "eth0", "up")
             _ip("-n", ns, "link", "set", "lo", "up")

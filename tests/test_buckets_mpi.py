@@ -78,3 +78,18 @@ def test_half_sums_are_one_rounding_of_the_float32_sum_and_the_same_on_every_ran
             total = f32.sum(axis=0, dtype=np.float32)
             want = halfprec.to_float16(total).view(np.uint16) if dtype == "float16" else halfprec.to_bfloat16(total)
             assert np.array_equal(outs[0], want), (dtype, k)
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_the_pipelined_step_gives_the_serial_steps_bits(tmp_path, n):
+    """The last layers' update applied just before the next forward needs them, their sums in chunks behind
+    the first layers': the same parameters, velocities and losses, bit for bit, as the whole update after
+    every step (3 ranks: uneven chunks and HalfSum's place taken by MPI's own half sums)."""
+    out = tmp_path / "p.npz"
+    launch(n, [out], module="tests.pipeline_prog", timeout=180)
+    got = np.load(out)
+    for dtype in ("float32", "float16"):
+        for what in ("params", "velocity", "losses"):
+            a, b = got[f"{dtype}-pipelined-{what}"], got[f"{dtype}-serial-{what}"]
+            assert np.array_equal(a, b), (dtype, what, float(np.abs(a - b).max()))
+        assert np.isfinite(got[f"{dtype}-pipelined-params"]).all()

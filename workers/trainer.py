@@ -224,7 +224,8 @@ def _stall_guard(args, comm, trainer):
 
 def _checkpoint(args, trainer, link, rank0):
     """Rank 0 writes the checkpoint to disk (returns its path; last.npz then leads to it) and/or publishes
-    it; other ranks have nothing to do."""
+    it; other ranks settle the step's update with it."""
+    trainer.settle()                        # [dist] every rank, at the same point
     if not rank0 or not (args.checkpoint_dir or link):
         return None
     params, velocity, meta = trainer.checkpoint_content()
