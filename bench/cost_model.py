@@ -26,11 +26,23 @@ One step of H hosts x r ranks (p = H r), global batch B, link rate R, gradient n
                      the conv bucket right behind it finds what refilled while the link was idle. A real
                      link has no bucket: the extrapolated curves use b = 0.
     fused     t = C + T(n)
-    overlap   t = C (1 - f) + max(C f, T(n_fc)) + T'(n_conv) + log2(p) a
+    overlap   pipelined (the default since 2026-11-29 09cbfea): the step waits for the conv bucket and
+              the tail only; fc1..fc3's sums may travel until the next forward reaches fc1
+                t = max(C + T'(n_conv),  C (1 - f - g) + T(n_fc) + T(n_conv)) + log2(p) a
+                     compute-bound (the link rests, the conv bucket finds the token bucket full: T') or
+                     link-bound (the fc transfer's window is the compute after its start, C (f + g), and
+                     the next step's, until fc1's forward)
+              serial (every bucket waited for before the update; "schedule": "serial" in a record, and
+              every record before 2026-11-29 09cbfea)
+                t = C (1 - f) + max(C f, T(n_fc)) + T'(n_conv) + log2(p) a
                      (T': with the bucket refilled for the max(C f - T(n_fc), 0) the link was idle)
                      f: the share of the backward-inclusive compute that comes after fc1's gradient is
-                     ready (measured with --calibrate), n_fc = 236.4 KiB of fc1..fc3, n_conv = 10.1 KiB
-    fp16      the same as overlap with half the bytes in the buckets
+                     ready, g: the share before fc1's forward (both measured with --calibrate; g = 0.38
+                     where a calibration predates it), n_fc = 236.4 KiB of fc1..fc3, n_conv = 10.1 KiB
+    fp16      the same as overlap with half the bytes in the buckets, and the CPU half precision adds
+              (--calibrate measures it alone: "half_ms"): the encoding inside backward (in C for the
+              model; in a run's own compute already) and the float32 sums of the halves and the decoding
+              in the waits (added for both)
     images/s = B / t
 
 Extrapolated to H hosts, each host is one rank on a core of its own: C is the 2 x 1 calibration at the
@@ -66,13 +78,28 @@ def allreduce_s(v_bytes, hosts, ranks, rate_bits, a, bucket=0.0):
     return rounds * a + max(cross - bucket, 0.0) * 8 / (rate_bits * GOODPUT)
 
 
-def step_s(variant, compute_s, f, hosts, ranks, rate_bits, a, burst=0.0):
-    """Seconds per step; `burst`: the link's token bucket in bytes (0: a real link)."""
+G_DEFAULT = 0.38     # share of compute before fc1's forward, for calibrations that predate its measurement
+
+
+HALF = {"fp16": "float16", "bf16": "bfloat16"}
+
+
+def step_s(variant, compute_s, f, hosts, ranks, rate_bits, a, burst=0.0, g=G_DEFAULT, schedule="pipelined",
+           half_s=0.0):
+    """Seconds per step; `burst`: the link's token bucket in bytes (0: a real link); `schedule` of the
+    buckets: pipelined | serial (see the module doc); `half_s`: the CPU half precision adds in the waits."""
     if ranks == 1:
         return compute_s
     if variant == "fused":
         return compute_s + allreduce_s(N_BYTES, hosts, ranks, rate_bits, a, burst)
-    shrink = 0.5 if variant in ("fp16", "bf16") else 1.0
+    half = variant.split("-")[0] in HALF
+    shrink = 0.5 if half else 1.0
+    compute_s += half_s if half else 0.0
+    if schedule == "pipelined":
+        t_conv = allreduce_s(N_CONV * shrink, hosts, ranks, rate_bits, a)
+        compute_bound = compute_s + allreduce_s(N_CONV * shrink, hosts, ranks, rate_bits, a, burst)
+        link_bound = compute_s * (1 - f - g) + allreduce_s(N_FC * shrink, hosts, ranks, rate_bits, a) + t_conv
+        return max(compute_bound, link_bound) + math.log2(ranks) * a
     t_fc = allreduce_s(N_FC * shrink, hosts, ranks, rate_bits, a, burst)
     idle = max(compute_s * f - t_fc, 0.0)                          # the link rests before the conv bucket
     refilled = min(burst, idle * rate_bits / 8)
@@ -106,8 +133,12 @@ def predict_run(r, calib, compute="calibrated"):
         return None
     cb = c["by_batch"][str(r["batch"])]
     compute_ms = cb["compute_ms"] if compute == "calibrated" else r["compute_ms"]
+    half = c.get("half_ms", {}).get(HALF.get(r["variant"].split("-")[0]), {})
+    if compute == "calibrated":
+        compute_ms += half.get("encode", 0.0)
     t = step_s(r["variant"], 1e-3 * compute_ms, cb["after_fc_bucket"], r["hosts"], r["per_host"] *
-               r["hosts"], r["rate_bits"], round_latency(c), tbf_burst(r["rate_bits"]))
+               r["hosts"], r["rate_bits"], round_latency(c), tbf_burst(r["rate_bits"]),
+               cb.get("before_fc_forward", G_DEFAULT), r.get("schedule", "serial"), 1e-3 * half.get("outside", 0.0))
     return r["batch"] / t
 
 
@@ -122,8 +153,10 @@ def curve(calib, batch, rate_bits, variant, max_hosts=64):
         hi = min((s for s in shards if s >= shard), default=max(shards))
         w = 0 if hi == lo else (math.log(shard) - math.log(lo)) / (math.log(hi) - math.log(lo))
         per_ex = (1 - w) * shards[lo]["compute_ms"] / lo + w * shards[hi]["compute_ms"] / hi   # per example
-        f = shards[hi]["after_fc_bucket"]
-        t = step_s(variant, 1e-3 * per_ex * shard, f, h, h, rate_bits, round_latency(c))
+        f, g = shards[hi]["after_fc_bucket"], shards[hi].get("before_fc_forward", G_DEFAULT)
+        half = c.get("half_ms", {}).get(HALF.get(variant.split("-")[0]), {}) if h > 1 else {}
+        t = step_s(variant, 1e-3 * (per_ex * shard + half.get("encode", 0.0)), f, h, h, rate_bits, round_latency(c),
+                   g=g, half_s=1e-3 * half.get("outside", 0.0))
         out.append((h, batch / t))
     return out
 

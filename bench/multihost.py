@@ -155,7 +155,9 @@ def worker(args):
     hosts = {bytes(row) for row in names}                   # the hosts the ranks really ran on
     if comm.rank == 0:
         for n, r in out.items():
-            rec = {"variant": n, "ranks": comm.size, "hosts_seen": len(hosts), "batch": args.batch,
+            t = trainers[n]
+            schedule = "pipelined" if t.pipelined else "serial" if t.reducer else "fused"
+            rec = {"variant": n, "schedule": schedule, "ranks": comm.size, "hosts_seen": len(hosts), "batch": args.batch,
                    "rounds": args.rounds, "steps": args.steps, "data_images": len(ds.train_images)}
             for k, v in r.items():
                 rec[k] = round(statistics.median(v), 4 if k.endswith("share") else 2)
@@ -186,22 +188,27 @@ def calibrate_worker(args):
     with threadpool_limits(limits=1, user_api="blas"):
         for batch in [int(b) for b in args.calibrate_batches.split(",")]:
             shard = max(1, batch // comm.size)
-            steps, fracs = [], []
+            steps, fracs, befores = [], [], []
             for i in range(args.warmup + args.rounds * args.steps * max(1, 32 // shard)):   # small: more
                 idx = rng.integers(0, len(ds.train_images), shard)
                 x, y = normalize(ds.train_images[idx]), ds.train_labels[idx].astype(np.intp)
                 comm.wait_for_all() if comm.nap is not None else comm.barrier()
                 t0 = time.perf_counter()
                 marks = {}
-                model.loss_and_grad(x, y, 1.0, ready=lambda off: marks.setdefault(off, time.perf_counter()))
+                model.loss_and_grad(x, y, 1.0, ready=lambda off: marks.setdefault(off, time.perf_counter()),
+                                    before=lambda off: marks.setdefault(-1, time.perf_counter()) if off == fc_start
+                                    else None)
                 t1 = time.perf_counter()
-                mine = np.array([t1 - t0, (t1 - marks[fc_start]) / (t1 - t0)])
+                mine = np.array([t1 - t0, (t1 - marks[fc_start]) / (t1 - t0), (marks[-1] - t0) / (t1 - t0)])
                 every = comm.allgather(mine)
                 if i >= args.warmup:
                     steps.append(float(every[:, 0].max()))
                     fracs.append(float(every[:, 1].mean()))
+                    befores.append(float(every[:, 2].mean()))
             res[str(batch)] = {"compute_ms": round(1e3 * statistics.median(steps), 3),
-                               "after_fc_bucket": round(statistics.median(fracs), 3), "shard": shard}
+                               "after_fc_bucket": round(statistics.median(fracs), 3),
+                               "before_fc_forward": round(statistics.median(befores), 3), "shard": shard}
+        half = half_costs(comm.size)
         tiny, lat = np.zeros(2, np.float32), []
         for i in range(200):
             comm.barrier()
@@ -209,9 +216,41 @@ def calibrate_worker(args):
             comm.comm.Allreduce(comm.MPI.IN_PLACE, tiny)
             lat.append(time.perf_counter() - t0)
     if comm.rank == 0:
-        print(MARK + json.dumps({"calibration": True, "ranks": comm.size, "by_batch": res,
+        print(MARK + json.dumps({"calibration": True, "ranks": comm.size, "by_batch": res, "half_ms": half,
                                  "tiny_allreduce_ms": round(1e3 * statistics.median(lat[20:]), 4)}), flush=True)
     return 0
+
+
+def half_costs(ranks):
+    """Per step, the CPU that half precision adds, in ms, by dtype: "encode" (inside backward, so in a run's
+    compute_ms) and "outside" (a rank's share of the float32 sums of the halves, and the decode: in the
+    waits). Measured alone on this rank, on a gradient-like vector."""
+    import numpy as np
+    from lenet_dist import halfprec
+    from lenet_dist.model import NUM_PARAMS
+    rng = np.random.default_rng(0)
+    g = (rng.standard_normal(NUM_PARAMS) * 10.0 ** rng.uniform(-7, -2, NUM_PARAMS)).astype(np.float32)
+    out = {}
+    for dtype in halfprec.DTYPES[1:]:
+        h, res, back = np.zeros(NUM_PARAMS, halfprec.STORAGE[dtype]), np.zeros_like(g), np.empty_like(g)
+        scale = halfprec.agreed_scale(float(np.abs(g).max()), dtype)
+        c = -(-NUM_PARAMS // ranks)
+        recv = np.zeros((ranks, c), np.uint16)
+        enc, outside = [], []
+        for _ in range(50):
+            t0 = time.perf_counter()
+            halfprec.encode(g.copy(), res, scale, dtype, out=h)
+            t1 = time.perf_counter()
+            parts = recv.view(np.float16).astype(np.float32) if dtype == "float16" else halfprec.from_bfloat16(recv)
+            total = parts.sum(axis=0, dtype=np.float32)
+            halfprec.to_float16(total) if dtype == "float16" else halfprec.to_bfloat16(total)
+            halfprec.all_finite(h, dtype)
+            halfprec.decode(h, scale, dtype, out=back)
+            t2 = time.perf_counter()
+            enc.append(t1 - t0)
+            outside.append(t2 - t1)
+        out[dtype] = {"encode": round(1e3 * statistics.median(enc), 3), "outside": round(1e3 * statistics.median(outside), 3)}
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ launcher
@@ -353,7 +392,9 @@ def main(argv=None):
     p.add_argument("--data-dir", help="MNIST folder (default: $LENET_DATA_DIR, then the cache)")
     p.add_argument("--env", type=lambda t: tuple(t.split("=", 1)), action="append", default=[],
                    metavar="KEY=VALUE", help="extra environment for every rank (repeatable)")
-    p.add_argument("--mtu", type=int, default=1500, help="the links' MTU (9000: jumbo frames; see docs/scaling.md)")
+    p.add_argument("--mtu", type=int, default=9000,
+                   help="the links' MTU (1500 charged each host ~7 ms of softirq per step at 100 Mbit/s: "
+                        "docs/scaling.md)")
     p.add_argument("--out", help="also append every result line to this JSONL file")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per mpirun")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
