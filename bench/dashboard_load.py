@@ -203,8 +203,8 @@ def run_once(loaded, args, data_flags, tmp):
     try:
         wait_http(url)
         if loaded:
-            streams = Streams(url, args.clients, idle=not args.no_nice)
-            predicts = Predicts(url, args.rate)
+            streams = Streams(url, args.clients, idle=not args.no_nice) if args.clients else None
+            predicts = Predicts(url, args.rate) if args.rate > 0 else None
         sampler = CpuSampler({"evaluator": ev.pid, "dashboard": dashboard_child(ev.pid),
                               "streams": streams.proc.pid if streams else None})
         t = subprocess.Popen(trainer, env=env, stdout=subprocess.DEVNULL)
@@ -260,11 +260,14 @@ def main():
                 print(json.dumps({k: v for k, v in r.items() if not k.startswith("_")}), flush=True)
                 runs[r["config"]].append(r)
     med = {c: {k: statistics.median(r[k] for r in rs) for k in ("images_per_s", "eval_seconds")} for c, rs in runs.items()}
-    p99 = max(r["predict_p99_ms"] for r in runs["loaded"] if r.get("predict_p99_ms") is not None)
+    p99 = max((r["predict_p99_ms"] for r in runs["loaded"] if r.get("predict_p99_ms") is not None), default=None)
+    pairs = list(zip(runs["quiet"], runs["loaded"]))           # run next to each other: ratios per pair too
     pooled = sorted(x for r in runs["loaded"] for x in r.pop("_latencies", []))
     print(json.dumps({"summary": med,
                       "trainer_ratio": round(med["loaded"]["images_per_s"] / med["quiet"]["images_per_s"], 4),
                       "eval_ratio": round(med["loaded"]["eval_seconds"] / med["quiet"]["eval_seconds"], 4),
+                      "eval_ratio_pairs": [round(lo["eval_seconds"] / q["eval_seconds"], 3) for q, lo in pairs],
+                      "trainer_ratio_pairs": [round(lo["images_per_s"] / q["images_per_s"], 3) for q, lo in pairs],
                       "worst_predict_p99_ms": p99, "clients": args.clients, "predict_rate": args.rate,
                       "predicts": len(pooled),
                       "pooled_predict_p99_ms": round(1000 * pooled[min(len(pooled) - 1, int(0.99 * len(pooled)))], 2)

@@ -13,15 +13,15 @@ Per step, on every rank (lines marked [dist] exist only for distribution; at siz
 The shards are equal (sizes differ by at most one) unless --balance asks for shares that follow each
 rank's measured speed (balance.py); the seconds in the tail are what it measures.
 
-Bucketed (the default when the ranks span several nodes; --bucket-kb 0: the one fused allreduce, the
-default on one node): backward hands each layer's finished gradients to buckets.BucketedAllreduce, which
-starts a non-blocking allreduce per bucket, fully connected layers first. Pipelined (unless deterministic
-or oversubscribed): the step waits only for the first layers' bucket and the tail, updates conv1..conv2,
-and owes the update of fc1..fc3 until the next forward reaches fc1 (settle()), so their sums travel
-during the convolutions' backward and the next step's convolutions' forward. Each parameter gets the same
-update from the same sum as in the serial order, bit for bit; everything that reads the parameters
-between steps settles first. --allreduce-dtype float16 | bfloat16 sends the buckets in half precision
-(halfprec.py).
+Bucketed (the default with more than one rank; --bucket-kb 0: the one fused allreduce): backward hands
+each layer's finished gradients to buckets.BucketedAllreduce, which starts a non-blocking allreduce per
+bucket, fully connected layers first. Pipelined (when the ranks span several nodes, each with a core per
+rank, and not deterministic): the step waits only for the first layers' bucket and the tail, updates
+conv1..conv2, and owes the update of fc1..fc3 until the next forward reaches fc1 (settle()), so their sums
+travel during the convolutions' backward and the next step's convolutions' forward. Each parameter gets
+the same update from the same sum as in the serial order, bit for bit; everything that reads the
+parameters between steps settles first. --allreduce-dtype float16 | bfloat16 sends the buckets in half
+precision (halfprec.py).
 
 Deterministic mode: the global batch is cut into fixed-size micro-batches, each micro-batch's gradient
 is rounded to 2**-32 fixed point in int64 and summed as integers. Integer addition is associative, so the
@@ -37,7 +37,7 @@ import numpy as np
 
 from . import sampler
 from .balance import ShardBalancer
-from .buckets import BUCKET_KB_DEFAULT, BucketedAllreduce, tail_slots
+from .buckets import BucketedAllreduce, tail_slots
 from .checkpoint import Checkpoint
 from .data import normalize
 from .dataid import data_record, val_size_of, validation_split
@@ -49,18 +49,6 @@ TAIL = 3                      # grad buffer tail: [loss sum, number correct, sto
                               # rank: the seconds it spent computing its shard (the others add 0)]
 FIXED_POINT_BITS = 32         # deterministic mode: gradients rounded to multiples of 2**-32
 BALANCE_QUANTUM = 8           # --balance: shard cuts move in steps of 8 examples (few, steady shapes)
-
-
-def bucket_kb_for(cfg, comm):
-    """[dist] The bucket size a run uses (0: one fused allreduce): --bucket-kb as given; by default (-1)
-    BUCKET_KB_DEFAULT when the ranks span several nodes or the gradient travels in half precision, fused
-    when they share one node, where shared memory sums the gradient in ~0.1 ms and the buckets cost
-    5-19% of the step (docs/scaling.md, loopback)."""
-    if comm.size == 1:
-        return 0                                                        # nothing to sum, nothing to hide
-    if cfg.bucket_kb >= 0:
-        return cfg.bucket_kb
-    return BUCKET_KB_DEFAULT if comm.ranks_per_node < comm.size or cfg.allreduce_dtype != "float32" else 0
 
 
 class TrainingError(RuntimeError):
@@ -80,7 +68,7 @@ class DataParallelTrainer:
         self.test_images, self.test_labels = dataset.test_images, dataset.test_labels
         self.n = len(train_idx)
         self.data_record = data_record(dataset.identity(), n, val_size, cfg.seed)  # meta["data"]
-        self.bucket_kb = bucket_kb_for(cfg, comm)                        # [dist] 0: fused
+        self.bucket_kb = cfg.bucket_kb if comm.size > 1 else 0         # [dist] 0: fused (one rank: no sum)
         bucketed = self.bucket_kb > 0
         extra = tail_slots(self.bucket_kb, cfg.allreduce_dtype) if bucketed else 0
         self.model = LeNet5(seed=cfg.seed, grad_tail=TAIL + comm.size + extra)
@@ -99,10 +87,12 @@ class DataParallelTrainer:
         if cfg.deterministic:
             self._acc = np.zeros(NUM_PARAMS + TAIL + comm.size, np.int64)  # fixed-point gradient sum
         # [dist] pipelined: the last layers' update waits for the next forward to need it (see settle()).
-        # Not on a node with more ranks than cores, where a rank's waits give its core to a peer: there the
-        # back lane's chunks would each wait for that peer's turn (measured 0.71-0.79x the whole buckets).
+        # Only across nodes (on one, shared memory sums the gradient in ~0.1 ms: nothing to hide, and the
+        # lanes cost 3-5% more than whole buckets), and not on a node with more ranks than cores, where a
+        # rank's waits give its core to a peer and each chunk would wait for that peer's turn (measured
+        # 0.71-0.79x the whole buckets). docs/scaling.md.
         if pipelined is None:
-            pipelined = not cfg.deterministic and comm.nap is None
+            pipelined = not cfg.deterministic and comm.nap is None and comm.ranks_per_node < comm.size
         self.pipelined = bucketed and pipelined and not cfg.deterministic
         self.reducer = BucketedAllreduce(comm, self.model.grad_buffer, bucket_kb=self.bucket_kb,   # [dist]
                                          dtype=cfg.allreduce_dtype, pipelined=self.pipelined,

@@ -34,6 +34,8 @@ def main():
         for name, pipelined in (("pipelined", True), ("serial", False)):
             p, v, losses = run(comm, ds, dtype, pipelined)
             out.update({f"{dtype}-{name}-params": p, f"{dtype}-{name}-velocity": v, f"{dtype}-{name}-losses": losses})
+    default = DataParallelTrainer(TrainConfig(batch_size=48, bucket_kb=64), comm, ds)    # on one node
+    out["default-pipelined"] = np.array(default.pipelined)
     if comm.rank == 0:
         np.savez(sys.argv[1], **out)
 

@@ -155,24 +155,3 @@ def test_config_refuses_half_precision_where_it_cannot_apply():
     with pytest.raises(ValueError, match="allreduce_dtype must be"):
         TrainConfig(allreduce_dtype="int8")
     assert TrainConfig.from_dict(TrainConfig(bucket_kb=16, allreduce_dtype="float16").to_dict()).bucket_kb == 16
-
-
-class _Placement:
-    def __init__(self, size, per_node):
-        self.size, self.ranks_per_node = size, per_node
-
-
-@pytest.mark.parametrize("size, per_node, given, dtype, want", [
-    (1, 1, -1, "float32", 0),              # one process: nothing to sum
-    (1, 1, 64, "float16", 0),
-    (4, 4, -1, "float32", 0),              # one node: the fused allreduce (shared memory)
-    (4, 2, -1, "float32", buckets.BUCKET_KB_DEFAULT),   # across nodes: buckets
-    (2, 1, -1, "float32", buckets.BUCKET_KB_DEFAULT),
-    (4, 4, -1, "bfloat16", buckets.BUCKET_KB_DEFAULT),  # half precision needs the buckets
-    (4, 4, 16, "float32", 16),             # as given
-    (4, 2, 0, "float32", 0),
-])
-def test_the_default_buckets_follow_the_placement(size, per_node, given, dtype, want):
-    from lenet_dist.train import bucket_kb_for
-    cfg = TrainConfig(bucket_kb=given, allreduce_dtype=dtype)
-    assert bucket_kb_for(cfg, _Placement(size, per_node)) == want

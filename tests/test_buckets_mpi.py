@@ -93,3 +93,4 @@ def test_the_pipelined_step_gives_the_serial_steps_bits(tmp_path, n):
             a, b = got[f"{dtype}-pipelined-{what}"], got[f"{dtype}-serial-{what}"]
             assert np.array_equal(a, b), (dtype, what, float(np.abs(a - b).max()))
         assert np.isfinite(got[f"{dtype}-pipelined-params"]).all()
+    assert not got["default-pipelined"]           # all ranks on one node: whole buckets by default

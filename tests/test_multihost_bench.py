@@ -1,7 +1,7 @@
 """bench/multihost.py in its short mode: two namespace hosts on 1 Gbit/s links shaped with tc tbf, mpirun
 across them with 1 and 2 ranks per host, the fused, bucketed and float16 variants. No timing is checked
 (figures from a busy machine prove nothing): what is checked is that the ranks ran on two hosts, that the
-gradients crossed the shaped link (about 241 KiB per step each way in float32, half of it in float16), and
+step was pipelined where it should be (a core per rank), that the gradients crossed the shaped link (about 241 KiB per step each way in float32, half of it in float16), and
 that every namespace is gone afterwards, also when the run is stopped by a signal. Skips only where network
 namespaces or tc cannot be used, and says so."""
 import json
@@ -51,6 +51,8 @@ def test_short_run_crosses_shaped_links_and_removes_its_namespaces(can_shape, tm
     for (per_host, variant), r in got.items():
         assert r["hosts_seen"] == 2 and r["ranks"] == 2 * per_host and r["rate"] == "1g"
         assert r["images_per_s"] > 0 and 0 <= r["comm_share"] <= 1
+        # the default step: pipelined across hosts with a core per rank, whole buckets with two ranks per core
+        assert r["schedule"] == ("fused" if variant == "fused" else "pipelined" if per_host == 1 else "serial")
         # what rank 0's host sent per step: the gradient once (float32) or half of it (float16), plus headers.
         # The counter is read at the edges of 4 steps: a message still queued in the shaper at one edge is
         # counted in the next window, so +-15%.
