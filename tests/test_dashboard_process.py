@@ -169,3 +169,22 @@ def test_a_child_that_cannot_start_is_a_one_line_setup_error(subset, monkeypatch
     monkeypatch.setattr(process.sys, "executable", "/bin/false")
     with pytest.raises(OSError, match="dashboard process did not start"):
         process.DashboardProcess(subset.test_images, subset.test_labels)
+
+
+def test_the_child_asks_for_short_scheduler_slices():
+    """On Linux 6.12 and later the dashboard process runs in 0.1 ms slices (so a request preempts the
+    training that keeps the cores busy); where the kernel cannot, nothing changes and nothing fails."""
+    import platform
+    calls = process._SCHED_ATTR_CALLS.get(platform.machine())
+    if calls is None:
+        pytest.skip(f"no sched_setattr numbers for {platform.machine()}")
+    code = ("import ctypes; from lenet_dist.dashboard import process as p; ok = p.short_slices(); "
+            "a = p._SchedAttr(); libc = ctypes.CDLL(None); "
+            f"libc.syscall({calls[1]}, 0, ctypes.byref(a), ctypes.sizeof(a), 0); print(ok, a.runtime)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True,
+                         env=env()).stdout.split()
+    release = tuple(int(x) for x in platform.release().split(".")[:2] if x.isdigit())
+    if out[0] == "True":
+        assert int(out[1]) == process.SLICE_NS
+    else:
+        assert release < (6, 12), f"kernel {platform.release()} refused a custom slice"

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import io
 import json
@@ -106,7 +107,7 @@ def _png(body):
 def build_app(state, token=None, closing=None):
     """The Starlette app over `state`. `token`: required of every request when given. `closing`: a
     threading.Event that, once set (and the state's listeners called), ends every live stream."""
-    wakers = set()          # one asyncio.Event per open live stream
+    wakers = set()          # one future per live stream waiting for news, resolved on the next change
     closing = closing if closing is not None else threading.Event()
 
     @contextlib.asynccontextmanager
@@ -114,8 +115,10 @@ def build_app(state, token=None, closing=None):
         loop = asyncio.get_running_loop()
 
         def bump():
-            for ev in list(wakers):
-                ev.set()
+            for waiter in wakers:
+                if not waiter.done():
+                    waiter.set_result(None)
+            wakers.clear()
 
         def listener():                     # called on the evaluator's threads
             loop.call_soon_threadsafe(bump)
@@ -161,6 +164,7 @@ def build_app(state, token=None, closing=None):
         return JSONResponse(dict(seen, index=int(raw), label=label))
 
     async def api_predict(request):
+        t0 = time.perf_counter()
         which = request.query_params.get("model", "newest")
         if which not in ("newest", "best"):
             return _error(400, f"model {which!r}, expected newest or best")
@@ -174,28 +178,33 @@ def build_app(state, token=None, closing=None):
         seen = state.classify(u8, which)
         if seen is None:
             return _error(409, "no checkpoint evaluated yet")
-        return JSONResponse(seen)
+        # Server-Timing: the handler's own time, so that a client can tell it from the network and queueing
+        return JSONResponse(seen, headers={"Server-Timing": f"handler;dur={1e3 * (time.perf_counter() - t0):.2f}"})
 
     async def api_stream(request):
         last = request.headers.get("last-event-id", "")
         start = int(last) if last.isdigit() else state.seq     # a new client reads the past from /api/history
 
         async def events():
-            ev = asyncio.Event()
-            wakers.add(ev)
-            seq = start
+            loop = asyncio.get_running_loop()
+            seq, waiter = start, None
             try:
-                yield "retry: 1000\n\n"
+                yield b"retry: 1000\n\n"
                 while not closing.is_set():
-                    for seq, kind, text in state.events_since(seq):
-                        yield f"id: {seq}\nevent: {kind}\ndata: {text}\n\n"
-                    try:
-                        await asyncio.wait_for(ev.wait(), KEEPALIVE_S)
-                    except asyncio.TimeoutError:
-                        yield ": keep-alive\n\n"
-                    ev.clear()
+                    waiter = loop.create_future()               # registered before looking: no news is missed
+                    wakers.add(waiter)
+                    news = state.events_since(seq)
+                    if news:
+                        seq = news[-1][0]
+                        yield b"".join(_sse(*e) for e in news)     # one write for all that is new
+                    # a bare future: asyncio.wait makes no task for it (wait_for makes one per call)
+                    await asyncio.wait((waiter,), timeout=KEEPALIVE_S)
+                    if not waiter.done():
+                        yield b": keep-alive\n\n"
+                    wakers.discard(waiter)
             finally:
-                wakers.discard(ev)
+                if waiter is not None:
+                    wakers.discard(waiter)
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -212,6 +221,14 @@ def build_app(state, token=None, closing=None):
         Route("/metrics", metrics), Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ], exception_handlers={HTTPException: http_error}, lifespan=lifespan)
     return TokenGate(app, token) if token else app
+
+
+@functools.lru_cache(maxsize=64)
+def _sse(seq, kind, text):
+    """One event as the live stream sends it: encoded once for all the clients that are live (the newest
+    events; a client replaying older ones after a reconnect has them encoded again). The text is the
+    state's own string object, whose hash Python keeps: a lookup does not hash the text again."""
+    return f"id: {seq}\nevent: {kind}\ndata: {text}\n\n".encode()
 
 
 def _error(status, message):
