@@ -58,7 +58,7 @@ class TrainingError(RuntimeError):
 class DataParallelTrainer:
     def __init__(self, cfg, comm, dataset, *, pipelined=None, chunk_kb=None, window=None):
         """`pipelined`, `chunk_kb`, `window`: how the buckets travel (buckets.BucketedAllreduce); None: the
-        defaults, pipelined unless deterministic or oversubscribed (benchmarks and tests set them)."""
+        defaults, pipelined across nodes with a core per rank (benchmarks and tests set them)."""
         self.cfg, self.comm = cfg, comm
         n = len(dataset.train_images) if not cfg.train_subset else min(cfg.train_subset, len(dataset.train_images))
         val_size = val_size_of(n, cfg.val_size)
@@ -144,12 +144,13 @@ class DataParallelTrainer:
             ready = self.reducer.ready if self.reducer else None                # [dist] buckets leave early
             before = self._before_layer if self.pipelined else None             # [dist] the owed update
             self._settle_wait = 0.0
+            if hi <= lo:
+                self.settle()                                                   # [dist] before buf is reused
             t0 = time.perf_counter()
             if hi > lo:
                 x, y = self._examples(idx, lo, hi)
                 loss, correct = self.model.loss_and_grad(x, y, scale=1.0, ready=ready, before=before)  # sums
             else:
-                self.settle()                                                   # [dist] before buf is reused
                 buf[:] = 0.0
                 loss, correct = 0.0, 0
             seconds = self._slow_down(time.perf_counter() - t0 - self._settle_wait)
