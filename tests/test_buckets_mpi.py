@@ -88,7 +88,7 @@ def test_the_pipelined_step_gives_the_serial_steps_bits(tmp_path, n):
     out = tmp_path / "p.npz"
     launch(n, [out], module="tests.pipeline_prog", timeout=180)
     got = np.load(out)
-    for dtype in ("float32", "float16"):
+    for dtype in ("float32", "float16", "empty"):
         for what in ("params", "velocity", "losses"):
             a, b = got[f"{dtype}-pipelined-{what}"], got[f"{dtype}-serial-{what}"]
             assert np.array_equal(a, b), (dtype, what, float(np.abs(a - b).max()))
