@@ -2,9 +2,8 @@
 once pipelined (the back lane in 8 KiB chunks, 2 under way: many chunks, so that the front lane has to pass
 them) and once serial (whole buckets, the update after the step), for float32 and float16, and in float32
 with a global batch one smaller than the ranks (the last rank computes nothing: it settles at the step's
-start). Between steps a
-test-set evaluation every 5 steps settles the owed update, as the epoch loop does. Rank 0 saves the
-parameters, velocities and step losses of both for the test to compare."""
+start). Between steps a test-set evaluation every 5 steps settles the owed update, as the epoch loop
+does. Rank 0 saves the parameters, velocities and step losses of both for the test to compare."""
 import sys
 
 import numpy as np
