@@ -46,7 +46,8 @@ TAG = "lmh"                        # namespace names: lmh<pid>-h1 ...; the pid t
 SUBNET = "10.79.0"
 RATES = {"10g": 10e9, "1g": 1e9, "100m": 100e6}
 VARIANTS = {"fused": {"bucket_kb": 0}, "overlap": {"bucket_kb": 64},     # bucketed on loopback too
-            "fp16": {"bucket_kb": 64, "allreduce_dtype": "float16"}, "bf16": {"bucket_kb": 64, "allreduce_dtype": "bfloat16"}}
+            "fp16": {"bucket_kb": 64, "allreduce_dtype": "float16"}, "bf16": {"bucket_kb": 64, "allreduce_dtype": "bfloat16"},
+            "auto": {"bucket_kb": -1}}                                 # the default: measured, then kept
 
 
 def variant_config(name):
@@ -157,6 +158,8 @@ def worker(args):
         for n, r in out.items():
             t = trainers[n]
             schedule = "pipelined" if t.pipelined else "serial" if t.reducer else "fused"
+            if t.chooser:                                   # what the measured default kept after its trial
+                schedule = f"auto:{t.path if t.chooser.decided else 'undecided'}"
             rec = {"variant": n, "schedule": schedule, "ranks": comm.size, "hosts_seen": len(hosts), "batch": args.batch,
                    "rounds": args.rounds, "steps": args.steps, "data_images": len(ds.train_images)}
             for k, v in r.items():

@@ -27,8 +27,9 @@ class TrainConfig:
     micro_batch: int = 16           # deterministic mode: examples per fixed-size gradient chunk
     balance: bool = False           # shards follow each rank's measured speed (see balance.py)
     train_subset: int = 0           # use only the first N training examples (0 = all)
-    bucket_kb: int = 64             # gradients reduced in buckets of >= this many KiB, each started as soon
-                                    # as backward has produced it (buckets.py); 0 = one fused allreduce
+    bucket_kb: int = -1             # gradients reduced in buckets of >= this many KiB, each started as soon
+                                    # as backward has produced it (buckets.py); 0 = one fused allreduce;
+                                    # -1: 64 KiB buckets or fused, whichever the first steps measure faster
     allreduce_dtype: str = "float32"  # float16 | bfloat16: gradients travel in half precision (halfprec.py)
     val_size: int = -1              # examples held out of those for validation (-1: 1/12 of them; dataid.py)
 
@@ -56,7 +57,7 @@ class TrainConfig:
             (0 <= self.augment_shift <= 4, "augment_shift", "an integer in [0, 4]"),
             (self.micro_batch >= 1, "micro_batch", "an integer >= 1"),
             (self.train_subset >= 0, "train_subset", ">= 0"),
-            (self.bucket_kb >= 0, "bucket_kb", "an integer >= 0 (0: one fused allreduce)"),
+            (self.bucket_kb >= -1, "bucket_kb", "an integer >= 0 (0: one fused allreduce), or -1 (measured)"),
             (self.allreduce_dtype in DTYPES, "allreduce_dtype", " | ".join(DTYPES)),
             (self.val_size >= -1, "val_size", ">= 0, or -1 for the default"),
         ]

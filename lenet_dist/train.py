@@ -13,15 +13,15 @@ Per step, on every rank (lines marked [dist] exist only for distribution; at siz
 The shards are equal (sizes differ by at most one) unless --balance asks for shares that follow each
 rank's measured speed (balance.py); the seconds in the tail are what it measures.
 
-Bucketed (the default with more than one rank; --bucket-kb 0: the one fused allreduce): backward hands
-each layer's finished gradients to buckets.BucketedAllreduce, which starts a non-blocking allreduce per
-bucket, fully connected layers first. Pipelined (when the ranks span several nodes, each with a core per
-rank, and not deterministic): the step waits only for the first layers' bucket and the tail, updates
-conv1..conv2, and owes the update of fc1..fc3 until the next forward reaches fc1 (settle()), so their sums
-travel during the convolutions' backward and the next step's convolutions' forward. Each parameter gets
-the same update from the same sum as in the serial order, bit for bit; everything that reads the
-parameters between steps settles first. --allreduce-dtype float16 | bfloat16 sends the buckets in half
-precision (halfprec.py).
+Bucketed (--bucket-kb N; by default the run's first steps time the buckets against the one fused
+allreduce and keep the faster: pathchoice.py; --bucket-kb 0: fused): backward hands each layer's finished
+gradients to buckets.BucketedAllreduce, which starts a non-blocking allreduce per bucket, fully connected
+layers first. Pipelined (when the ranks span several nodes, each with a core per rank, and not
+deterministic): the step waits only for the first layers' bucket and the tail, updates conv1..conv2, and
+owes the update of fc1..fc3 until the next forward reaches fc1 (settle()), so their sums travel during the
+convolutions' backward and the next step's convolutions' forward. Each parameter gets the same update from
+the same sum as in the serial order, bit for bit; everything that reads the parameters between steps
+settles first. --allreduce-dtype float16 | bfloat16 sends the buckets in half precision (halfprec.py).
 
 Deterministic mode: the global batch is cut into fixed-size micro-batches, each micro-batch's gradient
 is rounded to 2**-32 fixed point in int64 and summed as integers. Integer addition is associative, so the
@@ -37,13 +37,14 @@ import numpy as np
 
 from . import sampler
 from .balance import ShardBalancer
-from .buckets import BucketedAllreduce, tail_slots
+from .buckets import BUCKET_KB_DEFAULT, BucketedAllreduce, tail_slots
 from .checkpoint import Checkpoint
 from .data import normalize
 from .dataid import data_record, val_size_of, validation_split
 from .layers import Workspace
 from .model import NUM_PARAMS, LeNet5
 from .optim import SGD, LRSchedule
+from .pathchoice import PathChooser
 
 TAIL = 3                      # grad buffer tail: [loss sum, number correct, stop votes, then one slot per
                               # rank: the seconds it spent computing its shard (the others add 0)]
@@ -68,7 +69,8 @@ class DataParallelTrainer:
         self.test_images, self.test_labels = dataset.test_images, dataset.test_labels
         self.n = len(train_idx)
         self.data_record = data_record(dataset.identity(), n, val_size, cfg.seed)  # meta["data"]
-        self.bucket_kb = cfg.bucket_kb if comm.size > 1 else 0         # [dist] 0: fused (one rank: no sum)
+        auto = cfg.bucket_kb < 0                                         # [dist] try both, keep the faster
+        self.bucket_kb = (BUCKET_KB_DEFAULT if auto else cfg.bucket_kb) if comm.size > 1 else 0   # 0: fused
         bucketed = self.bucket_kb > 0
         extra = tail_slots(self.bucket_kb, cfg.allreduce_dtype) if bucketed else 0
         self.model = LeNet5(seed=cfg.seed, grad_tail=TAIL + comm.size + extra)
@@ -98,6 +100,10 @@ class DataParallelTrainer:
                                          dtype=cfg.allreduce_dtype, pipelined=self.pipelined,
                                          chunk_kb=chunk_kb, window=window,
                                          send=self._acc if cfg.deterministic else None) if bucketed else None
+        self.chooser = PathChooser(comm) if auto and bucketed and cfg.allreduce_dtype == "float32" else None
+        self.path = "buckets" if bucketed else "fused"                  # [dist] this step's reduction
+        self._active = self.reducer                                      # the reducer this step uses, if any
+        self._steps_here = 0            # steps since this start (the chooser's clock)
         self._pending = None            # (B, lr) of the update still owed to [back_lo, NUM_PARAMS)
         self._settle_wait = 0.0         # seconds the current step's forward waited for it
         self.balancer = ShardBalancer(comm.size, enabled=cfg.balance)
@@ -134,6 +140,13 @@ class DataParallelTrainer:
         idx = self._batch_indices()
         B = len(idx)
         buf = self.model.grad_buffer
+        if self.chooser:                                                        # [dist] trying both paths
+            path = self.chooser.path(self._steps_here)
+            if path != self.path:
+                self.settle()
+                self.path = path
+            self.chooser.step_starts(self._steps_here)
+        reducer = self._active = self.reducer if self.path == "buckets" else None
         if self.cfg.deterministic:
             m = self.cfg.micro_batch
             cuts = np.minimum(self.balancer.plan(-(-B // m)) * m, B)           # [dist] whole micro-batches
@@ -141,8 +154,8 @@ class DataParallelTrainer:
         else:
             cuts = self.balancer.plan(B, quantum=BALANCE_QUANTUM)
             lo, hi = cuts[self.comm.rank], cuts[self.comm.rank + 1]            # [dist] this rank's shard
-            ready = self.reducer.ready if self.reducer else None                # [dist] buckets leave early
-            before = self._before_layer if self.pipelined else None             # [dist] the owed update
+            ready = reducer.ready if reducer else None                          # [dist] buckets leave early
+            before = self._before_layer if reducer and self.pipelined else None # [dist] the owed update
             self._settle_wait = 0.0
             if hi <= lo:
                 self.settle()                                                   # [dist] before buf is reused
@@ -169,7 +182,7 @@ class DataParallelTrainer:
         self.seconds_by_rank += seconds
         self.step_compute_seconds = seconds                                    # this step's, per rank (a view)
         lr = self.schedule(self.step)
-        if self.pipelined and self.reducer.back_lo < NUM_PARAMS:              # [dist] the first layers now,
+        if reducer and self.pipelined and reducer.back_lo < NUM_PARAMS:       # [dist] the first layers now,
             front = slice(0, self.reducer.back_lo)                              # the rest when needed
             self.model.grads[front] *= np.float32(1.0 / B)
             self.opt.step(self.model.grads, lr, front)
@@ -181,6 +194,11 @@ class DataParallelTrainer:
         self.pos += 1
         if self.pos == self.steps_per_epoch:
             self.epoch, self.pos = self.epoch + 1, 0
+        if self.chooser:                                                        # [dist]
+            decided = self.chooser.step_ends(self._steps_here, self.settle)
+            if decided:
+                self.path = decided
+        self._steps_here += 1
         return B, loss_sum, n_correct, stop
 
     def _before_layer(self, offset):
@@ -232,9 +250,9 @@ class DataParallelTrainer:
         def into_fixed_point(offset):       # [dist] a finished layer of the last micro-batch joins the sum ...
             acc[offset:in_acc[0]] += np.rint(buf[offset:in_acc[0]].astype(np.float64) * scale).astype(np.int64)
             in_acc[0] = offset
-            self.reducer.ready(offset)      # ... and its bucket may leave
+            self._active.ready(offset)      # ... and its bucket may leave
         for start in starts:
-            early = self.reducer is not None and start == starts[-1]                          # [dist]
+            early = self._active is not None and start == starts[-1]                          # [dist]
             x, y = self._examples(idx, start, min(start + m, hi))
             loss, correct = self.model.loss_and_grad(x, y, scale=1.0, ready=into_fixed_point if early else None)
             buf[NUM_PARAMS:NUM_PARAMS + TAIL] = (loss, correct, 0)
@@ -250,10 +268,10 @@ class DataParallelTrainer:
         """[dist] Sum `send` (the grad buffer, or the fixed-point sums) over the ranks: the buckets not yet
         started and the tail, then wait for all; or, fused, in one allreduce."""
         t = time.perf_counter()
-        if self.reducer:
-            self.reducer.finish()
+        if self._active:
+            self._active.finish()
             if not self.pipelined:
-                self.reducer.settle()
+                self._active.settle()
         else:
             self.comm.allreduce_(send)
         self.comm_seconds += time.perf_counter() - t

@@ -94,3 +94,21 @@ def test_the_pipelined_step_gives_the_serial_steps_bits(tmp_path, n):
             assert np.array_equal(a, b), (dtype, what, float(np.abs(a - b).max()))
         assert np.isfinite(got[f"{dtype}-pipelined-params"]).all()
     assert not got["default-pipelined"]           # all ranks on one node: whole buckets by default
+
+
+def test_the_default_measures_both_paths_and_keeps_one_without_changing_the_result(tmp_path):
+    """--bucket-kb -1 (the default): the first 58 steps try the fused path and the buckets in turn, then
+    the run keeps one and says which; the parameters stay those of the fused path (float rounding)."""
+    def run(name, *extra):
+        d = tmp_path / name
+        p = launch(2, ["--subset", "--val-size", "0", "--epochs", "2", "--batch-size", "50", "--lr", "0.01",
+                       "--seed", "7", "--no-progress", "--log-level", "INFO", "--stall-timeout", "30",
+                       "--checkpoint-dir", d, "--metrics", d / "metrics.jsonl", *extra])
+        rows = [r for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines()) if r["event"] == "epoch"]
+        return final_params(d)[0], rows, p.stderr
+    fused, rows, _ = run("fused", "--bucket-kb", "0")
+    assert rows[-1]["allreduce"] == "fused"
+    chosen, rows, log = run("auto")
+    assert rows[-1]["step"] == 80 and rows[-1]["allreduce"] in ("fused", "buckets")
+    assert f"allreduce: {rows[-1]['allreduce']} (fused " in log
+    assert rel_diff(chosen, fused) <= 1e-5

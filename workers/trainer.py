@@ -88,6 +88,7 @@ def run(args, comm):
     guard = _stall_guard(args, comm, trainer)
     first_step = trainer.step + 1          # logged when done: lenet-launch's restart time ends there
     saved = None                           # rank 0: the newest checkpoint file written
+    announced = False                      # the measured allreduce path has been logged
     try:
         while not trainer.done:
             ep_start_step, t0 = trainer.step, time.perf_counter()
@@ -100,6 +101,12 @@ def run(args, comm):
                 lr = trainer.schedule(trainer.step)
                 B, l, c, stop_all = trainer.train_step(stop_request=bool(stop.signum))
                 guard.beat()
+                if trainer.chooser and trainer.chooser.decided and not announced:
+                    announced = True
+                    m = trainer.chooser.medians
+                    log.info("allreduce: %s (fused %.2f ms a step, 64 KiB buckets %.2f ms, measured over the "
+                             "first %d steps; --bucket-kb sets it)", trainer.path, 1e3 * m["fused"],
+                             1e3 * m["buckets"], trainer.chooser.trial_steps)
                 if trainer.step == first_step:
                     log.info("step %d done, the first of this start", trainer.step)
                 state.add(trainer.step, B, l, c, lr, trainer.step_compute_seconds, time.perf_counter())
@@ -134,6 +141,7 @@ def run(args, comm):
                       "images_per_s": round(seen / train_seconds, 1), "ranks": comm.size,
                       "steps": trainer.step - ep_start_step, "lr": trainer.schedule(max(trainer.step - 1, 0))}
             if comm.size > 1:               # who did the work: equal shares unless --balance moved them
+                record["allreduce"] = trainer.path
                 record["rank_shares"] = [round(float(v), 4) for v in trainer.examples_by_rank / max(seen, 1)]
                 record["rank_compute_s"] = [round(float(v), 3) for v in trainer.seconds_by_rank]
                 slow = straggler(trainer.examples_by_rank, trainer.seconds_by_rank)
