@@ -27,7 +27,7 @@ class TrainConfig:
     micro_batch: int = 16           # deterministic mode: examples per fixed-size gradient chunk
     balance: bool = False           # shards follow each rank's measured speed (see balance.py)
     train_subset: int = 0           # use only the first N training examples (0 = all)
-    bucket_kb: int = -1             # gradients reduced in buckets of >= this many KiB, each started as soon
+    bucket_kb: int = 64             # gradients reduced in buckets of >= this many KiB, each started as soon
                                     # as backward has produced it (buckets.py); 0 = one fused allreduce;
                                     # -1: 64 KiB buckets or fused, whichever the first steps measure faster
     allreduce_dtype: str = "float32"  # float16 | bfloat16: gradients travel in half precision (halfprec.py)

@@ -1,4 +1,4 @@
-"""The default allreduce path, chosen by measuring both on the run itself (`--bucket-kb -1`, the default).
+"""The allreduce path chosen by measuring both on the run itself (`--bucket-kb -1`).
 
 Which of the two reductions is faster depends on where the ranks are, not on the model (docs/scaling.md):
 
@@ -17,8 +17,10 @@ So the first steps of a run try both, in interleaved blocks, and the run keeps t
 
 A block's time runs from its first step to its last step's end, owed update settled, so a pipelined
 step's tail is charged to its own path. Both paths give every parameter the same sum (within float
-rounding; exactly in --deterministic mode), so switching mid-run changes nothing but the speed. A run too
-short to finish the trial keeps the buckets.
+rounding; exactly in --deterministic mode), so switching mid-run changes nothing but the speed. But the
+choice follows the clock: with 3 or more ranks two runs of the same seed may differ in the last bits (MPI
+adds the ranks in another order on each path), as with --balance; that is why it is not the default. A run
+too short to finish the trial keeps the buckets.
 """
 from __future__ import annotations
 

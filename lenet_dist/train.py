@@ -13,8 +13,8 @@ Per step, on every rank (lines marked [dist] exist only for distribution; at siz
 The shards are equal (sizes differ by at most one) unless --balance asks for shares that follow each
 rank's measured speed (balance.py); the seconds in the tail are what it measures.
 
-Bucketed (--bucket-kb N; by default the run's first steps time the buckets against the one fused
-allreduce and keep the faster: pathchoice.py; --bucket-kb 0: fused): backward hands each layer's finished
+Bucketed (the default with more than one rank; --bucket-kb 0: the one fused allreduce; -1: the run's first
+steps time both and keep the faster, pathchoice.py): backward hands each layer's finished
 gradients to buckets.BucketedAllreduce, which starts a non-blocking allreduce per bucket, fully connected
 layers first. Pipelined (when the ranks span several nodes, each with a core per rank, and not
 deterministic): the step waits only for the first layers' bucket and the tail, updates conv1..conv2, and

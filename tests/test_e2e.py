@@ -5,6 +5,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -35,6 +36,22 @@ def start_evaluator(endpoint, report, *extra):
     cmd = [sys.executable, "-m", "workers.evaluator", "--connect", endpoint, "--subset", "--report", str(report),
            "--poll-ms", "200", "--timeout", "120", *map(str, extra)]
     return subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_serving(p, timeout=60):
+    """Until the evaluator says it evaluates (stderr), so that a trainer started next cannot die before the
+    evaluator listens (under load its start-up took longer than a trainer's 100 steps)."""
+    seen = []
+
+    def read():
+        for line in p.stderr:
+            seen.append(line)
+            if "evaluating checkpoints from" in line:
+                return
+    t = threading.Thread(target=read, daemon=True)
+    t.start()
+    t.join(timeout)
+    assert any("evaluating checkpoints from" in line for line in seen), "".join(seen)
 
 
 def finish(p, timeout=120):
@@ -122,6 +139,7 @@ def test_trainer_restarted_with_resume_while_evaluator_keeps_running(tmp_path):
     endpoint, report = f"tcp://127.0.0.1:{free_port()}", tmp_path / "eval.jsonl"
     ckpt = tmp_path / "ckpt"
     ev = start_evaluator(endpoint, report)
+    wait_serving(ev)
     tr = start_trainer(endpoint, tmp_path, "--checkpoint-dir", ckpt, "--fault", "0:100:exit", epochs=4)
     code, _, _ = finish(tr)
     assert code != 0                                          # died at step 100

@@ -45,8 +45,8 @@ def parse_args(argv=None):
                    help="use only the first N training examples (0: all of them)")
     g.add_argument("--bucket-kb", type=int, default=d.bucket_kb,
                    help="reduce gradients in buckets of at least this many KiB, each started while backward "
-                        "goes on (fully connected layers first); 0: one fused allreduce after backward; -1 (the "
-                        "default): 64, or fused if the run's first 58 steps measure it faster")
+                        "goes on (fully connected layers first); 0: one fused allreduce after backward; -1: 64, "
+                        "or fused if the run's first 58 steps measure it faster")
     g.add_argument("--allreduce-dtype", choices=["float32", "float16", "bfloat16"], default=d.allreduce_dtype,
                    help="gradients travel in this precision (half: scaled, with error feedback; needs "
                         "--bucket-kb > 0, not --deterministic)")
