@@ -230,6 +230,7 @@ def half_costs(ranks):
     waits). Measured alone on this rank, on a gradient-like vector."""
     import numpy as np
     from lenet_dist import halfprec
+    from lenet_dist.buckets import HalfSum
     from lenet_dist.model import NUM_PARAMS
     rng = np.random.default_rng(0)
     g = (rng.standard_normal(NUM_PARAMS) * 10.0 ** rng.uniform(-7, -2, NUM_PARAMS)).astype(np.float32)
@@ -244,9 +245,7 @@ def half_costs(ranks):
             t0 = time.perf_counter()
             halfprec.encode(g.copy(), res, scale, dtype, out=h)
             t1 = time.perf_counter()
-            parts = recv.view(np.float16).astype(np.float32) if dtype == "float16" else halfprec.from_bfloat16(recv)
-            total = parts.sum(axis=0, dtype=np.float32)
-            halfprec.to_float16(total) if dtype == "float16" else halfprec.to_bfloat16(total)
+            HalfSum.sum_halves(recv, dtype)
             halfprec.all_finite(h, dtype)
             halfprec.decode(h, scale, dtype, out=back)
             t2 = time.perf_counter()

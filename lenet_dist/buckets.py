@@ -1,7 +1,7 @@
 """The bucketed allreduce: the gradient is summed over the ranks in buckets, each started (non-blocking) as
-soon as backward has produced it and all waited for before the SGD step, so that the fully connected
-layers' gradients (80% of the bytes, and backward produces them first) travel while the convolutions'
-backward still computes.
+soon as backward has produced it, so that the fully connected layers' gradients (80% of the bytes, and
+backward produces them first) travel while the convolutions' backward still computes (and, pipelined,
+the next step's convolutions' forward: BucketedAllreduce).
 
     grad buffer  [conv1 | conv2 | fc1 | fc2 | fc3 | tail]   flat, in PARAM_SPECS order
     backward      <-- fc3, fc2, fc1, conv2, conv1            model.backward calls ready(offset) after each
@@ -292,12 +292,16 @@ class HalfSum:
     def result(self):
         return self.gathered[:self.n]
 
-    def _reduce_and_gather(self):
-        parts = self.recv.view(np.float16).astype(np.float32) if self.dtype == "float16" \
-            else halfprec.from_bfloat16(self.recv)                                          # (p, c)
+    @staticmethod
+    def sum_halves(recv, dtype):
+        """(p, c) half-precision bits, one row per rank -> their sum over the rows in float32, rounded once
+        to half (bits, (c,))."""
+        parts = recv.view(np.float16).astype(np.float32) if dtype == "float16" else halfprec.from_bfloat16(recv)
         total = parts.sum(axis=0, dtype=np.float32)
-        self.mine[...] = (halfprec.to_float16(total).view(U16) if self.dtype == "float16"
-                          else halfprec.to_bfloat16(total))
+        return halfprec.to_float16(total).view(U16) if dtype == "float16" else halfprec.to_bfloat16(total)
+
+    def _reduce_and_gather(self):
+        self.mine[...] = self.sum_halves(self.recv, self.dtype)
         self.request, self.step = self.comm.iallgather_(self.mine, self.gathered), 2
 
     def _done(self):
@@ -322,17 +326,3 @@ class HalfSum:
         if self.step == 2:
             self.comm.wait_all([self.request])
             self._done()
-
-    @staticmethod
-    def advance(sums):
-        """Move every sum along without waiting; allgathers start in the order of `sums`."""
-        for s in sums:
-            if s.step == 1 and not s.test():
-                return                                          # the later ones wait for this one's turn
-            if s.step == 2:
-                s.test()
-
-    @staticmethod
-    def wait_all(sums):
-        for s in sums:
-            s.wait()

@@ -102,7 +102,6 @@ class DataParallelTrainer:
                                          send=self._acc if cfg.deterministic else None) if bucketed else None
         self.chooser = PathChooser(comm) if auto and bucketed and cfg.allreduce_dtype == "float32" else None
         self.path = "buckets" if bucketed else "fused"                  # [dist] this step's reduction
-        self._active = self.reducer                                      # the reducer this step uses, if any
         self._steps_here = 0            # steps since this start (the chooser's clock)
         self._pending = None            # (B, lr) of the update still owed to [back_lo, NUM_PARAMS)
         self._settle_wait = 0.0         # seconds the current step's forward waited for it
@@ -146,7 +145,7 @@ class DataParallelTrainer:
                 self.settle()
                 self.path = path
             self.chooser.step_starts(self._steps_here)
-        reducer = self._active = self.reducer if self.path == "buckets" else None
+        reducer = self._active
         if self.cfg.deterministic:
             m = self.cfg.micro_batch
             cuts = np.minimum(self.balancer.plan(-(-B // m)) * m, B)           # [dist] whole micro-batches
@@ -200,6 +199,11 @@ class DataParallelTrainer:
                 self.path = decided
         self._steps_here += 1
         return B, loss_sum, n_correct, stop
+
+    @property
+    def _active(self):
+        """[dist] The reducer this step uses: none on the fused path."""
+        return self.reducer if self.path == "buckets" else None
 
     def _before_layer(self, offset):
         """[dist] Forward is about to use the weights from flat `offset` on: if they are owed an update,
