@@ -4,6 +4,11 @@ one more client sends a drawn digit to /api/predict five times a second ("loaded
 (quiet, loaded, quiet, loaded, ...).
 
     LENET_DATA_DIR=/path/to/mnist python bench/dashboard_load.py [--repeats 3] [--train-subset 20000]
+    LENET_DATA_DIR=/path/to/mnist python bench/dashboard_load.py --interleave 6 --epochs 40
+
+--interleave SECONDS: one long run instead, whose load is switched on and off every SECONDS (the streams
+closed and reopened, the predicts paused); evaluations and step rows are compared between the loaded and
+the quiet phases of the same run, which leaves out the run-to-run spread of whole runs (up to 30% here).
 
 The 50 streams run in a process of their own at the lowest priority (SCHED_IDLE: they stand for browsers on
 other machines; --no-nice: at normal priority); the predict client runs at normal priority in this one.
@@ -34,6 +39,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 
 def free_port():
@@ -62,19 +68,33 @@ class Streams:
                                      "--idle" if idle else "--no-idle"], stdin=subprocess.PIPE,
                                     stdout=subprocess.PIPE, text=True)
 
+    def switch(self, on):
+        self.proc.stdin.write("on\n" if on else "off\n")
+        self.proc.stdin.flush()
+
     def close(self):
         out, _ = self.proc.communicate(timeout=30)      # closes its stdin: the signal to stop
         return int(out.strip() or 0)
 
 
 def streams_child(url, n, idle):
+    """Holds `n` live streams open. Lines on stdin switch them: "off" closes them all, "on" opens `n` again
+    (they start open); stdin's end stops the child, which then prints the events it received."""
     if idle:
         try:
             os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
         except (AttributeError, OSError):
             os.nice(19)
-    events, stop = [0], threading.Event()
-    threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+    events, commands = [0], []
+    lock = threading.Lock()
+
+    def read_commands():
+        for line in sys.stdin:
+            with lock:
+                commands.append(line.strip())
+        with lock:
+            commands.append("stop")
+    threading.Thread(target=read_commands, daemon=True).start()
 
     where = urlsplit(url)
     marker = b"\ndata: "
@@ -88,21 +108,32 @@ def streams_child(url, n, idle):
             writer.write(f"GET /api/stream HTTP/1.1\r\nHost: {where.netloc}\r\n"
                          f"Accept: text/event-stream\r\n\r\n".encode())
             tail = b""
-            while chunk := await reader.read(1 << 16):
-                got = tail + chunk
-                events[0] += got.count(marker)         # none lies wholly in `tail`, shorter than the marker
-                tail = got[-(len(marker) - 1):]
-            writer.close()
+            try:
+                while chunk := await reader.read(1 << 16):
+                    got = tail + chunk
+                    events[0] += got.count(marker)     # none lies wholly in `tail`, shorter than the marker
+                    tail = got[-(len(marker) - 1):]
+            finally:
+                writer.close()
         except (OSError, asyncio.CancelledError):      # the evaluator exits after the final checkpoint
             pass
 
     async def main():
         tasks = [asyncio.create_task(stream()) for _ in range(n)]
-        while not stop.is_set():
-            await asyncio.sleep(0.2)
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        while True:
+            await asyncio.sleep(0.05)
+            with lock:
+                todo, commands[:] = list(commands), []
+            for c in todo:
+                if c in ("off", "stop"):
+                    for t in tasks:
+                        t.cancel()
+                    await asyncio.gather(*tasks, return_exceptions=True)
+                    tasks = []
+                elif c == "on" and not tasks:
+                    tasks = [asyncio.create_task(stream()) for _ in range(n)]
+            if "stop" in todo:
+                break
     asyncio.run(main())
     print(events[0], flush=True)
 
@@ -116,7 +147,9 @@ class Predicts:
     def __init__(self, url, rate):
         self.url, self.rate = url, rate
         self.latencies, self.errors, self.handler_ms = [], 0, []
-        self._stop = threading.Event()
+        self.sent = []                                  # (time.time() at the send, latency s) of each 200
+        self._stop, self.running = threading.Event(), threading.Event()
+        self.running.set()                              # clear() pauses the requests, set() resumes them
         self._thread = threading.Thread(target=self._main, daemon=True)
         self._thread.start()
 
@@ -126,15 +159,22 @@ class Predicts:
         where = urlsplit(self.url)
         conn = http.client.HTTPConnection(where.hostname, where.port, timeout=30)
         while not self._stop.is_set():
-            t0 = time.perf_counter()
+            if not self.running.is_set():
+                self.running.wait(0.1)
+                continue
+            t0, wall = time.perf_counter(), time.time()
             try:
                 conn.request("POST", "/api/predict", body=body, headers={"Content-Type": "image/png"})
                 r = conn.getresponse()
                 r.read()
-            except (OSError, http.client.HTTPException):    # the evaluator exits after the final checkpoint
-                break
+            except (OSError, http.client.HTTPException):    # the server closed an idle connection (a pause
+                conn.close()                                # past its keep-alive), or the evaluator ended
+                self._stop.wait(0.2)
+                conn = http.client.HTTPConnection(where.hostname, where.port, timeout=30)
+                continue
             if r.status == 200:
                 self.latencies.append(time.perf_counter() - t0)
+                self.sent.append((wall, self.latencies[-1]))
                 timing = r.getheader("server-timing", "")
                 if "dur=" in timing:
                     self.handler_ms.append(float(timing.split("dur=")[1]))
@@ -145,6 +185,7 @@ class Predicts:
 
     def close(self):
         self._stop.set()
+        self.running.set()
         self._thread.join(10)
 
 
@@ -205,7 +246,9 @@ class CpuSampler:
         return self.seconds
 
 
-def run_once(loaded, args, data_flags, tmp):
+def commands(args, data_flags, tmp):
+    """The trainer's and the evaluator's command lines, their environment, the dashboard's URL and the
+    trainer's --metrics and the evaluator's --report files."""
     endpoint, port = f"tcp://127.0.0.1:{free_port()}", free_port()
     url = f"http://127.0.0.1:{port}"
     stamp = time.monotonic_ns()
@@ -219,6 +262,11 @@ def run_once(loaded, args, data_flags, tmp):
     evaluator = [sys.executable, "-m", "workers.evaluator", "--connect", endpoint, "--report", str(report),
                  *(["--subset"] if "--subset" in data_flags else ["--no-download"]), "--log-level", "WARNING",
                  "--http", f"127.0.0.1:{port}"]
+    return trainer, evaluator, env, url, metrics, report
+
+
+def run_once(loaded, args, data_flags, tmp):
+    trainer, evaluator, env, url, metrics, report = commands(args, data_flags, tmp)
     ev = subprocess.Popen(evaluator, env=env, stdout=subprocess.DEVNULL)
     streams = predicts = sampler = None
     events = 0
@@ -260,6 +308,113 @@ def run_once(loaded, args, data_flags, tmp):
                    if predicts.handler_ms else None)
     return out
 
+def run_interleaved(args, data_flags, tmp):
+    """One long run whose load is switched on and off every `args.interleave` seconds (quiet first): the
+    50 streams close and reopen, the predicts pause and resume. Each evaluation and each step row is put
+    in the phase it lies in wholly, leaving out its first `args.settle` seconds; ratios compare the loaded
+    phases with the quiet ones of the same run (so the run-to-run spread of whole runs drops out)."""
+    trainer, evaluator, env, url, metrics, report = commands(args, data_flags, tmp)
+    ev = subprocess.Popen(evaluator, env=env, stdout=subprocess.DEVNULL)
+    streams = predicts = t = None
+    phases, events = [], 0                  # phases: [start, end, loaded, {name: cpu seconds in it}]
+    try:
+        wait_http(url)
+        streams = Streams(url, args.clients, idle=not args.no_nice) if args.clients else None
+        predicts = Predicts(url, args.rate) if args.rate > 0 else None
+        switch(streams, predicts, False)
+        pids = {"evaluator": ev.pid, "dashboard": dashboard_child(ev.pid),
+                "streams": streams.proc.pid if streams else None}
+        pids = {k: v for k, v in pids.items() if v}
+        t = subprocess.Popen(trainer, env=env, stdout=subprocess.DEVNULL)
+        while t.poll() is None and not (report.exists() and report.stat().st_size):    # the first evaluation
+            time.sleep(0.1)
+        loaded = False
+        while t.poll() is None:
+            cpu0 = {k: cpu_seconds(v) for k, v in pids.items()}
+            phases.append([time.time(), None, loaded, {}])
+            deadline = time.monotonic() + args.interleave
+            while t.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            phases[-1][1] = time.time()
+            phases[-1][3] = {k: round(cpu_seconds(v) - cpu0[k], 3) for k, v in pids.items()
+                             if cpu0[k] is not None and cpu_seconds(v) is not None}
+            loaded = not loaded
+            switch(streams, predicts, loaded)
+        if t.returncode != 0:
+            raise SystemExit(f"trainer exited {t.returncode}")
+        ev.wait(timeout=60)
+    finally:
+        if predicts is not None:
+            predicts.close()
+        if streams is not None:
+            events = streams.close()
+        for proc in (t, ev):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                proc.wait(10)
+    steps = [json.loads(x) for x in metrics.read_text().splitlines() if '"event": "step"' in x]
+    evals = [json.loads(x) for x in report.read_text().splitlines()]
+
+    def phase_of(start, end):
+        for i, (a, b, _, _) in enumerate(phases):
+            if a + args.settle <= start and end <= b:
+                return i
+        return None
+    per = [{"loaded": ld, "eval_s": [], "images": 0.0, "seconds": 0.0, "cpu": cpu} for _, _, ld, cpu in phases]
+    for e in evals:
+        i = phase_of(e["time"] - e["eval_seconds"], e["time"])
+        if i is not None:
+            per[i]["eval_s"].append(e["eval_seconds"])
+    for r in steps:
+        i = phase_of(r["time"] - r["seconds"], r["time"])
+        if i is not None:
+            per[i]["images"] += r["images_per_s"] * r["seconds"]
+            per[i]["seconds"] += r["seconds"]
+    lat = sorted(x for w, x in predicts.sent if phase_of(w, w) is not None) if predicts else []
+    return summarize_phases(per, lat, events)
+
+
+def switch(streams, predicts, on):
+    if streams is not None:
+        streams.switch(on)
+    if predicts is not None:
+        (predicts.running.set if on else predicts.running.clear)()
+
+
+def summarize_phases(per, latencies, events):
+    """Ratios loaded / quiet: pooled over all phases, and per pair of a quiet phase and the loaded one
+    after it (their median and range)."""
+    def pooled(loaded):
+        ph = [q for q in per if q["loaded"] == loaded]
+        ev = [x for q in ph for x in q["eval_s"]]
+        return {"eval_seconds": statistics.median(ev) if ev else None, "evaluations": len(ev),
+                "images_per_s": sum(q["images"] for q in ph) / max(sum(q["seconds"] for q in ph), 1e-9),
+                "phases": len(ph), "cpu_seconds": {k: round(sum(q["cpu"].get(k, 0.0) for q in ph), 2)
+                                                   for k in {k for q in ph for k in q["cpu"]}}}
+    quiet, loaded = pooled(False), pooled(True)
+    pairs = [(per[i], per[i + 1]) for i in range(0, len(per) - 1, 2)]
+    eval_pairs = [statistics.median(b["eval_s"]) / statistics.median(a["eval_s"])
+                  for a, b in pairs if a["eval_s"] and b["eval_s"]]
+    train_pairs = [(b["images"] / b["seconds"]) / (a["images"] / a["seconds"])
+                   for a, b in pairs if a["seconds"] and b["seconds"]]
+
+    def spread(xs):
+        return {"median": round(statistics.median(xs), 4), "min": round(min(xs), 3), "max": round(max(xs), 3),
+                "n": len(xs)} if xs else None
+    out = {"quiet": quiet, "loaded": loaded,
+           "eval_ratio": round(loaded["eval_seconds"] / quiet["eval_seconds"], 4)
+           if quiet["eval_seconds"] and loaded["eval_seconds"] else None,
+           "trainer_ratio": round(loaded["images_per_s"] / quiet["images_per_s"], 4) if quiet["images_per_s"] else None,
+           "eval_ratio_pairs": spread(eval_pairs), "trainer_ratio_pairs": spread(train_pairs),
+           "stream_events": events, "predicts": len(latencies)}
+    if latencies:
+        out.update(predict_p50_ms=round(1000 * latencies[len(latencies) // 2], 2),
+                   predict_p99_ms=round(1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 2))
+    for c in ("quiet", "loaded"):
+        out[c]["eval_seconds"] = round(out[c]["eval_seconds"], 4) if out[c]["eval_seconds"] else None
+        out[c]["images_per_s"] = round(out[c]["images_per_s"], 1)
+    return out
+
 
 def main():
     if sys.argv[1:2] == ["--streams-child"]:
@@ -273,11 +428,22 @@ def main():
     p.add_argument("--rate", type=float, default=5.0, help="predict requests per second")
     p.add_argument("--no-nice", action="store_true", help="run the clients at normal priority")
     p.add_argument("--trainer-nice", type=int, default=0, help="run the trainer under nice -n N (quiet and loaded)")
+    p.add_argument("--interleave", type=float, default=0.0, metavar="SECONDS",
+                   help="one long run, the load switched on and off every SECONDS (see run_interleaved)")
+    p.add_argument("--settle", type=float, default=1.0, metavar="SECONDS",
+                   help="--interleave: the first SECONDS of every phase are left out")
     args = p.parse_args()
     have_mnist = bool(os.environ.get("LENET_DATA_DIR"))
     data_flags = ["--no-download", "--train-subset", str(args.train_subset)] if have_mnist else ["--subset"]
     if not have_mnist:
         args.epochs = max(args.epochs, 20)
+    if args.interleave:
+        with tempfile.TemporaryDirectory() as tmp:
+            for _ in range(args.repeats):
+                r = run_interleaved(args, data_flags, Path(tmp))
+                r["load_average"] = round(os.getloadavg()[0], 2)
+                print(json.dumps(r), flush=True)
+        return
     runs = {"quiet": [], "loaded": []}
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.repeats):

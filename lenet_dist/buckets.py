@@ -136,6 +136,18 @@ class BucketedAllreduce:
             return [HalfSum(lane.comm, a, b, self.dtype, source=values[a:b].view(U16)) for a, b in zip(cuts, cuts[1:])]
         return [_Sum(lane.comm, values[a:b], how or "float32") for a, b in zip(cuts, cuts[1:])]
 
+    def compression_state(self):
+        """(this rank's residual, the agreed scale of each bucket: None where the next step sends float32),
+        what a checkpoint keeps so that a resumed run rounds as the uninterrupted one would. Settled only."""
+        assert self.compress and not self._unsettled
+        return self.residual, list(self.scale)
+
+    def load_compression_state(self, residual, scales):
+        """Go on from a checkpoint's compression_state() (this rank's residual; `scales` None: unknown, the
+        next step sends float32)."""
+        self.residual[:] = residual
+        self.scale = list(scales) if scales is not None else [None] * len(self.buckets)
+
     @property
     def pending(self):
         """True while the back lane's sums are not all in `buf` (settle() brings them)."""

@@ -3,6 +3,9 @@
 Layout of a checkpoint (format_version 1):
     conv1.weight ... fc3.bias   the ten parameters, float32, PyTorch layout (model.PARAM_SPECS)
     optim.velocity              the SGD momentum buffer, float32, flat, in the same order
+    optim.residual              only from a run whose gradients travel in half precision: each rank's
+                                error-feedback residual (what rounding lost, owed to its next gradient),
+                                float32 (ranks, NUM_PARAMS); meta.allreduce then holds the agreed scales
     meta                        uint8 bytes of a JSON object: format_version, step, epoch, pos (batches done
                                 in the epoch), config, ranks, final, created, rng (how to redraw every
                                 random number), content_sha256 (over every array above, in order)
@@ -41,25 +44,31 @@ class Checkpoint:
     params: dict        # name -> float32 array, PARAM_SPECS shapes
     velocity: np.ndarray  # (NUM_PARAMS,) float32
     meta: dict
+    residual: np.ndarray | None = None  # (meta ranks, NUM_PARAMS) float32: half-precision runs only
 
     @property
     def step(self):
         return int(self.meta["step"])
 
 
-def _content_hash(params, velocity):
+def _content_hash(params, velocity, residual=None):
     h = hashlib.sha256()
     for name, _ in PARAM_SPECS:
         h.update(np.ascontiguousarray(params[name], dtype="<f4").tobytes())
     h.update(np.ascontiguousarray(velocity, dtype="<f4").tobytes())
+    if residual is not None:                    # absent: the hash of every checkpoint without one is unchanged
+        h.update(np.ascontiguousarray(residual, dtype="<f4").tobytes())
     return h.hexdigest()
 
 
-def to_bytes(params, velocity, meta):
-    """Serialize; `params` maps each PARAM_SPECS name to an array, `meta` is a JSON-able dict."""
-    meta = dict(meta, format_version=FORMAT_VERSION, content_sha256=_content_hash(params, velocity))
+def to_bytes(params, velocity, meta, residual=None):
+    """Serialize; `params` maps each PARAM_SPECS name to an array, `meta` is a JSON-able dict, `residual`
+    (optional) the (ranks, NUM_PARAMS) error-feedback residuals of a half-precision run."""
+    meta = dict(meta, format_version=FORMAT_VERSION, content_sha256=_content_hash(params, velocity, residual))
     arrays = {name: np.asarray(params[name], dtype=np.float32) for name, _ in PARAM_SPECS}
     arrays["optim.velocity"] = np.asarray(velocity, dtype=np.float32)
+    if residual is not None:
+        arrays["optim.residual"] = np.asarray(residual, dtype=np.float32)
     arrays["meta"] = np.frombuffer(json.dumps(meta, sort_keys=True).encode(), dtype=np.uint8)
     buf = io.BytesIO()
     np.savez(buf, **arrays)
@@ -114,15 +123,23 @@ def _verify(arrays, name):
     if v is None or v.dtype != np.float32 or v.shape != (NUM_PARAMS,):
         got = "missing" if v is None else f"{v.dtype}{v.shape}"
         raise CheckpointError(f"{name}: optim.velocity is {got}, expected float32({NUM_PARAMS},)")
-    extra = sorted(set(arrays) - {n for n, _ in PARAM_SPECS} - {"optim.velocity", "meta"})
+    extra = sorted(set(arrays) - {n for n, _ in PARAM_SPECS} - {"optim.velocity", "optim.residual", "meta"})
     if extra:
         raise CheckpointError(f"{name}: unexpected arrays {', '.join(extra)}")
-    if _content_hash(params, v) != meta.get("content_sha256"):
+    r = arrays.get("optim.residual")
+    if r is not None:
+        ranks = meta.get("ranks")
+        if not isinstance(ranks, int) or r.dtype != np.float32 or r.shape != (ranks, NUM_PARAMS):
+            raise CheckpointError(f"{name}: optim.residual is {r.dtype}{r.shape}, expected float32"
+                                  f"({ranks!r}, {NUM_PARAMS}) for meta.ranks {ranks!r}")
+        if not isinstance(meta.get("allreduce"), dict):
+            raise CheckpointError(f"{name}: optim.residual without meta.allreduce")
+    if _content_hash(params, v, r) != meta.get("content_sha256"):
         raise CheckpointError(f"{name}: content sha256 does not match meta.content_sha256 (corrupt)")
-    for pname, a in params.items():
+    for pname, a in [*params.items(), *([("optim.residual", r)] if r is not None else [])]:
         if not np.isfinite(a).all():
             raise CheckpointError(f"{name}: {pname} holds NaN or Inf")
-    return Checkpoint(params=params, velocity=v, meta=meta)
+    return Checkpoint(params=params, velocity=v, meta=meta, residual=r)
 
 
 # ------------------------------------------------------------------------------------------- directories
@@ -209,11 +226,11 @@ def list_checkpoints(directory):
     return sorted(found, reverse=True)
 
 
-def save(directory, params, velocity, meta, keep=3):
+def save(directory, params, velocity, meta, residual=None, *, keep=3):
     """Write the checkpoint for meta['step'] into `directory`, keep the newest `keep`; returns (path, bytes)."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    data = to_bytes(params, velocity, dict(meta, created=time.time()))
+    data = to_bytes(params, velocity, dict(meta, created=time.time()), residual)
     path = save_atomic(d / file_name(int(meta["step"])), data)
     for _, old in list_checkpoints(d)[keep:]:
         old.unlink(missing_ok=True)

@@ -105,6 +105,7 @@ class DataParallelTrainer:
         self._steps_here = 0            # steps since this start (the chooser's clock)
         self._pending = None            # (B, lr) of the update still owed to [back_lo, NUM_PARAMS)
         self._settle_wait = 0.0         # seconds the current step's forward waited for it
+        self._carry = None              # a resumed half-precision run's residuals, owed to the next step's sum
         self.balancer = ShardBalancer(comm.size, enabled=cfg.balance)
         self.slowdown = 1.0             # > 1: this rank computes that many times slower (--fault RANK:STEP:slow)
         self.examples_by_rank = np.zeros(comm.size, np.int64)           # since the caller last reset them:
@@ -183,10 +184,12 @@ class DataParallelTrainer:
         lr = self.schedule(self.step)
         if reducer and self.pipelined and reducer.back_lo < NUM_PARAMS:       # [dist] the first layers now,
             front = slice(0, self.reducer.back_lo)                              # the rest when needed
+            self._add_carry(front)
             self.model.grads[front] *= np.float32(1.0 / B)
             self.opt.step(self.model.grads, lr, front)
             self._pending = (B, lr)
         else:
+            self._add_carry(slice(0, NUM_PARAMS))
             self.model.grads *= np.float32(1.0 / B)
             self.opt.step(self.model.grads, lr)
         self.step += 1
@@ -229,8 +232,18 @@ class DataParallelTrainer:
         self.comm_seconds += waited
         self.settle_seconds += waited
         back = slice(self.reducer.back_lo, NUM_PARAMS)
+        self._add_carry(back)
         self.model.grads[back] *= np.float32(1.0 / B)
         self.opt.step(self.model.grads, lr, back)
+
+    def _add_carry(self, part):
+        """[dist] Add the residuals a resumed run could not hand back to the ranks that rounded them (another
+        rank count, bucket plan or allreduce dtype) to the summed gradient, once, alike on every rank: the
+        sum of the applied gradients then loses nothing to the restart."""
+        if self._carry is not None:
+            self.model.grads[part] += self._carry[part]
+            if part.stop == NUM_PARAMS:
+                self._carry = None
 
     def _slow_down(self, seconds):
         """Rehearsing a straggler: stretch this rank's compute time by self.slowdown. Returns the seconds."""
@@ -317,26 +330,54 @@ class DataParallelTrainer:
 
     # ------------------------------------------------------------------------------- checkpoint content
     def checkpoint_content(self):
-        """(named params, velocity, meta) for checkpoint.to_bytes / checkpoint.save. Settles first: every
-        rank calls this, or settle() at the same point."""
+        """(named params, velocity, meta, residuals) for checkpoint.to_bytes / checkpoint.save. Every rank
+        calls this at the same point: it settles, and a run whose gradients travel in half precision gathers
+        each rank's error-feedback residual (residuals None otherwise)."""
         self.settle()
         meta = {"step": self.step, "epoch": self.epoch, "pos": self.pos, "ranks": self.comm.size,
                 "config": self.cfg.to_dict(), "final": self.done, "data": self.data_record,
                 "rng": {"generator": "numpy PCG64", "data_order": "SeedSequence([seed, epoch, 0])",
                         "augmentation": "SeedSequence([seed, epoch, pos + 1])", "seed": self.cfg.seed}}
-        return self.model.named_params(), self.opt.velocity, meta
+        residuals = None
+        if self.reducer is not None and self.reducer.compress:
+            mine, scales = self.reducer.compression_state()
+            residuals = self.comm.allgather(mine)                               # [dist] (ranks, NUM_PARAMS)
+            meta["allreduce"] = {"dtype": self.cfg.allreduce_dtype, "scale": scales,
+                                 "buckets": [list(b) for b in self.reducer.buckets]}
+        return self.model.named_params(), self.opt.velocity, meta, residuals
 
     def restore(self, ckpt: Checkpoint | None):
-        """Every rank calls this; rank 0's checkpoint (others pass None) is broadcast to all."""
+        """Every rank calls this; rank 0's checkpoint (others pass None) is broadcast to all. Residuals of a
+        half-precision run go back to the ranks that rounded them when this run has as many ranks and sends
+        the same buckets in the same dtype (then it rounds as the uninterrupted run would, bit for bit);
+        otherwise their sum joins the next step's summed gradient (see _add_carry)."""
         self.settle()
-        state = np.zeros(3, np.int64)
+        state = np.zeros(5, np.int64)           # step, epoch, pos, ranks that saved residuals, "as saved"
         if self.comm.rank == 0:
             self.model.load_named(ckpt.params)
             self.opt.velocity[...] = ckpt.velocity
-            state[:] = (ckpt.meta["step"], ckpt.meta["epoch"], ckpt.meta["pos"])
+            state[:3] = (ckpt.meta["step"], ckpt.meta["epoch"], ckpt.meta["pos"])
+            if ckpt.residual is not None:
+                saved = ckpt.meta["allreduce"]
+                state[3] = len(ckpt.residual)
+                state[4] = (self.reducer is not None and self.reducer.compress and len(ckpt.residual) == self.comm.size
+                            and saved.get("dtype") == self.cfg.allreduce_dtype
+                            and saved.get("buckets") == [list(b) for b in self.reducer.buckets])
         for buf in (self.model.params, self.opt.velocity, state):                # [dist]
             self.comm.bcast_(buf)
-        self.step, self.epoch, self.pos = (int(v) for v in state)
+        self.step, self.epoch, self.pos = (int(v) for v in state[:3])
+        if state[4]:
+            rows = ckpt.residual if self.comm.rank == 0 else np.empty((self.comm.size, NUM_PARAMS), np.float32)
+            scales = np.full(len(self.reducer.buckets), np.nan)
+            if self.comm.rank == 0:
+                scales[:] = [np.nan if v is None else v for v in ckpt.meta["allreduce"]["scale"]]
+            rows = self.comm.bcast_(np.ascontiguousarray(rows))                  # [dist]
+            self.comm.bcast_(scales)
+            self.reducer.load_compression_state(rows[self.comm.rank], [None if np.isnan(v) else float(v) for v in scales])
+        elif state[3]:
+            carry = ckpt.residual.sum(0, dtype=np.float64).astype(np.float32) if self.comm.rank == 0 \
+                else np.empty(NUM_PARAMS, np.float32)
+            self._carry = self.comm.bcast_(carry)                               # [dist]
         if self.pos >= self.steps_per_epoch or self.step != self.epoch * self.steps_per_epoch + self.pos:
             raise TrainingError(f"checkpoint position (step {self.step}, epoch {self.epoch}, batch {self.pos}) "
                                 f"does not fit {self.steps_per_epoch} batches per epoch: was it made with "

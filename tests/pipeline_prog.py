@@ -23,7 +23,7 @@ def run(comm, ds, dtype, pipelined, batch=48):
         losses.append(t.train_step()[1])
         if step % 5 == 4:
             t.evaluate()
-    params, velocity, _ = t.checkpoint_content()
+    params, velocity, _, _ = t.checkpoint_content()
     return np.concatenate([p.ravel() for p in params.values()]), velocity.copy(), np.array(losses)
 
 

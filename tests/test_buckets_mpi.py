@@ -6,6 +6,9 @@ import json
 import numpy as np
 import pytest
 
+from lenet_dist import checkpoint
+from lenet_dist.model import NUM_PARAMS
+
 from .mpiutil import final_params, launch
 
 BASE = ["--subset", "--val-size", "0",  # no held-out split: 40 steps
@@ -51,6 +54,26 @@ def test_compressed_allreduce_follows_the_float32_one(tmp_path, n):
         assert 0 < rel_diff(half, fused) <= tol, dtype     # not the float32 path in disguise, and close to it
         assert abs(m["test_acc"] - m0["test_acc"]) <= 0.005
         assert abs(m["train_loss"] - m0["train_loss"]) <= 1e-3
+
+
+@pytest.mark.parametrize("n, dtype", [(2, "float16"), (3, "bfloat16")])
+def test_a_compressed_run_killed_and_resumed_ends_bit_identical(tmp_path, n, dtype):
+    """Each rank's error-feedback residual and the agreed scales are in the checkpoint, so the resumed run
+    rounds as the uninterrupted one (without them its first step went in float32 and the residuals were
+    lost). 2 ranks: HalfSum; 3: MPI's own half sums."""
+    flags = ["--allreduce-dtype", dtype, "--checkpoint-every", "10"]
+    whole, _ = train(n, tmp_path, "whole", *flags)
+    d = tmp_path / "killed"
+    p = launch(n, [*BASE, "--checkpoint-dir", d, "--metrics", d / "metrics.jsonl", *flags, "--fault", "1:25:exit"],
+               check=False)
+    assert p.returncode != 0 and checkpoint.list_checkpoints(d)[0][0] == 20, p.stderr[-2000:]
+    ck = checkpoint.load_file(d / checkpoint.file_name(20))
+    assert ck.residual.shape == (n, NUM_PARAMS) and ck.meta["allreduce"]["dtype"] == dtype
+    assert (np.abs(ck.residual).max(axis=1) > 0).all()                         # every rank's own
+    assert not np.array_equal(ck.residual[0], ck.residual[1])
+    assert all(s is not None for s in ck.meta["allreduce"]["scale"])          # the next step goes in half
+    resumed, _ = train(n, tmp_path, "killed", *flags, "--resume")
+    assert np.array_equal(resumed, whole)
 
 
 def test_one_rank_sends_nothing_so_neither_buckets_nor_compression_change_a_bit(tmp_path):

@@ -441,3 +441,49 @@ def test_config_rejects_wrong_types(field, value):
     with pytest.raises(ValueError) as e:
         TrainConfig.from_dict({field: value})
     assert field in str(e.value)
+
+
+# ----------------------------------------------------------------------- half-precision runs' residuals
+
+def with_residual(ranks=2, seed=4):
+    params, velocity, meta = content(seed)
+    residual = np.random.default_rng(seed).normal(scale=1e-4, size=(ranks, NUM_PARAMS)).astype(np.float32)
+    meta = dict(meta, ranks=ranks, allreduce={"dtype": "float16", "scale": [2.0 ** 10, None],
+                                               "buckets": [[44426, NUM_PARAMS], [0, 44426]]})
+    return params, velocity, meta, residual
+
+
+def test_residuals_round_trip_and_are_in_the_content_hash():
+    params, velocity, meta, residual = with_residual(3)
+    data = to_bytes(params, velocity, meta, residual)
+    ck = from_bytes(data)
+    np.testing.assert_array_equal(ck.residual, residual)
+    assert ck.meta["allreduce"]["scale"] == [1024.0, None]
+    assert ck.meta["content_sha256"] != from_bytes(to_bytes(params, velocity, meta)).meta["content_sha256"]
+    assert from_bytes(to_bytes(params, velocity, meta)).residual is None        # plain runs: no entry at all
+    arrays = arrays_of(data)
+    arrays["optim.residual"] = arrays["optim.residual"].copy()
+    arrays["optim.residual"][2, 7] += np.float32(1e-3)
+    with pytest.raises(CheckpointError, match="sha256"):
+        from_bytes(npz(arrays))
+
+
+@pytest.mark.parametrize("what", ["shape", "ranks", "dtype", "nan", "no-allreduce"])
+def test_a_bad_residual_is_refused_in_one_line(what):
+    params, velocity, meta, residual = with_residual(2)
+    if what == "shape":
+        residual = residual[:, :-1]
+    elif what == "ranks":
+        meta = dict(meta, ranks=3)
+    elif what == "dtype":
+        residual = residual.astype(np.float64)
+    elif what == "nan":
+        residual[1, 5] = np.nan
+    else:
+        meta = {k: v for k, v in meta.items() if k != "allreduce"}
+    arrays = arrays_of(to_bytes(params, velocity, meta, residual))
+    if what == "dtype":                                 # to_bytes stores float32: put the float64 back in
+        arrays["optim.residual"] = residual
+    with pytest.raises(CheckpointError) as e:
+        from_bytes(npz(arrays))
+    assert "optim.residual" in one_line(e) or "sha256" in one_line(e)

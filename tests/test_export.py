@@ -127,23 +127,27 @@ def fake_torch():
 def test_readme_pytorch_snippet_loads_a_checkpoint_and_predicts_like_lenet_dist(trained, tmp_path, monkeypatch):
     path, images, _, logits = trained
     (tmp_path / "ckpt").mkdir()
-    (tmp_path / "ckpt" / "best.npz").write_bytes(path.read_bytes())
     monkeypatch.chdir(tmp_path)
     for name, module in fake_torch().items():
         monkeypatch.setitem(sys.modules, name, module)
     snippet = readme_snippet()
     assert "allow_pickle=True" not in snippet
-    scope = {"images": images[:200]}
-    exec(compile(snippet, "README.md", "exec"), scope)           # noqa: S102 - our own README, stubbed torch
-    assert (np.asarray(scope["predicted"]) == logits[:200].argmax(1)).all()
-    assert {n for n, _ in PARAM_SPECS} == set(scope["state"])   # exactly the parameters: the rest dropped
+    ck = checkpoint.load_file(path)                              # and as a half-precision run saves it:
+    halves = checkpoint.to_bytes(ck.params, ck.velocity, dict(ck.meta, ranks=2, allreduce={"scale": [None]}),
+                                 np.zeros((2, ck.velocity.size), np.float32))
+    for data in (path.read_bytes(), halves):
+        (tmp_path / "ckpt" / "best.npz").write_bytes(data)
+        scope = {"images": images[:200]}
+        exec(compile(snippet, "README.md", "exec"), scope)       # noqa: S102 - our own README, stubbed torch
+        assert (np.asarray(scope["predicted"]) == logits[:200].argmax(1)).all()
+        assert {n for n, _ in PARAM_SPECS} == set(scope["state"])   # exactly the parameters: the rest dropped
 
 
 def test_the_snippet_names_the_model_exactly():
     s = readme_snippet()
     assert "nn.Conv2d(1, 6, 5, padding=2)" in s and "nn.Conv2d(6, 16, 5)" in s
     assert "0.1307" in s and "0.3081" in s and "/ 255" in s
-    assert '"meta"' in s and '"optim.velocity"' in s
+    assert '"meta"' in s and '"optim."' in s
     from lenet_dist.data import MEAN, STD
     assert (MEAN, STD) == (0.1307, 0.3081)
     assert LeNet5().conv1.padding == 2

@@ -7,7 +7,7 @@ from lenet_dist import checkpoint, sampler
 from lenet_dist.comm import LocalComm
 from lenet_dist.config import TrainConfig
 from lenet_dist.data import normalize
-from lenet_dist.model import LeNet5
+from lenet_dist.model import NUM_PARAMS, LeNet5
 from lenet_dist.optim import SGD
 from lenet_dist.train import DataParallelTrainer, TrainingError
 
@@ -110,7 +110,7 @@ def test_resume_needs_the_momentum(data):
     run(whole)
     first = trainer(data, **RESUME)
     run(first, steps=7)
-    params, velocity, meta = first.checkpoint_content()
+    params, velocity, meta, _ = first.checkpoint_content()
     ck = checkpoint.from_bytes(checkpoint.to_bytes(params, np.zeros_like(velocity), meta))
     fresh = trainer(data, **RESUME)
     fresh.restore(ck)
@@ -213,3 +213,32 @@ def test_default_validation_split_is_held_out_of_training(data):
     loss, acc = t.evaluate("val")
     assert 0 <= acc <= 1 and loss > 0
     assert trainer(data, epochs=1).evaluate("val") is None          # --val-size 0: no split to score
+
+
+def test_residuals_that_cannot_go_back_to_their_ranks_join_the_next_step_once(data):
+    """A half-precision run's checkpoint restored where its ranks' residuals have no rank to go to (here one
+    process, which sends nothing in half): their sum is added to the next step's summed gradient, once.
+    Plain SGD, so that the effect on the parameters is exactly -lr * sum / B."""
+    kw = dict(RESUME, momentum=0.0, nesterov=False, weight_decay=0.0)
+    first = trainer(data, **kw)
+    run(first, steps=3)
+    params, velocity, meta, none = first.checkpoint_content()
+    assert none is None                                            # a float32 run keeps no residual
+    residual = np.random.default_rng(1).normal(scale=1e-2, size=(2, NUM_PARAMS)).astype(np.float32)
+    meta = dict(meta, ranks=2, allreduce={"dtype": "float16", "scale": [None, None], "buckets": [[0, NUM_PARAMS]]})
+    with_r = checkpoint.from_bytes(checkpoint.to_bytes(params, velocity, meta, residual))
+    without = checkpoint.from_bytes(checkpoint.to_bytes(params, velocity, meta))
+    a, b = trainer(data, **kw), trainer(data, **kw)
+    a.restore(with_r)
+    b.restore(without)
+    lr = a.schedule(a.step)
+    (B, *_), = run(a, steps=1)
+    run(b, steps=1)
+    want = -lr * residual.sum(0, dtype=np.float64) / B
+    np.testing.assert_allclose(a.model.params - b.model.params, want, rtol=1e-3, atol=1e-7)
+    before = a.model.params - b.model.params
+    run(a, steps=1)
+    run(b, steps=1)                     # not a second time (plain SGD: no memory; the gradients differ a little)
+    again = ((a.model.params - b.model.params) - before).astype(np.float64)
+    share = again @ want / (want @ want)                           # 1 if the residuals were added again
+    assert abs(share) < 0.2, share

@@ -234,11 +234,13 @@ def _checkpoint(args, trainer, link, rank0):
     """Rank 0 writes the checkpoint to disk (returns its path; last.npz then leads to it) and/or publishes
     it; other ranks settle the step's update with it."""
     trainer.settle()                        # [dist] every rank, at the same point
-    if not rank0 or not (args.checkpoint_dir or link):
+    if not (args.checkpoint_dir or args.publish):
         return None
-    params, velocity, meta = trainer.checkpoint_content()
+    params, velocity, meta, residuals = trainer.checkpoint_content()    # [dist] every rank (residuals)
+    if not rank0:
+        return None
     meta = args.run_state.meta(dict(meta, created=time.time()))
-    data = checkpoint.to_bytes(params, velocity, meta)
+    data = checkpoint.to_bytes(params, velocity, meta, residuals)
     path = None
     if args.run_state.writer:
         path = args.run_state.writer.write(meta["step"], data)
