@@ -360,7 +360,8 @@ def run_interleaved(args, data_flags, tmp):
             if a + args.settle <= start and end <= b:
                 return i
         return None
-    per = [{"loaded": ld, "eval_s": [], "images": 0.0, "seconds": 0.0, "cpu": cpu} for _, _, ld, cpu in phases]
+    per = [{"loaded": ld, "eval_s": [], "images": 0.0, "seconds": 0.0, "cpu": cpu, "wall": b - a}
+           for a, b, ld, cpu in phases]
     for e in evals:
         i = phase_of(e["time"] - e["eval_seconds"], e["time"])
         if i is not None:
@@ -389,8 +390,12 @@ def summarize_phases(per, latencies, events):
         ev = [x for q in ph for x in q["eval_s"]]
         return {"eval_seconds": statistics.median(ev) if ev else None, "evaluations": len(ev),
                 "images_per_s": sum(q["images"] for q in ph) / max(sum(q["seconds"] for q in ph), 1e-9),
-                "phases": len(ph), "cpu_seconds": {k: round(sum(q["cpu"].get(k, 0.0) for q in ph), 2)
-                                                   for k in {k for q in ph for k in q["cpu"]}}}
+                "phases": len(ph), "wall_seconds": round(sum(q["wall"] for q in ph), 2),
+                "cpu_seconds": {k: round(sum(q["cpu"].get(k, 0.0) for q in ph), 2)
+                                for k in {k for q in ph for k in q["cpu"]}},
+                # the share of a core each process had: CPU accounting, not timing, so it is precise
+                "cores": {k: round(sum(q["cpu"].get(k, 0.0) for q in ph) / max(sum(q["wall"] for q in ph), 1e-9), 4)
+                          for k in {k for q in ph for k in q["cpu"]}}}
     quiet, loaded = pooled(False), pooled(True)
     pairs = [(per[i], per[i + 1]) for i in range(0, len(per) - 1, 2)]
     eval_pairs = [statistics.median(b["eval_s"]) / statistics.median(a["eval_s"])
@@ -405,8 +410,10 @@ def summarize_phases(per, latencies, events):
            "eval_ratio": round(loaded["eval_seconds"] / quiet["eval_seconds"], 4)
            if quiet["eval_seconds"] and loaded["eval_seconds"] else None,
            "trainer_ratio": round(loaded["images_per_s"] / quiet["images_per_s"], 4) if quiet["images_per_s"] else None,
+           "evaluator_core_ratio": round(loaded["cores"]["evaluator"] / quiet["cores"]["evaluator"], 4)
+           if quiet["cores"].get("evaluator") and loaded["cores"].get("evaluator") else None,
            "eval_ratio_pairs": spread(eval_pairs), "trainer_ratio_pairs": spread(train_pairs),
-           "stream_events": events, "predicts": len(latencies)}
+           "stream_events": events, "predicts": len(latencies), "_latencies": latencies}
     if latencies:
         out.update(predict_p50_ms=round(1000 * latencies[len(latencies) // 2], 2),
                    predict_p99_ms=round(1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 2))
@@ -438,11 +445,21 @@ def main():
     if not have_mnist:
         args.epochs = max(args.epochs, 20)
     if args.interleave:
+        runs = []
         with tempfile.TemporaryDirectory() as tmp:
             for _ in range(args.repeats):
                 r = run_interleaved(args, data_flags, Path(tmp))
                 r["load_average"] = round(os.getloadavg()[0], 2)
-                print(json.dumps(r), flush=True)
+                print(json.dumps({k: v for k, v in r.items() if not k.startswith("_")}), flush=True)
+                runs.append(r)
+        pooled = sorted(x for r in runs for x in r.pop("_latencies"))
+        print(json.dumps({"summary": "interleaved", "runs": len(runs),
+                          "eval_ratio": [r["eval_ratio"] for r in runs],
+                          "evaluator_core_ratio": [r["evaluator_core_ratio"] for r in runs],
+                          "trainer_ratio": [r["trainer_ratio"] for r in runs], "predicts": len(pooled),
+                          "pooled_predict_p50_ms": round(1000 * pooled[len(pooled) // 2], 2) if pooled else None,
+                          "pooled_predict_p99_ms": round(1000 * pooled[min(len(pooled) - 1, int(0.99 * len(pooled)))], 2)
+                          if pooled else None}), flush=True)
         return
     runs = {"quiet": [], "loaded": []}
     with tempfile.TemporaryDirectory() as tmp:

@@ -8,6 +8,8 @@ from dataclasses import dataclass, fields
 from .halfprec import DTYPES
 from .optim import SCHEDULES
 
+OPTIONAL = {"bucket_kb": int}       # fields that may also be None, and their type otherwise
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -27,15 +29,19 @@ class TrainConfig:
     micro_batch: int = 16           # deterministic mode: examples per fixed-size gradient chunk
     balance: bool = False           # shards follow each rank's measured speed (see balance.py)
     train_subset: int = 0           # use only the first N training examples (0 = all)
-    bucket_kb: int = 64             # gradients reduced in buckets of >= this many KiB, each started as soon
+    bucket_kb: int | None = None    # gradients reduced in buckets of >= this many KiB, each started as soon
                                     # as backward has produced it (buckets.py); 0 = one fused allreduce;
-                                    # -1: 64 KiB buckets or fused, whichever the first steps measure faster
+                                    # -1: 64 KiB buckets or fused, whichever the first steps measure faster;
+                                    # None: by placement (train.py): 64 across nodes or in half precision,
+                                    # else one non-blocking allreduce after backward
     allreduce_dtype: str = "float32"  # float16 | bfloat16: gradients travel in half precision (halfprec.py)
     val_size: int = -1              # examples held out of those for validation (-1: 1/12 of them; dataid.py)
 
     def __post_init__(self):
         for f in fields(self):
-            v, kind = getattr(self, f.name), type(f.default)
+            v, kind = getattr(self, f.name), OPTIONAL.get(f.name, type(f.default))
+            if v is None and f.name in OPTIONAL:
+                continue
             ok = (isinstance(v, bool) if kind is bool else
                   isinstance(v, (int, float)) and not isinstance(v, bool) if kind is float else
                   isinstance(v, int) and not isinstance(v, bool) if kind is int else isinstance(v, kind))
@@ -57,7 +63,8 @@ class TrainConfig:
             (0 <= self.augment_shift <= 4, "augment_shift", "an integer in [0, 4]"),
             (self.micro_batch >= 1, "micro_batch", "an integer >= 1"),
             (self.train_subset >= 0, "train_subset", ">= 0"),
-            (self.bucket_kb >= -1, "bucket_kb", "an integer >= 0 (0: one fused allreduce), or -1 (measured)"),
+            (self.bucket_kb is None or self.bucket_kb >= -1, "bucket_kb",
+             "an integer >= 0 (0: one fused allreduce), -1 (measured) or None (by placement)"),
             (self.allreduce_dtype in DTYPES, "allreduce_dtype", " | ".join(DTYPES)),
             (self.val_size >= -1, "val_size", ">= 0, or -1 for the default"),
         ]

@@ -13,8 +13,14 @@ Per step, on every rank (lines marked [dist] exist only for distribution; at siz
 The shards are equal (sizes differ by at most one) unless --balance asks for shares that follow each
 rank's measured speed (balance.py); the seconds in the tail are what it measures.
 
-Bucketed (the default with more than one rank; --bucket-kb 0: the one fused allreduce; -1: the run's first
-steps time both and keep the faster, pathchoice.py): backward hands each layer's finished
+By default the placement decides (--bucket-kb unset): ranks on several nodes, or gradients in half
+precision, go bucketed; ranks that share one node, a core each, sum the whole gradient in one non-blocking
+allreduce after backward (on shared memory there is no transfer to hide, and MPICH's non-blocking sum
+keeps its pace beside a busy process where the blocking one does not). --bucket-kb N: buckets of N KiB;
+0: the one fused (blocking) allreduce; -1: the run's first steps time both and keep the faster
+(pathchoice.py).
+
+Bucketed: backward hands each layer's finished
 gradients to buckets.BucketedAllreduce, which starts a non-blocking allreduce per bucket, fully connected
 layers first. Pipelined (when the ranks span several nodes, each with a core per rank, and not
 deterministic): the step waits only for the first layers' bucket and the tail, updates conv1..conv2, and
@@ -69,8 +75,17 @@ class DataParallelTrainer:
         self.test_images, self.test_labels = dataset.test_images, dataset.test_labels
         self.n = len(train_idx)
         self.data_record = data_record(dataset.identity(), n, val_size, cfg.seed)  # meta["data"]
-        auto = cfg.bucket_kb < 0                                         # [dist] try both, keep the faster
-        self.bucket_kb = (BUCKET_KB_DEFAULT if auto else cfg.bucket_kb) if comm.size > 1 else 0   # 0: fused
+        auto = cfg.bucket_kb is not None and cfg.bucket_kb < 0            # [dist] try both, keep the faster
+        # [dist] By placement (bucket_kb None): buckets where there is a transfer to hide (across nodes) or
+        # half precision to send; on one node (a core per rank) one non-blocking allreduce after backward.
+        # Shared memory sums the gradient in ~0.1 ms, so overlap has nothing to hide there, and the buckets'
+        # MPI calls cost 3-4% a step; but MPICH's blocking allreduce is 1.2-1.7x slower than its non-blocking
+        # one when a busy process shares the cores (bench/paths_interleaved.py, docs/scaling.md).
+        one_node = comm.ranks_per_node == comm.size and comm.nap is None and cfg.allreduce_dtype == "float32"
+        by_placement = cfg.bucket_kb is None
+        kb = (0 if one_node else BUCKET_KB_DEFAULT) if by_placement else cfg.bucket_kb
+        self.bucket_kb = (BUCKET_KB_DEFAULT if auto else kb) if comm.size > 1 else 0   # 0: fused
+        self.fused_nonblocking = by_placement and self.bucket_kb == 0 and comm.size > 1
         bucketed = self.bucket_kb > 0
         extra = tail_slots(self.bucket_kb, cfg.allreduce_dtype) if bucketed else 0
         self.model = LeNet5(seed=cfg.seed, grad_tail=TAIL + comm.size + extra)
@@ -204,6 +219,13 @@ class DataParallelTrainer:
         return B, loss_sum, n_correct, stop
 
     @property
+    def reduction(self):
+        """[dist] How this step's gradient is summed, in words (logged, and in the epoch rows)."""
+        if self.path == "fused":
+            return "fused, non-blocking" if self.fused_nonblocking else "fused"
+        return "buckets, pipelined" if self.pipelined else "buckets"
+
+    @property
     def _active(self):
         """[dist] The reducer this step uses: none on the fused path."""
         return self.reducer if self.path == "buckets" else None
@@ -289,6 +311,8 @@ class DataParallelTrainer:
             self._active.finish()
             if not self.pipelined:
                 self._active.settle()
+        elif self.fused_nonblocking:
+            self.comm.wait_all([self.comm.iallreduce_(send)])
         else:
             self.comm.allreduce_(send)
         self.comm_seconds += time.perf_counter() - t

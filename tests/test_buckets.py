@@ -155,3 +155,14 @@ def test_config_refuses_half_precision_where_it_cannot_apply():
     with pytest.raises(ValueError, match="allreduce_dtype must be"):
         TrainConfig(allreduce_dtype="int8")
     assert TrainConfig.from_dict(TrainConfig(bucket_kb=16, allreduce_dtype="float16").to_dict()).bucket_kb == 16
+
+
+def test_bucket_kb_is_an_integer_or_none_for_the_placement_rule():
+    assert TrainConfig().bucket_kb is None                                  # the default: by placement
+    assert TrainConfig.from_dict(TrainConfig().to_dict()).bucket_kb is None
+    assert TrainConfig(bucket_kb=0).bucket_kb == 0 and TrainConfig(bucket_kb=-1).bucket_kb == -1
+    for bad in ("64", 1.5, True):
+        with pytest.raises(ValueError, match="bucket_kb must be of type int"):
+            TrainConfig(bucket_kb=bad)
+    with pytest.raises(ValueError, match="bucket_kb must be"):
+        TrainConfig(bucket_kb=-2)

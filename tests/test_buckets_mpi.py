@@ -76,6 +76,22 @@ def test_a_compressed_run_killed_and_resumed_ends_bit_identical(tmp_path, n, dty
     assert np.array_equal(resumed, whole)
 
 
+def test_the_default_on_one_node_is_one_non_blocking_allreduce(tmp_path):
+    """By placement: 2 ranks on this node, a core each, so no buckets (nothing to hide on shared memory)
+    but one non-blocking allreduce after backward; half precision still goes in buckets. The sums are the
+    fused path's, bit for bit (2 ranks: a + b = b + a). More ranks than cores keep the buckets (with naps
+    between tests: comm.py)."""
+    n = 2
+    fused, _ = train(n, tmp_path, "fused", "--bucket-kb", "0")
+    default, m = train(n, tmp_path, "default")
+    assert m["reduction"] == "fused, non-blocking" and m["allreduce"] == "fused"
+    assert np.array_equal(default, fused)
+    _, m = train(n, tmp_path, "half", "--allreduce-dtype", "bfloat16")
+    assert m["reduction"] == "buckets"
+    _, m = train(n, tmp_path, "b64", "--bucket-kb", "64")          # asked for: buckets, on one node too
+    assert m["reduction"] == "buckets"
+
+
 def test_one_rank_sends_nothing_so_neither_buckets_nor_compression_change_a_bit(tmp_path):
     fused, _ = train(0, tmp_path, "fused", "--bucket-kb", "0")
     for name, flags in (("b1", ["--bucket-kb", "1"]), ("half", ["--allreduce-dtype", "float16"])):

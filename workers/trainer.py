@@ -48,6 +48,9 @@ def run(args, comm):
     log.info("%d ranks, global batch %d (%s per rank), %d steps per epoch, %d training examples (%d held out "
              "for validation), data: %s from %s", comm.size, cfg.batch_size, "~%d" % -(-cfg.batch_size // comm.size),
              trainer.steps_per_epoch, trainer.n, len(trainer.val_images), data.name, data.source)
+    if comm.size > 1:
+        log.info("gradient sum: %s%s (%d rank(s) per node at most; --bucket-kb sets it)", trainer.reduction,
+                 f", {trainer.bucket_kb} KiB buckets" if trainer.reducer is not None else "", comm.ranks_per_node)
     if comm.nap is not None:
         tuned = " ".join(f"{k}={v}" for k, v in comm.tuning.items()) or "nothing (set by the user, or unknown)"
         log.info("more ranks than cores on this node: a rank that waits for the others naps %g us between "
@@ -142,6 +145,7 @@ def run(args, comm):
                       "steps": trainer.step - ep_start_step, "lr": trainer.schedule(max(trainer.step - 1, 0))}
             if comm.size > 1:               # who did the work: equal shares unless --balance moved them
                 record["allreduce"] = trainer.path
+                record["reduction"] = trainer.reduction
                 record["rank_shares"] = [round(float(v), 4) for v in trainer.examples_by_rank / max(seen, 1)]
                 record["rank_compute_s"] = [round(float(v), 3) for v in trainer.seconds_by_rank]
                 slow = straggler(trainer.examples_by_rank, trainer.seconds_by_rank)
