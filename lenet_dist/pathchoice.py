@@ -19,8 +19,8 @@ A block's time runs from its first step to its last step's end, owed update sett
 step's tail is charged to its own path. Both paths give every parameter the same sum (within float
 rounding; exactly in --deterministic mode), so switching mid-run changes nothing but the speed. But the
 choice follows the clock: with 3 or more ranks two runs of the same seed may differ in the last bits (MPI
-adds the ranks in another order on each path), as with --balance; that is why it is not the default. A run
-too short to finish the trial keeps the buckets.
+adds the ranks in another order on each path), as with --balance; that is why it is not the default (which
+decides by placement, train.py). A run too short to finish the trial keeps the buckets.
 """
 from __future__ import annotations
 
