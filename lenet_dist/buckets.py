@@ -137,10 +137,18 @@ class BucketedAllreduce:
         return [_Sum(lane.comm, values[a:b], how or "float32") for a, b in zip(cuts, cuts[1:])]
 
     def compression_state(self):
-        """(this rank's residual, the agreed scale of each bucket: None where the next step sends float32),
-        what a checkpoint keeps so that a resumed run rounds as the uninterrupted one would. Settled only."""
+        """(this rank's residual, {dtype, buckets, the agreed scale of each bucket: None where the next step
+        sends float32}): what a checkpoint keeps so that a resumed run rounds as the uninterrupted one
+        would. Settled only."""
         assert self.compress and not self._unsettled
-        return self.residual, list(self.scale)
+        return self.residual, {"dtype": self.dtype, "buckets": [list(b) for b in self.buckets],
+                               "scale": list(self.scale)}
+
+    def takes(self, saved):
+        """Whether a compression_state() description fits this reducer (the same dtype and buckets): each
+        rank can then take its own residual back."""
+        return (self.compress and saved.get("dtype") == self.dtype
+                and saved.get("buckets") == [list(b) for b in self.buckets])
 
     def load_compression_state(self, residual, scales):
         """Go on from a checkpoint's compression_state() (this rank's residual; `scales` None: unknown, the

@@ -81,9 +81,9 @@ class DataParallelTrainer:
         # Shared memory sums the gradient in ~0.1 ms, so overlap has nothing to hide there, and the buckets'
         # MPI calls cost 3-4% a step; but MPICH's blocking allreduce is 1.2-1.7x slower than its non-blocking
         # one when a busy process shares the cores (bench/paths_interleaved.py, docs/scaling.md).
-        one_node = comm.ranks_per_node == comm.size and comm.nap is None and cfg.allreduce_dtype == "float32"
+        nothing_to_hide = comm.ranks_per_node == comm.size and comm.nap is None and cfg.allreduce_dtype == "float32"
         by_placement = cfg.bucket_kb is None
-        kb = (0 if one_node else BUCKET_KB_DEFAULT) if by_placement else cfg.bucket_kb
+        kb = (0 if nothing_to_hide else BUCKET_KB_DEFAULT) if by_placement else cfg.bucket_kb
         self.bucket_kb = (BUCKET_KB_DEFAULT if auto else kb) if comm.size > 1 else 0   # 0: fused
         self.fused_nonblocking = by_placement and self.bucket_kb == 0 and comm.size > 1
         bucketed = self.bucket_kb > 0
@@ -311,10 +311,8 @@ class DataParallelTrainer:
             self._active.finish()
             if not self.pipelined:
                 self._active.settle()
-        elif self.fused_nonblocking:
-            self.comm.wait_all([self.comm.iallreduce_(send)])
         else:
-            self.comm.allreduce_(send)
+            self.comm.allreduce_(send, nonblocking=self.fused_nonblocking)
         self.comm_seconds += time.perf_counter() - t
 
     # ---------------------------------------------------------------------------------------- evaluation
@@ -364,10 +362,8 @@ class DataParallelTrainer:
                         "augmentation": "SeedSequence([seed, epoch, pos + 1])", "seed": self.cfg.seed}}
         residuals = None
         if self.reducer is not None and self.reducer.compress:
-            mine, scales = self.reducer.compression_state()
+            mine, meta["allreduce"] = self.reducer.compression_state()
             residuals = self.comm.allgather(mine)                               # [dist] (ranks, NUM_PARAMS)
-            meta["allreduce"] = {"dtype": self.cfg.allreduce_dtype, "scale": scales,
-                                 "buckets": [list(b) for b in self.reducer.buckets]}
         return self.model.named_params(), self.opt.velocity, meta, residuals
 
     def restore(self, ckpt: Checkpoint | None):
@@ -382,11 +378,9 @@ class DataParallelTrainer:
             self.opt.velocity[...] = ckpt.velocity
             state[:3] = (ckpt.meta["step"], ckpt.meta["epoch"], ckpt.meta["pos"])
             if ckpt.residual is not None:
-                saved = ckpt.meta["allreduce"]
                 state[3] = len(ckpt.residual)
-                state[4] = (self.reducer is not None and self.reducer.compress and len(ckpt.residual) == self.comm.size
-                            and saved.get("dtype") == self.cfg.allreduce_dtype
-                            and saved.get("buckets") == [list(b) for b in self.reducer.buckets])
+                state[4] = (self.reducer is not None and len(ckpt.residual) == self.comm.size
+                            and self.reducer.takes(ckpt.meta["allreduce"]))
         for buf in (self.model.params, self.opt.velocity, state):                # [dist]
             self.comm.bcast_(buf)
         self.step, self.epoch, self.pos = (int(v) for v in state[:3])
