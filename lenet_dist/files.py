@@ -1,0 +1,121 @@
+"""Files the processes read and write: the one atomic write, and opens that refuse what is not a regular file.
+
+Every file this project writes whole (checkpoints, their pointers, best.json, the data cache, an exported
+model) goes through atomic_write; every path a user names for reading or appending (a report, a token, a
+metrics file, a checkpoint) is opened by open_regular or read_regular, which never block on a FIFO or a
+device and say in one line what the path is instead.
+"""
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
+
+class NotRegularFile(OSError):
+    """A path that must be a regular file is something else (a FIFO, a device, a folder) or cannot be opened."""
+
+
+def temp_name(path: Path) -> Path:
+    """The temp file beside `path` that atomic_write uses: hidden, and never ending in .npz or .json, so
+    nothing that lists checkpoints or pointers mistakes it for one (ckptdir.sweep_temps removes leftovers)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def atomic_write(path, data: bytes, *, mode: int = 0o644) -> Path:
+    """Write `data` to `path` so that readers see the old file or the whole new one, never a part: a temp
+    file in the same folder, fsynced, renamed over `path`, then the folder fsynced. On any failure the temp
+    file is removed and the OSError names `path`. Returns `path`."""
+    path = Path(path)
+    tmp = temp_name(path)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _CLOEXEC, mode)
+        try:
+            os.fchmod(fd, mode)                 # whatever the umask: the data is meant to be read
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        dfd = os.open(path.parent, os.O_RDONLY | _CLOEXEC)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from None
+        raise
+    return path
+
+
+def _check_regular(fd, path):
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise NotRegularFile(f"{path}: not a regular file ({_kind(st.st_mode)})")
+    return st
+
+
+def _kind(mode):
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a device"),
+                       (stat.S_ISBLK, "a device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a file"
+
+
+def open_regular(path, mode: str = "r", *, encoding: str | None = "utf-8"):
+    """open(path, mode) for "r", "rb", "a", "ab", "w", "wb", but only if `path` is (or, for writing, becomes)
+    a regular file: the open itself is non-blocking, so a FIFO or a device is refused at once in one line
+    (NotRegularFile) instead of hanging the process past its stop signal."""
+    flags = {"r": os.O_RDONLY, "a": os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+             "w": os.O_WRONLY | os.O_CREAT | os.O_TRUNC}[mode[0]]
+    try:
+        # O_TRUNC is applied only after the type check: never truncate what we then refuse
+        fd = os.open(path, (flags & ~os.O_TRUNC) | os.O_NONBLOCK | _CLOEXEC, 0o644)
+    except OSError as e:
+        try:                                    # a FIFO without a reader fails the open (ENXIO): say what it is
+            kind = os.stat(path).st_mode
+        except OSError:
+            kind = None
+        if kind is not None and not stat.S_ISREG(kind):
+            raise NotRegularFile(f"{path}: not a regular file ({_kind(kind)})") from None
+        raise NotRegularFile(e.errno, f"{path}: cannot open: {e.strerror or e}") from None
+    _check_regular(fd, path)
+    os.set_blocking(fd, True)
+    if flags & os.O_TRUNC:
+        os.ftruncate(fd, 0)
+    binary = "b" in mode
+    return os.fdopen(fd, mode.replace("+", ""), encoding=None if binary else encoding)
+
+
+def read_regular(path, max_bytes: int) -> bytes:
+    """The bytes of `path` if it is a regular file of at most `max_bytes`; NotRegularFile (an OSError)
+    naming it otherwise. Never blocks on a FIFO; never reads past max_bytes even if the file grows."""
+    with open_regular(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > max_bytes:
+            raise NotRegularFile(f"{path}: {size} bytes, more than the {max_bytes} allowed")
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise NotRegularFile(f"{path}: grew past {max_bytes} bytes while being read")
+    return data
+
+
+def check_writable_path(path) -> None:
+    """Refuse, in one line, a path that exists and is not a regular file (ValueError): for flags checked
+    before a run starts (--metrics, --report, --timeline), so the run does not fail at its first write."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise ValueError(f"{path}: {e.strerror or e}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{path}: not a regular file ({_kind(st.st_mode)})")
