@@ -116,7 +116,7 @@ def worker(args):
     from lenet_dist.comm import MPIComm
     from lenet_dist.config import TrainConfig
     from lenet_dist.model import NUM_PARAMS
-    from lenet_dist.train import TAIL, DataParallelTrainer
+    from lenet_dist.parallel.step import TAIL, DataParallelTrainer
 
     comm = MPIComm()
     ds = load(args, comm)
@@ -180,7 +180,7 @@ def calibrate_worker(args):
     from lenet_dist.comm import MPIComm
     from lenet_dist.model import LeNet5
     from lenet_dist.data import normalize
-    from lenet_dist.buckets import plan
+    from lenet_dist.parallel.buckets import plan
 
     comm = MPIComm()
     ds = load(args, comm)
@@ -229,8 +229,8 @@ def half_costs(ranks):
     compute_ms) and "outside" (a rank's share of the float32 sums of the halves, and the decode: in the
     waits). Measured alone on this rank, on a gradient-like vector."""
     import numpy as np
-    from lenet_dist import halfprec
-    from lenet_dist.buckets import HalfSum
+    from lenet_dist.parallel import halfprec
+    from lenet_dist.parallel.buckets import HalfSum
     from lenet_dist.model import NUM_PARAMS
     rng = np.random.default_rng(0)
     g = (rng.standard_normal(NUM_PARAMS) * 10.0 ** rng.uniform(-7, -2, NUM_PARAMS)).astype(np.float32)

@@ -37,7 +37,7 @@ def worker(args):
     from lenet_dist.comm import get_comm
     from lenet_dist.config import TrainConfig
     from lenet_dist.data import DataError, load_mnist, load_subset
-    from lenet_dist.train import DataParallelTrainer
+    from lenet_dist.parallel.step import DataParallelTrainer
 
     comm = get_comm()
     try:

@@ -55,7 +55,7 @@ def worker(args):
     from lenet_dist.comm import MPIComm
     from lenet_dist.config import TrainConfig
     from lenet_dist.data import DataError, load_mnist, load_subset
-    from lenet_dist.train import DataParallelTrainer
+    from lenet_dist.parallel.step import DataParallelTrainer
     import numpy as np
 
     comm = MPIComm(oversubscribed_defaults=not args.raw)

@@ -47,7 +47,7 @@ def main(argv=None):
     from lenet_dist.comm import MPIComm
     from lenet_dist.config import TrainConfig
     from lenet_dist.data import DataError, load_mnist, load_subset
-    from lenet_dist.train import DataParallelTrainer
+    from lenet_dist.parallel.step import DataParallelTrainer
 
     comm = MPIComm()
     try:

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lenet_dist.comm import LocalComm  # noqa: E402
 from lenet_dist.config import TrainConfig  # noqa: E402
 from lenet_dist.data import load_mnist, load_subset  # noqa: E402
-from lenet_dist.train import DataParallelTrainer  # noqa: E402
+from lenet_dist.parallel.step import DataParallelTrainer  # noqa: E402
 from lenet_dist.transport import TrainerLink  # noqa: E402
 from workers.sinks import MetricsSink, RunInfo, StepState  # noqa: E402
 from workers.telemetry import TelemetrySink  # noqa: E402

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .halfprec import from_bfloat16, to_bfloat16
+from .parallel.halfprec import from_bfloat16, to_bfloat16
 
 
 # Environment variables that MPI launchers set in every process they start.

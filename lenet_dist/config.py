@@ -5,7 +5,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, fields
 
-from .halfprec import DTYPES
+from .parallel.halfprec import DTYPES
 from .optim import SCHEDULES
 
 OPTIONAL = {"bucket_kb": int}       # fields that may also be None, and their type otherwise

@@ -6,8 +6,8 @@ import sys
 
 import numpy as np
 
-from lenet_dist import halfprec
-from lenet_dist.buckets import HalfSum, Lane
+from lenet_dist.parallel import halfprec
+from lenet_dist.parallel.buckets import HalfSum, Lane
 from lenet_dist.comm import get_comm
 
 

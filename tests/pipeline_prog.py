@@ -11,7 +11,7 @@ import numpy as np
 from lenet_dist.comm import get_comm
 from lenet_dist.config import TrainConfig
 from lenet_dist.data import load_subset
-from lenet_dist.train import DataParallelTrainer
+from lenet_dist.parallel.step import DataParallelTrainer
 
 
 def run(comm, ds, dtype, pipelined, batch=48):

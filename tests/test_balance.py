@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from lenet_dist import sampler
-from lenet_dist.balance import MAX_SPREAD, ShardBalancer
+from lenet_dist.parallel.balance import MAX_SPREAD, ShardBalancer
 
 
 def run(bal, n, cost, steps, quantum=1, overhead=0.0):
@@ -82,7 +82,7 @@ def test_a_rank_with_no_work_keeps_its_estimate():
 
 
 def test_straggler_names_the_slow_rank_only_past_the_threshold():
-    from lenet_dist.balance import straggler
+    from lenet_dist.parallel.balance import straggler
     assert straggler([100, 100, 100], [1.0, 3.0, 1.1]) == (1, 0, 3.0)
     assert straggler([100, 100], [1.0, 1.4]) is None                 # 1.4x: below the default 1.5
     assert straggler([300, 100], [1.0, 1.0]) == (1, 0, 3.0)          # per example, not per rank

@@ -4,7 +4,7 @@ feedback). Against the fused float32 path over real mpirun: test_buckets_mpi.py.
 import numpy as np
 import pytest
 
-from lenet_dist import buckets, halfprec
+from lenet_dist.parallel import buckets, halfprec
 from lenet_dist.comm import LocalComm
 from lenet_dist.config import TrainConfig
 from lenet_dist.model import NUM_PARAMS, LeNet5

@@ -105,7 +105,7 @@ def test_one_rank_sends_nothing_so_neither_buckets_nor_compression_change_a_bit(
 def test_half_sums_are_one_rounding_of_the_float32_sum_and_the_same_on_every_rank(tmp_path, n):
     """HalfSum (all-to-all, float32 sums, allgather) over real mpirun: for every bucket and element, the
     float32 sum of the ranks' halves rounded once to half, identical on all ranks, with uneven chunks."""
-    from lenet_dist import halfprec
+    from lenet_dist.parallel import halfprec
     out = tmp_path / "h.npz"
     launch(n, [out], module="tests.halfsum_prog", timeout=180)
     got = np.load(out)

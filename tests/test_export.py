@@ -15,7 +15,7 @@ from lenet_dist.comm import LocalComm
 from lenet_dist.config import TrainConfig
 from lenet_dist.data import load_subset, normalize
 from lenet_dist.model import PARAM_SPECS, LeNet5
-from lenet_dist.train import DataParallelTrainer
+from lenet_dist.parallel.step import DataParallelTrainer
 
 from .mpiutil import REPO, launch
 

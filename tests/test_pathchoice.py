@@ -1,10 +1,10 @@
-"""The measured choice between the fused allreduce and the buckets (lenet_dist/pathchoice.py): its schedule,
+"""The measured choice between the fused allreduce and the buckets (lenet_dist/parallel/autotune.py): its schedule,
 its decision, and that every rank decides alike (the figures are summed over the ranks)."""
 import numpy as np
 import pytest
 
-from lenet_dist import pathchoice
-from lenet_dist.pathchoice import BLOCK, BLOCKS, WARMUP, PathChooser
+from lenet_dist.parallel import autotune
+from lenet_dist.parallel.autotune import BLOCK, BLOCKS, WARMUP, PathChooser
 
 
 class TwoRanks:
@@ -42,7 +42,7 @@ def test_the_trial_interleaves_blocks_after_a_warm_up_and_settles_each_block():
     ch, paths, settled = run_trial(1.0, 1.0)
     assert paths[:WARMUP] == ["buckets"] * WARMUP
     trial = paths[WARMUP:ch.trial_steps]
-    assert trial == [p for b in range(BLOCKS) for p in [pathchoice.PATHS[b % 2]] * BLOCK]
+    assert trial == [p for b in range(BLOCKS) for p in [autotune.PATHS[b % 2]] * BLOCK]
     assert settled == [WARMUP + BLOCK * (b + 1) - 1 for b in range(BLOCKS)]        # each block's last step
     assert ch.decided == "buckets" and paths[ch.trial_steps:] == ["buckets"] * 5     # a tie: the buckets
 

@@ -9,7 +9,7 @@ from lenet_dist.config import TrainConfig
 from lenet_dist.data import normalize
 from lenet_dist.model import NUM_PARAMS, LeNet5
 from lenet_dist.optim import SGD
-from lenet_dist.train import DataParallelTrainer, TrainingError
+from lenet_dist.parallel.step import DataParallelTrainer, TrainingError
 
 from .trained import data, one_blas_thread  # noqa: F401 (fixtures)
 

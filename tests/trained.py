@@ -5,7 +5,7 @@ from threadpoolctl import threadpool_limits
 from lenet_dist.comm import LocalComm
 from lenet_dist.config import TrainConfig
 from lenet_dist.data import load_subset
-from lenet_dist.train import DataParallelTrainer
+from lenet_dist.parallel.step import DataParallelTrainer
 
 
 @pytest.fixture(autouse=True, scope="module")

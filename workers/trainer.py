@@ -20,12 +20,12 @@ import time
 import numpy as np
 
 from lenet_dist import checkpoint
-from lenet_dist.balance import straggler
+from lenet_dist.parallel.balance import straggler
 from lenet_dist.comm import LauncherMismatch, get_comm, launcher_size
 from lenet_dist.dataid import data_mismatch
 from lenet_dist.errors import ResumeError
 from lenet_dist.stall import StallGuard
-from lenet_dist.train import DataParallelTrainer
+from lenet_dist.parallel.step import DataParallelTrainer
 
 from . import run_setup
 from . import telemetry

@@ -41,16 +41,16 @@ import time
 
 import numpy as np
 
-from . import sampler
+from .. import sampler
 from .balance import ShardBalancer
 from .buckets import BUCKET_KB_DEFAULT, BucketedAllreduce, tail_slots
-from .checkpoint import Checkpoint
-from .data import normalize
-from .dataid import data_record, val_size_of, validation_split
-from .layers import Workspace
-from .model import NUM_PARAMS, LeNet5
-from .optim import SGD, LRSchedule
-from .pathchoice import PathChooser
+from ..checkpoint import Checkpoint
+from ..data import normalize
+from ..dataid import data_record, val_size_of, validation_split
+from ..layers import Workspace
+from ..model import NUM_PARAMS, LeNet5
+from ..optim import SGD, LRSchedule
+from .autotune import PathChooser
 
 TAIL = 3                      # grad buffer tail: [loss sum, number correct, stop votes, then one slot per
                               # rank: the seconds it spent computing its shard (the others add 0)]

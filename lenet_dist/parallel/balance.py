@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import sampler
+from .. import sampler
 
 SMOOTHING = 0.2          # weight of the newest measurement
 MAX_SPREAD = 4.0         # no weight beyond [median / 4, median * 4]

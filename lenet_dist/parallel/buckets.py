@@ -32,7 +32,7 @@ from collections import deque
 import numpy as np
 
 from . import halfprec
-from .model import NUM_PARAMS, PARAM_SPECS
+from ..model import NUM_PARAMS, PARAM_SPECS
 
 U16 = np.uint16         # half-precision values travel as their bits
 
