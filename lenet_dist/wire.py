@@ -29,6 +29,8 @@ import math
 import threading
 import time
 
+from . import selection
+
 PROTO = "lenet-ckpt"
 VERSION = 1
 MAX_HEADER = 64 << 10           # requests, headers and results are small; anything bigger is refused
@@ -315,7 +317,8 @@ class Results:
         self._cond = threading.Condition()
         self._new = collections.deque(maxlen=256)   # not yet taken by take()
         self._seen = collections.deque(maxlen=64)   # hashes of recent results
-        self._best_step = None                      # the result for the highest step
+        self._newest = None                         # the result for the highest step
+        self._best = None                           # the best model by selection's rule (validation)
         self._closed = False                        # no more results can come (the server stopped)
 
     def served(self, step, data_sha256):
@@ -341,8 +344,10 @@ class Results:
                 return False
             self._seen.append(key)
             self._new.append(result)
-            if self._best_step is None or result["step"] >= self._best_step["step"]:
-                self._best_step = result
+            if self._newest is None or result["step"] >= self._newest["step"]:
+                self._newest = result
+            if selection.is_better(result, self._best):
+                self._best = result
             self._cond.notify_all()
         return True
 
@@ -358,14 +363,20 @@ class Results:
         return out
 
     def latest(self):
+        """The result for the highest step so far (None before any)."""
         with self._cond:
-            return dict(self._best_step) if self._best_step else None
+            return dict(self._newest) if self._newest else None
+
+    def best(self):
+        """The result of the best model so far by lenet_dist.selection (None before any)."""
+        with self._cond:
+            return dict(self._best) if self._best else None
 
     def wait_for(self, step, timeout, stop=None):
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
-                r = self._best_step
+                r = self._newest
                 if r is not None and r["step"] >= step:
                     return dict(r)
                 left = deadline - time.monotonic()

@@ -91,6 +91,18 @@ def test_prepare_digit_crops_scales_and_centres():
     assert out.max() == 255
 
 
+def test_prepare_digit_centres_the_centre_of_mass_not_the_box():
+    canvas = np.zeros((100, 100))
+    canvas[10:90, 10:30] = 1.0                                      # an L: a heavy upright bar ...
+    canvas[80:90, 30:66] = 1.0                                      # ... and a thin foot to the right
+    out = analysis.prepare_digit(canvas).astype(float)
+    rows, cols = np.flatnonzero(out.any(1)), np.flatnonzero(out.any(0))
+    box = ((rows[0] + rows[-1] + 1) / 2, (cols[0] + cols[-1] + 1) / 2)
+    com = ((out.sum(1) @ (np.arange(28) + 0.5)) / out.sum(), (out.sum(0) @ (np.arange(28) + 0.5)) / out.sum())
+    assert abs(com[0] - 14) <= 0.5 and abs(com[1] - 14) <= 0.5     # centred by centre of mass
+    assert abs(box[1] - 14) >= 2 and abs(box[0] - 14) >= 1          # so the box is not centred
+
+
 def test_a_digit_drawn_big_and_off_centre_is_still_recognised(trained, data):
     """An MNIST digit blown up 8x and drawn in a corner of a large canvas, prepared, is classified as the
     original is (for the test images the model gets right)."""

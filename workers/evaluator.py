@@ -29,9 +29,10 @@ import threading
 import time
 from pathlib import Path
 
-from lenet_dist import analysis, checkpoint, wire
+from lenet_dist import analysis, checkpoint, selection, wire
 from lenet_dist.checkpoint import CheckpointError
 from lenet_dist.data import DataError
+from lenet_dist.files import atomic_write, read_regular
 from lenet_dist.transport import TransportError
 
 from . import evaluator_live
@@ -135,14 +136,15 @@ def _source(args, stop):
 
 
 class BestKeeper:
-    """--best-dir: the best checkpoint seen, by validation accuracy, as best.npz, and its figures as best.json, both
-    written atomically. A restarted evaluator carries on from best.json if it describes the same run
-    (same training config, same test set); anything else starts afresh."""
+    """--best-dir: the best checkpoint seen (lenet_dist.selection's rule) as best.npz, and its figures as
+    best.json, both written atomically. A restarted evaluator carries on from best.json if it describes the
+    same run (same training config, same validation split); anything else starts afresh."""
 
     def __init__(self, directory):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.accuracy = None                # the best validation accuracy so far
+        self.best = None                    # the best result so far
+        self.loaded = False
         self.warned = False
 
     def offer(self, result, data, config):
@@ -151,18 +153,19 @@ class BestKeeper:
                 log.warning("--best-dir keeps nothing: the checkpoints have no validation split (--val-size 0)")
                 self.warned = True
             return False
-        if self.accuracy is None:
+        if not self.loaded:
+            self.loaded = True
             try:
-                prev = json.loads((self.dir / "best.json").read_text())
-                same = prev.get("config") == config and prev.get("n_val") == result["n_val"]
-                self.accuracy = float(prev["val_accuracy"]) if same else -1.0
-            except (OSError, ValueError, KeyError, TypeError, AttributeError):
-                self.accuracy = -1.0
-        if result["val_accuracy"] <= self.accuracy:
+                prev = json.loads(read_regular(self.dir / "best.json", 1 << 20))
+                if prev.get("config") == config and prev.get("n_val") == result["n_val"]:
+                    self.best = prev
+            except (OSError, ValueError, TypeError, AttributeError):
+                pass
+        if not selection.is_better(result, self.best):
             return False
-        checkpoint.save_atomic(self.dir / "best.npz", data)
-        checkpoint.save_atomic(self.dir / "best.json", json.dumps(dict(result, config=config)).encode())
-        self.accuracy = result["val_accuracy"]
+        atomic_write(self.dir / "best.npz", data)
+        atomic_write(self.dir / "best.json", json.dumps(dict(result, config=config)).encode())
+        self.best = result
         return True
 
 

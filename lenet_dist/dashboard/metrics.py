@@ -12,14 +12,22 @@ class _StateCollector:
 
     def collect(self):
         s = self.state.summary()
-        ev, step = s["latest_evaluation"] or {}, s["latest_step"] or {}
+        ev, step, best = s["latest_evaluation"] or {}, s["latest_step"] or {}, s["best"] or {}
         figures = [
             ("lenet_eval_accuracy", "test accuracy of the newest evaluated checkpoint (fraction)", ev.get("accuracy")),
             ("lenet_eval_loss", "test loss of the newest evaluated checkpoint", ev.get("loss")),
             ("lenet_eval_step", "training step of the newest evaluated checkpoint", ev.get("step")),
             ("lenet_eval_lag_steps", "how many steps the trainer was ahead when it was evaluated", ev.get("lag_steps")),
             ("lenet_eval_seconds", "seconds the newest evaluation took", ev.get("eval_seconds")),
-            ("lenet_eval_best_accuracy", "best test accuracy so far (fraction)", s["best_accuracy"]),
+            ("lenet_eval_val_accuracy", "validation accuracy of the newest evaluated checkpoint (fraction)",
+             ev.get("val_accuracy")),
+            ("lenet_eval_val_loss", "validation loss of the newest evaluated checkpoint", ev.get("val_loss")),
+            ("lenet_eval_best_step", "training step of the best checkpoint (chosen on validation)", best.get("step")),
+            ("lenet_eval_best_val_accuracy", "validation accuracy of the best checkpoint (fraction)",
+             best.get("val_accuracy")),
+            ("lenet_eval_best_val_loss", "validation loss of the best checkpoint", best.get("val_loss")),
+            ("lenet_eval_best_accuracy", "test accuracy of the best checkpoint, chosen on validation (fraction)",
+             best.get("accuracy")),
             ("lenet_evaluations", "checkpoints evaluated since the evaluator started", s["evaluations"]),
             ("lenet_train_step", "the trainer's newest step as last heard", s["trainer_step"] if s["trainer_step"] >= 0 else None),
             ("lenet_train_loss", "training loss over the last telemetry window", step.get("loss")),

@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from .. import analysis
+from .. import analysis, selection
 from ..model import LeNet5
 
 MAX_STEPS = 20_000          # telemetry rows kept (a 5-epoch MNIST run at the default --log-every has ~470)
@@ -40,7 +40,7 @@ class LiveState:
         self._checkpoint = None                 # the newest checkpoint's analysis, JSON-ready
         self._models = {}                       # "newest" / "best" -> (LeNet5, step, accuracy)
         self._model_lock = threading.Lock()     # one forward pass at a time per state (shared scratch)
-        self._best_accuracy = -1.0
+        self._best = None                       # the best evaluation's summary, by lenet_dist.selection
         self.listeners = []                     # callables, called with no argument after every change
         self.started = time.time()
 
@@ -62,15 +62,16 @@ class LiveState:
         """One evaluated checkpoint: the evaluator's result dict, its named parameters, its Analysis."""
         newest = self._load(params)
         p = newest.named_params()
-        summary = {k: result.get(k) for k in ("step", "epoch", "accuracy", "loss", "eval_seconds", "lag_steps",
-                                              "trainer_step", "n_test", "final", "time")}
+        summary = {k: result.get(k) for k in ("step", "epoch", "accuracy", "loss", "val_accuracy", "val_loss",
+                                              "n_val", "eval_seconds", "lag_steps", "trainer_step", "n_test",
+                                              "final", "time")}
         worst = [dict(w, pixels=_pixels(self.test_images[w["index"]])) for w in result_analysis.worst]
         ckpt = {**summary, **result_analysis.to_dict(), "worst": worst,
                 "conv1_filters": np.asarray(p["conv1.weight"])[:, 0].round(5).tolist()}
         with self._model_lock:
             self._models["newest"] = (newest, summary["step"], summary["accuracy"])
-            if summary["accuracy"] > self._best_accuracy:
-                self._best_accuracy = summary["accuracy"]
+            if selection.is_better(summary, self._best):
+                self._best = summary
                 self._models["best"] = self._models["newest"]
         with self._lock:
             if config is not None:
@@ -115,7 +116,8 @@ class LiveState:
                     "trainer_step": max(step["step"] if step else -1,
                                         (last or {}).get("trainer_step") or -1, (last or {}).get("step", -1)),
                     "latest_evaluation": last, "latest_step": step, "evaluations": len(self._evaluations),
-                    "best_accuracy": self._best_accuracy if self._best_accuracy >= 0 else None,
+                    # best_accuracy: the test accuracy of the model chosen on validation (best), not the top one
+                    "best": self._best, "best_accuracy": self._best["accuracy"] if self._best else None,
                     "n_test": len(self.test_images)}
 
     def history(self):

@@ -100,6 +100,10 @@ class TrainerLink:
         """The result for the highest step evaluated so far (a dict: step, epoch, accuracy, loss, ...)."""
         return self._results.latest()
 
+    def best_result(self):
+        """The result of the best model so far by lenet_dist.selection (validation figures, then the step)."""
+        return self._results.best()
+
     def wait_final(self, step, timeout, stop=None):
         """After training: keep serving until an evaluator reports on `step` (returns its result) or
         `timeout` seconds pass (returns None), the window in which a late evaluator can still fetch the
