@@ -8,8 +8,10 @@ Everything after `--` goes to lenet-train. A job that fails because a rank died 
 the stall guard) starts again with --resume, up to --max-restarts times within --restart-window seconds,
 after a back-off; a failure that would recur (a usage error, bad data, a diverged loss, replicas out of
 sync, a config refused on resume) ends the launch at once. With --hostfile, hosts that no longer answer are
-left out of the restart, down to --min-ranks ranks (same global batch). SIGTERM / Ctrl-C stop the job
-cleanly: the ranks agree on the stop, write one checkpoint and exit; the launcher exits 128 + signal.
+left out of the restart, down to --min-ranks ranks (same global batch). SIGTERM, SIGUSR1 / Ctrl-C stop the
+job cleanly: the ranks agree on the stop, write one checkpoint and exit; the launcher exits 128 + signal. One
+stop is passed on however many signals arrive (Slurm's time limit sends SIGTERM twice); only a second
+Ctrl-C kills the job at once.
 The decisions are in workers/restart_policy.py; this module only runs processes. It never imports MPI.
 """
 from __future__ import annotations
@@ -30,6 +32,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from lenet_dist.checkpoint import latest_valid
+from lenet_dist.stopsignal import StopSignal, signal_name
 
 from .restart_policy import RestartPolicy, classify, fit_hosts, format_hostfile, parse_hostfile
 
@@ -105,22 +108,6 @@ def detect_flavor(mpirun):
     raise SystemExit(f"lenet-launch: error: cannot tell MPICH from Open MPI by '{mpirun} --version'")
 
 
-class Stop:
-    """SIGTERM / SIGINT to the launcher: remembered, then passed on to the ranks by the run loop."""
-
-    def __init__(self):
-        self.signum = 0
-        self.count = 0
-        self.event = threading.Event()
-        for s in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(s, self._handle)
-
-    def _handle(self, signum, frame):
-        self.signum = self.signum or signum
-        self.count += 1
-        self.event.set()
-
-
 def _descendants(root):
     """Pids of every process below `root` (from /proc)."""
     children = {}
@@ -190,7 +177,7 @@ class Job:
         if not ranks:
             self.proc.send_signal(signal.SIGINT)
         self.stop_sent += 1
-        log.warning("passed %s on to %s", signal.Signals(signum).name,
+        log.warning("passed %s on to %s", signal_name(signum),
                     f"{len(ranks)} local rank(s)" if ranks else "mpirun (no rank runs on this host)")
 
     def kill(self):
@@ -215,9 +202,9 @@ class Job:
                 break
             except subprocess.TimeoutExpired:
                 pass
-            if stop.count > self.stop_sent:
-                self.signal_ranks(stop.signum if self.stop_sent == 0 else signal.SIGINT)
-            if self.first_error and not stop.count and time.monotonic() - self.first_error > exit_grace:
+            if stop.signum and not self.stop_sent:     # one stop, however many signals: more never escalate
+                self.signal_ranks(stop.signum)
+            if self.first_error and not stop and time.monotonic() - self.first_error > exit_grace:
                 log.warning("mpirun has not ended the job %g s after a rank's error; killing it", exit_grace)
                 self.kill()
         for t in self.pumps:
@@ -231,8 +218,9 @@ class Launcher:
         self.flavor = detect_flavor(args.mpirun)
         self.hosts = args.hosts
         self.ranks = args.ranks
-        self.stop = Stop()
+        self.stop = StopSignal()
         self.tmp = tempfile.TemporaryDirectory(prefix="lenet-launch-")
+        self.job = None
 
     def mpirun_argv(self, extra):
         return [self.args.mpirun, *shlex.split(self.args.mpirun_args), *extra]
@@ -290,16 +278,16 @@ class Launcher:
             self.record("restart" if resume else "start", attempt=attempt, ranks=self.ranks,
                         asked_ranks=a.ranks, reason=reason, failure=failure, resume_step=step if resume else None)
             started = time.monotonic()
-            job = Job(self.command(resume))
+            job = self.job = Job(self.command(resume))
             code = job.wait(self.stop, a.exit_grace)
             if code == 0:                   # finished, even if a stop came at the very end
                 log.info("the job finished (%d restart(s))", attempt)
                 self.record("end", outcome="finished", restarts=attempt, code=0)
                 return 0
-            if self.stop.count:
+            if self.stop:
                 ckpt, step = self.resume_point()
                 log.warning("stopped by %s: the job ended with code %d; newest checkpoint: %s (step %d); not a "
-                            "failure, no restart", signal.Signals(self.stop.signum).name, code, ckpt, step)
+                            "failure, no restart", self.stop.name, code, ckpt, step)
                 self.record("end", outcome="stopped", signal=self.stop.signum, code=code, step=step)
                 return 128 + self.stop.signum
             f = classify(code, job.lines)
@@ -310,7 +298,7 @@ class Launcher:
             if not restart:
                 self.record("end", outcome="gave up", failure=f.kind, reason=why, code=code)
                 return code if code > 0 else 1
-            if self.stop.event.wait(delay):
+            if self.stop.sleep(delay):
                 self.record("end", outcome="stopped", signal=self.stop.signum, code=code)
                 return 128 + self.stop.signum
             attempt, reason, failure = attempt + 1, why, f.kind
@@ -337,6 +325,11 @@ def main(argv=None):
     launcher = Launcher(args)
     try:
         return launcher.run()
+    except KeyboardInterrupt:               # Ctrl-C twice: the person at the terminal means now
+        if launcher.job is not None:
+            launcher.job.kill()
+        log.error("interrupted twice: the job was killed without its stop checkpoint")
+        return 130
     finally:
         launcher.tmp.cleanup()
 

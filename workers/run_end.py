@@ -4,27 +4,12 @@ from __future__ import annotations
 
 import json
 import shlex
-import signal
 import time
 from pathlib import Path
 
 import numpy as np
 
-
-class StopFlag:
-    """SIGTERM / Ctrl-C ask for a stop; the ranks agree on it inside the step's allreduce (and then on the
-    signal, agreed_signal). So does SIGUSR1: Open MPI's mpirun forwards it to the ranks and waits for them,
-    where a SIGTERM makes it kill the job (SIGKILL ~0.2 s later) and drop the ranks' output (docs/openmpi.md)."""
-
-    def __init__(self):
-        self.signum = 0
-        for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
-            signal.signal(s, self._handle)
-
-    def _handle(self, signum, frame):
-        if self.signum:                     # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        self.signum = signum
+from lenet_dist.stopsignal import signal_name
 
 
 def agreed_signal(comm, mine):
@@ -34,13 +19,6 @@ def agreed_signal(comm, mine):
     got = comm.allgather(np.array([mine], np.int64))[:, 0]                 # [dist]
     received = got[got > 0]
     return int(received[0]) if len(received) else int(mine)
-
-
-def signal_name(signum):
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return f"signal {signum}"
 
 
 class Tally:

@@ -25,6 +25,7 @@ from lenet_dist.comm import LauncherMismatch, get_comm, launcher_size
 from lenet_dist.dataid import data_mismatch
 from lenet_dist.errors import ResumeError
 from lenet_dist.stall import StallGuard
+from lenet_dist.stopsignal import StopSignal, signal_name
 from lenet_dist.parallel.step import DataParallelTrainer
 
 from . import run_setup
@@ -32,7 +33,7 @@ from . import telemetry
 from .common import blas_threads, load_dataset, number, one_line, raise_open_files_limit, setup_logging
 from .progress import ProgressSink
 from .train_flags import parse_args
-from .run_end import StopFlag, Tally, agreed_signal, position, signal_name, summary, what_was_saved
+from .run_end import Tally, agreed_signal, position, summary, what_was_saved
 from .sinks import LinkProgressSink, MetricsSink, RunInfo, Sinks, StepState
 
 log = logging.getLogger("lenet.trainer")
@@ -69,16 +70,15 @@ def run(args, comm):
                      args.run_state.run_id if rank0 else "")
     link = None
     if args.publish and rank0:
-        from lenet_dist.transport import TrainerLink, TransportError, load_key
-        if args.curve_public_key and args.curve_secret_key and \
-                load_key(args.curve_public_key) != load_key(args.curve_secret_key, secret=True)[0]:
-            raise TransportError(f"{args.curve_public_key} is not the public half of {args.curve_secret_key}")
+        from lenet_dist.transport import TrainerLink, load_key_pair
+        if args.curve_public_key and args.curve_secret_key:
+            load_key_pair(args.curve_secret_key, args.curve_public_key)
         raise_open_files_limit(log)
         link = TrainerLink(args.publish, results=args.results, secret_key=args.curve_secret_key,
                            authorized=args.curve_authorized, log=log)
         log.info("serving checkpoints on %s%s", link.endpoint,
                  f", results also from {link.results_endpoint}" if link.results_endpoint else "")
-    stop = StopFlag()
+    stop = StopSignal()                    # a repeated SIGTERM (Slurm's time limit) still checkpoints
     t_start = time.perf_counter()
     tally = Tally(args.checkpoint_dir / "best.json", args.run_state.run_id) if args.resume and rank0 \
         else Tally()
@@ -129,6 +129,8 @@ def run(args, comm):
                             signal_name(signum), what_was_saved(args, saved, link, rank0), 128 + signum)
                 sinks.on_end(summary(args, reason="signal", signum=signum, saved=saved, link=link, tally=tally,
                                      **position(trainer, comm, t_start)))
+                # [dist] mpirun ends the job when one rank exits non-zero: wait until rank 0 has written all
+                comm.barrier()
                 return 128 + signum
             trainer.check_synced()
             test_loss, test_acc = trainer.evaluate()
