@@ -13,7 +13,7 @@ from threadpoolctl import threadpool_limits
 
 from lenet_dist import checkpoint
 from lenet_dist.data import load_subset
-from lenet_dist.dataid import data_record
+from lenet_dist.data.identity import data_record
 from lenet_dist.model import LeNet5
 from lenet_dist.transport import RESULT_TOPIC, TrainerLink, generate_keys
 from workers import evaluator
@@ -169,7 +169,7 @@ def test_slow_evaluator_skips_stale_and_never_slows_the_trainer(tmp_path, link):
 
 
 @pytest.mark.parametrize("sig, when, code", [(signal.SIGTERM, "idle", 0), (signal.SIGTERM, "delay", 0),
-                                             (signal.SIGINT, "idle", 130)])
+                                             (signal.SIGINT, "idle", 130), (signal.SIGUSR1, "idle", 0)])
 def test_signals_end_it_within_two_seconds(tmp_path, link, sig, when, code):
     ev = Evaluator(tmp_path, "--connect", link.endpoint, "--delay", "30", "--poll-ms", "5000")  # long waits
     ev.wait_for("evaluating checkpoints from")
@@ -181,6 +181,17 @@ def test_signals_end_it_within_two_seconds(tmp_path, link, sig, when, code):
     rc, _ = ev.finish(timeout=5)
     assert rc == code and time.monotonic() - t < 2.0, ev.stderr
     assert "Traceback" not in ev.stderr
+
+
+def test_a_repeated_sigterm_still_ends_it_gracefully(tmp_path, link):
+    ev = Evaluator(tmp_path, "--connect", link.endpoint, "--delay", "30", "--poll-ms", "5000")
+    ev.wait_for("evaluating checkpoints from")
+    link.publish(1, 0, make_ckpt(1))
+    time.sleep(0.5)
+    for _ in range(3):                                      # as Slurm does at a time limit: never escalates
+        ev.proc.send_signal(signal.SIGTERM)
+    rc, _ = ev.finish(timeout=5)
+    assert rc == 0 and "stopped by signal 15 (SIGTERM)" in ev.stderr, ev.stderr
 
 
 def test_bad_input_is_logged_and_skipped(tmp_path):

@@ -25,7 +25,6 @@ import os
 import signal
 import socket
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from lenet_dist import analysis, checkpoint, selection, wire
 from lenet_dist.checkpoint import CheckpointError
 from lenet_dist.data import DataError
 from lenet_dist.files import atomic_write, read_regular
+from lenet_dist.stopsignal import StopSignal
 from lenet_dist.transport import TransportError
 
 from . import evaluator_live
@@ -90,33 +90,6 @@ def parse_args(argv=None):
     if any(curve) and (args.watch or not (args.curve_secret_key and args.curve_server_key)):
         p.error("CurveZMQ needs --connect with both --curve-secret-key and --curve-server-key")
     return args
-
-
-class StopFlag:
-    """SIGTERM / Ctrl-C ask for a stop, seen by the loop within a poll; a second Ctrl-C stops at once.
-    A plain attribute: setting a threading.Event from a signal handler can deadlock on its lock.
-    In-process users (install=False) stop run() by setting .signum themselves."""
-
-    def __init__(self, install=True):
-        self.signum = 0
-        if install and threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(s, self._handle)
-
-    def _handle(self, signum, frame):
-        if self.signum == signal.SIGINT and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __bool__(self):
-        return bool(self.signum)
-
-    def sleep(self, seconds):
-        """Sleep, but return early (True) on a stop request."""
-        end = time.monotonic() + seconds
-        while not self.signum and time.monotonic() < end:
-            time.sleep(min(0.05, end - time.monotonic()))
-        return bool(self.signum)
 
 
 def _dataset(args):
@@ -283,7 +256,7 @@ def _loop(args, stop, source, model, judge, out, best, live=None):
             return 0
         if args.once or evaluations == args.max_evaluations:
             return 0
-    log.info("stopped by signal %d after %d evaluations", stop.signum, evaluations)
+    log.info("stopped by signal %d (%s) after %d evaluations", stop.signum, stop.name, evaluations)
     return 130 if stop.signum == signal.SIGINT else 0
 
 
@@ -321,7 +294,7 @@ def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s evaluator %(levelname)s %(message)s", datefmt="%H:%M:%S",
                         stream=sys.stderr, level=args.log_level, force=True)
-    stop = StopFlag()
+    stop = StopSignal()
     try:
         return run(args, stop)
     except KeyboardInterrupt:

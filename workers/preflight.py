@@ -121,7 +121,7 @@ def check_checkpoint_dir(directory, resume):
 
 
 def check_keys(args):
-    from lenet_dist.transport import TransportError, load_key
+    from lenet_dist.transport import TransportError, load_key, load_key_pair
     secret, authorized = args.curve_secret_key, args.curve_authorized
     public = getattr(args, "curve_public_key", None)               # a flag the trainer may grow
     if not (secret or authorized or public):
@@ -129,9 +129,7 @@ def check_keys(args):
     try:
         if bool(secret) != bool(authorized):
             raise TransportError("CurveZMQ needs both --curve-secret-key and --curve-authorized")
-        pair = load_key(secret, secret=True)
-        if public and load_key(public) != pair[0]:
-            raise TransportError(f"{public} is not the public half of {secret}")
+        load_key_pair(secret, public)
         folder = Path(authorized)
         if not folder.is_dir():
             raise TransportError(f"{folder}: not a folder (--curve-authorized takes the folder of clients' .key files)")

@@ -25,8 +25,8 @@ the evaluator's end).
 """
 from .base import HANDSHAKE_MS, MAX_WAIT_MS, RESULT_TOPIC, TransportError
 from .client import CheckpointClient, ResultsPublisher
-from .keys import generate_keys, load_key
+from .keys import generate_keys, load_key, load_key_pair
 from .link import TrainerLink
 
 __all__ = ["CheckpointClient", "HANDSHAKE_MS", "MAX_WAIT_MS", "RESULT_TOPIC", "ResultsPublisher", "TrainerLink",
-           "TransportError", "generate_keys", "load_key"]
+           "TransportError", "generate_keys", "load_key", "load_key_pair"]

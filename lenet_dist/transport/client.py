@@ -10,7 +10,7 @@ from zmq.utils.monitor import parse_monitor_message
 from .. import wire
 from ..checkpoint import MAX_BYTES
 from .base import _FAILED, MAX_WAIT_MS, RESULT_TOPIC, TransportError, _monitor, _socket
-from .keys import load_key
+from .keys import load_key, load_key_pair
 
 class CheckpointClient:
     """The evaluator's end: fetches checkpoints from a TrainerLink, sends results back.
@@ -31,9 +31,7 @@ class CheckpointClient:
         if secret_key or server_key:
             if not (secret_key and server_key):
                 raise TransportError("CurveZMQ needs both our secret key file and the trainer's public key file")
-            pair = load_key(secret_key, secret=True)
-            if public_key and load_key(public_key) != pair[0]:
-                raise TransportError(f"{public_key} is not the public half of {secret_key}")
+            pair = load_key_pair(secret_key, public_key)
             self._curve = pair + (load_key(server_key),)
         self._ctx = zmq.Context()
         self._sock = self._mon = None

@@ -9,6 +9,7 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
+from ..files import read_regular
 from .base import TransportError
 
 def generate_keys(directory, name, *, overwrite=False):
@@ -30,12 +31,22 @@ def generate_keys(directory, name, *, overwrite=False):
 def load_key(path, *, secret=False):
     """The z85 public key of a .key or .key_secret file; with secret=True, (public, secret) from the latter."""
     try:
+        read_regular(path, 64 << 10)        # a FIFO or a device is refused here, never opened by zmq.auth
         public, secret_key = zmq.auth.load_certificate(str(path))
     except (OSError, ValueError) as e:
         raise TransportError(f"{path}: not a readable CurveZMQ key file: {e}") from None
     if secret and not secret_key:
         raise TransportError(f"{path}: holds no secret key (give the .key_secret file)")
     return (public, secret_key) if secret else public
+
+
+def load_key_pair(secret_path, public_path=None):
+    """(public, secret) z85 keys from a .key_secret file; when `public_path` (its .key file) is given too,
+    TransportError unless it is the public half of that secret key. The one key check of every process."""
+    pair = load_key(secret_path, secret=True)
+    if public_path and load_key(public_path) != pair[0]:
+        raise TransportError(f"{public_path} is not the public half of {secret_path}")
+    return pair
 
 
 def _authenticator(ctx, folder):
