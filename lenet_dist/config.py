@@ -35,7 +35,7 @@ class TrainConfig:
                                     # None: by placement (train.py): 64 across nodes or in half precision,
                                     # else one non-blocking allreduce after backward
     allreduce_dtype: str = "float32"  # float16 | bfloat16: gradients travel in half precision (halfprec.py)
-    val_size: int = -1              # examples held out of those for validation (-1: 1/12 of them; dataid.py)
+    val_size: int = -1              # examples held out of those for validation (-1: 1/12 of them; data/split.py)
 
     def __post_init__(self):
         for f in fields(self):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 
 from .checkpoint import CheckpointError, list_checkpoints, load_file
-from .dataid import val_size_of
+from .data.split import val_size_of
 from .errors import ResumeError
 from .sampler import steps_per_epoch
 

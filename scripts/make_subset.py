@@ -5,8 +5,8 @@
 Takes the FIRST `--train` training and first `--test` test examples (no shuffling: simple to reproduce and,
 for MNIST, close to class-balanced; the script prints the class counts). The source files are verified
 against the pinned MNIST sha256 first. Output is gzipped IDX with mtime 0 and no file name in the gzip
-header, so the same input gives the same bytes. Prints the sha256 table for data.SUBSET_HASHES and
-exits 1 if the table in lenet_dist/data.py differs (paste the printed one in).
+header, so the same input gives the same bytes. Prints the sha256 table for SUBSET_HASHES and
+exits 1 if the table in lenet_dist/data/subset.py differs (paste the printed one in).
 """
 import argparse
 import gzip
@@ -56,7 +56,7 @@ def main(argv=None):
         print(f'    "{key}": "{h}",')
     print("}")
     if hashes != SUBSET_HASHES:
-        print("lenet_dist/data.py SUBSET_HASHES differs: paste the table above into it", file=sys.stderr)
+        print("lenet_dist/data/subset.py SUBSET_HASHES differs: paste the table above into it", file=sys.stderr)
         return 1
     return 0
 

@@ -18,7 +18,7 @@ def make_params(seed):
 
 
 def make_ckpt(step, seed=0, final=False, epoch=0, params=None, data=None):
-    """A checkpoint's bytes; `data` is its meta["data"] (dataid.data_record), none by default."""
+    """A checkpoint's bytes; `data` is its meta["data"] (data/identity.py: data_record), none by default."""
     params = params if params is not None else make_params(seed)
     meta = {"step": step, "epoch": epoch, "pos": 0, "final": final, "config": {"seed": seed}}
     if data is not None:

@@ -178,7 +178,7 @@ def test_evaluator_with_a_full_best_dir_logs_and_goes_on(tmp_path):
     from lenet_dist.transport import TrainerLink
 
     from lenet_dist.data import load_subset
-    from lenet_dist.dataid import data_record
+    from lenet_dist.data.identity import data_record
 
     from .fakes import make_ckpt, make_params
     split = data_record(load_subset().identity(), 2000, 200, seed=0)  # --best-dir chooses on a validation split

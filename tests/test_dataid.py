@@ -1,12 +1,12 @@
-"""The validation split and the data identity a checkpoint records (lenet_dist.dataid), and model
+"""The validation split and the data identity a checkpoint records (lenet_dist/data/split.py, identity.py), and model
 selection on validation only (the evaluator's --best-dir)."""
 import json
 
 import numpy as np
 import pytest
 
-from lenet_dist.dataid import (data_mismatch, data_record, default_val_size, rebuild_validation,
-                               validation_split)
+from lenet_dist.data.identity import data_mismatch, data_record
+from lenet_dist.data.split import default_val_size, rebuild_validation, validation_split
 from workers.evaluator import BestKeeper
 
 IDENT = {"name": "mnist", "sha256": {"train_images": "a" * 64, "train_labels": "b" * 64,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from lenet_dist.data import DataError
-from lenet_dist.owndata import load_idx_dir
+from lenet_dist.data.own import load_idx_dir
 
 from . import idxdata
 from .idxdata import idx_bytes, write_dir

@@ -80,7 +80,7 @@ DATA_HINT = ("point --data-dir (or LENET_DATA_DIR) at a folder with the four IDX
 
 def add_data_flags(p):
     """The data flags lenet-train and lenet-evaluator share."""
-    from lenet_dist.catalog import NAMES
+    from lenet_dist.data.sources import NAMES
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=NAMES, default="mnist",
                    help="a pinned data set (its own mirrors and cache folder), or idx: your own four IDX files "
@@ -96,7 +96,7 @@ def read_dataset(args, log, fetch_first=False):
     """The data the flags name: --subset, --dataset idx --data-dir DIR, or a pinned data set. A DataError
     says what to do about it."""
     from lenet_dist.data import DataError, fetch_mnist, load_mnist, load_subset
-    from lenet_dist.owndata import load_idx_dir
+    from lenet_dist.data.own import load_idx_dir
     try:
         if args.subset:
             return load_subset()

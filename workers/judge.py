@@ -1,5 +1,5 @@
 """What lenet-evaluator holds and how it scores one checkpoint: only on the data the checkpoint was trained
-for (lenet_dist.dataid), on the validation split its meta describes (rebuilt from the training set) and on
+for (lenet_dist/data/identity.py), on the validation split its meta describes (rebuilt from the training set) and on
 the test set. Model selection (--best-dir) looks at the validation figures only."""
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import math
 import time
 
 from lenet_dist import analysis
-from lenet_dist.dataid import data_mismatch, rebuild_validation
+from lenet_dist.data.identity import data_mismatch
+from lenet_dist.data.split import rebuild_validation
 
 
 class DataRefused(Exception):

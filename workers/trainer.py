@@ -22,7 +22,7 @@ import numpy as np
 from lenet_dist import checkpoint
 from lenet_dist.parallel.balance import straggler
 from lenet_dist.comm import LauncherMismatch, get_comm, launcher_size
-from lenet_dist.dataid import data_mismatch
+from lenet_dist.data.identity import data_mismatch
 from lenet_dist.errors import ResumeError
 from lenet_dist.stall import StallGuard
 from lenet_dist.stopsignal import StopSignal, signal_name

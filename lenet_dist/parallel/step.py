@@ -46,7 +46,8 @@ from .balance import ShardBalancer
 from .buckets import BUCKET_KB_DEFAULT, BucketedAllreduce, tail_slots
 from ..checkpoint import Checkpoint
 from ..data import normalize
-from ..dataid import data_record, val_size_of, validation_split
+from ..data.identity import data_record
+from ..data.split import val_size_of, validation_split
 from ..layers import Workspace
 from ..model import NUM_PARAMS, LeNet5
 from ..optim import SGD, LRSchedule

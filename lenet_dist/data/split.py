@@ -1,14 +1,11 @@
-"""Which data a run used: the identity of its files and the validation split held out of its training set.
+"""The validation split: which training examples a run holds out, a function of (n, size, seed) alone.
 
-Both go into every checkpoint's meta ("data"), so that an evaluator scores a checkpoint only on the data it
-was trained for, rebuilds exactly the same validation split, and a resume on other data is refused.
-
-    train_idx, val_idx = validation_split(n, val_size, seed)    # disjoint, sorted, a function of the three
-    record = data_record(dataset.identity(), n, val_size, seed)  # -> meta["data"]
+    train_idx, val_idx = validation_split(n, val_size, seed)    # disjoint, sorted
 
 The default split is 1/12 of the training examples (5,000 of MNIST's 60,000, as in the LeNet/MNIST
 literature's 55,000 + 5,000; 166 of the 2,000 shipped): enough to rank checkpoints (one example is 0.02
-points of accuracy at 5,000), little enough to leave training almost the data it had.
+points of accuracy at 5,000), little enough to leave training almost the data it had. A checkpoint records
+the split (data/identity.py) and an evaluator rebuilds it with rebuild_validation.
 """
 from __future__ import annotations
 
@@ -39,14 +36,8 @@ def validation_split(n: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarr
     return np.sort(perm[size:]), np.sort(perm[:size])
 
 
-def _indices_sha256(idx: np.ndarray) -> str:
+def indices_sha256(idx: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(idx, dtype="<i8").tobytes()).hexdigest()
-
-
-def data_record(identity: dict, n: int, val_size: int, seed: int) -> dict:
-    """meta["data"]: the files' identity, and the split (rebuilt by validation_split, checked by its hash)."""
-    _, val = validation_split(n, val_size, seed)
-    return dict(identity, split={"of": n, "val_size": val_size, "seed": seed, "val_sha256": _indices_sha256(val)})
 
 
 def rebuild_validation(record: dict, n_available: int) -> np.ndarray | None:
@@ -59,21 +50,6 @@ def rebuild_validation(record: dict, n_available: int) -> np.ndarray | None:
     if n > n_available:
         raise ValueError(f"the split was drawn from {n} training examples, this data has {n_available}")
     _, val = validation_split(n, size, seed)
-    if _indices_sha256(val) != split.get("val_sha256"):
+    if indices_sha256(val) != split.get("val_sha256"):
         raise ValueError("the validation split rebuilt here differs from the one recorded (another version?)")
     return val
-
-
-def data_mismatch(recorded: dict | None, identity: dict) -> str | None:
-    """Why a checkpoint's meta["data"] is not this data, or None. The files decide, by sha256; the names
-    (the same files may be loaded as "mnist" or as "idx") only tell the user which is which."""
-    if not recorded:
-        return None                 # a checkpoint from before data identities: nothing to compare
-    theirs, ours = recorded.get("sha256") or {}, identity["sha256"]
-    differ = [k for k in sorted(ours) if theirs.get(k) != ours[k]]
-    if not differ:
-        return None
-    k = differ[0]
-    return (f"{len(differ)} of {len(ours)} files differ: it was trained on {recorded.get('name')!r} whose "
-            f"{k.replace('_', ' ')} have sha256 {str(theirs.get(k))[:12]}..., this is {identity['name']!r} with "
-            f"{ours[k][:12]}...")
