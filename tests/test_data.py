@@ -17,7 +17,8 @@ import pytest
 
 from lenet_dist.data import download, sources
 from lenet_dist.data import (MNIST_FILES, SUBSET_DIR, SUBSET_HASHES, DataError, load_mnist, load_subset,
-                             normalize, read_idx)
+                             normalize, read_idx, verify_dir)
+from lenet_dist.data.own import load_idx_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = {key: name for key, (name, _) in MNIST_FILES.items()}
@@ -464,3 +465,101 @@ def test_cli_data_sets(tmp_path):
     assert p.returncode == 1 and "nothing to fetch" in p.stderr
     p = run_cli("where", "--dataset", "fashion-mnist")
     assert "fashion-mnist" in p.stdout and "npm" not in p.stdout
+
+
+# ------------------------------------------------------------- copies: re-compressed, decompressed, both
+
+def regzip(blob: bytes) -> bytes:
+    """The same content, other gzip bytes: another level, an mtime and a file name in the header."""
+    out = io.BytesIO()
+    with gzip.GzipFile("renamed", "wb", compresslevel=1, fileobj=out, mtime=1_600_000_000) as f:
+        f.write(gzip.decompress(blob))
+    return out.getvalue()
+
+
+def test_every_named_data_set_pins_the_content_and_the_published_gz():
+    for spec in sources.PINNED.values():
+        assert set(spec.published_gz) == set(spec.files)
+        for key, (_, pin) in spec.files.items():
+            assert len(pin) == 64 and int(pin, 16) >= 0, (spec.name, key, pin)          # decompressed content
+            assert len(spec.published_gz[key]) == 64 and spec.published_gz[key] != pin
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "fashion-mnist"])
+def test_recompressed_and_decompressed_copies_verify(tmp_path, subset_gz, dataset):
+    d = tmp_path / "copy"
+    d.mkdir()
+    for i, (name, blob) in enumerate(subset_gz.items()):
+        copy = regzip(blob)
+        assert copy != blob and gzip.decompress(copy) == gzip.decompress(blob)
+        if i == 3:
+            (d / name).write_bytes(gzip.decompress(blob))                # one decompressed
+        else:
+            (d / f"{name}.gz").write_bytes(copy)
+    ds = load_mnist(d, dataset=dataset, hashes=SUBSET_HASHES, download=False, log=None)
+    check_subset(ds)
+    assert ds.identity()["sha256"] == load_subset().identity()["sha256"]  # the same data for checkpoints
+
+
+def test_verify_says_which_copy_it_is(tmp_path, subset_gz):
+    import hashlib
+    spec = sources.DataSpec("t", "T", dict(sources.MNIST.files), {k: hashlib.sha256(subset_gz[n]).hexdigest()
+                                                                  for k, n in NAMES.items()}, (), "UNUSED")
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "train-images-idx3-ubyte.gz").write_bytes(subset_gz["train-images-idx3-ubyte"])
+    (d / "train-labels-idx1-ubyte.gz").write_bytes(regzip(subset_gz["train-labels-idx1-ubyte"]))
+    (d / "t10k-images-idx3-ubyte").write_bytes(gzip.decompress(subset_gz["t10k-images-idx3-ubyte"]))
+    rows = verify_dir(d, SUBSET_HASHES, spec)
+    assert [(r.problem, r.copy) for r in rows[:3]] == [(None, "published .gz"), (None, "re-compressed"),
+                                                       (None, "decompressed")]
+    assert rows[3].problem.startswith("missing")
+
+
+def differing_pair(tmp_path, subset_gz, name="train-labels-idx1-ubyte"):
+    """The subset in a folder, plus a raw copy of `name` whose content differs from its .gz (one label)."""
+    d = tmp_path / "pair"
+    d.mkdir()
+    for n, blob in subset_gz.items():
+        (d / f"{n}.gz").write_bytes(blob)
+    raw = bytearray(gzip.decompress(subset_gz[name]))
+    raw[-1] = (raw[-1] + 1) % 10
+    (d / name).write_bytes(bytes(raw))
+    return d
+
+
+def test_raw_and_gz_copies_that_differ_are_refused_naming_both(tmp_path, subset_gz):
+    d = differing_pair(tmp_path, subset_gz)
+    raw, gz = d / "train-labels-idx1-ubyte", d / "train-labels-idx1-ubyte.gz"
+    for load in (lambda: load_mnist(d, hashes=SUBSET_HASHES, download=False, log=None),
+                 lambda: load_mnist(d, hashes=SUBSET_HASHES, verify=False, download=False, log=None),
+                 lambda: load_idx_dir(d)):
+        with pytest.raises(DataError) as e:
+            load()
+        msg = one_line(e)
+        assert msg.startswith(f"{raw} and {gz} differ (decompressed sha256 ") and "keep only the one" in msg
+    r = run_cli("verify", "--dataset", "idx", "--data-dir", str(d))
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and f"{raw} and {gz} differ" in r.stderr
+    raw.write_bytes(gzip.decompress(gz.read_bytes()))                   # the same content twice is fine
+    check_subset(load_mnist(d, hashes=SUBSET_HASHES, download=False, log=None))
+    check_subset(load_idx_dir(d))
+
+
+def test_a_differing_pair_in_the_cache_is_replaced(tmp_path, subset_gz, server):
+    cache = differing_pair(tmp_path, subset_gz)
+    logs = []
+    check_subset(load_mnist(hashes=SUBSET_HASHES, cache_dir=cache, mirrors=[server.serve("good", subset_gz)],
+                            log=logs.append))
+    assert server.hits == ["/good/train-labels-idx1-ubyte.gz"]
+    assert any(line.startswith("ignoring ") and " differ " in line for line in logs)
+    assert not (cache / "train-labels-idx1-ubyte").exists()
+
+
+@pytest.mark.parametrize("args, line", [
+    (["verify", "--bogus"], "lenet-data: unrecognized arguments: --bogus (see lenet-data --help)"),
+    (["fetch", "--timeout", "x"], "lenet-data fetch: argument --timeout: invalid float value: 'x' "
+                                  "(see lenet-data fetch --help)"),
+])
+def test_cli_bad_flag_is_one_line(args, line):
+    r = run_cli(*args)
+    assert r.returncode == 2 and r.stdout == "" and r.stderr == line + "\n"
