@@ -35,6 +35,9 @@ WHEEL_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "
 DEBIAN_MIRROR = os.environ.get("LENET_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 # What the Dockerfile expects of python:3.11-slim: python3.11 and pip; ssh so that no apt step runs.
 STANDIN_PACKAGES = "python3,python3-pip,openssh-client,openssh-server"
+# Debian's pip installs under /usr/local (the python images' prefix), MPICH's libmpi in /usr/local/lib,
+# where mpi4py looks only with that prefix: the stand-in names the directory to the dynamic loader.
+STANDIN_CHANGES = ('CMD ["/bin/bash"]', "ENV LD_LIBRARY_PATH=/usr/local/lib")
 SUBNET = "10.79.0"
 HOSTS = {"h1": f"{SUBNET}.1", "h2": f"{SUBNET}.2"}
 STEPS = 40                                  # 2,000 subset images / batch 50, one epoch
@@ -79,12 +82,13 @@ def podman(*args, timeout=600, check=True, **kw):
     return p
 
 
-def standin_base(tmp_path):
-    """The stand-in for python:3.11-slim-bookworm: Debian 12 by debootstrap, imported into podman once."""
-    if podman("image", "exists", STANDIN, check=False).returncode == 0:
-        return STANDIN
+def standin_base(tmp_path, tag=STANDIN, packages=STANDIN_PACKAGES, changes=STANDIN_CHANGES):
+    """A Debian 12 image made by debootstrap with `packages`, imported into podman once as `tag` (by default
+    the stand-in for python:3.11-slim-bookworm); later runs reuse it."""
+    if podman("image", "exists", tag, check=False).returncode == 0:
+        return tag
     root = tmp_path / "rootfs"
-    p = subprocess.run(["debootstrap", "--variant=minbase", f"--include={STANDIN_PACKAGES}", "bookworm",
+    p = subprocess.run(["debootstrap", "--variant=minbase", f"--include={packages}", "bookworm",
                         str(root), DEBIAN_MIRROR], capture_output=True, text=True, timeout=1200)
     if p.returncode != 0:
         pytest.fail(f"debootstrap from {DEBIAN_MIRROR} failed (LENET_DEBIAN_MIRROR picks another):\n"
@@ -95,15 +99,12 @@ def standin_base(tmp_path):
     for deb in root.glob("var/cache/apt/archives/*.deb"):
         deb.unlink()
     tar = subprocess.Popen(["tar", "-C", str(root), "-c", "."], stdout=subprocess.PIPE)
-    # Debian's pip installs under /usr/local (the python images' prefix), MPICH's libmpi in /usr/local/lib,
-    # where mpi4py looks only with that prefix: the stand-in names the directory to the dynamic loader.
-    imported = subprocess.run(["podman", "import", "--change", "CMD [\"/bin/bash\"]",
-                               "--change", "ENV LD_LIBRARY_PATH=/usr/local/lib", "-", STANDIN],
+    imported = subprocess.run(["podman", "import", *(f"--change={c}" for c in changes), "-", tag],
                               stdin=tar.stdout, capture_output=True, text=True, timeout=600)
     tar.stdout.close()
     assert tar.wait() == 0 and imported.returncode == 0, imported.stderr
     shutil.rmtree(root, ignore_errors=True)
-    return STANDIN
+    return tag
 
 
 def build_context(tmp_path):
@@ -169,6 +170,9 @@ def test_image_builds_offline_and_trains_with_an_evaluator_in_another_container(
     for line in (REPO / "deploy" / "requirements.lock").read_text().splitlines():
         if "==" in line and not line.startswith("#"):
             assert line.split()[0] in frozen, f"{line.split()[0]} not installed: {frozen}"
+    # deploy/mnist holds no data here: nothing of it reaches the image (its README and .gitignore neither).
+    p = run_in(image, "ls", "-A", "/opt/mnist")
+    assert p.returncode == 0 and p.stdout == "", p.stdout + p.stderr
     p = run_in(image, "lenet-train", "--test-mode", "--no-progress", timeout=600)
     assert p.returncode == 0, f"--test-mode exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
 
