@@ -656,6 +656,19 @@ def test_dockerfile_copies_what_exists():
             assert (ROOT / src).exists(), f"COPY {src}: no such path in the repository"
 
 
+def test_dockerfile_leaves_only_data_in_the_image_data_folder():
+    """deploy/mnist's own files (README, .gitignore) are copied with the data and removed in the next step."""
+    steps = dockerfile_instructions()
+    (i, dest), = [(i, args.split()[-1]) for i, (op, args) in enumerate(steps)
+                  if op == "COPY" and args.split()[0].rstrip("/") == "deploy/mnist"]
+    op, removal = steps[i + 1]
+    assert op == "RUN" and removal.startswith("rm -f "), steps[i + 1]
+    removed = set(removal.split("&&")[0].split()[2:])
+    ours = {p.name for p in (DEPLOY / "mnist").iterdir() if p.is_file() and "-ubyte" not in p.name}
+    assert {".gitignore", "README.md"} <= ours
+    assert {dest.rstrip("/") + "/" + name for name in ours} <= removed, (ours, removed)
+
+
 # ---------------------------------------------------------------- the guide
 
 def test_readme_covers_every_recipe():
