@@ -115,37 +115,47 @@ def worker(args):
 
     from lenet_dist.comm import MPIComm
     from lenet_dist.config import TrainConfig
-    from lenet_dist.model import NUM_PARAMS
-    from lenet_dist.parallel.step import TAIL, DataParallelTrainer
+    from lenet_dist.parallel.buckets import BUCKET_KB_DEFAULT
+    from lenet_dist.parallel.reducers import BucketedReducer
+    from lenet_dist.parallel.step import DataParallelTrainer
+    from bench.timing import TimedReducer
 
     comm = MPIComm()
     ds = load(args, comm)
     total = args.rounds * args.steps + args.warmup
     epochs = max(1, -(-total * args.batch // len(ds.train_images)) + 1)
     names = args.variants.split(",")
-    seconds = slice(NUM_PARAMS + TAIL, NUM_PARAMS + TAIL + comm.size)   # the step's compute seconds per rank
     out = {n: {"images_per_s": [], "comm_share": [], "settle_share": [], "compute_ms": [], "tx_kb_per_step": []}
            for n in names}
     with threadpool_limits(limits=1, user_api="blas"):
-        trainers = {n: DataParallelTrainer(TrainConfig(batch_size=args.batch, epochs=epochs, **variant_config(n)),
-                                           comm, ds, **variant_lanes(n)) for n in names}
+        def trainer(n):
+            cfg, lanes = TrainConfig(batch_size=args.batch, epochs=epochs, **variant_config(n)), variant_lanes(n)
+            reducer = None
+            if lanes:                       # the buckets' own lanes, as the variant's suffixes say
+                pipelined = comm.nap is None and comm.ranks_per_node < comm.size      # as placement.py
+                reducer = BucketedReducer(comm, max(cfg.bucket_kb or 0, 0) or BUCKET_KB_DEFAULT, cfg.allreduce_dtype,
+                                          **{"pipelined": pipelined, **lanes})
+            t = DataParallelTrainer(cfg, comm, ds, reducer=reducer)
+            t.reducer = TimedReducer(t.reducer)
+            return t
+        trainers = {n: trainer(n) for n in names}
         for n, t in trainers.items():
             for _ in range(args.warmup):
                 t.train_step()
         for _ in range(args.rounds):
             for n, t in trainers.items():
                 comm.barrier()
-                t.comm_seconds, t.settle_seconds, t.seconds_by_rank[:] = 0.0, 0.0, 0.0
+                t.reducer.comm_seconds, t.reducer.settle_seconds, t.seconds_by_rank[:] = 0.0, 0.0, 0.0
                 rx0, tx0 = link_bytes()
                 slowest = 0.0
                 t0 = time.perf_counter()
                 for _ in range(args.steps):
                     t.train_step()
-                    slowest += float(t.model.grad_buffer[seconds].max())   # every rank's, from the tail
+                    slowest += float(t.step_compute_seconds.max())      # every rank's, summed with the step
                 t.settle()                                          # the last step's owed update
                 wall = time.perf_counter() - t0
                 rx1, tx1 = link_bytes()
-                every = comm.allgather(np.array([wall, t.comm_seconds, t.settle_seconds], np.float64))
+                every = comm.allgather(np.array([wall, t.reducer.comm_seconds, t.reducer.settle_seconds], np.float64))
                 r = out[n]
                 r["images_per_s"].append(args.batch * args.steps / float(every[:, 0].max()))
                 r["comm_share"].append(float((every[:, 1] / every[:, 0]).mean()))
@@ -157,9 +167,9 @@ def worker(args):
     if comm.rank == 0:
         for n, r in out.items():
             t = trainers[n]
-            schedule = "pipelined" if t.pipelined else "serial" if t.reducer else "fused"
-            if t.chooser:                                   # what the measured default kept after its trial
-                schedule = f"auto:{t.path if t.chooser.decided else 'undecided'}"
+            schedule = "pipelined" if t.reducer.pipelined else "serial" if t.reducer.path == "buckets" else "fused"
+            if t.reducer.chooser:                           # what the measured default kept after its trial
+                schedule = f"auto:{t.reducer.path if t.reducer.chooser.decided else 'undecided'}"
             rec = {"variant": n, "schedule": schedule, "ranks": comm.size, "hosts_seen": len(hosts), "batch": args.batch,
                    "rounds": args.rounds, "steps": args.steps, "data_images": len(ds.train_images)}
             for k, v in r.items():

@@ -37,6 +37,8 @@ def worker(args):
     from lenet_dist.comm import get_comm
     from lenet_dist.config import TrainConfig
     from lenet_dist.data import DataError, load_mnist, load_subset
+    from lenet_dist.parallel.placement import reducer_for
+    from lenet_dist.parallel.reducers import BucketedReducer, FusedReducer
     from lenet_dist.parallel.step import DataParallelTrainer
 
     comm = get_comm()
@@ -49,8 +51,14 @@ def worker(args):
         ds = load_subset()
     cfg = TrainConfig(batch_size=args.batch, epochs=1000, bucket_kb=args.bucket_kb, seed=1)
     limits = threadpool_limits(limits=1, user_api="blas")       # noqa: F841 - one BLAS thread per rank
-    t = DataParallelTrainer(cfg, comm, ds)
-    assert t.reducer is not None, "needs 2 or more ranks"
+    buckets = reducer_for(cfg, comm)                            # the run's buckets, pipelined or not
+    assert isinstance(buckets, BucketedReducer), "needs 2 or more ranks and --bucket-kb > 0"
+    t = DataParallelTrainer(cfg, comm, ds, reducer=buckets)
+    reducers = {"fused": FusedReducer(comm), "buckets": buckets, "late": buckets,
+                "ifused": FusedReducer(comm, nonblocking=True)}   # ifused: the default's sum on one node
+    for r in reducers.values():
+        if r is not buckets:
+            r.bind(t.model.grad_buffer, buckets.tail)
     loss_and_grad = t.model.loss_and_grad
 
     def late(x, y, scale=1.0, ready=None, before=None):
@@ -63,9 +71,9 @@ def worker(args):
     seconds = {p: [] for p in paths}
     for b in range(args.blocks):
         path = paths[b % len(paths)]
-        t.path = "fused" if path in ("fused", "ifused") else "buckets"
+        t.settle()
+        t.reducer = reducers[path]
         t.model.loss_and_grad = late if path == "late" else loss_and_grad
-        t.fused_nonblocking = path == "ifused"                  # the default's sum on one node
         comm.barrier()
         t0 = time.perf_counter()
         for _ in range(args.block_steps):
@@ -90,7 +98,7 @@ def worker(args):
                      ifused_vs_fused=round(statistics.median(ifu) / statistics.median(f), 4),
                      ifused_paired=round(statistics.median(x / fu for fu, x in zip(f, ifu)), 4))
     print(json.dumps({
-        "ranks": comm.size, "batch": args.batch, "bucket_kb": args.bucket_kb, "pipelined": t.pipelined,
+        "ranks": comm.size, "batch": args.batch, "bucket_kb": args.bucket_kb, "pipelined": buckets.pipelined,
         "blocks": args.blocks, "block_steps": args.block_steps,
         "fused_ms": round(1e3 * statistics.median(f), 3), "buckets_ms": round(1e3 * statistics.median(k), 3),
         "buckets_vs_fused": round(statistics.median(k) / statistics.median(f), 4),

@@ -22,9 +22,9 @@ then one summary line: medians over the repeats, and the ratios the issue asks f
 4 ranks / 2 ranks), each both as the ratio of the medians and as the median of the per-repeat ratios.
 
 A variant is NAME:KEY=VALUE,KEY=VALUE. By default a worker opens MPI as lenet-train does (MPIComm(),
-whose MPICH defaults apply); `@raw` in a variant opens it with oversubscribed_defaults=False, i.e. plain
-MPICH plus whatever the variant and --env set; `@balance` trains with --balance (shards sized by each
-rank's measured speed, lenet_dist/balance.py); `@fused` trains with --bucket-kb 0 (one allreduce after
+whose MPICH defaults apply); `@raw` in a variant opens it without the oversubscribed node's naps and
+settings, i.e. plain MPICH plus whatever the variant and --env set; `@balance` trains with --balance
+(shards sized by each rank's measured speed, lenet_dist/parallel/balance.py); `@fused` trains with --bucket-kb 0 (one allreduce after
 backward instead of the default buckets); every record has `rank_shares` and `rank_compute_ms` (each rank's compute time per step) over the timed steps.
 --straggler R makes rank R compute 3x slower (as `--fault R:0:slow` does in lenet-train).
 """
@@ -55,10 +55,17 @@ def worker(args):
     from lenet_dist.comm import MPIComm
     from lenet_dist.config import TrainConfig
     from lenet_dist.data import DataError, load_mnist, load_subset
+    from lenet_dist.parallel.reducers import Straggler
     from lenet_dist.parallel.step import DataParallelTrainer
     import numpy as np
+    from bench.timing import TimedReducer
 
-    comm = MPIComm(oversubscribed_defaults=not args.raw)
+    class RawComm(MPIComm):
+        """Plain MPI: no naps, no library settings for an oversubscribed node (@raw)."""
+        def _waiting_politely(self):
+            return None, {}
+
+    comm = RawComm() if args.raw else MPIComm()
     try:
         ds, source = load_mnist(args.data_dir, download=False, log=None), "mnist"
     except DataError as e:
@@ -73,12 +80,13 @@ def worker(args):
     with threadpool_limits(limits=1, user_api="blas"):
         trainer = DataParallelTrainer(cfg, comm, ds)
         if comm.rank == args.straggler:
-            trainer.slowdown = 3.0
+            trainer.reducer = Straggler(trainer.reducer, 3.0)
+        trainer.reducer = timed = TimedReducer(trainer.reducer)
 
         for _ in range(args.warmup):
             trainer.train_step()
         comm.barrier()
-        trainer.comm_seconds = 0.0
+        timed.comm_seconds = 0.0
         trainer.examples_by_rank[:] = 0
         trainer.seconds_by_rank[:] = 0
         t0 = time.perf_counter()
@@ -87,7 +95,7 @@ def worker(args):
         wall = time.perf_counter() - t0
 
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0          # KiB on Linux
-    mine = np.array([wall, trainer.comm_seconds, rss_mb], np.float64)
+    mine = np.array([wall, timed.comm_seconds, rss_mb], np.float64)
     every = comm.allgather(mine)                                                   # (size, 3)
     if comm.rank == 0:
         wall_max = float(every[:, 0].max())

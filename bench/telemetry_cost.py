@@ -57,8 +57,7 @@ def main():
             mode = "on" if block % 2 else "off"
             t0 = time.perf_counter()
             for _ in range(args.steps):
-                lr = trainer.schedule(trainer.step)
-                B, loss, correct, _ = trainer.train_step()
+                B, loss, correct, _, lr = trainer.train_step()
                 if mode == "on":
                     s0 = time.perf_counter()
                     state.add(trainer.step, B, loss, correct, lr, trainer.step_compute_seconds, s0)

@@ -53,3 +53,29 @@ def measure_into(out, ds, args, train_throughput, eval_throughput):
         out["infer_s_all"] = [round(s, 4) for s in secs]
     return out
 
+
+
+class TimedReducer:
+    """Wraps a trainer's reducer (lenet_dist/parallel/reducers.py) to time it: `comm_seconds`, what this
+    rank spent blocked on the sums (the collectives, settle() and the forward's waits for an owed update);
+    `settle_seconds`, the part spent waiting for owed updates (pipelined). The caller resets both."""
+
+    def __init__(self, reducer):
+        self.reducer, self.comm_seconds, self.settle_seconds = reducer, 0.0, 0.0
+
+    def __getattr__(self, name):
+        return getattr(self.reducer, name)
+
+    def sum(self, stop, seconds):
+        t = time.perf_counter()
+        out = self.reducer.sum(stop, seconds)
+        self.comm_seconds += time.perf_counter() - t + self.reducer.waited
+        self.settle_seconds += self.reducer.waited
+        return out
+
+    def settle(self):
+        t = time.perf_counter()
+        self.reducer.settle()
+        waited = time.perf_counter() - t
+        self.comm_seconds += waited
+        self.settle_seconds += waited

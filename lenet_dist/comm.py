@@ -1,12 +1,16 @@
-"""The communicator: the only module that knows MPI.
+"""The communicator: the only module that knows MPI, and what the processes need to know about launchers.
 
-Tiny on purpose: rank, size, in-place allreduce (sum) of a NumPy buffer, broadcast from rank 0, allgather
-of a small buffer, barrier, abort. `LocalComm` is the one-process version and needs no MPI at all;
-`MPIComm` uses mpi4py's upper-case buffer calls only (no pickle ever crosses the wire).
+The communicator's calls: rank, size, in-place allreduce (sum) of a NumPy buffer, broadcast from rank 0,
+allgather of a small buffer, barrier, abort, and the non-blocking sums the bucketed reducer starts during
+backward (parallel/buckets.py). `LocalComm` is the one-process version and needs no MPI at all; `MPIComm`
+uses mpi4py's upper-case buffer calls only (no pickle ever crosses the wire); JSON travels as its bytes
+(bcast_json, allgather_json). Around them: the launchers' environment variables (one list, here), where
+the ranks sit (node_layout, cgroup_cores) and how a rank waits on a node with more ranks than cores.
 """
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import re
@@ -19,8 +23,11 @@ import numpy as np
 from .parallel.halfprec import from_bfloat16, to_bfloat16
 
 
-# Environment variables that MPI launchers set in every process they start.
-_LAUNCHER_VARS = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS", "HYDI_CONTROL_FD")
+# Environment variables that MPI launchers set in every process they start (Hydra's PMI, Open MPI, PMIx).
+RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")                 # this process's rank
+SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE")                 # how many ranks were started
+LOCAL_SIZE_VARS = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "PMIX_LOCAL_SIZE", "PMI_LOCAL_SIZE")  # on this node
+LAUNCHER_VARS = RANK_VARS + SIZE_VARS + LOCAL_SIZE_VARS + ("HYDI_CONTROL_FD",)   # any: started by a launcher
 
 # An MPI library spins while it waits for a peer. On an oversubscribed node (mpirun -n 4 on 2 cores, or any
 # node shared with other work) the spinning rank steals the core from the rank it waits for: plain MPICH ran
@@ -121,7 +128,7 @@ def node_layout(env=None, cpu_count=None, cgroup=None):
     for var in ("SLURM_CPUS_ON_NODE", "LENET_NODE_CORES"):
         if env.get(var, "").isdigit() and int(env[var]) > 0:
             cores = min(cores, int(env[var]))
-    for var in ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "PMIX_LOCAL_SIZE", "PMI_LOCAL_SIZE"):
+    for var in LOCAL_SIZE_VARS:
         if env.get(var, "").isdigit():
             return int(env[var]), cores, var
     if "SLURM_PROCID" in env:
@@ -143,7 +150,7 @@ def _oversubscribed(env=None, cpu_count=None, cgroup=None):
 def launcher_size(env=None):
     """(ranks the launcher says it started, the variable that says so), or (None, None)."""
     env = os.environ if env is None else env
-    for var in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "SLURM_STEP_NUM_TASKS"):
+    for var in SIZE_VARS + ("SLURM_STEP_NUM_TASKS",):
         if env.get(var, "").isdigit():
             return int(env[var]), var
     return None, None
@@ -156,7 +163,7 @@ def library_family(version):
 
 def launched_by_mpi():
     """True when this process was started by an MPI launcher (mpirun, mpiexec, srun with PMI)."""
-    return any(v in os.environ for v in _LAUNCHER_VARS) or "SLURM_PROCID" in os.environ and \
+    return any(v in os.environ for v in LAUNCHER_VARS) or "SLURM_PROCID" in os.environ and \
         int(os.environ.get("SLURM_NTASKS", "1")) > 1
 
 
@@ -237,9 +244,7 @@ class MPIComm:
 
     is_mpi = True
 
-    def __init__(self, oversubscribed_defaults=True):
-        self.nap = None                     # seconds between arrival tests; None: the collective waits alone
-        self.tuning = {}                    # what was set for the library when oversubscribed
+    def __init__(self):
         import mpi4py
         mpi4py.rc.threads = False           # no MPI_THREAD_MULTIPLE: ranks are single-threaded callers
         mpi4py.rc.initialize = False        # first learn which library this is: its tuning goes in before Init
@@ -250,12 +255,8 @@ class MPIComm:
         self.library = " ".join(MPI.Get_library_version().splitlines()[0].split(",")[0].split())
         self.family = library_family(self.library)
         check_launcher(self.library)
-        if oversubscribed_defaults and _oversubscribed():
-            for k, v in OVERSUBSCRIBED_DEFAULTS.get(self.family, {}).items():
-                if k not in os.environ:     # the user's own setting wins
-                    os.environ[k] = v
-                    self.tuning[k] = v
-            self.nap = _nap_seconds()
+        # nap: seconds between arrival tests, None: the collective waits alone; tuning: what was set
+        self.nap, self.tuning = self._waiting_politely()
         if not MPI.Is_initialized():
             MPI.Init()
         self.comm = MPI.COMM_WORLD
@@ -267,6 +268,18 @@ class MPIComm:
         self.comm.Allreduce(MPI.IN_PLACE, most, op=MPI.MAX)
         self.ranks_per_node = int(most[0])  # the most ranks any node holds (MPI's own view of the placement)
         check_launcher(self.library, self.size)
+
+    def _waiting_politely(self):
+        """(nap, library settings applied) for a node with more ranks than cores, before MPI_Init (see
+        OVERSUBSCRIBED_DEFAULTS); (None, {}) otherwise."""
+        if not _oversubscribed():
+            return None, {}
+        tuning = {}
+        for k, v in OVERSUBSCRIBED_DEFAULTS.get(self.family, {}).items():
+            if k not in os.environ:         # the user's own setting wins
+                os.environ[k] = v
+                tuning[k] = v
+        return _nap_seconds(), tuning
 
     def allreduce_(self, buf, nonblocking=False):
         """Sum `buf` over all ranks, in place, in one call (oversubscribed: after everyone has arrived).
@@ -376,9 +389,6 @@ class _Done:
     def Test(self):
         return True
 
-    def Wait(self):
-        pass
-
 
 _DONE = _Done()
 
@@ -387,6 +397,30 @@ def _bf16_sum(inbuf, inoutbuf, datatype):
     """MPI user op: inout += in, both bfloat16 bits (uint16), summed in float32 and rounded back."""
     a, b = np.frombuffer(inbuf, np.uint16), np.frombuffer(inoutbuf, np.uint16)
     b[:] = to_bfloat16(from_bfloat16(a) + from_bfloat16(b))
+
+
+def bcast_json(comm, obj):
+    """Rank 0's JSON-able `obj` on every rank (the others pass anything): its length, then its bytes."""
+    raw = _json_bytes(obj) if comm.rank == 0 else np.zeros(0, np.uint8)
+    n = int(comm.bcast_(np.array([len(raw)], np.int64))[0])
+    return _from_json_bytes(comm.bcast_(raw if comm.rank == 0 else np.zeros(n, np.uint8)))
+
+
+def allgather_json(comm, obj):
+    """Every rank's JSON-able `obj`, in rank order: the lengths, then the bytes padded to the longest."""
+    raw = _json_bytes(obj)
+    lengths = comm.allgather(np.array([len(raw)], np.int64))[:, 0]
+    buf = np.zeros(int(lengths.max()), np.uint8)
+    buf[:len(raw)] = raw
+    return [_from_json_bytes(row[:n]) for row, n in zip(comm.allgather(buf), lengths)]
+
+
+def _json_bytes(obj):
+    return np.frombuffer(json.dumps(obj).encode(), np.uint8).copy()
+
+
+def _from_json_bytes(buf):
+    return json.loads(buf.tobytes())
 
 
 def get_comm(force_local=False):

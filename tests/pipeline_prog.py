@@ -11,13 +11,15 @@ import numpy as np
 from lenet_dist.comm import get_comm
 from lenet_dist.config import TrainConfig
 from lenet_dist.data import load_subset
+from lenet_dist.parallel.reducers import BucketedReducer
 from lenet_dist.parallel.step import DataParallelTrainer
 
 
 def run(comm, ds, dtype, pipelined, batch=48):
     cfg = TrainConfig(batch_size=batch, seed=5, lr=0.02, bucket_kb=64, allreduce_dtype=dtype)
-    t = DataParallelTrainer(cfg, comm, ds, pipelined=pipelined, chunk_kb=8, window=2)
-    assert t.pipelined == pipelined
+    reducer = BucketedReducer(comm, 64, dtype, pipelined=pipelined, chunk_kb=8, window=2)
+    t = DataParallelTrainer(cfg, comm, ds, reducer=reducer)
+    assert t.reducer.pipelined == pipelined
     losses = []
     for step in range(12):
         losses.append(t.train_step()[1])
@@ -39,7 +41,7 @@ def main():
         p, v, losses = run(comm, ds, "float32", pipelined, batch=comm.size - 1)   # the last rank has none
         out.update({f"empty-{name}-params": p, f"empty-{name}-velocity": v, f"empty-{name}-losses": losses})
     default = DataParallelTrainer(TrainConfig(batch_size=48, bucket_kb=64), comm, ds)    # on one node
-    out["default-pipelined"] = np.array(default.pipelined)
+    out["default-pipelined"] = np.array(default.reducer.pipelined)
     if comm.rank == 0:
         np.savez(sys.argv[1], **out)
 

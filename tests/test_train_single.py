@@ -23,7 +23,7 @@ def run(t, steps=None):
     """Train to the end (or `steps` more steps); returns [(B, loss_sum, correct)] per step."""
     out = []
     while not t.done and (steps is None or len(out) < steps):
-        B, loss, correct, stop = t.train_step()
+        B, loss, correct, stop, _ = t.train_step()
         assert not stop
         out.append((B, loss, correct))
     return out
@@ -170,7 +170,7 @@ def test_uneven_last_batch_is_the_exact_mean_gradient(data):
     assert t.steps_per_epoch == 2
     assert t.train_step()[0] == 64
     p1, v1 = t.model.params.copy(), t.opt.velocity.copy()
-    B, loss_sum, correct, _ = t.train_step()
+    B, loss_sum, correct, _, _ = t.train_step()
     assert B == 36 and t.epoch == 1 and t.pos == 0
 
     # the same step by hand: the 36 remaining examples of epoch 0, mean gradient, one SGD update

@@ -166,7 +166,8 @@ class FaultInjector:
             if kind == "nan":
                 trainer.model.params[:] = np.nan
             if kind == "slow":
-                trainer.slowdown = self.SLOWDOWN
+                from lenet_dist.parallel.reducers import Straggler
+                trainer.reducer = Straggler(trainer.reducer, self.SLOWDOWN)
             if kind == "term":
                 os.kill(os.getpid(), signal.SIGTERM)
             if kind == "hang":

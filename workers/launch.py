@@ -32,12 +32,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from lenet_dist.checkpoint import latest_valid
+from lenet_dist.comm import RANK_VARS
 from lenet_dist.stopsignal import StopSignal, signal_name
 
 from .restart_policy import RestartPolicy, classify, fit_hosts, format_hostfile, parse_hostfile
 
 log = logging.getLogger("lenet.launch")
-RANK_ENV = (b"PMI_RANK=", b"OMPI_COMM_WORLD_RANK=", b"PMIX_RANK=")
+RANK_ENV = tuple(f"{v}=".encode() for v in RANK_VARS)
 
 
 def parse_args(argv=None):

@@ -50,8 +50,8 @@ def run(args, comm):
              "for validation), data: %s from %s", comm.size, cfg.batch_size, "~%d" % -(-cfg.batch_size // comm.size),
              trainer.steps_per_epoch, trainer.n, len(trainer.val_images), data.name, data.source)
     if comm.size > 1:
-        log.info("gradient sum: %s%s (%d rank(s) per node at most; --bucket-kb sets it)", trainer.reduction,
-                 f", {trainer.bucket_kb} KiB buckets" if trainer.reducer is not None else "", comm.ranks_per_node)
+        log.info("gradient sum: %s (%d rank(s) per node at most; --bucket-kb sets it)", trainer.reducer.description,
+                 comm.ranks_per_node)
     if comm.nap is not None:
         tuned = " ".join(f"{k}={v}" for k, v in comm.tuning.items()) or "nothing (set by the user, or unknown)"
         log.info("more ranks than cores on this node: a rank that waits for the others naps %g us between "
@@ -101,15 +101,14 @@ def run(args, comm):
             trainer.seconds_by_rank[:] = 0
             while trainer.epoch == epoch and not trainer.done:
                 args.fault.maybe_fire(trainer, comm.rank)
-                lr = trainer.schedule(trainer.step)
-                B, l, c, stop_all = trainer.train_step(stop_request=bool(stop.signum))
+                B, l, c, stop_all, lr = trainer.train_step(stop_request=bool(stop.signum))
                 guard.beat()
-                if trainer.chooser and trainer.chooser.decided and not announced:
+                if trainer.reducer.chooser and trainer.reducer.chooser.decided and not announced:
                     announced = True
-                    m = trainer.chooser.medians
+                    m = trainer.reducer.chooser.medians
                     log.info("allreduce: %s (fused %.2f ms a step, 64 KiB buckets %.2f ms, measured over the "
-                             "first %d steps; --bucket-kb sets it)", trainer.path, 1e3 * m["fused"],
-                             1e3 * m["buckets"], trainer.chooser.trial_steps)
+                             "first %d steps; --bucket-kb sets it)", trainer.reducer.path, 1e3 * m["fused"],
+                             1e3 * m["buckets"], trainer.reducer.chooser.trial_steps)
                 if trainer.step == first_step:
                     log.info("step %d done, the first of this start", trainer.step)
                 state.add(trainer.step, B, l, c, lr, trainer.step_compute_seconds, time.perf_counter())
@@ -144,10 +143,10 @@ def run(args, comm):
                       **({"val_loss": val[0], "val_acc": val[1]} if val else {}),
                       "test_loss": test_loss, "test_acc": test_acc, "seconds": round(train_seconds, 3),
                       "images_per_s": round(seen / train_seconds, 1), "ranks": comm.size,
-                      "steps": trainer.step - ep_start_step, "lr": trainer.schedule(max(trainer.step - 1, 0))}
+                      "steps": trainer.step - ep_start_step, "lr": lr}
             if comm.size > 1:               # who did the work: equal shares unless --balance moved them
-                record["allreduce"] = trainer.path
-                record["reduction"] = trainer.reduction
+                record["allreduce"] = trainer.reducer.path
+                record["reduction"] = trainer.reducer.name
                 record["rank_shares"] = [round(float(v), 4) for v in trainer.examples_by_rank / max(seen, 1)]
                 record["rank_compute_s"] = [round(float(v), 3) for v in trainer.seconds_by_rank]
                 slow = straggler(trainer.examples_by_rank, trainer.seconds_by_rank)

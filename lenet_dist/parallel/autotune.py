@@ -1,13 +1,8 @@
 """The allreduce path chosen by measuring both on the run itself (`--bucket-kb -1`).
 
-Which of the two reductions is faster depends on where the ranks are, not on the model (docs/scaling.md):
-
-    two hosts on a 100 Mbit/s link     buckets (pipelined) 1.42x the fused allreduce
-    two hosts on a 10 Gbit/s link      buckets 0.90-0.97x: nothing to hide, MPI calls to pay
-    one node, idle cores               buckets 0.84x (batch 64): MPI's non-blocking path on shared memory
-    one node beside a busy evaluator   buckets 1.08-1.32x: the blocking allreduce spins on a needed core
-
-So the first steps of a run try both, in interleaved blocks, and the run keeps the faster:
+Which of the two reductions is faster depends on where the ranks are (the link, a busy neighbour), not
+on the model (measurements: docs/scaling.md). So the first steps of a run try both, in interleaved
+blocks, and the run keeps the faster:
 
     steps [0, WARMUP)                  buckets (scratch arrays, caches, MPI connections warm up)
     then BLOCKS blocks of BLOCK steps   fused, buckets, fused, buckets, ... (the same on every rank)
@@ -20,7 +15,8 @@ step's tail is charged to its own path. Both paths give every parameter the same
 rounding; exactly in --deterministic mode), so switching mid-run changes nothing but the speed. But the
 choice follows the clock: with 3 or more ranks two runs of the same seed may differ in the last bits (MPI
 adds the ranks in another order on each path), as with --balance; that is why it is not the default (which
-decides by placement, train.py). A run too short to finish the trial keeps the buckets.
+decides by placement, placement.py). A run too short to finish the trial keeps the buckets.
+AutoReducer runs the trial: it hands each step to the fused or the bucketed reducer.
 """
 from __future__ import annotations
 
@@ -74,3 +70,39 @@ class PathChooser:
         self.decided = "fused" if total[0] < (1 - MARGIN) * total[1] else "buckets"
         self.medians = {p: float(v) / self.comm.size / BLOCK for p, v in zip(PATHS, total)}  # s per step
         return self.decided
+
+
+class AutoReducer:
+    """Each step to `fused` or `buckets` (reducers.py, bound to the same buffer), as the chooser says."""
+
+    def __init__(self, fused, buckets, clock=time.perf_counter):
+        self.fused, self.buckets = fused, buckets
+        self.chooser = PathChooser(fused.comm, clock)
+        self.active = buckets
+        self.tail_slots = buckets.tail_slots
+        self._steps = 0                 # steps since this start (the chooser's clock)
+
+    def __getattr__(self, name):        # path, name, pipelined, before, waited, ready, ...: the active one's
+        return getattr(self.active, name)
+
+    def bind(self, buf, tail):
+        self.fused.bind(buf, tail)
+        self.buckets.bind(buf, tail)
+
+    def begin(self):
+        chosen = self.buckets if self.chooser.path(self._steps) == "buckets" else self.fused
+        if chosen is not self.active:
+            self.active.settle()
+            self.active = chosen
+        self.chooser.step_starts(self._steps)
+        self.active.begin()
+
+    def update(self, apply):
+        self.active.update(apply)
+        decided = self.chooser.step_ends(self._steps, self.active.settle)
+        if decided:
+            self.active = self.buckets if decided == "buckets" else self.fused
+        self._steps += 1
+
+    def settle(self):
+        self.active.settle()

@@ -156,11 +156,6 @@ class BucketedAllreduce:
         self.residual[:] = residual
         self.scale = list(scales) if scales is not None else [None] * len(self.buckets)
 
-    @property
-    def pending(self):
-        """True while the back lane's sums are not all in `buf` (settle() brings them)."""
-        return bool(self._unsettled)
-
     def ready(self, offset):
         """Backward has finished every gradient from flat `offset` on: start the buckets that covers, and let
         MPI move the ones under way (MPICH progresses only inside MPI calls)."""

@@ -1,0 +1,45 @@
+"""Which reducer a run gets: the one place that decides from where the ranks are and what was asked.
+
+    one rank                      the fused "sum" (nothing is sent)
+    --bucket-kb unset (default)   by placement: ranks on several nodes, naps between tests (more ranks than
+                                  cores), or half precision: buckets of BUCKET_KB_DEFAULT; ranks that share
+                                  one node, a core each: one non-blocking allreduce after backward
+    --bucket-kb 0 | N | -1        the fused allreduce | buckets of N KiB | measure both, keep the faster
+    pipelined                     buckets across nodes with a core per rank, not --deterministic
+    --deterministic               the chosen reducer sums micro-batches in fixed point (fixedpoint.py)
+
+Why: on shared memory the sum takes ~0.1 ms, so overlap hides nothing and the buckets' MPI calls cost a few
+percent, while MPICH's non-blocking sum keeps its pace beside a busy process where the blocking one does
+not. Pipelining needs a transfer to hide and a core of its own per rank: on a node with more ranks than
+cores a rank's waits give its core to a peer, and each chunk waits for that peer's turn. Measurements:
+docs/scaling.md.
+"""
+from __future__ import annotations
+
+from .autotune import AutoReducer
+from .buckets import BUCKET_KB_DEFAULT
+from .fixedpoint import FixedPointReducer
+from .reducers import BucketedReducer, FusedReducer
+
+
+def reducer_for(cfg, comm):
+    """The reducer for a run of `cfg` (TrainConfig) on `comm`, unbound."""
+    reducer = _float_reducer(cfg, comm)
+    return FixedPointReducer(reducer, cfg.micro_batch) if cfg.deterministic else reducer
+
+
+def _float_reducer(cfg, comm):
+    if comm.size == 1:
+        return FusedReducer(comm)
+    if cfg.bucket_kb is None:                                     # by placement
+        nothing_to_hide = comm.ranks_per_node == comm.size and comm.nap is None and cfg.allreduce_dtype == "float32"
+        if nothing_to_hide:
+            return FusedReducer(comm, nonblocking=True)
+    if cfg.bucket_kb == 0:
+        return FusedReducer(comm)
+    kb = cfg.bucket_kb if cfg.bucket_kb and cfg.bucket_kb > 0 else BUCKET_KB_DEFAULT
+    pipelined = not cfg.deterministic and comm.nap is None and comm.ranks_per_node < comm.size
+    buckets = BucketedReducer(comm, kb, cfg.allreduce_dtype, pipelined=pipelined)
+    if cfg.bucket_kb == -1 and cfg.allreduce_dtype == "float32":
+        return AutoReducer(FusedReducer(comm), buckets)
+    return buckets
