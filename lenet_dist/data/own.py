@@ -2,9 +2,9 @@
 
     ds = load_idx_dir("my-data")     # train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-... (gz or raw)
 
-Each file must be an IDX file of unsigned bytes (data/idx.py: header checked before its data is read), images of 28x28 with magic 0x00000803 and
-labels with magic 0x00000801, as many labels as images, labels in 0..9. Every failure is a one-line
-DataError naming the file and what is wrong with it.
+Each file must be an IDX file of unsigned bytes (read by data/idx.py, header before data), images of 28x28
+with magic 0x00000803 and labels with magic 0x00000801, as many labels as images, labels in 0..9. Every
+failure is a one-line DataError naming the file and what is wrong with it.
 """
 from pathlib import Path
 
