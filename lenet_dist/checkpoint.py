@@ -32,6 +32,8 @@ from .model import NUM_PARAMS, PARAM_SPECS
 
 FORMAT_VERSION = 1
 MAX_BYTES = 16 << 20            # a real checkpoint is ~0.5 MB; anything near this is not one of ours
+MAX_ABS = 1e6                   # |parameter|, |velocity|, |residual| beyond this: not a usable model (LeNet-5's
+                                # stay below ~10; a run that got there has diverged; docs/restarts.md)
 _NAME = re.compile(r"^ckpt-(\d{9})\.npz$")
 
 
@@ -136,9 +138,12 @@ def _verify(arrays, name):
             raise CheckpointError(f"{name}: optim.residual without meta.allreduce")
     if _content_hash(params, v, r) != meta.get("content_sha256"):
         raise CheckpointError(f"{name}: content sha256 does not match meta.content_sha256 (corrupt)")
-    for pname, a in [*params.items(), *([("optim.residual", r)] if r is not None else [])]:
+    for pname, a in [*params.items(), ("optim.velocity", v), *([("optim.residual", r)] if r is not None else [])]:
         if not np.isfinite(a).all():
             raise CheckpointError(f"{name}: {pname} holds NaN or Inf")
+        if a.size and np.abs(a).max() > MAX_ABS:
+            raise CheckpointError(f"{name}: {pname} holds {float(np.abs(a).max()):.3g}, beyond the {MAX_ABS:g} a "
+                                  f"trained network's values stay within")
     return Checkpoint(params=params, velocity=v, meta=meta, residual=r)
 
 

@@ -8,3 +8,8 @@ raises them; what has no better home is here.
 class ResumeError(ValueError):
     """A --resume that must not go on: the checkpoint was made with another configuration or other data.
     Restarting cannot fix it; the message says what differs and how to go on."""
+
+
+class UsageError(ValueError):
+    """A flag's value that is wrong for what the run finds (--val-size larger than the data): a usage error
+    found after the flags were parsed. The message names the flag and the limit."""

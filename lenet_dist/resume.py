@@ -7,9 +7,12 @@ command line that differs from it is an error listing each difference, unless th
 """
 from __future__ import annotations
 
+import math
 import time
+from pathlib import Path
 
 from .checkpoint import CheckpointError, list_checkpoints, load_file
+from .data.identity import data_mismatch
 from .data.split import val_size_of
 from .errors import ResumeError
 from .sampler import steps_per_epoch
@@ -55,14 +58,44 @@ def change_record(step, changes):
     return {"step": int(step), "time": round(time.time(), 3), "changes": changes}
 
 
-def position_problem(meta, n_examples):
-    """Why a checkpoint's (step, epoch, pos) cannot be a position of its own run over n_examples, or None."""
+def meta_problem(meta):
+    """Why a verified checkpoint's meta (outside its content hash, so hand-editable) cannot be resumed from, or
+    None: the fields a resume reads must have their types (a string or zero scale, `data: 5`, ...)."""
+    if not isinstance(meta.get("config"), dict):
+        return f"meta.config is {type(meta.get('config')).__name__}, not an object"
+    data = meta.get("data")
+    if data is not None and not (isinstance(data, dict) and isinstance(data.get("sha256", {}), dict)
+                                 and isinstance(data.get("split", {}), dict)):
+        return f"meta.data is {data!r:.40}, not a data identity"
+    ranks = meta.get("ranks", 1)
+    if not isinstance(ranks, int) or isinstance(ranks, bool) or ranks < 1:
+        return f"meta.ranks is {ranks!r:.40}, not a rank count"
+    if not isinstance(meta.get("run_id", ""), str) or not isinstance(meta.get("config_changes", []), list):
+        return "meta.run_id or meta.config_changes has the wrong type"
+    allreduce = meta.get("allreduce")
+    if allreduce is not None:
+        scales = allreduce.get("scale") if isinstance(allreduce, dict) else None
+        if not isinstance(scales, list) or not all(
+                v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0)
+                for v in scales):
+            return f"meta.allreduce.scale is {scales!r:.60}, not a list of positive numbers (or null)"
+    return None
+
+
+def position_problem(meta, n_examples=None):
+    """Why a checkpoint's (step, epoch, pos) cannot be a position of its own run over n_examples training
+    examples (None: the number its meta.data records), or None."""
     cfg = meta.get("config")
     batch = cfg.get("batch_size") if isinstance(cfg, dict) else None
     if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
         return f"its config has no usable batch_size ({batch!r})"
-    subset = cfg.get("train_subset") or 0
-    n = min(subset, n_examples) if isinstance(subset, int) and subset > 0 else n_examples
+    if n_examples is None:
+        n = ((meta.get("data") or {}).get("split") or {}).get("of")      # counted within the subset already
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            return None                             # nothing recorded to check against (an older checkpoint)
+    else:
+        subset = cfg.get("train_subset") or 0
+        n = min(subset, n_examples) if isinstance(subset, int) and subset > 0 else n_examples
     val = cfg.get("val_size")
     n -= val_size_of(n, val if isinstance(val, int) and not isinstance(val, bool) else None)   # held out
     steps = steps_per_epoch(max(n, 1), batch)
@@ -72,15 +105,26 @@ def position_problem(meta, n_examples):
     return None
 
 
-def newest_usable(directory, n_examples, warn=print):
-    """The newest checkpoint in `directory` that can be resumed from, as (path, Checkpoint), or None.
-    Anything unusable (not a regular file, too big, corrupt, named for another step, a position that does
-    not fit the data) is skipped with a warning naming it."""
+def newest_usable(directory, n_examples=None, warn=print, *, identity=None):
+    """The newest checkpoint in `directory` that can be resumed from, as (path, Checkpoint), or None. The one
+    rule, shared by the trainer, lenet-launch and the watchers. Anything unusable is skipped with a warning
+    naming it: not a regular file, too big, corrupt (content hash, NaN or absurd values: checkpoint.MAX_ABS),
+    named for another step, hand-edited meta a resume cannot read (meta_problem), a position that does not
+    fit n_examples (None: the data size the checkpoint records). `identity` (this data's, keyword-only): a readable checkpoint of
+    other data is not skipped but refused (ResumeError saying what differs): identity before position."""
     for step, path in list_checkpoints(directory):
         try:
             ckpt = load_file(path)
             if ckpt.step != step:
                 raise CheckpointError(f"{path}: named for step {step}, its meta says step {ckpt.step}")
+            problem = meta_problem(ckpt.meta)
+            if problem:
+                raise CheckpointError(f"{path}: {problem}")
+            if identity is not None:
+                why = data_mismatch(ckpt.meta.get("data"), identity)
+                if why:
+                    raise ResumeError(f"{path} was trained on other data: {why}; resume with that run's data "
+                                      f"flags (--dataset, --data-dir, --subset), or use a new --checkpoint-dir")
             problem = position_problem(ckpt.meta, n_examples)
             if problem:
                 raise CheckpointError(f"{path}: {problem}")
@@ -89,3 +133,37 @@ def newest_usable(directory, n_examples, warn=print):
             continue
         return path, ckpt
     return None
+
+
+def folder_is_fresh(directory):
+    """True when `directory` is absent or holds nothing of a run: no checkpoint, no last/best pointer, no
+    superseded-* folder (our own temp files aside: a crashed first start leaves one)."""
+    d = Path(directory)
+    if not d.exists():
+        return True
+    return not any(p.name.startswith(("ckpt-", "last.", "best.", "superseded-")) for p in d.iterdir())
+
+
+def choose(directory, n_examples, identity, *, auto=False, warn=print):
+    """--resume: (path, Checkpoint) to continue from; None only with auto=True and a fresh folder (start a new
+    run). Anything else is a ResumeError saying why, raised before anything is written: a missing or empty
+    folder (a mistyped path), checkpoints of other data, none usable."""
+    d = Path(directory)
+    if not d.is_dir():
+        if auto and not d.exists():
+            return None
+        raise ResumeError(f"--resume: {d} {'is not a folder' if d.exists() else 'does not exist'}: nothing to "
+                          f"continue (a mistyped --checkpoint-dir? a new run starts without --resume)")
+    found = list_checkpoints(d)
+    if not found:
+        if auto and folder_is_fresh(d):
+            return None
+        raise ResumeError(f"--resume: {d} holds no checkpoint (ckpt-*.npz): nothing to continue (a mistyped "
+                          f"--checkpoint-dir? a new run starts without --resume)")
+    skipped = []
+    got = newest_usable(d, n_examples, lambda m: (skipped.append(m), warn(m)), identity=identity)
+    if got is None:
+        first = skipped[0].removeprefix("skipping checkpoint: ") if skipped else "none could be read"
+        raise ResumeError(f"--resume: none of the {len(found)} checkpoint(s) in {d} can be resumed from "
+                          f"(newest: {first}); nothing was changed there")
+    return got

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from lenet_dist.checkpoint import latest_valid
 from lenet_dist.comm import RANK_VARS
+from lenet_dist.run import exitcodes
 from lenet_dist.stopsignal import StopSignal, signal_name
 
 from .restart_policy import RestartPolicy, classify, fit_hosts, format_hostfile, parse_hostfile
@@ -232,7 +233,8 @@ class Launcher:
             path = Path(self.tmp.name) / "hostfile"
             path.write_text(format_hostfile(self.hosts, self.flavor))
             extra += ["-f" if self.flavor == "mpich" else "--hostfile", str(path)]
-        train = list(a.train_args) + (["--resume"] if resume and "--resume" not in a.train_args else [])
+        given = any(t == "--resume" or t.startswith("--resume=") for t in a.train_args)
+        train = list(a.train_args) + (["--resume"] if resume and not given else [])
         return self.mpirun_argv(extra) + shlex.split(a.trainer) + train
 
     def answering(self):
@@ -271,12 +273,13 @@ class Launcher:
     def run(self):
         a, attempt, reason, failure = self.args, 0, "first start", None
         while True:
-            resume = attempt > 0
-            ckpt, step = self.resume_point() if resume else (None, 0)
+            # a restart continues from the newest usable checkpoint, or starts again when none was written
+            ckpt, step = self.resume_point() if attempt > 0 else (None, 0)
+            resume = ckpt is not None
             where = f" from {ckpt} (step {step})" if ckpt else ""
-            log.info("%s %d on %d rank(s)%s: %s", "restart" if resume else "start", attempt, self.ranks,
+            log.info("%s %d on %d rank(s)%s: %s", "restart" if attempt else "start", attempt, self.ranks,
                      where, reason)
-            self.record("restart" if resume else "start", attempt=attempt, ranks=self.ranks,
+            self.record("restart" if attempt else "start", attempt=attempt, ranks=self.ranks,
                         asked_ranks=a.ranks, reason=reason, failure=failure, resume_step=step if resume else None)
             started = time.monotonic()
             job = self.job = Job(self.command(resume))
@@ -298,7 +301,7 @@ class Launcher:
             log.log(logging.WARNING if restart else logging.ERROR, "mpirun exited with code %d: %s", code, why)
             if not restart:
                 self.record("end", outcome="gave up", failure=f.kind, reason=why, code=code)
-                return code if code > 0 else 1
+                return code if f.retry and code > 0 else 2 if code == exitcodes.USAGE else 1
             if self.stop.sleep(delay):
                 self.record("end", outcome="stopped", signal=self.stop.signum, code=code)
                 return 128 + self.stop.signum

@@ -37,28 +37,33 @@ def _bcast_json(comm, obj):
     return json.loads(buf.tobytes())
 
 
-def prepare(args, comm, n_examples, log):
+def prepare(args, comm, data, log):
     """-> (TrainConfig, the Checkpoint to restore from on rank 0 or None, RunState on rank 0 or None).
-    Every rank calls it; the returned config is the same on all."""
-    cfg, found, state = args.config, None, None
+    Every rank calls it; the returned config is the same on all. A refusal (ResumeError) is raised on every
+    rank alike, before anything is written, so that rank 0 alone says it."""
+    cfg, found, state, refused = args.config, None, None, None
     if comm.rank == 0:
-        cfg, found, state = _decide(args, n_examples, log)
-    cfg = TrainConfig.from_dict(_bcast_json(comm, cfg.to_dict()))
-    return cfg, found, state
+        try:
+            cfg, found, state = _decide(args, data, log)
+        except ResumeError as e:
+            refused = str(e)
+    settled = _bcast_json(comm, {"refused": refused} if refused else {"config": cfg.to_dict()})
+    if "refused" in settled:
+        raise ResumeError(settled["refused"])
+    return TrainConfig.from_dict(settled["config"]), found, state
 
 
-def _decide(args, n_examples, log):
+def _decide(args, data, log):
     run_id, changes, own, found = ckptdir.new_run_id(), [], [], None
     cfg = args.config
     if args.resume:
-        found = resume.newest_usable(args.checkpoint_dir, n_examples, warn=log.warning)
+        found = resume.choose(args.checkpoint_dir, len(data.train_images), data.identity(),
+                              auto=args.resume == "auto", warn=log.warning)
         if found is None:
-            log.warning("no usable checkpoint in %s: starting a new run", args.checkpoint_dir)
+            log.info("--resume auto: %s holds no run yet: starting one", args.checkpoint_dir)
         else:
             path, ckpt = found
-            saved = ckpt.meta.get("config")
-            if not isinstance(saved, dict):
-                raise ResumeError(f"{path}: holds no saved configuration to continue")
+            saved = ckpt.meta["config"]
             # a checkpoint from before validation splits trained on every example: it goes on with none
             saved = {**TrainConfig().to_dict(), "val_size": 0, **saved}
             merged, diff = resume.resolve(saved, cfg.to_dict(), args.given, args.override, what=str(path))
@@ -73,7 +78,7 @@ def _decide(args, n_examples, log):
                 log.warning("resuming with a changed configuration (--override): %s",
                             ", ".join(f"{resume.flag(k)} {old!r} -> {new!r}" for k, (old, new) in diff.items()))
             own = _same_run(args.checkpoint_dir, ckpt) + [path]
-    elif args.checkpoint_dir and args.checkpoint_dir.is_dir():
+    if not found and args.checkpoint_dir and args.checkpoint_dir.is_dir():
         ckptdir.claim(args.checkpoint_dir, start_over=args.start_over, log=log.warning)
     writer = None
     if args.checkpoint_dir:

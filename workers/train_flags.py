@@ -66,9 +66,10 @@ def parse_args(argv=None):
     g.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints "
                    "(0: only at epoch ends); needs --checkpoint-dir or --publish")
     g.add_argument("--keep", type=int, default=3, help="checkpoints kept in --checkpoint-dir")
-    g.add_argument("--resume", action="store_true",
+    g.add_argument("--resume", nargs="?", const="on", default=None, metavar="auto",
                    help="continue the run in --checkpoint-dir from its newest usable checkpoint, with the "
-                        "configuration saved there")
+                        "configuration saved there, or stop saying why (never a new run); --resume auto: the "
+                        "same, but start a run when the folder is empty or absent (retries, requeues, restarts)")
     g.add_argument("--override", default="", metavar="NAMES",
                    help="with --resume: training flags (comma separated, e.g. epochs,lr) whose new values are "
                         "meant to replace the saved ones; the change is recorded in the checkpoints")
@@ -130,6 +131,8 @@ def parse_args(argv=None):
                 setattr(args, flag, wire.check_endpoint(getattr(args, flag)))
             except ValueError as e:
                 p.error(f"--{flag}: {e}")
+    if args.resume not in (None, "on", "auto"):
+        p.error(f"--resume takes no value, or 'auto' (got {args.resume!r})")
     if args.resume and not args.checkpoint_dir:
         p.error("--resume needs --checkpoint-dir")
     args.override = {name.strip().replace("-", "_") for name in args.override.split(",") if name.strip()}

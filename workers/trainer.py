@@ -24,6 +24,7 @@ from lenet_dist.parallel.balance import straggler
 from lenet_dist.comm import LauncherMismatch, get_comm, launcher_size
 from lenet_dist.data.identity import data_mismatch
 from lenet_dist.errors import ResumeError
+from lenet_dist.run import exitcodes
 from lenet_dist.stall import StallGuard
 from lenet_dist.stopsignal import StopSignal, signal_name
 from lenet_dist.parallel.step import DataParallelTrainer
@@ -39,12 +40,14 @@ from .sinks import LinkProgressSink, MetricsSink, RunInfo, Sinks, StepState
 log = logging.getLogger("lenet.trainer")
 
 POINTER_RETRY_S = 2.0       # how long a last/best pointer waits for a free file descriptor
+ALIKE_WAIT_S = 10.0         # how long a rank waits for rank 0 to report an error they both raised
+ALIKE = ("ResumeError", "DataError", "TrainingError", "UsageError")   # raised on every rank at one point
 
 
 def run(args, comm):
     rank0 = comm.rank == 0
     data = load_dataset(args, comm, log)
-    cfg, found, args.run_state = run_setup.prepare(args, comm, len(data.train_images), log)
+    cfg, found, args.run_state = run_setup.prepare(args, comm, data, log)
     trainer = DataParallelTrainer(cfg, comm, data)
     log.info("%d ranks, global batch %d (%s per rank), %d steps per epoch, %d training examples (%d held out "
              "for validation), data: %s from %s", comm.size, cfg.batch_size, "~%d" % -(-cfg.batch_size // comm.size),
@@ -64,10 +67,17 @@ def run(args, comm):
             if rank0:
                 _check_same_data(args.run_state.resumed_from, found, trainer)
             trainer.restore(found)
-            log.info("resumed from %s at step %d/%d (epoch %d/%d, batch %d of %d; run %s)",
-                     args.run_state.resumed_from if rank0 else "", trainer.step, trainer.total_steps,
-                     trainer.epoch + 1, cfg.epochs, trainer.pos, trainer.steps_per_epoch,
-                     args.run_state.run_id if rank0 else "")
+            at = (f"epoch {trainer.epoch + 1}/{cfg.epochs}, batch {trainer.pos} of {trainer.steps_per_epoch}"
+                  if not trainer.done else "the run has finished")
+            log.info("resumed from %s at step %d/%d (%s; run %s)", args.run_state.resumed_from if rank0 else "",
+                     trainer.step, trainer.total_steps, at, args.run_state.run_id if rank0 else "")
+            if trainer.done:                # a finished run resumed (a requeue, a retry): nothing to train
+                if rank0:
+                    args.run_state.close()
+                    print(f"run {args.run_state.run_id} in {args.checkpoint_dir} has already finished: step "
+                          f"{trainer.step}/{trainer.total_steps}, {cfg.epochs} of {cfg.epochs} epochs; nothing to "
+                          f"train (to train longer: --resume --override epochs --epochs N)", flush=True)
+                return 0
     link = None
     if args.publish and rank0:
         from lenet_dist.transport import TrainerLink, load_key_pair
@@ -220,6 +230,21 @@ def _check_same_data(path, ckpt, trainer):
                     path, trainer.data_record["name"])
 
 
+def _end_on_error(comm, text, status, alike):
+    """Say the error in one line, once, and end the job with `status` (exitcodes.py). An error every rank
+    raises at the same point (`alike`) is said by rank 0, whose abort ends the others; they speak only if
+    that did not come. MPI's own abort lines would repeat it: they go to /dev/null where we can send them."""
+    if comm.size == 1:
+        _fatal(comm, text)
+        return
+    if alike and comm.rank != 0:
+        time.sleep(ALIKE_WAIT_S)
+    _fatal(comm, text)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    comm.abort(status)
+
+
 def _fatal(comm, text):
     """The one line a failing rank leaves on stderr: it names the rank, and tests and users grep for it."""
     print(f"lenet-train: rank {comm.rank}/{comm.size}: error: {text}", file=sys.stderr, flush=True)
@@ -300,10 +325,9 @@ def main(argv=None):
         log.error("rank %d: interrupted", comm.rank)
         return 130
     except Exception as e:  # noqa: BLE001 - any failure on any rank must end the whole job, never hang it
-        _fatal(comm, one_line(e))
-        if comm.size > 1:
-            comm.abort(1)
-        return 1
+        status = exitcodes.status_for(e)
+        _end_on_error(comm, one_line(e), status, alike=any(c.__name__ in ALIKE for c in type(e).__mro__))
+        return status
 
 
 if __name__ == "__main__":
