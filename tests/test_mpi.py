@@ -210,3 +210,16 @@ def test_bad_wait_setting_is_a_one_line_error(tmp_path):
     assert p.returncode != 0
     assert "LENET_MPI_NAP_US must be a number of microseconds or 'off', got 'soon'" in p.stderr
     assert "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_distributed_evaluation_counts_every_example_exactly_once(tmp_path, n):
+    """Uneven shards (101 and 37 examples over n ranks), each example labelled with the model's own clear
+    prediction: a rank that drops or repeats an example of its shard moves the accuracy off exactly 1."""
+    one, many = tmp_path / "one.json", tmp_path / "many.json"
+    launch(0, [one], module="tests.eval_prog", timeout=60)
+    launch(n, [many], module="tests.eval_prog", timeout=120)
+    one, many = json.loads(one.read_text()), json.loads(many.read_text())
+    for split in ("test", "val"):
+        assert one[split][1] == 1.0 and many[split][1] == 1.0, (split, one, many)
+        assert many[split][0] == pytest.approx(one[split][0], rel=1e-6)
