@@ -139,3 +139,17 @@ def test_content_sha256_streams_and_matches_the_array(tmp_path):
     assert content_sha256(p) == hashlib.sha256(idx_bytes(a)).hexdigest()
     with pytest.raises(DataError, match="not a regular file"):
         read_idx(tmp_path)                                          # a folder, refused in one line
+
+
+def test_a_fifo_or_a_folder_in_place_of_a_file_is_refused_at_once(tmp_path):
+    import os
+    from lenet_dist.data.own import load_idx_dir
+    d = own_dir(tmp_path)
+    (d / "t10k-labels-idx1-ubyte").unlink()
+    os.mkfifo(d / "t10k-labels-idx1-ubyte")                       # no writer: a plain open would block forever
+    with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte: not a regular file \(a FIFO\)$"):
+        load_idx_dir(d)
+    (d / "t10k-labels-idx1-ubyte").unlink()
+    (d / "t10k-labels-idx1-ubyte").mkdir()
+    with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte: not a regular file \(a folder\)$"):
+        load_idx_dir(d)

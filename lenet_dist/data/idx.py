@@ -172,11 +172,12 @@ def content_sha256(path) -> str:
 
 
 def locate(directory, name: str) -> Path | None:
-    """`directory/name` or `directory/name.gz`, None when neither is a file. When both are, they must hold
-    the same data: a DataError naming both otherwise (neither silently wins)."""
+    """`directory/name` or `directory/name.gz`, None when neither exists (a FIFO or a folder of that name is
+    found, and refused when read). When both exist, they must hold the same data: a DataError naming both
+    otherwise (neither silently wins)."""
     d = Path(directory)
     raw, gz = d / name, d / f"{name}.gz"
-    found = [p for p in (raw, gz) if p.is_file()]
+    found = [p for p in (raw, gz) if p.exists()]
     if len(found) < 2:
         return found[0] if found else None
     shas = [content_sha256(p) for p in found]
