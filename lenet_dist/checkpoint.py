@@ -247,11 +247,7 @@ def load_file(path):
 
 
 def latest_valid(directory, warn=print):
-    """The newest checkpoint in `directory` that verifies, as (path, Checkpoint), or None. Broken newer
-    ones (a truncated write from a crash, a flipped bit) are skipped with a warning."""
-    for _, path in list_checkpoints(directory):
-        try:
-            return path, load_file(path)
-        except CheckpointError as e:
-            warn(f"skipping checkpoint: {e}")
-    return None
+    """The newest checkpoint in `directory` that can be resumed from, as (path, Checkpoint), or None: the one
+    rule, resume.newest_usable (imported here, not copied; resume.py builds on this module)."""
+    from .resume import newest_usable
+    return newest_usable(directory, None, warn)

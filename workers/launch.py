@@ -31,8 +31,8 @@ from collections import deque
 from datetime import datetime, timezone
 from pathlib import Path
 
-from lenet_dist.checkpoint import latest_valid
 from lenet_dist.comm import RANK_VARS
+from lenet_dist.resume import newest_usable
 from lenet_dist.run import exitcodes
 from lenet_dist.stopsignal import StopSignal, signal_name
 
@@ -267,7 +267,9 @@ class Launcher:
             f.write(json.dumps(row) + "\n")
 
     def resume_point(self):
-        found = latest_valid(self.args.checkpoint_dir, warn=log.warning) if self.args.checkpoint_dir else None
+        """(file name, step) of the checkpoint a restart continues from: the trainer's own rule, so that both
+        name the same one; (None, 0) when there is none."""
+        found = newest_usable(self.args.checkpoint_dir, None, log.warning) if self.args.checkpoint_dir else None
         return (found[0].name, found[1].meta["step"]) if found else (None, 0)
 
     def run(self):

@@ -113,10 +113,10 @@ def check_checkpoint_dir(directory, resume):
                 pass
     why = f"{d} is writable, {free_gb:.1f} GB free"
     if resume:
-        from lenet_dist import checkpoint
-        found = checkpoint.latest_valid(d, warn=lambda msg: None) if d.is_dir() else None
+        from lenet_dist.resume import newest_usable
+        found = newest_usable(d, None, lambda msg: None) if d.is_dir() else None
         why += (f"; --resume continues from {found[0].name} (step {found[1].step})" if found else
-                "; --resume finds no valid checkpoint there and would start fresh")
+                "; --resume finds no usable checkpoint there and would stop (--resume auto: start a run)")
     return _ok("checkpoint-dir", why)
 
 
