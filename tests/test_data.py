@@ -19,6 +19,7 @@ from lenet_dist.data import download, sources
 from lenet_dist.data import (MNIST_FILES, SUBSET_DIR, SUBSET_HASHES, DataError, load_mnist, load_subset,
                              normalize, read_idx, verify_dir)
 from lenet_dist.data.own import load_idx_dir
+from lenet_dist.run import exitcodes
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = {key: name for key, (name, _) in MNIST_FILES.items()}
@@ -446,7 +447,7 @@ def test_trainer_data_errors_say_what_to_do(tmp_path):
     p = subprocess.run([sys.executable, "-m", "workers.trainer", "--data-dir", str(empty), "--no-progress"],
                        cwd=ROOT, capture_output=True, text=True, timeout=60,
                        env=dict(os.environ, PYTHONPATH=str(ROOT), LENET_CACHE_DIR=str(tmp_path / "c")))
-    assert p.returncode == 1
+    assert p.returncode == exitcodes.BAD_DATA
     [line] = [x for x in p.stderr.splitlines() if "error" in x]
     assert f"DataError: {empty}: no train-images-idx3-ubyte" in line and "in the --data-dir given" in line
     for hint in ("--data-dir (or LENET_DATA_DIR)", "`lenet-data fetch`", "`lenet-train --test-mode`"):

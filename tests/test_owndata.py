@@ -10,6 +10,7 @@ import pytest
 
 from lenet_dist.data import DataError
 from lenet_dist.data.own import load_idx_dir
+from lenet_dist.run import exitcodes
 
 from . import idxdata
 from .idxdata import idx_bytes, write_dir
@@ -127,7 +128,7 @@ def one_error_line(p, marker="lenet-train: "):
 def test_a_bad_own_file_stops_the_trainer_in_one_line(tmp_path):
     data = write_dir(tmp_path / "data", test_images=idx_bytes(np.zeros((200, 32, 32), np.uint8)))
     _, p = trainer(0, tmp_path, data, "run", check=False)
-    assert p.returncode == 1
+    assert p.returncode == exitcodes.BAD_DATA
     assert "DataError: " in one_error_line(p) and "images are 32x32" in one_error_line(p)
 
 
@@ -193,6 +194,6 @@ def test_evaluator_refuses_a_checkpoint_of_other_data(tmp_path):
 
 def test_idx_needs_a_data_dir(tmp_path):
     p = launch(0, ["--dataset", "idx", "--no-progress"], check=False, timeout=60)
-    assert p.returncode == 1
+    assert p.returncode == exitcodes.BAD_DATA
     line = one_error_line(p)
     assert "--dataset idx needs --data-dir DIR" in line and "lenet-data fetch" in line and "--test-mode" in line
