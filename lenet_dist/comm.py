@@ -30,19 +30,18 @@ LOCAL_SIZE_VARS = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "PMIX_LOCAL_
 LAUNCHER_VARS = RANK_VARS + SIZE_VARS + LOCAL_SIZE_VARS + ("HYDI_CONTROL_FD",)   # any: started by a launcher
 
 # An MPI library spins while it waits for a peer. On an oversubscribed node (mpirun -n 4 on 2 cores, or any
-# node shared with other work) the spinning rank steals the core from the rank it waits for: plain MPICH ran
-# 4 ranks on 2 cores at 667-939 images/s. Two waits differ, and each gets its own remedy:
+# node shared with other work) the spinning rank steals the core from the rank it waits for. Two waits
+# differ, and each gets its own remedy:
 # - waiting for a peer that is still computing (most of the wait): allreduce_ first waits for everybody to
 #   arrive in an MPI_Ibarrier, testing it between naps of `LENET_MPI_NAP_US` microseconds (time.sleep),
 #   so the waiter gives its core to the rank it waits for;
 # - the collective itself, once all are in it: the library's own setting that makes its wait loop yield the
-#   core after a fruitless poll, so two ranks sharing a core take turns quickly. MPICH: the CH4 progress
-#   throttle (MPIR_CVAR_ENABLE_HEAVY_YIELD=1, a nanosleep per fruitless poll, was the first fix: it gives
-#   the core away in both waits, but each round of the collective then waits for a sleeping peer, ~6 ms
-#   of a 24 ms step at 4 ranks). Open MPI: mpi_yield_when_idle, its sched_yield in the progress loop.
-# Measured with bench/scaling.py (bench/README.md, "Waiting politely"). Neither is applied when the node
-# has a core per rank: 2 ranks on 2 cores ran ~5% faster without them. Users override any from the
-# environment (LENET_MPI_NAP_US=off: no Ibarrier, the collective waits alone).
+#   core after a fruitless poll, so two ranks sharing a core take turns quickly (not a sleep per poll:
+#   each round of the collective would then wait for a sleeping peer). MPICH: the CH4 progress throttle.
+#   Open MPI: mpi_yield_when_idle, its sched_yield in the progress loop.
+# Neither is applied when the node has a core per rank, where they only cost time. Figures: docs/scaling.md
+# ("Waiting politely"). Users override any from the environment (LENET_MPI_NAP_US=off: no Ibarrier, the
+# collective waits alone).
 OVERSUBSCRIBED_DEFAULTS = {
     "MPICH": {"MPIR_CVAR_CH4_PROGRESS_THROTTLE": "1", "MPIR_CVAR_CH4_PROGRESS_THROTTLE_NO_PROGRESS_COUNT": "1"},
     "Open MPI": {"OMPI_MCA_mpi_yield_when_idle": "1"},
@@ -284,8 +283,8 @@ class MPIComm:
     def allreduce_(self, buf, nonblocking=False):
         """Sum `buf` over all ranks, in place, in one call (oversubscribed: after everyone has arrived).
         `nonblocking`: as one non-blocking allreduce waited for at once; the same sum, but on one node
-        MPICH's non-blocking path keeps its pace beside a busy process where the blocking one loses
-        5-40% (bench/paths_interleaved.py)."""
+        MPICH's non-blocking path keeps its pace beside a busy process where the blocking one slows down
+        (docs/scaling.md)."""
         if nonblocking:
             self.wait_all([self.iallreduce_(buf)])
             return buf
@@ -371,8 +370,8 @@ class MPIComm:
         """End every rank of the job now (MPI_Abort): the way out that can never hang on a dead peer.
 
         The launcher forwards our stderr through a pipe it polls; MPI_Abort makes it tear the job down at
-        once, and what sat unread in that pipe (the one-line reason for the abort) was lost in about one
-        abort in four. A short grace after the flush lets the launcher forward it first.
+        once, and what sat unread in that pipe (the one-line reason for the abort) could be lost. A short
+        grace after the flush lets the launcher forward it first.
         """
         sys.stdout.flush()
         sys.stderr.flush()

@@ -3,7 +3,7 @@
 Activations are laid out (C,H,W,B): channels, height, width, batch last. Every spatial slice then has the
 batch as a contiguous inner run, so im2col and col2im are block copies, the 2x2 pool is a reshape, and the
 convolution output of one GEMM is already the next layer's input. Dense layers take (features, B).
-(Measured at batch 64: NHWC made im2col 8x and col2im 7x slower, with inner runs of only C floats.)
+(NHWC leaves inner runs of only C floats: im2col and col2im several times slower; docs/performance.md.)
 Weights stay in PyTorch layout (out, in, kh, kw) so checkpoints load elsewhere.
 What the time goes to (batch 64, one thread): the conv GEMMs, memory-bound at these shapes (OpenBLAS packs
 both operands and zeroes the output first), then im2col copies; NumPy ufuncs whose INPUT is strided run
@@ -49,7 +49,7 @@ class Workspace:
 
 class Layer:
     """Base: `params` and `grads` map a name to an array of the same shape; the model may rebind both to
-    views into one flat buffer (see model.bind_flat), so layers must write gradients in place."""
+    views into one flat buffer (see LeNet5._bind_flat in model.py), so layers must write gradients in place."""
 
     params: dict
     grads: dict
@@ -64,8 +64,7 @@ class Layer:
 
 def uniform_init(rng, fan_in, shape, dtype):
     # PyTorch's default for conv and linear layers (weights and biases): U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-    # He init was tried: its larger weights, maxed by the pools, saturate the softmax early; on the
-    # shipped subset it reached 46% after 96 steps where this reaches 90%.
+    # Not He init: its larger weights, maxed by the pools, saturate the softmax early (docs/performance.md).
     bound = 1.0 / np.sqrt(fan_in)
     return rng.uniform(-bound, bound, size=shape).astype(dtype)
 
@@ -118,8 +117,8 @@ class MaxPool2D(Layer):
     def backward(self, dout):
         if self.relu:
             dout = np.multiply(dout, self.live, out=self.ws.get("g", dout.shape))
-        # Every input position is written below, so dx needs no zeroing. (Multiplying by the boolean masks
-        # measured 5x faster than np.where; g - g*m is exact, as m is 0 or 1.)
+        # Every input position is written below, so dx needs no zeroing. (Multiplying by the boolean masks,
+        # not np.where, which is slower; g - g*m is exact, as m is 0 or 1.)
         g_top = np.multiply(dout, self.top_wins, out=self.ws.get("gtop", dout.shape))
         g_bot = np.subtract(dout, g_top, out=self.ws.get("gbot", dout.shape))
         dx = self.ws.get("dx", self.xshape)

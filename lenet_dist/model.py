@@ -87,7 +87,7 @@ class LeNet5:
     def forward(self, x, train=False, before=None):
         """x (B,28,28) normalized -> logits (10,B). `train=True` keeps what backward needs. `before(offset)`,
         if given, is called before each layer with parameters (flat offset of its first one): the pipelined
-        step applies the previous update's last layers there (train.py).                         [dist]"""
+        reducer applies the previous update's last layers there (parallel/reducers.py).           [dist]"""
         h = x.transpose(1, 2, 0)[None]  # (1,28,28,B) view; conv1 copies it into its padded buffer
         for layer in self.layers:
             if before is not None and layer in self.grad_offset:
@@ -98,7 +98,7 @@ class LeNet5:
     def backward(self, dlogits, ready=None):
         """`ready(offset)`, if given, is called as soon as every gradient from flat `offset` to the end is
         final: after fc3, fc2, fc1, conv2, conv1 in turn (the layers run last to first), so that the caller
-        can send them off while the rest of backward computes (buckets.py).                       [dist]"""
+        can send them off while the rest of backward computes (parallel/reducers.py).             [dist]"""
         d = dlogits
         for layer in reversed(self.layers):
             d = layer.backward(d)
@@ -119,8 +119,8 @@ class LeNet5:
     def evaluate(self, images, labels, batch_size=128):
         """Mean loss and accuracy over uint8 images (N,28,28) and labels (N,).
 
-        batch_size 128: the fastest measured (10k test images, one thread: 128 about 1.5x faster than 500,
-        whose im2col matrices no longer fit in cache), and its scratch arrays take about 6 MB."""
+        batch_size 128: larger batches' im2col matrices no longer fit in cache (docs/performance.md), and
+        its scratch arrays take about 6 MB."""
         total_loss, correct = 0.0, 0
         buf = None
         for lo in range(0, len(images), batch_size):

@@ -14,13 +14,12 @@ Give it the flags of the real launch. The checks, each `ok`, `FAIL` or `skip` wi
                  publish         the --publish endpoint can be bound (and is released again)
                  results         the evaluator's --results address accepts a TCP connection (retried a few s)
 
-Every rank's results reach rank 0 in one allgather of a fixed-size JSON record (bytes, never pickle);
+Every rank's results reach rank 0 in one allgather of JSON (comm.allgather_json: bytes, never pickle);
 rank 0 prints every line and a summary naming the failing ranks and their hosts. Exit 0 when nothing
 failed, 1 otherwise, on every rank. No training, no download, nothing left behind.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -33,13 +32,13 @@ from pathlib import Path
 
 import numpy as np
 
+from lenet_dist.comm import SIZE_VARS, allgather_json
+
 from .common import one_line
 
-RECORD_BYTES = 8192             # one rank's JSON record, zero-padded: the allgather needs a fixed size
-REASON_CHARS = 900              # a longer reason is cut: six of them always fit in RECORD_BYTES
+REASON_CHARS = 900              # a longer reason is cut: the report stays a line per check
 RESULTS_WAIT_S = 4.0            # how long the --results address may take to accept a connection
 HANG_TIMEOUT_S = 60.0           # a check run that has not finished by then ends the job: never hang
-_LAUNCHER_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE")
 
 
 def _ok(name, why):
@@ -58,7 +57,7 @@ def _skip(name, why):
 
 def check_mpi(comm):
     """Every rank takes part in an allreduce of ones; under a launcher, MPI sees as many ranks as it started."""
-    started = next((int(os.environ[v]) for v in _LAUNCHER_SIZE_VARS if os.environ.get(v, "").isdigit()), None)
+    started = next((int(os.environ[v]) for v in SIZE_VARS if os.environ.get(v, "").isdigit()), None)
     if not comm.is_mpi:
         return _ok("mpi", "one process, not started by an MPI launcher")
     total = int(comm.allreduce_(np.ones(1, np.int64))[0])
@@ -194,19 +193,11 @@ def _guarded(check, *a):
         return _fail(getattr(check, "__name__", "check").removeprefix("check_").replace("_", "-"), one_line(e))
 
 
-def _encode(record):
+def _shorten(record):
     for item in record["checks"]:
         if len(item[2]) > REASON_CHARS:
             item[2] = item[2][:REASON_CHARS - 3] + "..."
-    data = json.dumps(record).encode()
-    assert len(data) <= RECORD_BYTES, f"check record of {len(data)} bytes"
-    buf = np.zeros(RECORD_BYTES, np.uint8)
-    buf[:len(data)] = np.frombuffer(data, np.uint8)
-    return buf
-
-
-def _decode(buf):
-    return json.loads(bytes(buf).rstrip(b"\0"))
+    return record
 
 
 def _watchdog(comm):
@@ -235,7 +226,7 @@ def run_checks(args, comm, out=None):
             checks += [_guarded(check_keys, args), _guarded(check_publish, args),
                        _guarded(check_results, args.results)]
         record = {"rank": comm.rank, "host": comm.processor_name(), "checks": checks}
-        records = [_decode(r) for r in comm.allgather(_encode(record))]
+        records = allgather_json(comm, _shorten(record))
     finally:
         timer.cancel()
     failed = [(r["rank"], r["host"], name) for r in records for name, status, _ in r["checks"] if status == "FAIL"]

@@ -4,11 +4,8 @@ configuration to train with. Errors here end the job before the first step (Resu
 resume, so that a restart launcher does not try again)."""
 from __future__ import annotations
 
-import json
-
-import numpy as np
-
 from lenet_dist import checkpoint, ckptdir, resume
+from lenet_dist.comm import bcast_json
 from lenet_dist.config import TrainConfig
 from lenet_dist.errors import ResumeError
 
@@ -28,15 +25,6 @@ class RunState:
             self.writer.close()
 
 
-def _bcast_json(comm, obj):
-    """Rank 0's JSON-able obj on every rank ([dist]: two broadcasts, a length and the bytes)."""
-    raw = json.dumps(obj).encode() if comm.rank == 0 else b""
-    n = comm.bcast_(np.array([len(raw)], np.int64))[0]
-    buf = np.frombuffer(raw, np.uint8).copy() if comm.rank == 0 else np.zeros(n, np.uint8)
-    comm.bcast_(buf)
-    return json.loads(buf.tobytes())
-
-
 def prepare(args, comm, data, log):
     """-> (TrainConfig, the Checkpoint to restore from on rank 0 or None, RunState on rank 0 or None).
     Every rank calls it; the returned config is the same on all. A refusal (ResumeError) is raised on every
@@ -47,7 +35,7 @@ def prepare(args, comm, data, log):
             cfg, found, state = _decide(args, data, log)
         except ResumeError as e:
             refused = str(e)
-    settled = _bcast_json(comm, {"refused": refused} if refused else {"config": cfg.to_dict()})
+    settled = bcast_json(comm, {"refused": refused} if refused else {"config": cfg.to_dict()})
     if "refused" in settled:
         raise ResumeError(settled["refused"])
     return TrainConfig.from_dict(settled["config"]), found, state

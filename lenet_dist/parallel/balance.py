@@ -13,9 +13,8 @@ next split from the same figures:
     target   = cuts at the multiples of `quantum` nearest n * (w_0 + ... + w_r) / sum(w)
     cuts     = target, but only if max_r(shard_r / w_r), the predicted step time, is 3% shorter with it
 
-Cuts on multiples of the quantum, moved only for a real gain, keep the shard shapes few and steady: the
-first version moved them by an example or two each step, and every new shape cost fresh scratch arrays
-(page faults) in the layers. A rank that got no work (so no new measurement) drifts back towards the
+Cuts on multiples of the quantum, moved only for a real gain, keep the shard shapes few and steady: every
+new shape costs fresh scratch arrays (page faults) in the layers. A rank that got no work (so no new measurement) drifts back towards the
 median weight, so that it wins work back once it is fast again.
 
 The fixed point gives every rank the same compute time. It stays stable when two ranks share a core: the

@@ -20,8 +20,8 @@ bit for bit. A bucket without a bound yet (the first step) travels in float32; o
 overflowed (every rank sees the same inf) is summed again in float32. With 2 ranks, or one rank per
 node, the halves are summed by HalfSum: an all-to-all gives rank r the r-th chunk of every rank's bucket,
 rank r adds them in float32 and rounds once, and an allgather hands every rank every summed chunk: the
-bytes of MPI's reduce-scatter + allgather, without its half-precision additions (MPICH's float16 sum took
-0.58 ms a step, and bfloat16 needs a Python user op). With several ranks on a node MPI's own allreduce
+bytes of MPI's reduce-scatter + allgather, without its half-precision additions (MPICH's float16 sum is
+slow, and bfloat16 needs a Python user op). With several ranks on a node MPI's own allreduce
 sums in half: its recursive halving keeps a node's first exchanges inside the node, where an all-to-all
 would send twice the bytes across the link.
 """
@@ -36,11 +36,10 @@ from ..model import NUM_PARAMS, PARAM_SPECS
 
 U16 = np.uint16         # half-precision values travel as their bits
 
-# Measured (docs/scaling.md): 64 KiB gives two buckets, fc1..fc3 (236 KiB, started after fc1's backward)
-# and conv1..conv2 (10 KiB, after conv1's), as fast as any other cut on slow links, and as the fused
-# allreduce on loopback.
+# 64 KiB gives two buckets, fc1..fc3 (236 KiB, started after fc1's backward) and conv1..conv2 (10 KiB,
+# after conv1's): as fast as any other cut on slow links (docs/scaling.md).
 BUCKET_KB_DEFAULT = 64
-CHUNK_KB_DEFAULT = 128  # the back lane: chunks on the wire, how many under way (measured: docs/scaling.md)
+CHUNK_KB_DEFAULT = 128  # the back lane: chunks on the wire, how many under way (chosen: docs/scaling.md)
 WINDOW_DEFAULT = 1
 
 
@@ -85,7 +84,7 @@ class BucketedAllreduce:
     before fc1's forward (settle()): the fully connected gradients travel during the convolutions'
     backward AND the next step's convolutions' forward. The window keeps the back lane from queueing more
     than a few chunks ahead of the front bucket in the one connection both share (TCP delivers in order: a
-    whole 236 KiB bucket queued first held the 10 KiB front bucket back by its full transfer time)."""
+    whole 236 KiB bucket queued first holds the 10 KiB front bucket back by its full transfer time)."""
 
     def __init__(self, comm, buf, *, bucket_kb, dtype="float32", send=None, pipelined=True, chunk_kb=None,
                  window=None):
