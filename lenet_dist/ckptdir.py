@@ -19,10 +19,16 @@ import time
 from pathlib import Path
 
 from .checkpoint import file_name, list_checkpoints
-from .errors import ResumeError
+from .errors import CheckpointFolderError, ResumeError
 
 _TEMP = re.compile(r"^\.ckpt-.*\.tmp$")     # ours: .ckpt-next.PID.tmp, and .ckpt-NNN.npz.PID.tmp (save_atomic)
 FD_WAIT_S = 30.0                            # how long a write waits for a free descriptor before failing
+LASTING = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT}   # a retry meets them again
+
+
+def _error(e, text):
+    """The OSError to raise for `e`: a CheckpointFolderError when the folder itself refuses the write."""
+    return (CheckpointFolderError if e.errno in LASTING else OSError)(e.errno, text)
 
 
 def new_run_id():
@@ -76,7 +82,7 @@ class CheckpointWriter:
             sweep_temps(self.dir, warn)
             self._dir_fd = os.open(self.dir, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
-            raise OSError(e.errno, f"checkpoint folder {self.dir}: {e.strerror or e}") from None
+            raise _error(e, f"checkpoint folder {self.dir}: {e.strerror or e}") from None
         self._written = [Path(p) for p in own]
         self._next = None                       # (fd, path) of the temp file the next checkpoint goes into
         self._open_next()                       # an unwritable folder fails here, at start-up
@@ -101,7 +107,7 @@ class CheckpointWriter:
             if fd >= 0:
                 os.close(fd)
             tmp.unlink(missing_ok=True)
-            raise OSError(e.errno, f"cannot write checkpoint {final}: {e.strerror or e}") from None
+            raise _error(e, f"cannot write checkpoint {final}: {e.strerror or e}") from None
         self._written = [p for p in self._written if p != final] + [final]
         self._prune()
         try:
@@ -130,8 +136,7 @@ class CheckpointWriter:
                 if e.errno in (errno.EMFILE, errno.ENFILE) and time.monotonic() < deadline:
                     time.sleep(0.05)            # descriptors come free as idle peers are dropped
                     continue
-                raise OSError(e.errno, f"cannot write into checkpoint folder {self.dir}: {e.strerror or e}") \
-                    from None
+                raise _error(e, f"cannot write into checkpoint folder {self.dir}: {e.strerror or e}") from None
         self._next = (fd, tmp)
 
     def _prune(self):

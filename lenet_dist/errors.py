@@ -13,3 +13,8 @@ class ResumeError(ValueError):
 class UsageError(ValueError):
     """A flag's value that is wrong for what the run finds (--val-size larger than the data): a usage error
     found after the flags were parsed. The message names the flag and the limit."""
+
+
+class CheckpointFolderError(OSError):
+    """The checkpoint folder cannot be written (read-only, full, no permission): every restart would fail the
+    same way. The message names the folder or file and the reason."""

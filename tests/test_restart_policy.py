@@ -1,7 +1,9 @@
-"""lenet-launch's decisions without processes: failure kinds from the lines the trainer and mpirun print,
-the restart window, back-off and limit, and which hosts a restart can use."""
+"""lenet-launch's decisions without processes: failure kinds from the trainer's exit status (the lines the
+trainer and mpirun print are quoted), the restart window, back-off and limit, and which hosts a restart can
+use."""
 import pytest
 
+from lenet_dist.run import exitcodes as X
 from workers.restart_policy import Failure, RestartPolicy, classify, fit_hosts, format_hostfile, parse_hostfile
 
 # Lines as the trainer (workers/trainer.py) and mpirun print them.
@@ -25,8 +27,9 @@ STOPPED = ["12:00:00 rank 0/2 WARNING stopped by signal 15 at step 241; checkpoi
 
 
 @pytest.mark.parametrize("code, lines, kind", [
-    (2, USAGE, "usage error"), (1, DIVERGED, "diverged loss"), (1, OUT_OF_SYNC, "replica mismatch"),
-    (1, BAD_DATA, "bad data"), (1, REFUSED, "config refused on resume"), (143, STOPPED, "stopped")])
+    (2, USAGE, "usage error"), (X.DIVERGED, DIVERGED, "diverged loss"), (X.REPLICAS, OUT_OF_SYNC, "replica mismatch"),
+    (X.BAD_DATA, BAD_DATA, "bad data"), (X.RESUME_REFUSED, REFUSED, "config refused on resume"),
+    (143, STOPPED, "stopped")])
 def test_failures_that_recur_are_not_retried(code, lines, kind):
     f = classify(code, lines)
     assert (f.kind, f.retry) == (kind, False)
@@ -37,7 +40,7 @@ def test_failures_that_recur_are_not_retried(code, lines, kind):
 @pytest.mark.parametrize("code, lines, kind, says", [
     (9, MPICH_KILLED, "killed", "SIGKILL"), (137, OPENMPI_KILLED, "killed", "SIGKILL"),
     (137, OPENMPI5_KILLED, "killed", "SIGKILL"),
-    (1, STALL, "stall", "no training step finished in 5s after step 20"),
+    (X.STALL, STALL, "stall", "no training step finished in 5s after step 20"),
     (1, CRASH, "rank error", "RuntimeError: injected fault"), (17, [], "exit", "code 17"),
     (-9, [], "killed", "mpirun was killed by SIGKILL")])
 def test_deaths_are_retried_and_named(code, lines, kind, says):
@@ -46,7 +49,7 @@ def test_deaths_are_retried_and_named(code, lines, kind, says):
 
 
 def test_an_error_that_recurs_wins_over_the_deaths_it_causes():
-    f = classify(9, MPICH_KILLED + STALL + CRASH + DIVERGED)
+    f = classify(X.DIVERGED, MPICH_KILLED + STALL + CRASH + DIVERGED)
     assert f.kind == "diverged loss" and f.why.startswith("rank 1:")
     assert classify(2, CRASH + USAGE).kind == "usage error"
     assert classify(1, STALL + CRASH).kind == "rank error"      # the crash that caused the stall, not the stall

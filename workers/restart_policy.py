@@ -1,14 +1,13 @@
-"""lenet-launch's decisions, without processes: what kind of failure ended a job (from its stderr lines and
-mpirun's exit code), whether a restart can help, when and on how many ranks.
+"""lenet-launch's decisions, without processes: what kind of failure ended a job (from mpirun's exit status),
+whether a restart can help, when and on how many ranks.
 
-    failure = classify(returncode, stderr_lines)    # Failure(kind, retry, why)
+    failure = classify(returncode, output_lines)    # Failure(kind, retry, why)
     decision = policy.decide(failure, now)          # restart? after how long? why (not)?
     hosts, n = fit_hosts(hosts, answering, asked, min_ranks)
 
-The trainer's contract (workers/trainer.py): a failing rank prints one line
-`lenet-train: rank R/N: error: TYPE: message`, a usage error exits 2 with `lenet-train: error: ...`, the stall
-guard prints `... no training step finished in Ns after step S: ...`, a rank asked to stop logs `stopped by
-signal N`. A rank that dies on a signal leaves only mpirun's own words.
+The trainer's contract is its exit status (lenet_dist/run/exitcodes.py), which mpirun passes on: the kind of
+failure and whether it will recur come from the status alone, never from the wording of the trainer's error
+line, which is only quoted in `why` for the log. mpirun's own words say when a rank died on a signal.
 """
 from __future__ import annotations
 
@@ -16,22 +15,20 @@ import re
 import signal
 from dataclasses import dataclass, field
 
+from lenet_dist.run import exitcodes
+
 RANK_ERROR = re.compile(r"lenet-train: rank (\d+)/(\d+): error: (.*)")
-USAGE_ERROR = re.compile(r"^lenet-train: error: |^usage: lenet-train")
-STALL = "no training step finished in"
-STOPPED = re.compile(r"stopped by signal (\d+) at step (\d+)")
+USAGE_LINE = re.compile(r"^lenet-train: error: ")
 # mpirun's words for a rank that died on a signal: MPICH (Hydra), and Open MPI (5 breaks its line there).
 SIGNAL_WORDS = (re.compile(r"EXIT STRING: .*\(signal (\d+)\)"), re.compile(r"KILLED BY SIGNAL: (\d+)"),
                 re.compile(r"exited on\s+signal (\d+)"))
-
-# Failures that happen again on every restart: (kind, why it will recur) by the exception's type name.
-WILL_RECUR = {
-    "DataError": ("bad data", "the data files are missing or corrupt; a restart reads the same files"),
-    "ResumeError": ("config refused on resume", "the checkpoint was made with another configuration or "
-                                                "other data; a restart resumes from it again"),
-    "CheckpointError": ("checkpoint error", "checkpoints cannot be written or read; a restart needs them"),
-    "TransportError": ("transport error", "the --publish endpoint or its keys are refused; they do not change"),
-}
+# signals that only kill: a status of N (MPICH's for a rank killed by N, also from a remote host) or 128 + N
+FATAL_SIGNALS = {int(s) for s in (signal.SIGKILL, signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS, signal.SIGFPE,
+                                  signal.SIGILL)}
+# the exception type a rank's line names for each status: which line `why` quotes
+_TYPE_OF = {exitcodes.BAD_DATA: "DataError", exitcodes.RESUME_REFUSED: "ResumeError",
+            exitcodes.DIVERGED: "TrainingError", exitcodes.REPLICAS: "TrainingError",
+            exitcodes.TRAINING: "TrainingError", exitcodes.TRANSPORT: "TransportError"}
 
 
 @dataclass(frozen=True)
@@ -48,55 +45,53 @@ def _signal_name(n):
         return f"signal {n}"
 
 
-def classify(returncode, lines):
-    """What ended a job that exited with `returncode` and printed `lines` on stderr. An error that will
-    recur wins over a death it caused (MPI_Abort kills the other ranks)."""
-    errors, stall, stopped, signum = [], None, None, None
-    usage = [line.strip() for line in lines if USAGE_ERROR.search(line)]
-    if usage:                               # argparse prints its usage, then the line that says what is wrong
-        said = next((u for u in usage if u.startswith("lenet-train: error:")), usage[0])
-        return Failure("usage error", False, f"{said} (the same flags fail the same way)")
-    for line in lines:
-        m = RANK_ERROR.search(line)
-        if m:
-            text = m.group(3).strip()
-            if STALL in text:
-                stall = stall or f"rank {m.group(1)}: {text}"
-            else:
-                errors.append((int(m.group(1)), text))
-            continue
-        m = STOPPED.search(line)
-        if m:
-            stopped = stopped or (int(m.group(1)), int(m.group(2)))
+def _said(lines, status):
+    """The rank's error line to quote for `status`: the one naming its exception type if any, else the first."""
+    usage = [line.strip() for line in lines if USAGE_LINE.search(line)]
+    if status == exitcodes.USAGE and usage:
+        return usage[0]
+    errors = [(m.group(1), m.group(3).strip()) for line in lines if (m := RANK_ERROR.search(line))]
+    typ = _TYPE_OF.get(status)
+    for rank, text in errors:
+        if typ and text.startswith(typ + ":"):
+            return f"rank {rank}: {text.partition(': ')[2]}"
+    return f"rank {errors[0][0]}: {errors[0][1]}" if errors else None
+
+
+def _signal_death(returncode, lines):
+    """The signal mpirun says killed a rank, or None."""
     text = "\n".join(line.rstrip("\n") for line in lines)
     found = [m for pattern in SIGNAL_WORDS if (m := pattern.search(text))]
     if found:
-        signum = int(found[0].group(1))
-    for rank, text in errors:
-        typ, _, message = text.partition(": ")
-        if typ == "TrainingError":
-            if "diverged" in message:
-                return Failure("diverged loss", False, f"rank {rank}: {message} (the same steps diverge again)")
-            if "out of sync" in message:
-                return Failure("replica mismatch", False, f"rank {rank}: {message} (a bug or a bad node, "
-                                                          "not a crash: a restart would hide it)")
-            return Failure("training error", False, f"rank {rank}: {message}")
-        if typ in WILL_RECUR:
-            kind, because = WILL_RECUR[typ]
-            return Failure(kind, False, f"rank {rank}: {text} ({because})")
-    if errors:                              # anything else (RuntimeError, MemoryError, OSError): maybe transient
-        rank, text = errors[0]
-        return Failure("rank error", True, f"rank {rank}: {text}")
-    if stall:
-        return Failure("stall", True, stall)
+        return int(found[0].group(1))
+    if returncode is not None and returncode > 0 and (returncode & 127) in FATAL_SIGNALS and \
+            returncode in (returncode & 127, 128 + (returncode & 127)):
+        return returncode & 127
+    return None
+
+
+def classify(returncode, lines):
+    """What ended a job that exited with `returncode` and printed `lines`. The status decides; a status that
+    says the failure will recur wins over the deaths it caused (MPI_Abort kills the other ranks)."""
+    said = _said(lines, returncode)
+    signum = _signal_death(returncode, lines)
+    if returncode in exitcodes.WILL_RECUR and not (returncode == exitcodes.USAGE and signum):
+        kind, because = exitcodes.WILL_RECUR[returncode]
+        return Failure(kind, False, f"{said or f'exit status {returncode}'} ({because})")
+    stop = exitcodes.stop_signal(returncode) if returncode is not None else None
+    if stop and signum is None:             # a rank was sent SIGTERM/SIGUSR1: it stopped with its checkpoint
+        return Failure("stopped", False, f"the ranks were stopped by {_signal_name(stop)} (checkpoint "
+                                         f"written); a stop is not a crash")
     if signum is not None:
         return Failure("killed", True, f"a rank was killed by {_signal_name(signum)}")
-    if stopped:                             # someone sent a rank SIGTERM/SIGINT: a deliberate stop
-        return Failure("stopped", False, f"a rank was stopped by {_signal_name(stopped[0])} at step "
-                                         f"{stopped[1]} (checkpoint written); a stop is not a crash")
+    if returncode == exitcodes.STALL:
+        return Failure("stall", True, said or "a rank's stall guard ended the job (--stall-timeout)")
     if returncode is not None and returncode < 0:
         return Failure("killed", True, f"mpirun was killed by {_signal_name(-returncode)}")
-    return Failure("exit", True, f"a rank exited with code {returncode} without an error line")
+    if returncode == exitcodes.FAILED:
+        return Failure("rank error", True, said or "a rank failed (exit status 1)")
+    return Failure("exit", True, f"a rank exited with code {returncode}" + (f": {said}" if said else
+                                                                          " without an error line"))
 
 
 @dataclass

@@ -255,7 +255,7 @@ def _stall_guard(args, comm, trainer):
     def on_stall(seconds):                  # the guard's thread: the main one is stuck, maybe inside MPI
         _fatal(comm, f"no training step finished in {seconds:.0f}s after step {trainer.step}: "
                      f"a rank died or hangs (--stall-timeout); exiting")
-        os._exit(1)
+        os._exit(exitcodes.STALL)
 
     return StallGuard(args.stall_timeout if comm.size > 1 else 0, on_stall).start()
 
