@@ -7,8 +7,10 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -243,6 +245,60 @@ def test_sbatch_header_makes_resuming_the_default():
     header = dict(re.findall(r"^#SBATCH --([\w-]+)(?:=(\S+))?", read("slurm/train.sbatch"), re.M))
     assert header["requeue"] == "" and header["dependency"] == "singleton"
     assert header["open-mode"] == "append" and "%x" in header["output"]
+
+
+def test_sbatch_header_asks_for_a_warning_before_the_time_limit():
+    header = re.findall(r"^#SBATCH --signal=(\S+)", read("slurm/train.sbatch"), re.M)
+    # B: to the batch script alone (it passes the signal to the ranks), not to the evaluator's step.
+    assert len(header) == 1 and re.fullmatch(r"B:USR1@\d+", header[0]), header
+
+
+# A launcher that runs until a signal: it notes which one in marks/ and exits 128 + its number.
+LONG_RUNNING = """
+for a in "$@"; do [ "$a" = lenet-train ] && what=train; [ "$a" = lenet-evaluator ] && what=evaluator; done
+for a in "$@"; do [ "$a" = --check ] && what=; done
+if [ -n "$what" ]; then
+    for sig in USR1:138 TERM:143; do
+        trap "echo ${sig%:*} >> $MARKS/$what; exit ${sig#*:}" "${sig%:*}"
+    done
+    touch "$MARKS/$what.started"
+    while :; do sleep 0.05; done
+fi
+"""
+
+
+def test_sbatch_passes_the_time_limit_warning_to_the_ranks_and_requeues(tmp_path):
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    bindir = fake_bin(tmp_path, scontrol=SCONTROL, srun='if [ "$1" = --mpi=list ]; then printf "\\tpmi2\\n"; exit 0; fi'
+                      + LONG_RUNNING)
+    env = {"PATH": f"{bindir}:{SYSTEM_PATH}", "HOME": str(tmp_path), "LANG": "C", "MARKS": str(marks),
+           **slurm_env(tmp_path, ["n1", "n2", "n3"])}
+    job = subprocess.Popen(["bash", str(DEPLOY / "slurm/train.sbatch"), "--epochs", "1"], env=env, cwd=tmp_path,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while not (marks / "train.started").exists():
+            assert job.poll() is None and time.monotonic() < deadline, job.communicate()
+            time.sleep(0.05)
+        job.send_signal(signal.SIGUSR1)                 # Slurm's --signal=B:USR1@N, to the batch script
+        out, err = job.communicate(timeout=20)
+    finally:
+        job.kill()
+    assert (marks / "train").read_text() == "USR1\n", err        # passed on to the ranks, once
+    assert (marks / "evaluator").read_text() == "TERM\n", err    # the evaluator is stopped, not warned
+    assert ["scontrol", "requeue", "42"] in recorded_calls(tmp_path), err
+    assert job.returncode == 138, err
+    train = [c for c in recorded_calls(tmp_path) if "--check" in c][0]
+    assert train[train.index("--resume") + 1] == "auto", train
+
+
+def test_sbatch_requeues_nothing_without_the_warning(tmp_path):
+    bindir = fake_bin(tmp_path, scontrol=SCONTROL,
+                      srun='if [ "$1" = --mpi=list ]; then printf "\\tpmi2\\n"; exit 0; fi')
+    result = run_script(DEPLOY / "slurm/train.sbatch", tmp_path, bindir, slurm_env(tmp_path, ["n1", "n2", "n3"]))
+    assert result.returncode == 0, result.stderr
+    assert not [c for c in recorded_calls(tmp_path) if c[0] == "scontrol"], recorded_calls(tmp_path)
 
 
 @pytest.mark.parametrize("flavor", ["mpich", "openmpi"])

@@ -20,12 +20,13 @@ import shlex
 import shutil
 import sys
 
+import numpy as np
 import pytest
 
 from lenet_dist import checkpoint
 from lenet_dist.transport import generate_keys
 
-from .mpiutil import REPO
+from .mpiutil import REPO, final_params, launch
 from .netns import made_or_skip
 from .slurm_cluster import SlurmCluster, unavailable
 
@@ -146,3 +147,65 @@ def test_sbatch_recipe_on_a_real_cluster_cancels_with_a_checkpoint_and_resumes(c
     assert last["evaluator"].startswith("n3:"), last
     assert last["accuracy"] == pytest.approx(epochs[-1]["test_acc"], abs=1e-9)
     assert (run_dir / "best" / "best.json").exists()
+
+
+def starts(log):
+    """The log of each start of a job (a requeued job appends to the same file)."""
+    return re.split(r"(?=\[train\.sbatch [\d:]+\] ranks: )", log)[1:]
+
+
+# A minute is Slurm's shortest limit; the warning comes 10 s before it (and up to one of slurmctld's 30 s
+# checks earlier), so each start trains for 20-50 s of it.
+LIMIT_ARGS = ["--time=1", "--signal=B:USR1@10"]
+LIMIT_EPOCHS = 40
+
+
+def test_a_job_at_its_time_limit_checkpoints_requeues_itself_and_ends_as_if_uninterrupted(cluster, tmp_path):
+    d, bindir, keys = submit_dir(tmp_path)
+    run_dir = d / "runs" / JOB_NAME
+    train = ["--subset", "--epochs", str(LIMIT_EPOCHS), "--batch-size", "50", "--deterministic", "--no-progress"]
+    args = ["--nodes=3", *LIMIT_ARGS, f"--export=ALL,RANKS_PER_NODE=1,KEYS_DIR={keys},EVAL_ARGS=--subset,EVAL_GRACE=30",
+            str(SBATCH), *train, "--checkpoint-every", "50"]
+    job = cluster.sbatch(args, cwd=d, env=job_env(bindir))
+    fields = cluster.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}, timeout=600)
+    log = (d / f"{JOB_NAME}-{job}.out").read_text()
+    assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", (fields, log)
+
+    # Every start but the last was warned, stopped with a checkpoint on SIGUSR1 and requeued the job; the
+    # next start resumed exactly there.
+    runs = starts(log)
+    assert len(runs) >= 2, log
+    for n, (this, following) in enumerate(zip(runs, runs[1:]), 1):
+        stops = re.findall(r"rank (\d)/2 WARNING stopped by signal 10 at step (\d+) \(SIGUSR1\);.*exit status (\d+)",
+                           this)
+        assert sorted(stops) == [("0", stops[0][1], "138"), ("1", stops[0][1], "138")], this
+        assert f"requeueing job {job}" in this, this
+        assert f"requeued job, start number {n + 1}" in following, following
+        assert re.search(rf"resumed from .* at step {stops[0][1]}/", following), following
+    assert "SIGUSR1" not in runs[-1] and "training finished with status 0" in runs[-1], runs[-1]
+
+    # The same parameters, bit for bit, as one run of the same flags never interrupted (2 ranks here).
+    healed, meta = final_params(run_dir / "checkpoints")
+    launch(2, [*train, "--checkpoint-dir", tmp_path / "reference"], timeout=300)
+    expected, ref_meta = final_params(tmp_path / "reference")
+    assert meta["step"] == ref_meta["step"] == LIMIT_EPOCHS * STEPS_PER_EPOCH
+    assert np.array_equal(healed, expected), "the requeued run's parameters differ from the uninterrupted run's"
+
+
+def test_the_time_limit_itself_still_yields_the_stop_checkpoint(cluster, tmp_path):
+    """Without the warning (the header's --signal replaced by a signal the job ignores), Slurm's own time-limit
+    sequence, SIGTERM, SIGCONT, SIGTERM, reaches the ranks: they stop with a checkpoint, every rank alike."""
+    d, bindir, keys = submit_dir(tmp_path)
+    run_dir = d / "runs" / JOB_NAME
+    args = ["--nodes=3", "--time=1", "--signal=B:URG@10",
+            f"--export=ALL,RANKS_PER_NODE=1,KEYS_DIR={keys},EVAL_ARGS=--subset,EVAL_GRACE=30",
+            str(SBATCH), "--subset", "--epochs", "100", "--batch-size", "50", "--checkpoint-every", "1000",
+            "--no-progress"]
+    job = cluster.sbatch(args, cwd=d, env=job_env(bindir))
+    fields = cluster.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}, timeout=240)
+    log = (d / f"{JOB_NAME}-{job}.out").read_text()
+    assert fields["JobState"] == "TIMEOUT", (fields, log)
+    stops = re.findall(r"rank (\d)/2 WARNING stopped by signal 15 at step (\d+) \(SIGTERM\);.*exit status (\d+)", log)
+    assert len(stops) == 2 and {r for r, _, _ in stops} == {"0", "1"}, log
+    assert {(s, code) for _, s, code in stops} == {(stops[0][1], "143")}, log
+    assert newest_step(run_dir / "checkpoints") == int(stops[0][1]), log
