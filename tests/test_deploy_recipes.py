@@ -293,6 +293,29 @@ def test_sbatch_passes_the_time_limit_warning_to_the_ranks_and_requeues(tmp_path
     assert train[train.index("--resume") + 1] == "auto", train
 
 
+def test_sbatch_warned_before_training_requeues_without_starting_it(tmp_path):
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    check = 'for a in "$@"; do [ "$a" = --check ] && { touch "$MARKS/check.started"; sleep 1; exit 0; }; done'
+    bindir = fake_bin(tmp_path, scontrol=SCONTROL, srun='if [ "$1" = --mpi=list ]; then printf "\\tpmi2\\n"; exit 0; fi\n'
+                      + check + LONG_RUNNING)
+    env = {"PATH": f"{bindir}:{SYSTEM_PATH}", "HOME": str(tmp_path), "LANG": "C", "MARKS": str(marks),
+           **slurm_env(tmp_path, ["n1", "n2", "n3"])}
+    job = subprocess.Popen(["bash", str(DEPLOY / "slurm/train.sbatch")], env=env, cwd=tmp_path,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while not (marks / "check.started").exists():
+            assert job.poll() is None and time.monotonic() < deadline, job.communicate()
+            time.sleep(0.02)
+        job.send_signal(signal.SIGUSR1)                 # during the pre-flight check
+        out, err = job.communicate(timeout=20)
+    finally:
+        job.kill()
+    assert not (marks / "train.started").exists(), err
+    assert ["scontrol", "requeue", "42"] in recorded_calls(tmp_path), err
+
+
 def test_sbatch_requeues_nothing_without_the_warning(tmp_path):
     bindir = fake_bin(tmp_path, scontrol=SCONTROL,
                       srun='if [ "$1" = --mpi=list ]; then printf "\\tpmi2\\n"; exit 0; fi')
