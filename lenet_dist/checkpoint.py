@@ -11,7 +11,7 @@ Layout of a checkpoint (format_version 1):
                                 random number), content_sha256 (over every array above, in order)
 
 Loaded with allow_pickle=False and checked entry by entry (names, shapes, dtypes, the content hash) before
-anything uses it. Written to a temp file, fsynced, renamed, the directory fsynced: never seen half-written.
+anything uses it. Written by files.atomic_write or ckptdir.CheckpointWriter: never seen half-written.
 """
 from __future__ import annotations
 
@@ -20,14 +20,13 @@ import io
 import json
 import os
 import re
-import stat
-import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .files import atomic_write, read_regular, temp_name
 from .model import NUM_PARAMS, PARAM_SPECS
 
 FORMAT_VERSION = 1
@@ -153,55 +152,14 @@ def file_name(step):
     return f"ckpt-{step:09d}.npz"
 
 
-def save_atomic(path, data):
-    """Write bytes to `path` so that readers see the old file or the whole new one, never a part. On any
-    failure the temp file is removed and the OSError names `path`."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # not *.npz: never mistaken for a checkpoint
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from None
-    return path
-
-
 def read_bounded(path, max_bytes=MAX_BYTES):
     """The bytes of `path` if it is a regular file of at most max_bytes; CheckpointError naming it if not.
-    Never blocks on a FIFO and never reads a file whole before knowing its size."""
+    Never blocks on a FIFO and never reads a file whole before knowing its size (files.read_regular)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        return read_regular(path, max_bytes)
     except OSError as e:
-        raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise CheckpointError(f"{path}: not a regular file")
-        if st.st_size > max_bytes:
-            raise CheckpointError(f"{path}: {st.st_size} bytes, more than the {max_bytes} a checkpoint can be")
-        chunks, total = [], 0
-        while True:                                 # the size may change under us: bound what we read
-            chunk = os.read(fd, min(1 << 20, max_bytes + 1 - total))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            total += len(chunk)
-            if total > max_bytes:
-                raise CheckpointError(f"{path}: grew past {max_bytes} bytes while being read")
-        return b"".join(chunks)
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
-    finally:
-        os.close(fd)
+        said = f"cannot read: {e.strerror}" if e.errno is not None else str(e).removeprefix(f"{path}: ")
+        raise CheckpointError(f"{path}: {said}".replace(" allowed", " a checkpoint can be")) from None
 
 
 def set_pointer(directory, entry, target, info=None):
@@ -210,15 +168,15 @@ def set_pointer(directory, entry, target, info=None):
     any tool opens and that outlives the pruning of `target` (a copy where links are not supported); both
     are replaced atomically. Their names do not match checkpoint names: resume and --watch ignore them."""
     d, target = Path(directory), Path(target)
-    tmp = d / f".{entry}.npz.{os.getpid()}.tmp"
+    tmp = temp_name(d / f"{entry}.npz")
     tmp.unlink(missing_ok=True)
     try:
         os.link(target, tmp)
         os.replace(tmp, d / f"{entry}.npz")
     except OSError:
         tmp.unlink(missing_ok=True)
-        save_atomic(d / f"{entry}.npz", target.read_bytes())
-    save_atomic(d / f"{entry}.json", json.dumps({"file": target.name, **(info or {})}).encode())
+        atomic_write(d / f"{entry}.npz", target.read_bytes())
+    atomic_write(d / f"{entry}.json", json.dumps({"file": target.name, **(info or {})}).encode())
 
 
 def list_checkpoints(directory):
@@ -229,17 +187,6 @@ def list_checkpoints(directory):
         return []
     found = [(int(m.group(1)), p) for p in d.iterdir() if (m := _NAME.match(p.name))]
     return sorted(found, reverse=True)
-
-
-def save(directory, params, velocity, meta, residual=None, *, keep=3):
-    """Write the checkpoint for meta['step'] into `directory`, keep the newest `keep`; returns (path, bytes)."""
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    data = to_bytes(params, velocity, dict(meta, created=time.time()), residual)
-    path = save_atomic(d / file_name(int(meta["step"])), data)
-    for _, old in list_checkpoints(d)[keep:]:
-        old.unlink(missing_ok=True)
-    return path, data
 
 
 def load_file(path):

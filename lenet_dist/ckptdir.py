@@ -18,10 +18,12 @@ import secrets
 import time
 from pathlib import Path
 
-from .checkpoint import file_name, list_checkpoints
+from .checkpoint import CheckpointError, file_name, list_checkpoints, load_file, to_bytes
 from .errors import CheckpointFolderError, ResumeError
+from .files import temp_name
 
-_TEMP = re.compile(r"^\.ckpt-.*\.tmp$")     # ours: .ckpt-next.PID.tmp, and .ckpt-NNN.npz.PID.tmp (save_atomic)
+# ours, all named by files.temp_name: .ckpt-next.PID.tmp (the writer's), .last.npz.PID.tmp, .best.json.PID.tmp
+_TEMP = re.compile(r"^\.(ckpt-|last\.|best\.).*\.tmp$")
 FD_WAIT_S = 30.0                            # how long a write waits for a free descriptor before failing
 LASTING = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT}   # a retry meets them again
 
@@ -126,7 +128,7 @@ class CheckpointWriter:
             self._dir_fd = -1
 
     def _open_next(self, wait=0.0):
-        tmp = self.dir / f".ckpt-next.{os.getpid()}.tmp"
+        tmp = temp_name(self.dir / "ckpt-next")
         deadline = time.monotonic() + wait
         while True:
             try:
@@ -140,9 +142,45 @@ class CheckpointWriter:
         self._next = (fd, tmp)
 
     def _prune(self):
-        while len(self._written) > self.keep:
-            old = self._written.pop(0)
-            try:
-                old.unlink(missing_ok=True)
-            except OSError as e:
-                self.warn(f"could not remove old checkpoint {old}: {e.strerror or e}")
+        self._written = rotate(self._written, self.keep, self.warn)
+
+
+def rotate(own, keep, warn=print):
+    """The one rotation rule: of `own` (this run's checkpoint files, oldest first) keep the newest `keep` and
+    remove the rest; never a file of another run. Returns the kept ones."""
+    own = list(own)
+    while len(own) > keep:
+        old = own.pop(0)
+        try:
+            old.unlink(missing_ok=True)
+        except OSError as e:
+            warn(f"could not remove old checkpoint {old}: {e.strerror or e}")
+    return own
+
+
+def own_checkpoints(directory, run_id, before_step):
+    """The checkpoints of run `run_id` in `directory` older than `before_step`, oldest first: a resumed run
+    rotates them out like its own. Unreadable ones are not provably ours and are left alone."""
+    own = []
+    for step, path in list_checkpoints(directory):
+        if step >= before_step:
+            continue
+        try:
+            if load_file(path).meta.get("run_id") == run_id:
+                own.append(path)
+        except CheckpointError:
+            pass
+    return own[::-1]
+
+
+def save(directory, params, velocity, meta, residual=None, *, keep=3):
+    """One checkpoint for meta['step'] written as the trainer writes it (CheckpointWriter), keeping the newest
+    `keep` of its run (meta['run_id']); returns (path, bytes). For tools and tests that write one at a time."""
+    data = to_bytes(params, velocity, dict(meta, created=time.time()), residual)
+    step = int(meta["step"])
+    writer = CheckpointWriter(directory, keep=keep, own=own_checkpoints(directory, meta.get("run_id"), step)
+                              if Path(directory).is_dir() else ())
+    try:
+        return writer.write(step, data), data
+    finally:
+        writer.close()

@@ -9,9 +9,10 @@ import zipfile
 import numpy as np
 import pytest
 
-from lenet_dist import checkpoint
+from lenet_dist import checkpoint, ckptdir
 from lenet_dist.checkpoint import MAX_BYTES, CheckpointError, from_bytes, to_bytes
 from lenet_dist.config import TrainConfig
+from lenet_dist.files import atomic_write
 from lenet_dist.model import NUM_PARAMS, PARAM_SPECS, LeNet5
 
 NAMES = [n for n, _ in PARAM_SPECS]
@@ -320,7 +321,7 @@ def test_save_names_and_prunes(tmp_path):
     params, velocity, meta = content(4)
     written = {}
     for step in (1, 2, 3, 4, 5, 6):
-        path, data = checkpoint.save(d, params, velocity, dict(meta, step=step, pos=step), keep=3)
+        path, data = ckptdir.save(d, params, velocity, dict(meta, step=step, pos=step), keep=3)
         assert path == d / f"ckpt-{step:09d}.npz"
         assert path.read_bytes() == data
         assert from_bytes(data).step == step
@@ -336,9 +337,9 @@ def test_save_names_and_prunes(tmp_path):
 def test_save_creates_the_directory_and_overwrites_the_same_step(tmp_path):
     d = tmp_path / "a" / "b"
     params, velocity, meta = content(5)
-    checkpoint.save(d, params, velocity, dict(meta, step=7, pos=7))
+    ckptdir.save(d, params, velocity, dict(meta, step=7, pos=7))
     params["fc3.bias"][:] = 1.0
-    path, _ = checkpoint.save(d, params, velocity, dict(meta, step=7, pos=7))
+    path, _ = ckptdir.save(d, params, velocity, dict(meta, step=7, pos=7))
     np.testing.assert_array_equal(checkpoint.load_file(path).params["fc3.bias"], 1.0)
     assert [p.name for p in d.iterdir()] == ["ckpt-000000007.npz"]
 
@@ -346,7 +347,7 @@ def test_save_creates_the_directory_and_overwrites_the_same_step(tmp_path):
 def test_save_atomic_leaves_no_temp_and_replaces(tmp_path):
     target = tmp_path / "x.npz"
     target.write_bytes(b"old")
-    checkpoint.save_atomic(target, b"new contents")
+    atomic_write(target, b"new contents")
     assert target.read_bytes() == b"new contents"
     assert [p.name for p in tmp_path.iterdir()] == ["x.npz"]
 
@@ -354,7 +355,7 @@ def test_save_atomic_leaves_no_temp_and_replaces(tmp_path):
 def _write_steps(d, steps):
     params, velocity, meta = content(6)
     for s in steps:
-        checkpoint.save(d, params, velocity, dict(meta, step=s, pos=s), keep=10)
+        ckptdir.save(d, params, velocity, dict(meta, step=s, pos=s), keep=10)
     return {s: d / checkpoint.file_name(s) for s in steps}
 
 

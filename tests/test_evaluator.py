@@ -12,6 +12,7 @@ import zmq
 from threadpoolctl import threadpool_limits
 
 from lenet_dist import checkpoint
+from lenet_dist.files import atomic_write
 from lenet_dist.data import load_subset
 from lenet_dist.data.identity import data_record
 from lenet_dist.model import LeNet5
@@ -131,11 +132,11 @@ def test_once_over_socket_and_directory(tmp_path, link):
     d = tmp_path / "ckpt"
     d.mkdir()
     for step in (30, 40):
-        checkpoint.save_atomic(d / checkpoint.file_name(step), make_ckpt(step))
+        atomic_write(d / checkpoint.file_name(step), make_ckpt(step))
     watch = Evaluator(tmp_path, "--watch", str(d), "--once")
     final_dir = tmp_path / "final"
     final_dir.mkdir()
-    checkpoint.save_atomic(final_dir / checkpoint.file_name(50), make_ckpt(50, final=True))
+    atomic_write(final_dir / checkpoint.file_name(50), make_ckpt(50, final=True))
     watch_final = Evaluator(tmp_path, "--watch", str(final_dir))   # final in the checkpoint's meta: exit 0
     for e, step in ((ev, 6), (watch, 40), (watch_final, 50)):
         rc, out = e.finish()

@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 
-from lenet_dist import checkpoint
+from lenet_dist import checkpoint, ckptdir
 from lenet_dist.comm import LocalComm
 from lenet_dist.config import TrainConfig
 from lenet_dist.data import load_subset, normalize
@@ -29,7 +29,7 @@ def trained(tmp_path_factory):
     while not t.done:
         t.train_step()
     d = tmp_path_factory.mktemp("ckpt")
-    path, _ = checkpoint.save(d, *t.checkpoint_content())
+    path, _ = ckptdir.save(d, *t.checkpoint_content())
     logits = t.model.forward(normalize(data.test_images)).T                     # (N,10)
     return path, data.test_images, data.test_labels, logits
 

@@ -10,7 +10,7 @@ import signal
 
 import pytest
 
-from lenet_dist import checkpoint
+from lenet_dist import checkpoint, ckptdir
 from lenet_dist.model import LeNet5
 from workers.evaluator import Reminder, _epoch_text
 from workers.progress import ProgressSink, summary_lines
@@ -70,9 +70,9 @@ def test_no_progress_keeps_epoch_lines_and_summary(tmp_path):
 def test_best_pointer_outlives_pruning(tmp_path):
     m = LeNet5(seed=0)
     meta = lambda step: {"step": step, "epoch": 0, "pos": step, "config": {}, "final": False}   # noqa: E731
-    first, _ = checkpoint.save(tmp_path, m.named_params(), m.params * 0, meta(1), keep=1)
+    first, _ = ckptdir.save(tmp_path, m.named_params(), m.params * 0, meta(1), keep=1)
     checkpoint.set_pointer(tmp_path, "best", first, {"step": 1})
-    second, _ = checkpoint.save(tmp_path, m.named_params(), m.params * 0, meta(2), keep=1)
+    second, _ = ckptdir.save(tmp_path, m.named_params(), m.params * 0, meta(2), keep=1)
     checkpoint.set_pointer(tmp_path, "last", second, {"step": 2})
     assert not first.exists()                                            # pruned...
     assert checkpoint.load_file(tmp_path / "best.npz").step == 1         # ...and best.npz still holds it

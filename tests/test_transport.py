@@ -9,6 +9,7 @@ import zmq
 from .fakes import OVERSIZE, FakeTrainer, bad_replies, good_reply, make_ckpt
 from lenet_dist import checkpoint, wire
 from lenet_dist.checkpoint import CheckpointError
+from lenet_dist.files import atomic_write
 from lenet_dist.transport import (CheckpointClient, ResultsPublisher, TrainerLink, TransportError,
                                   generate_keys)
 from lenet_dist.watch import DirectoryWatcher
@@ -250,13 +251,13 @@ def test_directory_watcher(tmp_path):
     d = tmp_path / "ckpt"
     d.mkdir()
     for step in (10, 20):
-        checkpoint.save_atomic(d / checkpoint.file_name(step), make_ckpt(step))
+        atomic_write(d / checkpoint.file_name(step), make_ckpt(step))
     (d / "best.npz").write_bytes(b"not ours")               # ignored: not a trainer checkpoint name
     h, data = w.fetch_newer(-1, 50)
     assert h["step"] == 20 and h["sha256"] == wire.sha256(data) and w.trainer_step_now() == 20
     assert w.fetch_newer(20, 50) is None
     time.sleep(0.01)
-    checkpoint.save_atomic(d / checkpoint.file_name(20), make_ckpt(20, final=True))   # rewritten: served again
+    atomic_write(d / checkpoint.file_name(20), make_ckpt(20, final=True))   # rewritten: served again
     h, data = w.fetch_newer(20, 50)
     assert checkpoint.from_bytes(data).meta["final"]
     big = d / checkpoint.file_name(30)

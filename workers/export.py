@@ -16,6 +16,7 @@ from pathlib import Path
 
 from lenet_dist import checkpoint
 from lenet_dist.checkpoint import CheckpointError
+from lenet_dist.files import atomic_write
 
 from .common import HelpFormatter, one_line
 
@@ -47,7 +48,7 @@ def main(argv=None):
         path, ckpt = _load(args.checkpoint)
         data = onnx_export.to_bytes(ckpt.params, step=ckpt.step,
                                     doc=f"LeNet-5 trained by lenet-dist, step {ckpt.step}, from {path.name}")
-        checkpoint.save_atomic(args.output, data)
+        atomic_write(args.output, data)
     except (CheckpointError, OSError, ValueError) as e:
         print(f"lenet-export: error: {one_line(e)}", file=sys.stderr)
         return 1

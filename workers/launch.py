@@ -17,7 +17,6 @@ The decisions are in workers/restart_policy.py; this module only runs processes.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shlex
@@ -33,7 +32,7 @@ from pathlib import Path
 
 from lenet_dist.comm import RANK_VARS
 from lenet_dist.resume import newest_usable
-from lenet_dist.run import exitcodes
+from lenet_dist.run import exitcodes, metrics
 from lenet_dist.stopsignal import StopSignal, signal_name
 
 from .restart_policy import RestartPolicy, classify, fit_hosts, format_hostfile, parse_hostfile
@@ -147,9 +146,10 @@ class Job:
     """One mpirun: its output passed through to ours and kept for classify() (Hydra reports a rank's death
     on stdout, the ranks their errors on stderr); ends on its own or is ended."""
 
-    def __init__(self, argv):
+    def __init__(self, argv, env=None):
         log.info("starting: %s", shlex.join(argv))
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                                     env=env)
         self.lines = deque(maxlen=500)
         self.first_error = None             # when a rank's error line went by
         self.stop_sent = 0
@@ -223,6 +223,7 @@ class Launcher:
         self.stop = StopSignal()
         self.tmp = tempfile.TemporaryDirectory(prefix="lenet-launch-")
         self.job = None
+        self.job_offset = 0                 # the --metrics file's size when the job started
 
     def mpirun_argv(self, extra):
         return [self.args.mpirun, *shlex.split(self.args.mpirun_args), *extra]
@@ -257,14 +258,14 @@ class Launcher:
         return up
 
     def record(self, event, **fields):
-        """One row in lenet-train's --metrics file (the trainer does not run while we write)."""
+        """One row in lenet-train's --metrics file (the trainer does not run while we write). An "end" row only
+        when the job ended without writing its own: the file gets one."""
         if not self.args.metrics:
             return
+        if event == "end" and "end" in metrics.events_since(self.args.metrics, self.job_offset):
+            return
         row = {"event": event, "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), **fields}
-        path = Path(self.args.metrics)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        metrics.append(self.args.metrics, row)
 
     def resume_point(self):
         """(file name, step) of the checkpoint a restart continues from: the trainer's own rule, so that both
@@ -284,7 +285,8 @@ class Launcher:
             self.record("restart" if attempt else "start", attempt=attempt, ranks=self.ranks,
                         asked_ranks=a.ranks, reason=reason, failure=failure, resume_step=step if resume else None)
             started = time.monotonic()
-            job = self.job = Job(self.command(resume))
+            self.job_offset = metrics.size(a.metrics) if a.metrics else 0
+            job = self.job = Job(self.command(resume), env=dict(os.environ, LENET_LAUNCH_RESTARTS=str(attempt)))
             code = job.wait(self.stop, a.exit_grace)
             if code == 0:                   # finished, even if a stop came at the very end
                 log.info("the job finished (%d restart(s))", attempt)

@@ -3,6 +3,7 @@ row of --metrics and the commands that go on from there (resume, evaluate, expor
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import time
 from pathlib import Path
@@ -110,6 +111,8 @@ def summary(args, *, reason, step, total_steps, epoch, epochs, ranks, wall_secon
          "images_per_s": round(tally.images / tally.seconds, 1) if tally.seconds > 0 else None}
     if reason == "signal":
         s["signal"], s["signal_name"] = signum, signal_name(signum)
+    if os.environ.get("LENET_LAUNCH_RESTARTS", "").isdigit():      # started by lenet-launch: its count too
+        s["restarts"] = int(os.environ["LENET_LAUNCH_RESTARTS"])
     if tally.test_acc is not None:
         s.update(test_acc=tally.test_acc, last_epoch=tally.last_epoch)
     if tally.best_epoch is not None:

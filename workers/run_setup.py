@@ -4,7 +4,7 @@ configuration to train with. Errors here end the job before the first step (Resu
 resume, so that a restart launcher does not try again)."""
 from __future__ import annotations
 
-from lenet_dist import checkpoint, ckptdir, resume
+from lenet_dist import ckptdir, resume
 from lenet_dist.comm import bcast_json
 from lenet_dist.config import TrainConfig
 from lenet_dist.errors import ResumeError
@@ -65,26 +65,11 @@ def _decide(args, data, log):
                 changes.append(resume.change_record(ckpt.step, diff))
                 log.warning("resuming with a changed configuration (--override): %s",
                             ", ".join(f"{resume.flag(k)} {old!r} -> {new!r}" for k, (old, new) in diff.items()))
-            own = _same_run(args.checkpoint_dir, ckpt) + [path]
+            run = ckpt.meta.get("run_id")      # none: an older checkpoint; its neighbours are not provably ours
+            own = (ckptdir.own_checkpoints(args.checkpoint_dir, run, ckpt.step) if run else []) + [path]
     if not found and args.checkpoint_dir and args.checkpoint_dir.is_dir():
         ckptdir.claim(args.checkpoint_dir, start_over=args.start_over, log=log.warning)
     writer = None
     if args.checkpoint_dir:
         writer = ckptdir.CheckpointWriter(args.checkpoint_dir, keep=args.keep, own=own, warn=log.warning)
     return cfg, found and found[1], RunState(run_id, changes, writer, found and found[0])
-
-
-def _same_run(directory, resumed):
-    """The older checkpoints of the resumed run, oldest first: the writer may rotate them out too."""
-    run_id, own = resumed.meta.get("run_id"), []
-    if not run_id:
-        return own
-    for step, path in checkpoint.list_checkpoints(directory):
-        if step >= resumed.step:
-            continue
-        try:
-            if checkpoint.load_file(path).meta.get("run_id") == run_id:
-                own.append(path)
-        except checkpoint.CheckpointError:
-            pass                                    # not usable, not provably ours: left alone
-    return own[::-1]

@@ -13,9 +13,10 @@ and a comparison, and do real work only every K steps or every few seconds.
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
+
+from lenet_dist.run.metrics import MetricsFile
 
 log = logging.getLogger("lenet.trainer")
 
@@ -119,16 +120,14 @@ class Sinks(Sink):
 
 
 class MetricsSink(Sink):
-    """--metrics: one JSON object per line, appended and flushed as it happens."""
+    """--metrics: one JSON object per line, appended and flushed as it happens (run/metrics.py)."""
 
     def __init__(self, path):
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self.f = open(path, "a")
+        self.file = MetricsFile(path)
 
     def write(self, record):
-        self.f.write(json.dumps(record) + "\n")
-        self.f.flush()
+        self.file.write(record)
 
     def on_epoch(self, record):
         self.write(record)
@@ -137,7 +136,7 @@ class MetricsSink(Sink):
         self.write(summary)
 
     def close(self):
-        self.f.close()
+        self.file.close()
 
 
 class LinkProgressSink(Sink):
