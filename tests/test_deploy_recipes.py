@@ -727,6 +727,16 @@ def test_lock_pins_every_requirement_of_the_image():
         assert hashes
 
 
+def test_the_installed_package_has_every_subpackage():
+    """The image installs the project non-editable (pip install --no-deps .): a package folder missing from
+    pyproject.toml's list is left out of it, and every command fails to import."""
+    tomllib = pytest.importorskip("tomllib", reason="Python >= 3.11")
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for top in ("lenet_dist", "workers")
+             for p in (ROOT / top).rglob("__init__.py")}
+    assert found <= listed, f"not installed: {sorted(found - listed)}"
+
+
 def test_dockerfile_copies_what_exists():
     copies = [args.split() for op, args in dockerfile_instructions() if op == "COPY"]
     assert copies
