@@ -89,10 +89,37 @@ def what_was_saved(args, saved, link, rank0):
     return "nothing saved (no --checkpoint-dir, no --publish)"
 
 
-def train_command(args, size, extra=()):
-    """The lenet-train command line of this run (mpirun -n N in front under MPI) with `extra` flags."""
-    argv = [a for a in args.argv if a not in extra]
-    return shlex.join((["mpirun", "-n", str(size)] if size > 1 else []) + ["lenet-train", *argv, *extra])
+def train_command(argv, size, extra=(), env=None):
+    """The lenet-train command line of a run started with `argv` on `size` ranks, with `extra` flags (a
+    --resume given before is replaced). In front: srun under a Slurm job step (with its --mpi plugin), else
+    mpirun -n N under MPI."""
+    env = os.environ if env is None else env
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            if a == "auto":
+                continue
+        if a == "--resume":
+            skip = True
+            continue
+        if a.startswith("--resume=") or a == "--start-over" or a in extra:
+            continue
+        out.append(a)
+    if "SLURM_STEP_ID" in env and "SLURM_PROCID" in env:
+        mpi = [f"--mpi={env['SLURM_MPI_TYPE']}"] if env.get("SLURM_MPI_TYPE") else []
+        front = ["srun", *mpi, "-n", str(size)]
+    else:
+        front = ["mpirun", "-n", str(size)] if size > 1 else []
+    return shlex.join(front + ["lenet-train", *out, *extra])
+
+
+def data_flags(args):
+    """The flags that name this run's data, for another program (lenet-evaluator) to read the same."""
+    if args.subset:
+        return ["--subset"]
+    flags = [f"--dataset={args.dataset}"] if args.dataset != "mnist" else []
+    return flags + ([f"--data-dir={args.data_dir}"] if args.data_dir else [])
 
 
 def _pointer_run(path):
@@ -131,18 +158,17 @@ def summary(args, *, reason, step, total_steps, epoch, epochs, ranks, wall_secon
                 s[entry] = str(Path(d) / f"{entry}.npz")
     if link:
         s["published"] = link.endpoint
-    if args.metrics:
+    if args.metrics and not args.test_mode:        # test mode's own file is removed when it passes
         s["metrics"] = str(args.metrics)
     if args.test_mode:                              # a rehearsal: nothing to go on with
         return s
     if reason == "signal" and d:
-        s["resume_command"] = train_command(args, ranks, ["--resume"])
+        s["resume_command"] = train_command(args.argv, ranks, ["--resume"])
     elif reason == "signal":
         s["note"] = ("nothing was saved on disk (no --checkpoint-dir), so this run cannot be resumed; "
                      "to be able to, start it with --checkpoint-dir DIR")
     if d and (s.get("best") or s.get("last")):
-        data = [f"--data-dir={args.data_dir}"] if args.data_dir else (["--subset"] if args.subset else [])
-        s["evaluate_command"] = shlex.join(["lenet-evaluator", "--watch", str(d), "--once", *data])
+        s["evaluate_command"] = shlex.join(["lenet-evaluator", "--watch", str(d), "--once", *data_flags(args)])
     if s.get("best"):
         s["export_command"] = shlex.join(["lenet-export", s["best"], "-o", "lenet.onnx"])
     return s

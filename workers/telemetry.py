@@ -1,11 +1,12 @@
 """--log-every K: rank 0's step telemetry, one row every K steps, for the --metrics JSONL, the evaluator
 link (a remote evaluator's dashboard sees training live) and TensorBoard.
 
-    {"event": "step", "step": 120, "epoch": 0, "time": 1795900000.1, "steps": 10, "seconds": 0.41,
+    {"event": "step", "step": 120, "epoch": 1, "time": 1795900000.1, "steps": 10, "seconds": 0.41,
      "loss": 0.312, "acc": 0.91, "lr": 0.05, "images_per_s": 1561.0,
      "rank_images_per_s": [781.0, 780.0], "rank_compute_s": [0.30, 0.31], "rank_wait_s": [0.11, 0.10]}
 
-loss and acc are over the K steps' examples (all ranks); seconds is the K steps' wall time on rank 0
+epoch is the epoch the step belongs to, counted from 1 as on the console and in the epoch rows (an epoch row's
+epoch is the one it ends); loss and acc are over the K steps' examples (all ranks); seconds is the K steps' wall time on rank 0
 (not counting the test evaluation and checkpoint at an epoch's end); a rank's wait is that time less its
 compute time (allreduce, the update, waiting for the others).
 The first row also carries the run's "config". on_step does a few additions per step; the row is built
@@ -91,7 +92,7 @@ class TelemetrySink:
 
     def _emit(self, s):
         seconds = max(self.seconds, 1e-9)
-        row = {"event": "step", "step": s.step, "epoch": s.epoch, "time": round(time.time(), 3),
+        row = {"event": "step", "step": s.step, "epoch": s.epoch + 1, "time": round(time.time(), 3),
                "steps": self.steps, "seconds": round(seconds, 4), "loss": self.loss / max(self.n, 1),
                "acc": self.correct / max(self.n, 1), "lr": float(s.lr), "images_per_s": round(self.n / seconds, 1)}
         if self.examples is not None and len(self.examples) > 1:

@@ -36,7 +36,8 @@ def run_test_mode(args):
     args.subset, args.publish, args.metrics = True, endpoint, args.metrics or tmp / "metrics.jsonl"
     args.checkpoint_every = args.checkpoint_every or 10
     args.config = args.config.replace(epochs=3, batch_size=64)
-    print(f"test mode: trainer publishing on {endpoint}; evaluator reporting to {report}", flush=True)
+    print(f"test mode: trainer publishing on {endpoint}; a lenet-evaluator process reports back (its files are "
+          f"kept, and named, only on a failure)", flush=True)
     ok = False
     try:
         ok = _run_both(args, comm, endpoint, report)

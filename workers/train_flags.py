@@ -8,14 +8,41 @@ from dataclasses import fields
 from pathlib import Path
 
 from lenet_dist import wire
+from lenet_dist.comm import RANK_VARS
 from lenet_dist.config import TrainConfig
 
 from . import telemetry
 from .common import FaultInjector, HelpFormatter, add_data_flags
 
+class Parser(argparse.ArgumentParser):
+    """A usage error is one line and a pointer to --help (not the usage block), said once under mpirun: by
+    the process the launcher made rank 0 (every rank exits 2)."""
+
+    def error(self, message):
+        if launcher_rank() in (None, 0):
+            print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def launcher_rank():
+    """This process's rank as its launcher set it (before MPI starts), or None outside a launcher."""
+    for var in (*RANK_VARS, "SLURM_PROCID"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return None
+
+
+def cpus_available():
+    """CPUs this process may run on (its affinity mask, a container's or Slurm's cpuset included)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def parse_args(argv=None):
     d = TrainConfig()
-    p = argparse.ArgumentParser(prog="lenet-train", description="lenet-train: one trainer rank. Flags, logging, signals and the epoch loop; the math is in lenet_dist.",
+    p = Parser(prog="lenet-train", description="lenet-train: one trainer rank. Flags, logging, signals and the epoch loop; the math is in lenet_dist.",
                                 formatter_class=HelpFormatter)
     g = p.add_argument_group("training (saved in every checkpoint)")
     g.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training set")
@@ -121,6 +148,8 @@ def parse_args(argv=None):
             or not args.stall_timeout >= 0 or not args.progress_every >= 0:
         p.error("--checkpoint-every, --sync-every, --stall-timeout and --progress-every must be >= 0, --keep >= 1, "
                 "--threads >= 0")
+    if args.threads > cpus_available():
+        p.error(f"--threads {args.threads}: more than the {cpus_available()} CPU(s) this process may use")
     if args.deterministic and args.threads > 1:
         p.error("--deterministic needs one BLAS thread per rank (a threaded GEMM sums in another order)")
     if args.deterministic:

@@ -23,7 +23,7 @@ from lenet_dist import checkpoint
 from lenet_dist.parallel.balance import straggler
 from lenet_dist.comm import LauncherMismatch, get_comm, launcher_size
 from lenet_dist.data.identity import data_mismatch
-from lenet_dist.errors import ResumeError
+from lenet_dist.errors import ResumeError, UsageError
 from lenet_dist.run import exitcodes
 from lenet_dist.stall import StallGuard
 from lenet_dist.stopsignal import StopSignal, signal_name
@@ -47,6 +47,7 @@ ALIKE = ("ResumeError", "DataError", "TrainingError", "UsageError")   # raised o
 def run(args, comm):
     rank0 = comm.rank == 0
     data = load_dataset(args, comm, log)
+    _check_val_size(args.config, len(data.train_images))           # every rank alike: a usage error
     cfg, found, args.run_state = run_setup.prepare(args, comm, data, log)
     trainer = DataParallelTrainer(cfg, comm, data)
     log.info("%d ranks, global batch %d (%s per rank), %d steps per epoch, %d training examples (%d held out "
@@ -160,7 +161,7 @@ def run(args, comm):
                 record["rank_shares"] = [round(float(v), 4) for v in trainer.examples_by_rank / max(seen, 1)]
                 record["rank_compute_s"] = [round(float(v), 3) for v in trainer.seconds_by_rank]
                 slow = straggler(trainer.examples_by_rank, trainer.seconds_by_rank)
-                if slow and not cfg.balance:
+                if slow and not cfg.balance and rank0:
                     log.warning("rank %d computed %.1fx slower per example than rank %d this epoch; "
                                 "--balance would give it a smaller share", slow[0], slow[2], slow[1])
             evaluator = link.latest_result() if link else None
@@ -212,6 +213,14 @@ def _sinks(args, link, trainer):
         sinks.sinks.append(LinkProgressSink(link))
     sinks.sinks += telemetry.make_sinks(args, trainer, link, metrics)
     return sinks
+
+
+def _check_val_size(cfg, n_data):
+    """--val-size must leave training examples: a usage error (UsageError), not a failure of the run."""
+    n = min(cfg.train_subset, n_data) if cfg.train_subset else n_data
+    if cfg.val_size >= n:
+        raise UsageError(f"--val-size {cfg.val_size}: must be less than the {n} training examples "
+                         f"({'--train-subset' if cfg.train_subset else 'the data set'}), or -1 for 1/12 of them")
 
 
 def _check_same_data(path, ckpt, trainer):
