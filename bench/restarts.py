@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from lenet_dist import checkpoint  # noqa: E402
+from lenet_dist.comm import RANK_VARS  # noqa: E402
 from workers.launch import local_ranks  # noqa: E402
 
 
@@ -94,7 +95,7 @@ def kills(a):
             time.sleep(0.005)
         time.sleep(rng.uniform(0, 1) * a.step_seconds * a.checkpoint_every)   # ... and some way to the next
         pid = next(p for p in local_ranks(run.proc.pid)
-                   if re.search(rb"(^|\0)(PMI_RANK|OMPI_COMM_WORLD_RANK)=1\0", Path(f"/proc/{p}/environ").read_bytes()))
+                   if re.search(rb"(^|\0)(%s)=1\0" % "|".join(RANK_VARS).encode(), Path(f"/proc/{p}/environ").read_bytes()))
         killed_at, saved = time.monotonic(), newest(ckpt)
         os.kill(pid, signal.SIGKILL)
         exited, m = run.when(r"mpirun exited with code .* in ([0-9.]+) s:", after=killed_at)
