@@ -2,6 +2,7 @@
 API, the live stream, /metrics, the bearer token, and bad input that gets a 4xx JSON error and changes
 nothing."""
 import io
+import logging
 import json
 import threading
 
@@ -274,3 +275,69 @@ def test_every_static_file_ships_as_package_data():
     for f in files:
         assert any(fnmatch.fnmatch(f, g) and f.count("/") == g.count("/") for g in globs), f
     assert (static / "vendor" / "LICENSE.uPlot").read_text().startswith("The MIT License")
+
+
+def _png_claiming(width, height):
+    """A PNG signature and an IHDR chunk claiming width x height, then a little data: the header alone."""
+    import struct
+    import zlib
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 100_000))
+            + chunk(b"IEND", b""))
+
+
+HOSTILE = [
+    ("JSON nested 30,000 deep", dict(content=b'{"pixels": ' + b"[" * 30000 + b"]" * 30000 + b"}"), 400),
+    ("a PNG claiming 60000x60000", dict(content=_png_claiming(60000, 60000), headers={"Content-Type": "image/png"}),
+     413),
+    ("a PNG claiming 12000x12000", dict(content=_png_claiming(12000, 12000), headers={"Content-Type": "image/png"}),
+     413),
+]
+
+
+@pytest.mark.parametrize("name, kw, status", HOSTILE, ids=[h[0] for h in HOSTILE])
+def test_hostile_bodies_are_one_line_4xx_without_a_traceback(live, trained, data, name, kw, status, caplog):
+    state, c = live
+    evaluate_into(state, trained, data, step=10)
+    with caplog.at_level(logging.WARNING):
+        r = c.post("/api/predict", **kw)
+    assert r.status_code == status and r.json()["status"] == status, r.text
+    assert not [rec for rec in caplog.records if rec.exc_info], [rec.getMessage() for rec in caplog.records]
+
+
+def test_a_last_event_id_of_five_thousand_digits_is_no_id(live):
+    state, c = live
+    state.add_steps(step_rows(1, 2))
+    with c.stream("GET", "/api/stream", headers={"Last-Event-ID": "9" * 5000}) as r:
+        assert r.status_code == 200
+        threading.Timer(0.2, lambda: state.add_steps(step_rows(3, 1))).start()
+        got = _events(r, 1)
+    assert got[0][1] in ("steps", "reload")
+
+
+def test_a_replay_is_bounded_in_bytes(live, trained, data):
+    state, c = live
+    for step in range(1, 40):               # ~40 checkpoint events of ~20 KB: more than REPLAY_BYTES
+        evaluate_into(state, trained, data, step=step)
+    with c.stream("GET", "/api/stream", headers={"Last-Event-ID": "0"}) as r:
+        got = _events(r, 1)
+    assert got[0][1] == "reload"            # not megabytes of replay: the page reloads its history instead
+    with c.stream("GET", "/api/stream", headers={"Last-Event-ID": str(state.seq - 2)}) as r:
+        assert [k for _, k, _ in _events(r, 2)] == ["evaluation", "checkpoint"]    # a short replay as before
+
+
+def test_any_exception_is_a_json_500_and_one_log_line(live, caplog, monkeypatch):
+    state, c = live
+
+    def broken():
+        raise RuntimeError("a bug\nwith a second line")
+    monkeypatch.setattr(state, "summary", broken)
+    with caplog.at_level(logging.WARNING):
+        r = c.get("/api/state")
+    assert r.status_code == 500 and r.json() == {"error": "internal error", "status": 500}
+    lines = [rec for rec in caplog.records if "RuntimeError" in rec.getMessage()]
+    assert len(lines) == 1 and "\n" not in lines[0].getMessage() and not lines[0].exc_info
+    assert c.get("/api/history").status_code == 200

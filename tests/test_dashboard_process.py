@@ -136,6 +136,64 @@ def test_a_dead_dashboard_does_not_stop_its_evaluator(subset, caplog):
         f"the dashboard process exited (code {-signal.SIGKILL}); evaluation goes on without it") == 1
 
 
+def test_a_dashboard_that_dies_is_restarted_with_what_it_had(subset, caplog):
+    dash = process.DashboardProcess(subset.test_images, subset.test_labels)
+    try:
+        c = httpx.Client(base_url=dash.url, timeout=10)
+        dash.add_steps([{"event": "step", "step": s, "epoch": 0, "loss": 1.0 / s} for s in range(1, 6)])
+        m = LeNet5()
+        detail = analysis.analyse(m, subset.test_images, subset.test_labels)
+        for step, val in ((10, 0.5), (20, 0.4)):           # the best (10) is not the newest (20)
+            dash.add_evaluation({"step": step, "accuracy": 0.1, "loss": 2.3, "val_accuracy": val, "val_loss": 2.0},
+                                m.named_params(), detail)
+        until("both evaluations", lambda: len(c.get("/api/history").json()["evaluations"]) == 2)
+        first = dash.proc.pid
+        with caplog.at_level(logging.INFO, logger="lenet.evaluator"):
+            os.kill(first, signal.SIGKILL)
+            until("a new dashboard process", lambda: dash.proc.pid != first and _serves(c), timeout=30)
+        h = c.get("/api/history").json()
+        assert [r["step"] for r in h["steps"]] == [1, 2, 3, 4, 5]
+        assert [e["step"] for e in h["evaluations"]] == [10, 20]
+        assert c.get("/api/state").json()["best"]["step"] == 10 and c.get("/api/checkpoint").json()["step"] == 20
+        pixels = (subset.test_images[0] / 255.0).ravel().tolist()
+        assert c.post("/api/predict?model=best", json={"pixels": pixels}).json()["step"] == 10
+        assert c.post("/api/predict", json={"pixels": pixels}).json()["step"] == 20
+        said = [r.message for r in caplog.records]
+        assert f"the dashboard process exited (code {-signal.SIGKILL}); evaluation goes on without it" in said
+        assert any(m.startswith("restarting the dashboard process in 1 s") for m in said), said
+    finally:
+        dash.close()
+
+
+def _serves(c):
+    try:
+        return c.get("/api/state", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def test_a_stopped_dashboard_costs_the_evaluator_nothing(subset):
+    dash = process.DashboardProcess(subset.test_images, subset.test_labels)
+    try:
+        m = LeNet5()
+        detail = analysis.analyse(m, subset.test_images[:50], subset.test_labels[:50])
+        os.kill(dash.proc.pid, signal.SIGSTOP)
+        for step in range(200):                 # past the queue and the pipe: frames dropped, never waited for
+            t0 = time.monotonic()
+            dash.add_steps([{"event": "step", "step": step}])
+            dash.add_evaluation({"step": step, "accuracy": 0.1, "loss": 2.3}, m.named_params(), detail)
+            assert time.monotonic() - t0 < 0.5, f"evaluation {step} waited for the stopped dashboard"
+        assert dash.dropped > 0
+        os.kill(dash.proc.pid, signal.SIGCONT)
+        c = httpx.Client(base_url=dash.url, timeout=10)
+        until("it serves again", lambda: _serves(c))
+        t0 = time.monotonic()
+    finally:
+        os.kill(dash.proc.pid, signal.SIGCONT)
+        dash.close()
+    assert time.monotonic() - t0 < 15
+
+
 def test_killing_the_evaluator_takes_its_dashboard_along(tmp_path):
     """kill -9 of the evaluator: its dashboard child sees the end of its stdin and exits (no orphan
     holding the port)."""

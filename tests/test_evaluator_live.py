@@ -85,12 +85,34 @@ def test_busy_http_port_is_a_one_line_setup_error(tmp_path):
     (["--http-token-file", "tok"], "--http-token-file needs --http"),
     (["--http", "0", "--http-token-file", "missing"], "No such file"),
     (["--http", "0", "--http-token-file", "short"], "16 characters"),
+    (["--http", "0", "--http-token-file", "fifo"], "fifo: not a regular file (a FIFO)"),
+    (["--http", "0.0.0.0:0"], "a non-loopback address needs --http-token-file"),
+    (["--http", "[::]:0"], "a non-loopback address needs --http-token-file"),
 ])
 def test_flag_mistakes_are_usage_errors(tmp_path, argv, message):
     (tmp_path / "short").write_text("abc\n")
+    os.mkfifo(tmp_path / "fifo")                            # opened, it would block the evaluator at start
     p = subprocess.run([sys.executable, "-m", "workers.evaluator", "--watch", str(tmp_path), *argv], cwd=tmp_path,
                        env=env(), capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and message in p.stderr.strip().splitlines()[-1]
+
+
+def test_an_open_dashboard_off_loopback_needs_a_flag_and_says_so(tmp_path):
+    port = free_port()
+    ev = evaluator("--watch", tmp_path, "--http", f"0.0.0.0:{port}", "--http-no-token")
+    try:
+        until("the dashboard", lambda: _answers(f"http://127.0.0.1:{port}/api/state"))
+    finally:
+        ev.send_signal(signal.SIGTERM)
+        rc, _, err = finish(ev)
+    assert rc == 0 and "warning: --http 0.0.0.0" in err and "without a token" in err, err
+
+
+def _answers(url):
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
 
 
 def test_token_file_with_a_good_token(tmp_path):

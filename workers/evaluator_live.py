@@ -8,9 +8,13 @@ returned Live's on_evaluation / close.
 from __future__ import annotations
 
 import importlib.util
+import ipaddress
 import logging
+import sys
 import threading
 from pathlib import Path
+
+from lenet_dist.files import read_regular
 
 log = logging.getLogger("lenet.evaluator")
 
@@ -23,6 +27,9 @@ def add_arguments(p):
                    help="serve the live dashboard here (host 127.0.0.1 unless given; 0 picks a free port)")
     g.add_argument("--http-token-file", type=Path, metavar="FILE",
                    help="every HTTP request must carry this file's token (Authorization: Bearer TOKEN)")
+    g.add_argument("--http-no-token", action="store_true",
+                   help="allow --http on a non-loopback address without --http-token-file (anyone who can "
+                        "reach the port sees the run and can query the model)")
     g.add_argument("--tensorboard", type=Path, metavar="DIR",
                    help="write TensorBoard event files (scalars, the confusion matrix) under DIR/evaluator")
 
@@ -42,15 +49,30 @@ def check_args(p, args):
         if not port.isdigit() or not 0 <= int(port) <= 65535:
             p.error(f"--http {args.http!r}: expected [HOST:]PORT with a port in [0, 65535]")
         args.http_address = (host, int(port))
+        if not args.http_token_file and not _loopback(host):
+            if not args.http_no_token:
+                p.error(f"--http {args.http}: a non-loopback address needs --http-token-file (or --http-no-token "
+                        f"to serve it to anyone who can reach it)")
+            print(f"lenet-evaluator: warning: --http {args.http} without a token: anyone who can reach this port "
+                  f"sees the run and can query the model", file=sys.stderr)
     if args.http_token_file:
         try:
-            token = args.http_token_file.read_text().strip()
+            token = read_regular(args.http_token_file, 4096).decode("utf-8", "replace").strip()
         except OSError as e:
-            p.error(f"--http-token-file {args.http_token_file}: {e.strerror or e}")
+            p.error(f"--http-token-file {e.strerror or e}")
         if len(token) < 16 or any(c.isspace() for c in token):
             p.error(f"--http-token-file {args.http_token_file}: the token must be one word of 16 characters "
                     f"or more")
         args.http_token = token
+
+
+def _loopback(host):
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False                        # a name: it may resolve to anything
 
 
 def start(args, images, labels, stop):

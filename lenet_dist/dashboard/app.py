@@ -16,7 +16,9 @@ Why Starlette + uvicorn: an ASGI app holds each live stream as a coroutine, not 
 streams cost fifty small objects on one event loop; Starlette brings routing, static files with path
 checks and streaming responses, uvicorn is the reference ASGI server. Errors are JSON with a 4xx status;
 bodies are read with a bound; with a token every request needs "Authorization: Bearer TOKEN" (or the
-cookie that GET /?token=TOKEN sets, for a browser, whose EventSource cannot send headers).
+cookie that GET /?token=TOKEN sets, for a browser, whose EventSource cannot send headers). The limits of a
+server on a network (header size and read time, connections, a client that stops reading, any exception)
+are guard.py's; the live streams' own (how many, how much is replayed) are here.
 """
 from __future__ import annotations
 
@@ -26,9 +28,11 @@ import functools
 import hmac
 import io
 import json
+import logging
 import socket
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +44,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from .. import analysis
+from . import guard
 from .metrics import metrics_text
 
 STATIC = Path(__file__).parent / "static"
@@ -47,6 +52,9 @@ MAX_BODY = 64 << 10
 MAX_PNG_SIDE = 1024
 KEEPALIVE_S = 15.0
 COOKIE = "lenet_token"
+MAX_STREAMS = 200           # live streams at once (a page holds one); more get a 503
+REPLAY_BYTES = 256 << 10    # at most this much is replayed to a client; further behind, it reloads instead
+MAX_EVENT_ID = 18           # digits in a Last-Event-ID: ours are counters, never longer
 
 
 class BadInput(Exception):
@@ -78,6 +86,8 @@ def drawing_from_body(body, content_type):
         obj = json.loads(body)
     except (UnicodeDecodeError, ValueError):
         raise BadInput("body is neither JSON nor a PNG (Content-Type image/png)") from None
+    except RecursionError:
+        raise BadInput("JSON nested too deep") from None
     pixels = obj.get("pixels") if isinstance(obj, dict) else None
     if not isinstance(pixels, list) or len(pixels) != 784:
         raise BadInput(f'expected {{"pixels": [784 numbers in [0, 1]]}}, got '
@@ -95,10 +105,14 @@ def _png(body):
     if not body.startswith(b"\x89PNG\r\n\x1a\n"):
         raise BadInput("body is not a PNG")
     try:
-        with Image.open(io.BytesIO(body), formats=["PNG"]) as im:
-            if max(im.size) > MAX_PNG_SIDE:
-                raise BadInput(f"PNG of {im.size[0]}x{im.size[1]}, more than {MAX_PNG_SIDE} on a side")
-            gray = np.asarray(im.convert("L"), np.float64) / 255.0
+        with warnings.catch_warnings():     # a size claimed past Pillow's bomb limit: refused, not a warning
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(body), formats=["PNG"]) as im:
+                if max(im.size) > MAX_PNG_SIDE:
+                    raise BadInput(f"PNG of {im.size[0]}x{im.size[1]}, more than {MAX_PNG_SIDE} on a side")
+                gray = np.asarray(im.convert("L"), np.float64) / 255.0
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadInput(f"PNG too large: {str(e)[:120]}", 413) from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise BadInput(f"unreadable PNG: {e}") from None
     return gray
@@ -181,28 +195,43 @@ def build_app(state, token=None, closing=None):
         # Server-Timing: the handler's own time, so that a client can tell it from the network and queueing
         return JSONResponse(seen, headers={"Server-Timing": f"handler;dur={1e3 * (time.perf_counter() - t0):.2f}"})
 
+    streams = [0]                           # live streams open now
+
     async def api_stream(request):
+        if streams[0] >= MAX_STREAMS:
+            return _error(503, f"{MAX_STREAMS} live streams open already; try again later")
         last = request.headers.get("last-event-id", "")
-        start = int(last) if last.isdigit() else state.seq     # a new client reads the past from /api/history
+        # a new client (or a nonsense id) reads the past from /api/history, not from the stream
+        start = int(last) if last.isdigit() and len(last) <= MAX_EVENT_ID else state.seq
+        other_server = start > state.seq        # an id from a server before a restart: its numbers mean nothing
 
         async def events():
             loop = asyncio.get_running_loop()
             seq, waiter = start, None
+            streams[0] += 1
             try:
                 yield b"retry: 1000\n\n"
+                if other_server:
+                    seq = state.seq
+                    yield b"event: reload\ndata: {}\n\n"
                 while not closing.is_set():
                     waiter = loop.create_future()               # registered before looking: no news is missed
                     wakers.add(waiter)
                     news = state.events_since(seq)
                     if news:
                         seq = news[-1][0]
-                        yield b"".join(_sse(*e) for e in news)     # one write for all that is new
+                        if sum(len(e[2]) for e in news) > REPLAY_BYTES:
+                            yield b"event: reload\ndata: {}\n\n"   # too far behind: the page reloads its history
+                        else:
+                            for part in _parts(news):           # a slow reader holds back one part at most
+                                yield part
                     # a bare future: asyncio.wait makes no task for it (wait_for makes one per call)
                     await asyncio.wait((waiter,), timeout=KEEPALIVE_S)
                     if not waiter.done():
                         yield b": keep-alive\n\n"
                     wakers.discard(waiter)
             finally:
+                streams[0] -= 1
                 if waiter is not None:
                     wakers.discard(waiter)
         return StreamingResponse(events(), media_type="text/event-stream",
@@ -210,6 +239,9 @@ def build_app(state, token=None, closing=None):
 
     async def metrics(request):
         return Response(metrics_text(state), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def internal_error(request, exc):     # the answer; guard.CatchAll writes the one log line
+        return _error(500, "internal error")
 
     async def http_error(request, exc):
         return _error(exc.status_code, exc.detail if isinstance(exc.detail, str) else "error")
@@ -219,8 +251,8 @@ def build_app(state, token=None, closing=None):
         Route("/api/checkpoint", api_checkpoint), Route("/api/digit/{index}", api_digit),
         Route("/api/predict", api_predict, methods=["POST"]), Route("/api/stream", api_stream),
         Route("/metrics", metrics), Mount("/static", StaticFiles(directory=STATIC), name="static"),
-    ], exception_handlers={HTTPException: http_error}, lifespan=lifespan)
-    return TokenGate(app, token) if token else app
+    ], exception_handlers={HTTPException: http_error, Exception: internal_error}, lifespan=lifespan)
+    return guard.CatchAll(TokenGate(app, token) if token else app)
 
 
 @functools.lru_cache(maxsize=64)
@@ -229,6 +261,20 @@ def _sse(seq, kind, text):
     events; a client replaying older ones after a reconnect has them encoded again). The text is the
     state's own string object, whose hash Python keeps: a lookup does not hash the text again."""
     return f"id: {seq}\nevent: {kind}\ndata: {text}\n\n".encode()
+
+
+def _parts(events, size=16 << 10):
+    """The encoded events, joined into writes of about `size` bytes."""
+    part, n = [], 0
+    for e in events:
+        b = _sse(*e)
+        part.append(b)
+        n += len(b)
+        if n >= size:
+            yield b"".join(part)
+            part, n = [], 0
+    if part:
+        yield b"".join(part)
 
 
 def _error(status, message):
@@ -278,26 +324,39 @@ def socket_url(sock):
 
 class DashboardServer:
     """uvicorn serving build_app(state) on a thread, on `sock` (a listening socket) or on a socket bound
-    here to (host, port); .url is where it listens."""
+    here to (host, port), within guard.Limits; .url is where it listens."""
 
-    def __init__(self, state, host="127.0.0.1", port=0, token=None, sock=None):
+    def __init__(self, state, host="127.0.0.1", port=0, token=None, sock=None, limits=None):
         import uvicorn
         if sock is None:
             sock, _ = listening_socket(host, port)
         self._sock, self.url = sock, socket_url(sock)
         self._closing, self._state = threading.Event(), state
+        self.limits = limits or guard.Limits.for_process()
         config = uvicorn.Config(build_app(state, token, self._closing), log_level="warning", access_log=False,
-                                timeout_graceful_shutdown=2, lifespan="on")
+                                timeout_graceful_shutdown=2, lifespan="on", http=guard.protocol_class(self.limits),
+                                timeout_keep_alive=self.limits.keepalive_s, backlog=self.limits.backlog)
+        logging.getLogger("uvicorn.error").addFilter(guard.OncePerSecond())
         self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True,
+        self._thread = threading.Thread(target=asyncio.run, args=(self._serve(),), daemon=True,
                                         name="lenet-dashboard")
         self._thread.start()
+
+    async def _serve(self):
+        guard.quiet_loop_errors(asyncio.get_running_loop())
+        await self._server.serve(sockets=[self._sock])
+
+    def _listen_queue(self):
+        # asyncio listens with its accept batch as the queue; the kernel's queue can be longer
+        self._sock.listen(self.limits.listen_queue)
 
     def wait_started(self, timeout=10.0):
         """True once uvicorn serves (False if it has not after `timeout` seconds, or it died)."""
         end = time.monotonic() + timeout
         while not self._server.started and self._thread.is_alive() and time.monotonic() < end:
             time.sleep(0.02)
+        if self._server.started:
+            self._listen_queue()
         return self._server.started
 
     def close(self):

@@ -14,10 +14,13 @@ its own interpreter, and a fault in it cannot stop evaluation.
 A frame is u32 length | u32 header length | JSON header | raw array bytes; the header names each array's
 dtype (a short allow-list) and shape. No pickle: the child reads numbers and JSON only. The parent never
 waits on the child: frames go through a bounded queue and a sender thread; when the queue is full (a
-stalled child) telemetry frames are dropped, and a child that died is reported once and left alone.
+stalled child) frames are dropped. A child that died is restarted with back-off on the same socket and
+given back what it had (the parent keeps the step rows, the evaluations' figures, the newest and best model).
+The child runs in a process group of its own, so a Ctrl-C at the terminal reaches only the evaluator.
 """
 from __future__ import annotations
 
+import collections
 import ctypes
 import gc
 import json
@@ -25,7 +28,6 @@ import logging
 import os
 import platform
 import queue
-import signal
 import socket
 import struct
 import subprocess
@@ -35,6 +37,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from .. import selection
 
 log = logging.getLogger("lenet.evaluator")
 
@@ -95,50 +99,51 @@ BLAS_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"
 
 
 # ------------------------------------------------------------------------------------------- the parent
+RESTART_FIRST_S, RESTART_LONGEST_S = 1.0, 60.0     # back-off between restarts of a child that died
+HEALTHY_S = 60.0                                    # a child that ran this long restarts at the first delay
+KEEP_RESULTS = 5000                                 # evaluations replayed to a restarted child
+KEEP_ROWS = 5000                                    # step rows replayed to a restarted child
+
+
 class DashboardProcess:
-    """The evaluator's handle on the dashboard child: the same add_steps / add_evaluation as a LiveState."""
+    """The evaluator's handle on the dashboard child: the same add_steps / add_evaluation as a LiveState.
+    It supervises the child: one that dies is restarted with back-off on the same listening socket and
+    given what it had (the step rows, the evaluations, the newest and the best model). The evaluator never
+    waits on it: every frame goes through a bounded queue and is dropped when a stalled child lets it fill."""
 
     def __init__(self, test_images, test_labels, host="127.0.0.1", port=0, token=None):
         from .app import listening_socket
-        sock, self.url = listening_socket(host, port)          # a busy port fails here, in the evaluator
-        root = str(Path(__file__).resolve().parents[2])
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-            [root] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])),
-                   **{k: "1" for k in BLAS_THREAD_VARS})     # one image at a time: no BLAS threads to wake
+        self._sock, self.url = listening_socket(host, port)    # a busy port fails here, in the evaluator
+        self._hello = encode({"kind": "hello", "token": token},
+                             {"images": test_images, "labels": np.asarray(test_labels, np.int64)})
+        self._rows = collections.deque(maxlen=KEEP_ROWS)
+        self._results = collections.deque(maxlen=KEEP_RESULTS)
+        self._newest = self._best = None                    # (result, frame) of the newest and the best
+        self._lock = threading.Lock()                       # the replay above vs the supervisor's restart
+        self._closing = threading.Event()
+        self.dropped = self.restarts = 0
         try:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "lenet_dist.dashboard.process", str(sock.fileno())],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=[sock.fileno()], env=env)
-        finally:
-            sock.close()                                        # the child holds its own copy
-        self._queue = queue.Queue(QUEUE)
-        self._dead = threading.Event()
-        self.dropped = 0
-        self._put(encode({"kind": "hello", "token": token},
-                         {"images": test_images, "labels": np.asarray(test_labels, np.int64)}), wait=True)
-        self._sender = threading.Thread(target=self._send, daemon=True, name="lenet-dashboard-feed")
-        self._sender.start()
-        self._wait_ready()
+            self._spawn([self._hello])
+            if not self._wait_ready(START_TIMEOUT_S):
+                self._kill()
+                raise OSError(f"the dashboard process did not start (exit code {self.proc.returncode}; "
+                              f"its error is above)")
+        except BaseException:
+            self._sock.close()
+            raise
+        self._supervisor = threading.Thread(target=self._supervise, daemon=True, name="lenet-dashboard-supervisor")
+        self._supervisor.start()
 
-    def _wait_ready(self):
-        """True once the child says it serves (reads its one "ready" line on a thread: never blocks long)."""
-        got = []
-        reader = threading.Thread(target=lambda: got.append(self.proc.stdout.readline()), daemon=True)
-        reader.start()
-        reader.join(START_TIMEOUT_S)
-        if got and got[0].strip() == b"ready":
-            return True
-        self._dead.set()
-        self._queue.put(None)
-        self.proc.kill()
-        self.proc.wait(5)
-        raise OSError(f"the dashboard process did not start (exit code {self.proc.returncode}; its error is above)")
-
+    # --------------------------------------------------------------------------------- what the child gets
     def add_steps(self, rows):
         try:
-            self._put(encode({"kind": "steps", "rows": rows}))
+            frame = encode({"kind": "steps", "rows": rows})
         except ValueError as e:                     # not JSON (a non-finite number): not shown, not fatal
             log.warning("telemetry not sent to the dashboard: %s", e)
+            return
+        with self._lock:
+            self._rows.extend(rows)
+            self._put(frame)
 
     def add_evaluation(self, result, params, detail, config=None):
         arrays = {f"param:{k}": np.asarray(v) for k, v in params.items()}
@@ -148,51 +153,139 @@ class DashboardProcess:
         except ValueError as e:
             log.warning("evaluation not sent to the dashboard: %s", e)
             return
-        self._put(frame, wait=True)
+        with self._lock:
+            self._results.append(result)
+            self._newest = (result, frame)
+            if selection.is_better(result, self._best and self._best[0]):
+                self._best = (result, frame)
+            self._put(frame)
 
-    def _put(self, frame, wait=False):
-        """Queue a frame for the child; telemetry is dropped rather than waited for when the child stalls,
-        an evaluation waits up to a few seconds."""
+    def _replay(self):
+        """The frames that give a new child what the dead one had."""
+        out = [self._hello]
+        rows = list(self._rows)
+        for i in range(0, len(rows), 1000):
+            out.append(encode({"kind": "steps", "rows": rows[i:i + 1000]}))
+        if self._results:
+            out.append(encode({"kind": "results", "results": list(self._results)}))
+        for kept in (self._best, self._newest):         # the newest last: it is what the page shows
+            if kept is not None:
+                out.append(_replayed(kept[1]))
+        return out
+
+    # ------------------------------------------------------------------------------------------ the child
+    def _spawn(self, frames):
+        root = str(Path(__file__).resolve().parents[2])
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            [root] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])),
+                   **{k: "1" for k in BLAS_THREAD_VARS})     # one image at a time: no BLAS threads to wake
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "lenet_dist.dashboard.process", str(self._sock.fileno())],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=[self._sock.fileno()], env=env,
+            process_group=0)        # its own group: a Ctrl-C at the terminal reaches the evaluator, which closes it
+        self.started_at = time.monotonic()
+        self._queue = queue.Queue(QUEUE + len(frames))
+        for f in frames:
+            self._queue.put_nowait(f)
+        self._dead = threading.Event()
+        self._sender = threading.Thread(target=self._send, args=(self.proc, self._queue, self._dead), daemon=True,
+                                        name="lenet-dashboard-feed")
+        self._sender.start()
+
+    def _wait_ready(self, timeout):
+        """True once the child says it serves (reads its one "ready" line on a thread: never blocks long)."""
+        got, proc = [], self.proc
+        reader = threading.Thread(target=lambda: got.append(proc.stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(timeout)
+        return bool(got) and got[0].strip() == b"ready"
+
+    def _kill(self):
+        self._dead.set()
+        self.proc.kill()
+        self.proc.wait(5)
+        self.proc.stdout.close()
+
+    def _put(self, frame):
+        """Queue a frame for the child, or drop it (counted) when the child does not keep up."""
         if self._dead.is_set():
             return
         try:
-            self._queue.put(frame, timeout=5.0) if wait else self._queue.put_nowait(frame)
+            self._queue.put_nowait(frame)
         except queue.Full:
             self.dropped += 1
 
-    def _send(self):
+    @staticmethod
+    def _send(proc, frames, dead):
         while True:
-            frame = self._queue.get()
+            frame = frames.get()
             if frame is None:
                 break
             try:
-                self.proc.stdin.write(frame)
-                self.proc.stdin.flush()
+                proc.stdin.write(frame)
+                proc.stdin.flush()
             except (BrokenPipeError, OSError, ValueError):
-                self._dead.set()
-                log.warning("the dashboard process exited (code %s); evaluation goes on without it",
-                            self.proc.poll())
+                dead.set()
                 break
 
-    def close(self):
-        if not self._dead.is_set():
+    def _supervise(self):
+        delay = RESTART_FIRST_S
+        while not self._closing.wait(0.2):
+            if self.proc.poll() is None and not self._dead.is_set():
+                continue
+            self._dead.set()
             try:
-                self._queue.put(None, timeout=5.0)
-            except queue.Full:
-                pass
-            self._sender.join(10)
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:       # its pipe broke but it lives on: end it
+                self.proc.kill()
+                self.proc.wait(5)
+            if self._closing.is_set():
+                break
+            if time.monotonic() - self.started_at > HEALTHY_S:
+                delay = RESTART_FIRST_S
+            log.warning("the dashboard process exited (code %s); evaluation goes on without it", self.proc.returncode)
+            log.warning("restarting the dashboard process in %.0f s", delay)
+            if self._closing.wait(delay):
+                break
+            delay = min(2 * delay, RESTART_LONGEST_S)
+            self.proc.stdout.close()
+            with self._lock:
+                self._spawn(self._replay())
+            if self._wait_ready(START_TIMEOUT_S):
+                self.restarts += 1
+                log.info("the dashboard process serves again on %s (restart %d)", self.url, self.restarts)
+            else:
+                self._kill()
+
+    def close(self):
+        self._closing.set()
+        self._supervisor.join(10)
         try:
-            self.proc.stdin.close()                             # EOF: the child ends its streams and exits
-        except OSError:
+            self._queue.put_nowait(None)
+        except queue.Full:
+            pass
+        self._sender.join(2)                        # a stalled child does not hold the evaluator's exit
+        try:
+            self.proc.stdin.close()                 # EOF: the child ends its streams and exits
+        except (OSError, ValueError):
             pass
         try:
-            self.proc.wait(10)
+            self.proc.wait(5)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(5)
         self.proc.stdout.close()
+        self._sock.close()
         if self.dropped:
-            log.info("the dashboard missed %d telemetry update(s) while it was busy", self.dropped)
+            log.info("the dashboard missed %d update(s) while it was busy", self.dropped)
+
+
+def _replayed(frame):
+    """An evaluation frame marked as a replay: its result is in the restored history already."""
+    _, n_head = struct.unpack("<II", frame[:8])
+    head = json.dumps(dict(json.loads(frame[8:8 + n_head]), replayed=True), allow_nan=False).encode()
+    body = frame[8 + n_head:]
+    return struct.pack("<II", 4 + len(head) + len(body), len(head)) + head + body
 
 
 def _jsonable(v):
@@ -244,7 +337,6 @@ def main(argv=None):
     from .app import DashboardServer
     from .state import LiveState
     argv = sys.argv[1:] if argv is None else argv
-    signal.signal(signal.SIGINT, signal.SIG_IGN)               # Ctrl-C reaches the evaluator, which closes us
     sys.setswitchinterval(0.001)    # a request waits at most 1 ms (not 5) for the feed thread's interpreter lock
     short_slices()                  # before any thread starts: they inherit it
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s dashboard %(levelname)s %(message)s",
@@ -272,11 +364,14 @@ def main(argv=None):
             head, arrays = frame
             if head.get("kind") == "steps":
                 state.add_steps(head["rows"])
+            elif head.get("kind") == "results":
+                state.restore_evaluations(head["results"])
             elif head.get("kind") == "evaluation":
                 a = head["analysis"]
                 detail = Analysis(a["loss"], a["accuracy"], np.asarray(a["confusion"], np.int64), a["worst"])
                 params = {k[len("param:"):]: v for k, v in arrays.items() if k.startswith("param:")}
-                state.add_evaluation(head["result"], params, detail, head.get("config"))
+                state.add_evaluation(head["result"], params, detail, head.get("config"),
+                                     replayed=bool(head.get("replayed")))
     except (BadFrame, ValueError, KeyError) as e:
         log.error("bad frame from the evaluator: %s", e)
     finally:

@@ -58,13 +58,26 @@ class LiveState:
             self._event("steps", new)
         self._notify()
 
-    def add_evaluation(self, result, params, result_analysis, config=None):
-        """One evaluated checkpoint: the evaluator's result dict, its named parameters, its Analysis."""
+    def restore_evaluations(self, results):
+        """The evaluations a restarted dashboard had shown (result dicts, oldest first), without their models:
+        the history; the best and the newest follow as add_evaluation(..., replayed=True)."""
+        with self._lock:
+            self._evaluations.extend(dict(self._summary(r), per_class=None) for r in results)
+            self._event("reload", {})
+        self._notify()
+
+    @staticmethod
+    def _summary(result):
+        return {k: result.get(k) for k in ("step", "epoch", "accuracy", "loss", "val_accuracy", "val_loss",
+                                           "n_val", "eval_seconds", "lag_steps", "trainer_step", "n_test",
+                                           "final", "time")}
+
+    def add_evaluation(self, result, params, result_analysis, config=None, replayed=False):
+        """One evaluated checkpoint: the evaluator's result dict, its named parameters, its Analysis.
+        replayed: it is in the history already (restore_evaluations); only its model and analysis are new."""
         newest = self._load(params)
         p = newest.named_params()
-        summary = {k: result.get(k) for k in ("step", "epoch", "accuracy", "loss", "val_accuracy", "val_loss",
-                                              "n_val", "eval_seconds", "lag_steps", "trainer_step", "n_test",
-                                              "final", "time")}
+        summary = self._summary(result)
         worst = [dict(w, pixels=_pixels(self.test_images[w["index"]])) for w in result_analysis.worst]
         ckpt = {**summary, **result_analysis.to_dict(), "worst": worst,
                 "conv1_filters": np.asarray(p["conv1.weight"])[:, 0].round(5).tolist()}
@@ -76,9 +89,15 @@ class LiveState:
         with self._lock:
             if config is not None:
                 self._config = config
-            self._evaluations.append(dict(summary, per_class=ckpt["per_class"]))
+            entry = dict(summary, per_class=ckpt["per_class"])
+            if replayed:
+                for i, e in enumerate(self._evaluations):
+                    if e["step"] == summary["step"]:
+                        self._evaluations[i] = entry
+            else:
+                self._evaluations.append(entry)
             self._checkpoint = ckpt
-            self._event("evaluation", self._evaluations[-1])
+            self._event("evaluation", entry)
             self._event("checkpoint", ckpt)
         self._notify()
 

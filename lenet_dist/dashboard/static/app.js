@@ -279,6 +279,7 @@ function connect() {
   const source = new EventSource("/api/stream");
   source.addEventListener("open", () => { $("status").textContent = "live"; });
   source.addEventListener("error", () => { $("status").textContent = "reconnecting…"; });
+  source.addEventListener("reload", () => location.reload());   // too far behind to replay: start afresh
   source.addEventListener("steps", (m) => addSteps(JSON.parse(m.data)));
   source.addEventListener("evaluation", (m) => addEvaluation(JSON.parse(m.data)));
   source.addEventListener("checkpoint", (m) => {
