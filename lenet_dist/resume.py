@@ -105,19 +105,20 @@ def position_problem(meta, n_examples=None):
     return None
 
 
-def newest_usable(directory, n_examples=None, warn=print, *, identity=None):
+def newest_usable(directory, n_examples=None, warn=print, *, identity=None, for_resume=True):
     """The newest checkpoint in `directory` that can be resumed from, as (path, Checkpoint), or None. The one
     rule, shared by the trainer, lenet-launch and the watchers. Anything unusable is skipped with a warning
     naming it: not a regular file, too big, corrupt (content hash, NaN or absurd values: checkpoint.MAX_ABS),
     named for another step, hand-edited meta a resume cannot read (meta_problem), a position that does not
     fit n_examples (None: the data size the checkpoint records). `identity` (this data's, keyword-only): a readable checkpoint of
-    other data is not skipped but refused (ResumeError saying what differs): identity before position."""
+    other data is not skipped but refused (ResumeError saying what differs): identity before position.
+    for_resume=False (an evaluator): a checkpoint that loads and is named for its step is usable."""
     for step, path in list_checkpoints(directory):
         try:
             ckpt = load_file(path)
             if ckpt.step != step:
                 raise CheckpointError(f"{path}: named for step {step}, its meta says step {ckpt.step}")
-            problem = meta_problem(ckpt.meta)
+            problem = meta_problem(ckpt.meta) if for_resume else None    # an evaluator needs the weights only
             if problem:
                 raise CheckpointError(f"{path}: {problem}")
             if identity is not None:
@@ -125,7 +126,7 @@ def newest_usable(directory, n_examples=None, warn=print, *, identity=None):
                 if why:
                     raise ResumeError(f"{path} was trained on other data: {why}; resume with that run's data "
                                       f"flags (--dataset, --data-dir, --subset), or use a new --checkpoint-dir")
-            problem = position_problem(ckpt.meta, n_examples)
+            problem = position_problem(ckpt.meta, n_examples) if for_resume else None
             if problem:
                 raise CheckpointError(f"{path}: {problem}")
         except CheckpointError as e:

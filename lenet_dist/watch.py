@@ -1,31 +1,43 @@
 """The --watch alternative to the socket, for users who share a filesystem with the trainer: the same
 fetch_newer() as transport.CheckpointClient, over the checkpoint directory the trainer writes.
 
-checkpoint.save writes each file atomically (temp file, fsync, rename), so a file we see is complete;
-it may still vanish under us when the trainer rotates old ones out, which only means "look again".
+The newest checkpoint is the newest one that loads (resume.newest_usable, the one rule): a file named like a
+checkpoint that is not one (junk, truncated, a FIFO, named for another step) is skipped and said once, and
+never hides an older valid checkpoint. The folder is looked at again only when its listing changes (names,
+inodes, times, sizes), so polling costs a few stats. Files are written atomically (temp file, fsync,
+rename), so one that loads is complete; it may still vanish under us when the trainer rotates old ones
+out, which only means "look again".
 """
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
 from . import wire
 from .checkpoint import MAX_BYTES, CheckpointError, list_checkpoints, read_bounded
+from .resume import newest_usable
+
+log = logging.getLogger("lenet.watch")
 
 
 class DirectoryWatcher:
-    def __init__(self, directory, *, max_bytes=MAX_BYTES, scan_ms=100, interrupted=None):
+    def __init__(self, directory, *, max_bytes=MAX_BYTES, scan_ms=100, interrupted=None, warn=None):
         self.directory = Path(directory)
         self.interrupted = interrupted              # a callable: true ends a wait early
         self.endpoint = str(self.directory)
         self.max_bytes = max_bytes
         self.scan_s = scan_ms / 1000
-        self.trainer_step = None    # newest step on disk, as last seen
+        self.trainer_step = None    # newest usable step on disk, as last seen
         self.status = f"watching {self.directory}"
         self._served = {}           # step -> (inode, mtime, size) of the file handed out for it
+        self._listing = None        # the folder as last looked at
+        self._found = None          # (step, path) of its newest usable checkpoint
+        self._warn = warn or log.warning
+        self._said = set()          # what was said about unusable files: each once
 
     def fetch_newer(self, than_step, timeout_ms, *, seen_final=False):
-        """(header, bytes) of the newest checkpoint file whose step is > than_step (or == than_step but
+        """(header, bytes) of the newest usable checkpoint whose step is > than_step (or == than_step but
         rewritten since we served it), polling up to timeout_ms; None if there is none yet. Header fields
         as in wire.py, minus epoch: the evaluator reads epoch and final from the checkpoint's own meta."""
         deadline = time.monotonic() + timeout_ms / 1000
@@ -39,9 +51,7 @@ class DirectoryWatcher:
             time.sleep(min(self.scan_s, left))
 
     def trainer_step_now(self, timeout_ms=0):
-        found = list_checkpoints(self.directory)
-        if found:
-            self.trainer_step = found[0][0]
+        self._look()
         return self.trainer_step
 
     def send_result(self, result):
@@ -50,32 +60,49 @@ class DirectoryWatcher:
     def close(self):
         pass
 
+    def _say_once(self, message):
+        if message not in self._said:
+            self._said.add(message)
+            self._warn(message)
+
+    def _look(self):
+        """Find the newest usable checkpoint again if the folder changed; the listing."""
+        listing = []
+        for step, path in list_checkpoints(self.directory):
+            try:
+                st = path.stat()
+            except OSError:
+                continue                                # rotated away between listing and stat
+            listing.append((step, path.name, st.st_ino, st.st_mtime_ns, st.st_size))
+        if listing != self._listing:
+            self._listing = listing
+            found = newest_usable(self.directory, warn=self._say_once, for_resume=False) if listing else None
+            self._found = None if found is None else (found[1].step, found[0])
+            self.trainer_step = None if found is None else found[1].step
+        return listing
+
     def _newest(self, than_step):
         if not self.directory.is_dir():
             self.status = f"{self.directory} does not exist (yet)"
             return None
-        found = list_checkpoints(self.directory)
-        if not found:
+        if not self._look():
             self.status = f"watching {self.directory}: no checkpoints yet"
             return None
-        step, path = found[0]
-        self.trainer_step = step
+        if self._found is None:
+            self.status = f"watching {self.directory}: no usable checkpoint yet"
+            return None
         self.status = f"watching {self.directory}"
-        try:
-            st = path.stat()
-        except FileNotFoundError:
-            return None                                 # rotated away between listing and stat
-        ident = (st.st_ino, st.st_mtime_ns, st.st_size)
+        step, path = self._found
+        ident = next(e[2:] for e in self._listing if e[1] == path.name)
         rewritten = step in self._served and self._served[step] != ident
         if step < than_step or (step == than_step and not rewritten):
             return None
-        self._served = {s: v for s, v in self._served.items() if s >= step - 1} | {step: ident}
         try:
             data = read_bounded(path, self.max_bytes)   # a regular file of bounded size; never blocks on a FIFO
-        except CheckpointError as e:
-            if not path.exists():
-                return None                             # rotated away meanwhile
-            raise wire.BadMessage(str(e), step) from None
+        except CheckpointError:
+            self._listing = None                        # replaced or rotated away meanwhile: look again
+            return None
+        self._served = {s: v for s, v in self._served.items() if s >= step - 1} | {step: ident}
         header = {"proto": wire.PROTO, "version": wire.VERSION, "kind": "checkpoint", "server": self.endpoint,
                   "trainer_step": step, "step": step, "size": len(data), "sha256": wire.sha256(data),
                   "final": False, "path": str(path)}

@@ -15,7 +15,8 @@ from lenet_dist import checkpoint  # noqa: E402
 from lenet_dist.comm import LocalComm  # noqa: E402
 from lenet_dist.config import TrainConfig  # noqa: E402
 from lenet_dist.data import load_subset  # noqa: E402
-from lenet_dist.dataid import data_record, rebuild_validation  # noqa: E402
+from lenet_dist.data.identity import data_record  # noqa: E402
+from lenet_dist.data.split import rebuild_validation  # noqa: E402
 from lenet_dist.parallel.step import DataParallelTrainer  # noqa: E402
 from lenet_dist.transport import TrainerLink  # noqa: E402
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from lenet_dist import analysis, checkpoint, selection, wire
 from lenet_dist.checkpoint import CheckpointError
 from lenet_dist.data import DataError
-from lenet_dist.files import atomic_write, read_regular
+from lenet_dist.files import atomic_write, check_writable_path, open_regular, read_regular
 from lenet_dist.stopsignal import StopSignal
 from lenet_dist.transport import TransportError
 
@@ -74,6 +74,12 @@ def parse_args(argv=None):
     evaluator_live.check_args(p, args)
     if args.max_evaluations < 0 or args.timeout < 0 or args.delay < 0 or args.threads < 1:
         p.error("--max-evaluations, --timeout and --delay must be >= 0, --threads >= 1")
+    for flag, path in (("--report", args.report), ("--best-dir", args.best_dir and args.best_dir / "best.json")):
+        if path:
+            try:
+                check_writable_path(path)
+            except ValueError as e:
+                p.error(f"{flag}: {e}")
     if not 10 <= args.poll_ms <= 10_000:
         p.error(f"--poll-ms must be in [10, 10000], got {args.poll_ms}")
     if args.best_dir and ((args.watch and args.best_dir.resolve() == args.watch.resolve())
@@ -102,7 +108,7 @@ def _dataset(args):
 def _source(args, stop):
     if args.watch:
         from lenet_dist.watch import DirectoryWatcher
-        return DirectoryWatcher(args.watch, interrupted=stop.__bool__)
+        return DirectoryWatcher(args.watch, interrupted=stop.__bool__, warn=log.warning)
     from lenet_dist.transport import CheckpointClient
     return CheckpointClient(args.connect, secret_key=args.curve_secret_key, public_key=args.curve_public_key,
                             server_key=args.curve_server_key, interrupted=stop.__bool__)
@@ -152,7 +158,7 @@ def run(args, stop):
         stack.callback(source.close)
         out = []                                    # where each result goes besides stdout
         if args.report:
-            report = stack.enter_context(open(args.report, "a"))
+            report = stack.enter_context(open_regular(args.report, "a"))   # a FIFO is refused, never waited on
             out.append(lambda r: (report.write(json.dumps(r) + "\n"), report.flush()))
         out.append(source.send_result)              # back to the trainer, which logs it
         if args.results_bind:
