@@ -180,6 +180,8 @@ def test_a_job_at_its_time_limit_checkpoints_requeues_itself_and_ends_as_if_unin
                            this)
         assert sorted(stops) == [("0", stops[0][1], "138"), ("1", stops[0][1], "138")], this
         assert f"requeueing job {job}" in this, this
+        # The evaluator's step is stopped gently (srun passes SIGUSR1 on), not killed.
+        assert "evaluator INFO stopped by signal 10" in this and "n3: task 0: Killed" not in this, this
         assert f"requeued job, start number {n + 1}" in following, following
         assert re.search(rf"resumed from .* at step {stops[0][1]}/", following), following
     assert "SIGUSR1" not in runs[-1] and "training finished with status 0" in runs[-1], runs[-1]
