@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from lenet_dist.run import exitcodes as X
-from workers.restart_policy import RestartPolicy, classify
+from lenet_dist.run.restart_policy import RestartPolicy, classify
 
 from .idxdata import write_dir
 from .mpiutil import launch

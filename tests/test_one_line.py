@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from workers.run_end import train_command
+from lenet_dist.run.outcome import train_command
 
 from . import idxdata
 from .mpiutil import REPO, env, launch
@@ -69,4 +69,6 @@ def test_under_a_slurm_job_step_the_command_is_srun_and_resume_is_not_doubled():
 
 def test_test_mode_names_no_file_it_then_deletes():
     p = launch(0, ["--test-mode"], timeout=300)
-    assert "lenet-test-mode-" not in p.stdout + p.stderr, p.stdout
+    text = p.stdout + p.stderr
+    assert "evaluator.jsonl" not in text and "metrics.jsonl" not in text, text
+    assert "(removed when the test passes)" in p.stdout

@@ -13,9 +13,9 @@ import pytest
 from lenet_dist import checkpoint, ckptdir
 from lenet_dist.model import LeNet5
 from workers.evaluator import Reminder, _epoch_text
-from workers.progress import ProgressSink, summary_lines
-from workers.run_end import Tally
-from workers.sinks import RunInfo, StepState
+from lenet_dist.run.outcome import Tally
+from lenet_dist.run.progress import ProgressSink, summary_lines
+from lenet_dist.run.sinks import RunInfo, StepState
 
 from .mpiutil import launch
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from workers import trainer as trainer_mod
-from workers.sinks import MetricsSink, RunInfo, Sink, Sinks, StepState
+from lenet_dist.run.sinks import MetricsSink, RunInfo, Sink, Sinks, StepState
 
 
 class Recorder(Sink):

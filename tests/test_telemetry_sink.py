@@ -5,8 +5,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from workers.sinks import StepState
-from workers.telemetry import TelemetrySink
+from lenet_dist.run.sinks import StepState
+from lenet_dist.run.telemetry import TelemetrySink
 
 
 def steps(n, per_epoch=5):

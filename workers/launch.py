@@ -12,7 +12,7 @@ left out of the restart, down to --min-ranks ranks (same global batch). SIGTERM,
 job cleanly: the ranks agree on the stop, write one checkpoint and exit; the launcher exits 128 + signal. One
 stop is passed on however many signals arrive (Slurm's time limit sends SIGTERM twice); only a second
 Ctrl-C kills the job at once.
-The decisions are in workers/restart_policy.py; this module only runs processes. It never imports MPI.
+The decisions are in lenet_dist/run/restart_policy.py; this module only runs processes. It never imports MPI.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ from lenet_dist.resume import newest_usable
 from lenet_dist.run import exitcodes, metrics
 from lenet_dist.stopsignal import StopSignal, signal_name
 
-from .restart_policy import RestartPolicy, classify, fit_hosts, format_hostfile, parse_hostfile
+from lenet_dist.run.restart_policy import RestartPolicy, classify, fit_hosts, format_hostfile, parse_hostfile
 
 log = logging.getLogger("lenet.launch")
 RANK_ENV = tuple(f"{v}=".encode() for v in RANK_VARS)

@@ -34,7 +34,7 @@ import numpy as np
 
 from lenet_dist.comm import SIZE_VARS, allgather_json
 
-from .common import one_line
+from lenet_dist.run.text import one_line
 
 REASON_CHARS = 900              # a longer reason is cut: the report stays a line per check
 RESULTS_WAIT_S = 4.0            # how long the --results address may take to accept a connection

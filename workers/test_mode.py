@@ -16,9 +16,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from lenet_dist.comm import LocalComm
+import argparse
+from dataclasses import replace
 
-from .common import blas_threads, setup_logging
+from lenet_dist.comm import LocalComm
+from lenet_dist.run.process import blas_threads, setup_logging
 
 
 def _free_port():
@@ -27,20 +29,24 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def run_test_mode(args):
+def run_test_mode(flags, run):
+    """`run(flags, comm)` is lenet-train's loop (workers/trainer.py hands it over: no import cycle)."""
     comm = LocalComm()
+    args = flags.args
     setup_logging(comm, args.log_level)
     endpoint = args.publish or f"tcp://127.0.0.1:{_free_port()}"
     tmp = Path(tempfile.mkdtemp(prefix="lenet-test-mode-"))
     report = tmp / "evaluator.jsonl"
-    args.subset, args.publish, args.metrics = True, endpoint, args.metrics or tmp / "metrics.jsonl"
-    args.checkpoint_every = args.checkpoint_every or 10
-    args.config = args.config.replace(epochs=3, batch_size=64)
-    print(f"test mode: trainer publishing on {endpoint}; a lenet-evaluator process reports back (its files are "
-          f"kept, and named, only on a failure)", flush=True)
+    metrics = args.metrics or tmp / "metrics.jsonl"
+    args = argparse.Namespace(**{**vars(args), "subset": True, "publish": endpoint, "metrics": metrics,
+                                 "checkpoint_every": args.checkpoint_every or 10})
+    flags = replace(flags, args=args, config=flags.config.replace(epochs=3, batch_size=64),
+                    facts=replace(flags.facts, metrics=metrics, test_mode=True))
+    print(f"test mode: trainer publishing on {endpoint}; a lenet-evaluator process reports back; scratch folder "
+          f"{tmp} (removed when the test passes)", flush=True)
     ok = False
     try:
-        ok = _run_both(args, comm, endpoint, report)
+        ok = _run_both(flags, run, comm, endpoint, report)
     finally:
         if ok:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -49,19 +55,18 @@ def run_test_mode(args):
     return 0 if ok else 1
 
 
-def _run_both(args, comm, endpoint, report):
-    from .trainer import run
+def _run_both(flags, run, comm, endpoint, report):
     evaluator = subprocess.Popen([sys.executable, "-m", "workers.evaluator", "--connect", endpoint, "--subset",
                                   "--report", str(report), "--log-level", "WARNING", "--timeout", "120"])
     t0 = time.monotonic()
     try:
-        with blas_threads(args.threads):
-            code = run(args, comm)
+        with blas_threads(flags.threads):
+            code = run(flags, comm)
         evaluator_code = evaluator.wait(timeout=120)
     finally:
         if evaluator.poll() is None:
             evaluator.kill()
-    rows = [json.loads(x) for x in Path(args.metrics).read_text().splitlines()]
+    rows = [json.loads(x) for x in Path(flags.facts.metrics).read_text().splitlines()]
     trainer_final = [r for r in rows if r["event"] == "epoch"][-1]
     lines = [json.loads(x) for x in report.read_text().splitlines()] if report.exists() else []
     final = [r for r in lines if r.get("step") == trainer_final["step"]]

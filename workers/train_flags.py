@@ -2,17 +2,22 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from lenet_dist import wire
 from lenet_dist.comm import RANK_VARS
 from lenet_dist.config import TrainConfig
 
-from . import telemetry
-from .common import FaultInjector, HelpFormatter, add_data_flags
+from lenet_dist.run.faults import FaultInjector
+from lenet_dist.run.outcome import RunFacts
+from lenet_dist.run.setup import FolderPlan
+from lenet_dist.run.telemetry import DEFAULT_EVERY
+
+from .common import HelpFormatter, add_data_flags
 
 class Parser(argparse.ArgumentParser):
     """A usage error is one line and a pointer to --help (not the usage block), said once under mpirun: by
@@ -40,7 +45,19 @@ def cpus_available():
         return os.cpu_count() or 1
 
 
+@dataclass(frozen=True)
+class Flags:
+    """lenet-train's command line, parsed into what the library takes (no argparse object goes below workers/)."""
+    args: argparse.Namespace    # the plain flags, for this process's own wiring
+    config: TrainConfig         # the training configuration asked for
+    plan: FolderPlan            # how the run uses its checkpoint folder
+    facts: RunFacts             # what the end row says about its files and how to go on
+    fault: FaultInjector        # --fault
+    threads: int                # BLAS threads per rank (0: one)
+
+
 def parse_args(argv=None):
+    """lenet-train's flags, checked (a usage error exits 2 in one line) -> Flags."""
     d = TrainConfig()
     p = Parser(prog="lenet-train", description="lenet-train: one trainer rank. Flags, logging, signals and the epoch loop; the math is in lenet_dist.",
                                 formatter_class=HelpFormatter)
@@ -135,13 +152,18 @@ def parse_args(argv=None):
                         "this process while a real lenet-evaluator process evaluates the published "
                         "checkpoints; pass if both report the same final accuracy; temporary files removed")
     g.add_argument("--check", action="store_true", help="pre-flight checks only, then exit")
-    telemetry.add_arguments(p)
+    g = p.add_argument_group("telemetry (rank 0)")
+    g.add_argument("--log-every", type=int, default=DEFAULT_EVERY, metavar="K",
+                   help="every K steps, a row of step figures for --metrics, --publish and --tensorboard (0: none)")
+    g.add_argument("--tensorboard", type=Path, metavar="DIR",
+                   help="write TensorBoard event files under DIR/trainer (needs the tensorboard extra)")
     args = p.parse_args(argv)
-    args.given = _given_config(p, argv)
-    telemetry.check_args(p, args)
-    args.argv = list(sys.argv[1:] if argv is None else argv)     # for the resume command the run prints
+    if args.log_every < 0:
+        p.error(f"--log-every must be >= 0, got {args.log_every}")
+    if args.tensorboard and importlib.util.find_spec("tensorboardX") is None:
+        p.error("--tensorboard needs the tensorboard extra: pip install 'lenet-dist[tensorboard]'")
     try:
-        args.config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+        config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     except ValueError as e:
         p.error(str(e))
     if args.checkpoint_every < 0 or args.sync_every < 0 or args.keep < 1 or args.threads < 0 \
@@ -152,31 +174,40 @@ def parse_args(argv=None):
         p.error(f"--threads {args.threads}: more than the {cpus_available()} CPU(s) this process may use")
     if args.deterministic and args.threads > 1:
         p.error("--deterministic needs one BLAS thread per rank (a threaded GEMM sums in another order)")
-    if args.deterministic:
-        args.threads = 1
     for flag in ("publish", "results"):
         if getattr(args, flag):
             try:
-                setattr(args, flag, wire.check_endpoint(getattr(args, flag)))
+                setattr(args, flag, wire.check_endpoint(getattr(args, flag)))     # its normal form
             except ValueError as e:
                 p.error(f"--{flag}: {e}")
     if args.resume not in (None, "on", "auto"):
         p.error(f"--resume takes no value, or 'auto' (got {args.resume!r})")
     if args.resume and not args.checkpoint_dir:
         p.error("--resume needs --checkpoint-dir")
-    args.override = {name.strip().replace("-", "_") for name in args.override.split(",") if name.strip()}
-    unknown = sorted(args.override - {f.name for f in fields(TrainConfig)})
+    override = frozenset(name.strip().replace("-", "_") for name in args.override.split(",") if name.strip())
+    unknown = sorted(override - {f.name for f in fields(TrainConfig)})
     if unknown:
         p.error(f"--override: {', '.join(unknown)} not a training flag (see the 'training' group in --help)")
-    if args.override and not args.resume:
+    if override and not args.resume:
         p.error("--override only applies with --resume")
-    if args.start_over and args.resume:     # a restart (lenet-launch adds --resume) continues what was started
-        args.start_over = False
     try:
-        args.fault = FaultInjector.parse(args.fault)
+        fault = FaultInjector.parse(args.fault)
     except ValueError as e:
         p.error(str(e))
-    return args
+    argv = tuple(sys.argv[1:] if argv is None else argv)        # for the resume command the run prints
+    # a restart (lenet-launch adds --resume) continues what was started: --start-over is then ignored
+    plan = FolderPlan(args.checkpoint_dir, args.keep, args.resume, args.start_over and not args.resume,
+                      frozenset(_given_config(p, list(argv))), override)
+    facts = RunFacts(args.checkpoint_dir, args.metrics, argv, tuple(data_flags(args)), args.test_mode)
+    return Flags(args, config, plan, facts, fault, 1 if args.deterministic else args.threads)
+
+
+def data_flags(args):
+    """The flags that name the data of `args`, for another program (lenet-evaluator) to read the same."""
+    if args.subset:
+        return ["--subset"]
+    flags = [f"--dataset={args.dataset}"] if args.dataset != "mnist" else []
+    return flags + ([f"--data-dir={args.data_dir}"] if args.data_dir else [])
 
 
 def _given_config(parser, argv):

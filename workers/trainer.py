@@ -3,11 +3,13 @@
     lenet-train                                            # one process, 5 epochs of MNIST (~99.1%)
     mpirun -n 4 lenet-train --batch-size 256               # four synchronized data-parallel ranks
     mpirun -n 2 lenet-train --checkpoint-dir ckpt --checkpoint-every 200 --publish tcp://127.0.0.1:5555
-    mpirun -n 2 lenet-train --checkpoint-dir ckpt --resume # continue from the newest valid checkpoint
-    lenet-train --test-mode                                # trainer + evaluator end to end, a few seconds
+    mpirun -n 2 lenet-train --checkpoint-dir ckpt --resume # continue this run, or stop saying why
+    mpirun -n 2 lenet-train --checkpoint-dir ckpt --resume auto   # retries, requeues: continue, or start
+    lenet-train --test-mode                                # trainer + evaluator end to end
 
 Rank 0's duties: broadcast the initial weights, log, write metrics and checkpoints, publish checkpoints.
-An exception on any rank aborts the whole job (MPI_Abort) with a one-line reason naming the rank.
+An exception on any rank ends the whole job with one line and an exit status lenet-launch reads
+(lenet_dist/run/exitcodes.py).
 """
 from __future__ import annotations
 
@@ -16,26 +18,28 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
 from lenet_dist import checkpoint
-from lenet_dist.parallel.balance import straggler
 from lenet_dist.comm import LauncherMismatch, get_comm, launcher_size
 from lenet_dist.data.identity import data_mismatch
 from lenet_dist.errors import ResumeError, UsageError
-from lenet_dist.run import exitcodes
+from lenet_dist.parallel.balance import straggler
+from lenet_dist.parallel.step import DataParallelTrainer
+from lenet_dist.run import exitcodes, setup
+from lenet_dist.run.outcome import Tally, agreed_signal, position, summary, what_was_saved
+from lenet_dist.run.process import blas_threads, raise_open_files_limit, setup_logging
+from lenet_dist.run.progress import ProgressSink
+from lenet_dist.run.sinks import LinkProgressSink, MetricsSink, RunInfo, Sinks, StepState
+from lenet_dist.run.telemetry import TelemetrySink
+from lenet_dist.run.text import number, one_line
 from lenet_dist.stall import StallGuard
 from lenet_dist.stopsignal import StopSignal, signal_name
-from lenet_dist.parallel.step import DataParallelTrainer
 
-from . import run_setup
-from . import telemetry
-from .common import blas_threads, load_dataset, number, one_line, raise_open_files_limit, setup_logging
-from .progress import ProgressSink
+from .common import load_dataset
 from .train_flags import parse_args
-from .run_end import Tally, agreed_signal, position, summary, what_was_saved
-from .sinks import LinkProgressSink, MetricsSink, RunInfo, Sinks, StepState
 
 log = logging.getLogger("lenet.trainer")
 
@@ -44,12 +48,75 @@ ALIKE_WAIT_S = 10.0         # how long a rank waits for rank 0 to report an erro
 ALIKE = ("ResumeError", "DataError", "TrainingError", "UsageError")   # raised on every rank at one point
 
 
-def run(args, comm):
-    rank0 = comm.rank == 0
-    data = load_dataset(args, comm, log)
-    _check_val_size(args.config, len(data.train_images))           # every rank alike: a usage error
-    cfg, found, args.run_state = run_setup.prepare(args, comm, data, log)
+@dataclass
+class Run:
+    """One start of a run on this rank: what the loop works with."""
+    flags: object               # train_flags.Flags
+    comm: object
+    trainer: DataParallelTrainer
+    state: object               # setup.RunState on rank 0, else None
+    link: object = None         # rank 0's TrainerLink with --publish
+    saved: object = None        # rank 0: the newest checkpoint file written
+
+    @property
+    def rank0(self):
+        return self.comm.rank == 0
+
+
+def run(flags, comm):
+    """Train (or go on training) until the run ends: the exit status."""
+    r = _start(flags, comm)
+    if r is None:
+        return 0
+    try:
+        r.link = _open_link(flags.args, log) if flags.args.publish and r.rank0 else None
+        return _train(r)
+    finally:
+        if r.link:
+            r.link.close()
+        if r.state:
+            r.state.close()
+
+
+def _start(flags, comm):
+    """Data, configuration and the trainer, resumed when asked; None when a resumed run had finished."""
+    data = load_dataset(flags.args, comm, log)
+    _check_val_size(flags.config, len(data.train_images))           # every rank alike: a usage error
+    cfg, found, state = setup.prepare(flags.config, flags.plan, comm, data, log)
     trainer = DataParallelTrainer(cfg, comm, data)
+    _describe(trainer, comm, data)
+    r = Run(flags, comm, trainer, state)
+    try:
+        return _resume(r, found)
+    except BaseException:
+        if state:
+            state.close()
+        raise
+
+
+def _resume(r, found):
+    """With --resume, the trainer restored from `found` (rank 0's pick); None when that run had finished."""
+    flags, comm, trainer, state, cfg = r.flags, r.comm, r.trainer, r.state, r.trainer.cfg
+    if flags.plan.resume and comm.bcast_(np.array([found is not None], np.int64))[0]:   # rank 0 decided
+        if r.rank0:
+            _check_same_data(state.resumed_from, found, trainer)
+        trainer.restore(found)
+        at = (f"epoch {trainer.epoch + 1}/{cfg.epochs}, batch {trainer.pos} of {trainer.steps_per_epoch}"
+              if not trainer.done else "the run has finished")
+        log.info("resumed from %s at step %d/%d (%s; run %s)", state.resumed_from if r.rank0 else "",
+                 trainer.step, trainer.total_steps, at, state.run_id if r.rank0 else "")
+        if trainer.done:                    # a finished run resumed (a requeue, a retry): nothing to train
+            if r.rank0:
+                state.close()
+                print(f"run {state.run_id} in {flags.plan.directory} has already finished: step {trainer.step}/"
+                      f"{trainer.total_steps}, {cfg.epochs} of {cfg.epochs} epochs; nothing to train (to train "
+                      f"longer: --resume --override epochs --epochs N)", flush=True)
+            return None
+    return r
+
+
+def _describe(trainer, comm, data):
+    cfg = trainer.cfg
     log.info("%d ranks, global batch %d (%s per rank), %d steps per epoch, %d training examples (%d held out "
              "for validation), data: %s from %s", comm.size, cfg.batch_size, "~%d" % -(-cfg.batch_size // comm.size),
              trainer.steps_per_epoch, trainer.n, len(trainer.val_images), data.name, data.source)
@@ -62,48 +129,39 @@ def run(args, comm):
                  "checks (LENET_MPI_NAP_US); set for %s: %s", comm.nap * 1e6, comm.family or comm.library, tuned)
     if cfg.balance and comm.size > 1:
         log.info("--balance: shards follow each rank's measured speed (rank_shares in the metrics)")
-    if args.resume:
-        have = comm.bcast_(np.array([found is not None], np.int64))[0]          # rank 0 decides for all
-        if have:
-            if rank0:
-                _check_same_data(args.run_state.resumed_from, found, trainer)
-            trainer.restore(found)
-            at = (f"epoch {trainer.epoch + 1}/{cfg.epochs}, batch {trainer.pos} of {trainer.steps_per_epoch}"
-                  if not trainer.done else "the run has finished")
-            log.info("resumed from %s at step %d/%d (%s; run %s)", args.run_state.resumed_from if rank0 else "",
-                     trainer.step, trainer.total_steps, at, args.run_state.run_id if rank0 else "")
-            if trainer.done:                # a finished run resumed (a requeue, a retry): nothing to train
-                if rank0:
-                    args.run_state.close()
-                    print(f"run {args.run_state.run_id} in {args.checkpoint_dir} has already finished: step "
-                          f"{trainer.step}/{trainer.total_steps}, {cfg.epochs} of {cfg.epochs} epochs; nothing to "
-                          f"train (to train longer: --resume --override epochs --epochs N)", flush=True)
-                return 0
-    link = None
-    if args.publish and rank0:
-        from lenet_dist.transport import TrainerLink, load_key_pair
-        if args.curve_public_key and args.curve_secret_key:
-            load_key_pair(args.curve_secret_key, args.curve_public_key)
-        raise_open_files_limit(log)
-        link = TrainerLink(args.publish, results=args.results, secret_key=args.curve_secret_key,
-                           authorized=args.curve_authorized, log=log)
-        log.info("serving checkpoints on %s%s", link.endpoint,
-                 f", results also from {link.results_endpoint}" if link.results_endpoint else "")
+
+
+def _open_link(args, log):
+    """Rank 0 with --publish: the link that serves checkpoints to evaluators."""
+    from lenet_dist.transport import TrainerLink, load_key_pair
+    if args.curve_public_key and args.curve_secret_key:
+        load_key_pair(args.curve_secret_key, args.curve_public_key)
+    raise_open_files_limit(log)
+    link = TrainerLink(args.publish, results=args.results, secret_key=args.curve_secret_key,
+                       authorized=args.curve_authorized, log=log)
+    log.info("serving checkpoints on %s%s", link.endpoint,
+             f", results also from {link.results_endpoint}" if link.results_endpoint else "")
+    return link
+
+
+def _train(r):
+    """The epoch loop, from wherever the trainer stands to the end of the run or a stop: the exit status."""
+    flags, comm, trainer, link = r.flags, r.comm, r.trainer, r.link
+    args, cfg = flags.args, trainer.cfg
     stop = StopSignal()                    # a repeated SIGTERM (Slurm's time limit) still checkpoints
     t_start = time.perf_counter()
-    tally = Tally(args.checkpoint_dir / "best.json", args.run_state.run_id) if args.resume and rank0 \
+    tally = Tally(flags.plan.directory / "best.json", r.state.run_id) if flags.plan.resume and r.rank0 \
         else Tally()
-    sinks = _sinks(args, link, trainer) if rank0 else Sinks()
-    sinks.on_start(RunInfo(total_steps=trainer.total_steps, start_step=trainer.step,
-                           steps_per_epoch=trainer.steps_per_epoch, epochs=cfg.epochs, ranks=comm.size,
-                           batch_size=cfg.batch_size, config=cfg.to_dict()))
-    state = StepState()
-    every = args.checkpoint_every
+    sinks = _sinks(flags, link, trainer) if r.rank0 else Sinks()
+    facts = flags.facts if not r.rank0 else _with_run(flags.facts, r.state.run_id)
     guard = _stall_guard(args, comm, trainer)
-    first_step = trainer.step + 1          # logged when done: lenet-launch's restart time ends there
-    saved = None                           # rank 0: the newest checkpoint file written
-    announced = False                      # the measured allreduce path has been logged
     try:
+        sinks.on_start(RunInfo(total_steps=trainer.total_steps, start_step=trainer.step,
+                               steps_per_epoch=trainer.steps_per_epoch, epochs=cfg.epochs, ranks=comm.size,
+                               batch_size=cfg.batch_size, config=cfg.to_dict()))
+        state = StepState()
+        first_step = trainer.step + 1      # logged when done: lenet-launch's restart time ends there
+        announced = False                  # the measured allreduce path has been logged
         while not trainer.done:
             ep_start_step, t0 = trainer.step, time.perf_counter()
             epoch = trainer.epoch
@@ -111,7 +169,7 @@ def run(args, comm):
             trainer.examples_by_rank[:] = 0
             trainer.seconds_by_rank[:] = 0
             while trainer.epoch == epoch and not trainer.done:
-                args.fault.maybe_fire(trainer, comm.rank)
+                flags.fault.maybe_fire(trainer, comm.rank)
                 B, l, c, stop_all, lr = trainer.train_step(stop_request=bool(stop.signum))
                 guard.beat()
                 if trainer.reducer.chooser and trainer.reducer.chooser.decided and not announced:
@@ -128,90 +186,116 @@ def run(args, comm):
                     trainer.check_synced()
                 if stop_all:
                     break
-                if every and trainer.step % every == 0 and trainer.epoch == epoch:
-                    _checkpoint(args, trainer, link, rank0)
+                if args.checkpoint_every and trainer.step % args.checkpoint_every == 0 and trainer.epoch == epoch:
+                    _checkpoint(r)
             train_seconds = time.perf_counter() - t0
             tally.add_training(state.epoch_seen, train_seconds)
             if stop_all:
-                signum = agreed_signal(comm, stop.signum)                       # [dist] the same on every rank
-                saved = _checkpoint(args, trainer, link, rank0)
-                log.warning("stopped by signal %d at step %d (%s); %s; exit status %d", signum, trainer.step,
-                            signal_name(signum), what_was_saved(args, saved, link, rank0), 128 + signum)
-                sinks.on_end(summary(args, reason="signal", signum=signum, saved=saved, link=link, tally=tally,
-                                     **position(trainer, comm, t_start)))
-                # [dist] mpirun ends the job when one rank exits non-zero: wait until rank 0 has written all
-                comm.barrier()
-                return 128 + signum
-            trainer.check_synced()
-            test_loss, test_acc = trainer.evaluate()
-            val = trainer.evaluate("val")   # the held-out split: what model selection may look at
-            saved = _checkpoint(args, trainer, link, rank0)
+                return _stop(r, stop, sinks, tally, facts, t_start)
+            record = _end_epoch(r, state, train_seconds, ep_start_step, lr)
             guard.beat()
-            seen = state.epoch_seen
-            record = {"event": "epoch", "epoch": trainer.epoch, "step": trainer.step,
-                      "train_loss": state.epoch_loss_sum / max(seen, 1),
-                      "train_acc": state.epoch_correct / max(seen, 1),
-                      **({"val_loss": val[0], "val_acc": val[1]} if val else {}),
-                      "test_loss": test_loss, "test_acc": test_acc, "seconds": round(train_seconds, 3),
-                      "images_per_s": round(seen / train_seconds, 1), "ranks": comm.size,
-                      "steps": trainer.step - ep_start_step, "lr": lr}
-            if comm.size > 1:               # who did the work: equal shares unless --balance moved them
-                record["allreduce"] = trainer.reducer.path
-                record["reduction"] = trainer.reducer.name
-                record["rank_shares"] = [round(float(v), 4) for v in trainer.examples_by_rank / max(seen, 1)]
-                record["rank_compute_s"] = [round(float(v), 3) for v in trainer.seconds_by_rank]
-                slow = straggler(trainer.examples_by_rank, trainer.seconds_by_rank)
-                if slow and not cfg.balance and rank0:
-                    log.warning("rank %d computed %.1fx slower per example than rank %d this epoch; "
-                                "--balance would give it a smaller share", slow[0], slow[2], slow[1])
-            evaluator = link.latest_result() if link else None
-            if evaluator:
-                record["evaluator"] = evaluator
-            if rank0 and tally.add_epoch(record) and saved:
-                point(args.checkpoint_dir, "best", saved, dict(
-                    step=trainer.step, epoch=trainer.epoch, val_acc=record["val_acc"], test_acc=test_acc,
-                    run_id=args.run_state.run_id))
+            if r.rank0 and tally.add_epoch(record) and r.saved:
+                point(flags.plan.directory, "best", r.saved, dict(
+                    step=trainer.step, epoch=trainer.epoch, val_acc=record.get("val_acc"),
+                    val_loss=record.get("val_loss"), test_acc=record["test_acc"], run_id=r.state.run_id))
             sinks.on_epoch(record)
         guard.stop()                        # past the last collective: rank 0 may linger for the evaluator
         if link:
-            # Keep serving the final checkpoint until an evaluator has judged it: up to --linger seconds
-            # when one has been in touch, a short grace (5 s) for one that is (re)connecting otherwise.
-            in_touch = bool(link.requests_seen or link.latest_result() is not None or args.test_mode)
-            patience = args.linger if in_touch else min(args.linger, 5.0)
-            if link.failed:
-                patience = 0                # its thread ended: it said so; nothing to wait for
-            if patience > 0:
-                log.info("serving the final checkpoint (step %d) for up to %.0fs until an evaluator reports",
-                         trainer.step, patience)
-            result = link.wait_final(trainer.step, patience, stop=lambda: bool(stop.signum))
-            if result is None and not in_touch and link.requests_seen:
-                result = link.wait_final(trainer.step, args.linger - patience, stop=lambda: bool(stop.signum))
-            if result:
-                log.info("evaluator: step %d accuracy %s%% loss %s", result["step"],
-                         number(result["accuracy"], ".2f", 100), number(result["loss"]))
-                tally.add_evaluator(result)
-        sinks.on_end(summary(args, reason="finished", saved=saved, link=link, tally=tally,
+            _serve_final(r, stop, tally)
+        sinks.on_end(summary(facts, reason="finished", saved=r.saved, link=link, tally=tally,
                              **position(trainer, comm, t_start)))
         return 0
     finally:
         guard.stop()
         sinks.close()
-        if link:
-            link.close()
-        if args.run_state:
-            args.run_state.close()
 
 
-def _sinks(args, link, trainer):
+def _stop(r, stop, sinks, tally, facts, t_start):
+    """Every rank agreed to stop: the stop checkpoint, the end row, the exit status 128 + signal."""
+    comm, trainer = r.comm, r.trainer
+    signum = agreed_signal(comm, stop.signum)                           # [dist] the same on every rank
+    _checkpoint(r)
+    log.warning("stopped by signal %d at step %d (%s); %s; exit status %d", signum, trainer.step,
+                signal_name(signum), what_was_saved(r.flags.plan.directory, r.saved, r.link, r.rank0),
+                exitcodes.stopped(signum))
+    sinks.on_end(summary(facts, reason="signal", signum=signum, saved=r.saved, link=r.link, tally=tally,
+                         **position(trainer, comm, t_start)))
+    comm.barrier()          # [dist] mpirun ends the job when one rank exits non-zero: rank 0 has written all
+    return exitcodes.stopped(signum)
+
+
+def _end_epoch(r, state, train_seconds, ep_start_step, lr):
+    """At an epoch's end: the replica check, the test and validation figures, the checkpoint, the epoch row."""
+    comm, trainer, link = r.comm, r.trainer, r.link
+    trainer.check_synced()
+    test_loss, test_acc = trainer.evaluate()
+    val = trainer.evaluate("val")           # the held-out split: what model selection may look at
+    _checkpoint(r)
+    seen = state.epoch_seen
+    record = {"event": "epoch", "epoch": trainer.epoch, "step": trainer.step,
+              "train_loss": state.epoch_loss_sum / max(seen, 1), "train_acc": state.epoch_correct / max(seen, 1),
+              **({"val_loss": val[0], "val_acc": val[1]} if val else {}),
+              "test_loss": test_loss, "test_acc": test_acc, "seconds": round(train_seconds, 3),
+              "images_per_s": round(seen / train_seconds, 1), "ranks": comm.size,
+              "steps": trainer.step - ep_start_step, "lr": lr}
+    if comm.size > 1:                       # who did the work: equal shares unless --balance moved them
+        record["allreduce"] = trainer.reducer.path
+        record["reduction"] = trainer.reducer.name
+        record["rank_shares"] = [round(float(v), 4) for v in trainer.examples_by_rank / max(seen, 1)]
+        record["rank_compute_s"] = [round(float(v), 3) for v in trainer.seconds_by_rank]
+        slow = straggler(trainer.examples_by_rank, trainer.seconds_by_rank)
+        if slow and not trainer.cfg.balance and r.rank0:
+            log.warning("rank %d computed %.1fx slower per example than rank %d this epoch; "
+                        "--balance would give it a smaller share", slow[0], slow[2], slow[1])
+    evaluator = link.latest_result() if link else None
+    if evaluator:
+        record["evaluator"] = evaluator
+    return record
+
+
+def _serve_final(r, stop, tally):
+    """Keep serving the final checkpoint until an evaluator has judged it: up to --linger seconds when one
+    has been in touch, a short grace (5 s) for one that is (re)connecting otherwise."""
+    args, link, step = r.flags.args, r.link, r.trainer.step
+    in_touch = bool(link.requests_seen or link.latest_result() is not None or args.test_mode)
+    patience = args.linger if in_touch else min(args.linger, 5.0)
+    if link.failed:
+        patience = 0                        # its thread ended: it said so; nothing to wait for
+    if patience > 0:
+        log.info("serving the final checkpoint (step %d) for up to %.0fs until an evaluator reports", step, patience)
+    result = link.wait_final(step, patience, stop=lambda: bool(stop.signum))
+    if result is None and not in_touch and link.requests_seen:
+        result = link.wait_final(step, args.linger - patience, stop=lambda: bool(stop.signum))
+    if result:
+        log.info("evaluator: step %d accuracy %s%% loss %s", result["step"],
+                 number(result["accuracy"], ".2f", 100), number(result["loss"]))
+        tally.add_evaluator(result)
+
+
+def _with_run(facts, run_id):
+    from dataclasses import replace
+    return replace(facts, run_id=run_id)
+
+
+def _sinks(flags, link, trainer):
     """Rank 0's outputs: the progress display, epoch lines and summary, the --metrics JSONL, the link's step
     count, step telemetry (--log-every) and TensorBoard (--tensorboard)."""
+    args = flags.args
     sinks = Sinks([ProgressSink(enabled=args.progress, every=args.progress_every)])
-    metrics = MetricsSink(args.metrics) if args.metrics else None
+    metrics = MetricsSink(flags.facts.metrics) if flags.facts.metrics else None
     if metrics:
         sinks.sinks.append(metrics)
     if link:
         sinks.sinks.append(LinkProgressSink(link))
-    sinks.sinks += telemetry.make_sinks(args, trainer, link, metrics)
+    board = None
+    if args.tensorboard:
+        from lenet_dist.evaluation.tensorboard import TrainerBoard
+        board = TrainerBoard(args.tensorboard, trainer.model)
+    outputs = [f for f in (metrics and metrics.write, link and link.telemetry, board and board.add_row) if f]
+    if args.log_every and outputs:
+        sinks.sinks.append(TelemetrySink(args.log_every, outputs, rank_examples=lambda: trainer.examples_by_rank))
+    if board:
+        sinks.sinks.append(board)
     return sinks
 
 
@@ -269,25 +353,25 @@ def _stall_guard(args, comm, trainer):
     return StallGuard(args.stall_timeout if comm.size > 1 else 0, on_stall).start()
 
 
-def _checkpoint(args, trainer, link, rank0):
-    """Rank 0 writes the checkpoint to disk (returns its path; last.npz then leads to it) and/or publishes
+def _checkpoint(r):
+    """Rank 0 writes the checkpoint to disk (r.saved: its path; last.npz then leads to it) and/or publishes
     it; other ranks settle the step's update with it."""
+    trainer = r.trainer
     trainer.settle()                        # [dist] every rank, at the same point
-    if not (args.checkpoint_dir or args.publish):
-        return None
+    if not (r.flags.plan.directory or r.flags.args.publish):
+        return
     params, velocity, meta, residuals = trainer.checkpoint_content()    # [dist] every rank (residuals)
-    if not rank0:
-        return None
-    meta = args.run_state.meta(dict(meta, created=time.time()))
+    if not r.rank0:
+        return
+    meta = r.state.meta(dict(meta, created=time.time()))
     data = checkpoint.to_bytes(params, velocity, meta, residuals)
-    path = None
-    if args.run_state.writer:
-        path = args.run_state.writer.write(meta["step"], data)
-        point(args.checkpoint_dir, "last", path, {"step": meta["step"], "epoch": meta["epoch"], "run_id": meta["run_id"]})
-        log.debug("checkpoint %s", path)
-    if link:
-        link.publish(step=meta["step"], epoch=meta["epoch"], data=data, final=meta["final"])
-    return path
+    if r.state.writer:
+        r.saved = r.state.writer.write(meta["step"], data)
+        point(r.flags.plan.directory, "last", r.saved,
+              {"step": meta["step"], "epoch": meta["epoch"], "run_id": meta["run_id"]})
+        log.debug("checkpoint %s", r.saved)
+    if r.link:
+        r.link.publish(step=meta["step"], epoch=meta["epoch"], data=data, final=meta["final"])
 
 
 def point(directory, entry, target, info):
@@ -309,7 +393,8 @@ def point(directory, entry, target, info):
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    flags = parse_args(argv)
+    args = flags.args
     if args.test_mode:
         started, var = launcher_size()
         if started and started > 1:         # N copies of the whole demo would fight over one port
@@ -317,7 +402,7 @@ def main(argv=None):
                   f"({var}={started}): run it without mpirun", file=sys.stderr, flush=True)
             return 2
         from .test_mode import run_test_mode
-        return run_test_mode(args)
+        return run_test_mode(flags, run)          # the loop is handed over: test_mode never imports us
     try:
         comm = get_comm()
     except (ValueError, LauncherMismatch) as e:   # a bad setting in the environment, or the wrong mpirun
@@ -328,8 +413,8 @@ def main(argv=None):
         from .preflight import run_checks
         return run_checks(args, comm)
     try:
-        with blas_threads(args.threads):
-            return run(args, comm)
+        with blas_threads(flags.threads):
+            return run(flags, comm)
     except KeyboardInterrupt:
         log.error("rank %d: interrupted", comm.rank)
         return 130

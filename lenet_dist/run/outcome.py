@@ -6,11 +6,24 @@ import json
 import os
 import shlex
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from lenet_dist.stopsignal import signal_name
+from .. import selection
+from ..stopsignal import signal_name
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """What the end row says about a run's files and how to go on (filled by the process from its flags)."""
+    checkpoint_dir: Path | None = None  # --checkpoint-dir
+    metrics: Path | None = None         # --metrics
+    argv: tuple = ()                    # lenet-train's flags as typed: the resume command repeats them
+    data_flags: tuple = ()              # the flags naming its data: the evaluate command repeats them
+    test_mode: bool = False             # a rehearsal: nothing to go on with
+    run_id: str | None = None           # rank 0's run id: only this run's last/best pointers are named
 
 
 def agreed_signal(comm, mine):
@@ -23,16 +36,15 @@ def agreed_signal(comm, mine):
 
 
 class Tally:
-    """What the run reached, kept by rank 0: images and seconds trained, the test accuracy of the last
-    and of the best epoch (and the best's checkpoint), the evaluator's latest and best verdicts. "Best" is
-    by validation accuracy only (choosing on the test set would flatter its test figure); with no
-    validation split (--val-size 0) no epoch is chosen."""
+    """What the run reached, kept by rank 0: images and seconds trained, the test accuracy of the last and
+    of the best epoch (and the best's checkpoint), the evaluator's latest and best verdicts. "Best" is the
+    one rule of lenet_dist/selection.py (validation accuracy, then lower validation loss, then the later
+    step), the evaluator's too, so both name the same step."""
 
     def __init__(self, best_json=None, run_id=None):
         self.images, self.seconds = 0, 0.0
         self.test_acc = self.last_epoch = None
-        self.best_test_acc, self.best_epoch, self.best_step = -1.0, None, None
-        self.best_val_acc = -1.0
+        self.best = None                            # the best epoch row so far (selection's fields)
         self.evaluator = None
         self.ev_best = None
         if best_json is not None:                  # --resume: the best so far stays the best to beat
@@ -40,24 +52,34 @@ class Tally:
                 b = json.loads(Path(best_json).read_text())
                 if b.get("run_id") != run_id:
                     raise ValueError("another run's best")
-                self.best_test_acc, self.best_epoch, self.best_step = float(b["test_acc"]), int(b["epoch"]), \
-                    int(b["step"])
-                self.best_val_acc = float(b["val_acc"])
-            except (OSError, ValueError, KeyError, TypeError):
+                self.best = {"step": int(b["step"]), "epoch": int(b["epoch"]), "test_acc": float(b["test_acc"]),
+                             "val_acc": b.get("val_acc"), "val_loss": b.get("val_loss")}
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 pass
+
+    @property
+    def best_epoch(self):
+        return self.best and self.best["epoch"]
+
+    @property
+    def best_step(self):
+        return self.best and self.best["step"]
+
+    @property
+    def best_test_acc(self):
+        return self.best and self.best["test_acc"]
 
     def add_training(self, images, seconds):
         self.images += images
         self.seconds += seconds
 
     def add_epoch(self, record):
-        """Returns True when this epoch's validation accuracy is the best so far."""
+        """Returns True when this epoch is the best so far."""
         self.test_acc, self.last_epoch = record["test_acc"], record["epoch"]
         if record.get("evaluator"):
             self.add_evaluator(record["evaluator"])
-        if "val_acc" in record and record["val_acc"] > self.best_val_acc:
-            self.best_test_acc, self.best_epoch, self.best_step = record["test_acc"], record["epoch"], record["step"]
-            self.best_val_acc = record["val_acc"]
+        if selection.is_better(record, self.best):
+            self.best = {k: record.get(k) for k in ("step", "epoch", "test_acc", "val_acc", "val_loss")}
             return True
         return False
 
@@ -66,9 +88,8 @@ class Tally:
             return
         if self.evaluator is None or result["step"] >= self.evaluator["step"]:
             self.evaluator = result
-        if isinstance(result.get("val_accuracy"), (int, float)) and \
-                (self.ev_best is None or result["val_accuracy"] > self.ev_best["val_accuracy"]):
-            self.ev_best = result                   # the evaluator's best, by validation like its --best-dir
+        if selection.is_better(result, self.ev_best):
+            self.ev_best = result                   # the evaluator's best, as its --best-dir chooses
 
 
 def position(trainer, comm, t_start):
@@ -77,10 +98,10 @@ def position(trainer, comm, t_start):
                 epochs=trainer.cfg.epochs, ranks=comm.size, wall_seconds=time.perf_counter() - t_start)
 
 
-def what_was_saved(args, saved, link, rank0):
+def what_was_saved(checkpoint_dir, saved, link, rank0):
     """9.9: say what a stop left behind, and where."""
     if not rank0:
-        return "rank 0 writes the checkpoint" if args.checkpoint_dir else "nothing saved on disk"
+        return "rank 0 writes the checkpoint" if checkpoint_dir else "nothing saved on disk"
     if saved is not None:
         return f"checkpoint {saved} written"
     if link:
@@ -114,14 +135,6 @@ def train_command(argv, size, extra=(), env=None):
     return shlex.join(front + ["lenet-train", *out, *extra])
 
 
-def data_flags(args):
-    """The flags that name this run's data, for another program (lenet-evaluator) to read the same."""
-    if args.subset:
-        return ["--subset"]
-    flags = [f"--dataset={args.dataset}"] if args.dataset != "mnist" else []
-    return flags + ([f"--data-dir={args.data_dir}"] if args.data_dir else [])
-
-
 def _pointer_run(path):
     try:
         return json.loads(path.read_text()).get("run_id")
@@ -129,7 +142,7 @@ def _pointer_run(path):
         return None
 
 
-def summary(args, *, reason, step, total_steps, epoch, epochs, ranks, wall_seconds, tally, signum=0,
+def summary(facts, *, reason, step, total_steps, epoch, epochs, ranks, wall_seconds, tally, signum=0,
             saved=None, link=None):
     """The end row: {"event": "end", ...}, fractions as in the epoch rows, paths as strings."""
     s = {"event": "end", "outcome": "stopped" if reason == "signal" else "finished", "step": step,
@@ -148,27 +161,27 @@ def summary(args, *, reason, step, total_steps, epoch, epochs, ranks, wall_secon
         s["evaluator"] = {"step": tally.evaluator["step"], "accuracy": tally.evaluator["accuracy"]}
         if tally.ev_best:                           # chosen on validation: none without a split
             s["evaluator"].update(best_step=tally.ev_best["step"], best_accuracy=tally.ev_best["accuracy"])
-    d = args.checkpoint_dir
+    d = facts.checkpoint_dir
     if d:
         s["checkpoint_dir"] = str(d)
         if saved:
             s["checkpoint"] = str(saved)
         for entry in ("last", "best"):              # only this run's (a restarted evaluator's best may be older)
-            if _pointer_run(Path(d) / f"{entry}.json") == getattr(args.run_state, "run_id", None):
+            if _pointer_run(Path(d) / f"{entry}.json") == facts.run_id:
                 s[entry] = str(Path(d) / f"{entry}.npz")
     if link:
         s["published"] = link.endpoint
-    if args.metrics and not args.test_mode:        # test mode's own file is removed when it passes
-        s["metrics"] = str(args.metrics)
-    if args.test_mode:                              # a rehearsal: nothing to go on with
+    if facts.metrics and not facts.test_mode:      # test mode's own file is removed when it passes
+        s["metrics"] = str(facts.metrics)
+    if facts.test_mode:                              # a rehearsal: nothing to go on with
         return s
     if reason == "signal" and d:
-        s["resume_command"] = train_command(args.argv, ranks, ["--resume"])
+        s["resume_command"] = train_command(facts.argv, ranks, ["--resume"])
     elif reason == "signal":
         s["note"] = ("nothing was saved on disk (no --checkpoint-dir), so this run cannot be resumed; "
                      "to be able to, start it with --checkpoint-dir DIR")
     if d and (s.get("best") or s.get("last")):
-        s["evaluate_command"] = shlex.join(["lenet-evaluator", "--watch", str(d), "--once", *data_flags(args)])
+        s["evaluate_command"] = shlex.join(["lenet-evaluator", "--watch", str(d), "--once", *facts.data_flags])
     if s.get("best"):
         s["export_command"] = shlex.join(["lenet-export", s["best"], "-o", "lenet.onnx"])
     return s

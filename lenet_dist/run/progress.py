@@ -14,7 +14,7 @@ import logging
 import sys
 import time
 
-from .common import number
+from .text import number
 from .sinks import Sink
 
 log = logging.getLogger("lenet.trainer")

@@ -5,7 +5,7 @@ whether a restart can help, when and on how many ranks.
     decision = policy.decide(failure, now)          # restart? after how long? why (not)?
     hosts, n = fit_hosts(hosts, answering, asked, min_ranks)
 
-The trainer's contract is its exit status (lenet_dist/run/exitcodes.py), which mpirun passes on: the kind of
+The trainer's contract is its exit status (exitcodes.py), which mpirun passes on: the kind of
 failure and whether it will recur come from the status alone, never from the wording of the trainer's error
 line, which is only quoted in `why` for the log. mpirun's own words say when a rank died on a signal.
 """
@@ -15,7 +15,7 @@ import re
 import signal
 from dataclasses import dataclass, field
 
-from lenet_dist.run import exitcodes
+from . import exitcodes
 
 RANK_ERROR = re.compile(r"lenet-train: rank (\d+)/(\d+): error: (.*)")
 USAGE_LINE = re.compile(r"^lenet-train: error: ")

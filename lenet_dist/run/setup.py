@@ -1,13 +1,27 @@
-"""lenet-train's start-up around the checkpoint folder: claim it for a fresh run or pick the checkpoint to
-resume from and settle the configuration, then hold the writer. Rank 0 decides; every rank gets the
-configuration to train with. Errors here end the job before the first step (ResumeError for a refused
-resume, so that a restart launcher does not try again)."""
+"""A run's start-up around its checkpoint folder: claim it for a fresh run or pick the checkpoint to resume
+from and settle the configuration, then hold the writer. Rank 0 decides; every rank gets the configuration
+to train with. Errors here end the job before the first step and before anything is written (ResumeError,
+on every rank alike, so that rank 0 alone says it and a restart launcher does not try again)."""
 from __future__ import annotations
 
-from lenet_dist import ckptdir, resume
-from lenet_dist.comm import bcast_json
-from lenet_dist.config import TrainConfig
-from lenet_dist.errors import ResumeError
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import ckptdir, resume
+from ..comm import bcast_json
+from ..config import TrainConfig
+from ..errors import ResumeError
+
+
+@dataclass(frozen=True)
+class FolderPlan:
+    """How a run uses its checkpoint folder (from lenet-train's flags)."""
+    directory: Path | None = None       # --checkpoint-dir; None: no checkpoints on disk
+    keep: int = 3                       # checkpoints of this run kept
+    resume: str | None = None           # None: a new run; "on": continue it or stop; "auto": start if fresh
+    start_over: bool = False            # a new run may move another run's checkpoints aside
+    given: frozenset = frozenset()      # the TrainConfig fields typed on the command line
+    override: frozenset = frozenset()   # those meant to replace the saved values on resume
 
 
 class RunState:
@@ -25,14 +39,14 @@ class RunState:
             self.writer.close()
 
 
-def prepare(args, comm, data, log):
+def prepare(config, plan, comm, data, log):
     """-> (TrainConfig, the Checkpoint to restore from on rank 0 or None, RunState on rank 0 or None).
     Every rank calls it; the returned config is the same on all. A refusal (ResumeError) is raised on every
     rank alike, before anything is written, so that rank 0 alone says it."""
-    cfg, found, state, refused = args.config, None, None, None
+    cfg, found, state, refused = config, None, None, None
     if comm.rank == 0:
         try:
-            cfg, found, state = _decide(args, data, log)
+            cfg, found, state = _decide(config, plan, data, log)
         except ResumeError as e:
             refused = str(e)
     settled = bcast_json(comm, {"refused": refused} if refused else {"config": cfg.to_dict()})
@@ -41,20 +55,20 @@ def prepare(args, comm, data, log):
     return TrainConfig.from_dict(settled["config"]), found, state
 
 
-def _decide(args, data, log):
+def _decide(config, plan, data, log):
     run_id, changes, own, found = ckptdir.new_run_id(), [], [], None
-    cfg = args.config
-    if args.resume:
-        found = resume.choose(args.checkpoint_dir, len(data.train_images), data.identity(),
-                              auto=args.resume == "auto", warn=log.warning)
+    cfg = config
+    if plan.resume:
+        found = resume.choose(plan.directory, len(data.train_images), data.identity(),
+                              auto=plan.resume == "auto", warn=log.warning)
         if found is None:
-            log.info("--resume auto: %s holds no run yet: starting one", args.checkpoint_dir)
+            log.info("--resume auto: %s holds no run yet: starting one", plan.directory)
         else:
             path, ckpt = found
             saved = ckpt.meta["config"]
             # a checkpoint from before validation splits trained on every example: it goes on with none
             saved = {**TrainConfig().to_dict(), "val_size": 0, **saved}
-            merged, diff = resume.resolve(saved, cfg.to_dict(), args.given, args.override, what=str(path))
+            merged, diff = resume.resolve(saved, cfg.to_dict(), plan.given, plan.override, what=str(path))
             try:
                 cfg = TrainConfig.from_dict(merged)
             except ValueError as e:
@@ -66,10 +80,10 @@ def _decide(args, data, log):
                 log.warning("resuming with a changed configuration (--override): %s",
                             ", ".join(f"{resume.flag(k)} {old!r} -> {new!r}" for k, (old, new) in diff.items()))
             run = ckpt.meta.get("run_id")      # none: an older checkpoint; its neighbours are not provably ours
-            own = (ckptdir.own_checkpoints(args.checkpoint_dir, run, ckpt.step) if run else []) + [path]
-    if not found and args.checkpoint_dir and args.checkpoint_dir.is_dir():
-        ckptdir.claim(args.checkpoint_dir, start_over=args.start_over, log=log.warning)
+            own = (ckptdir.own_checkpoints(plan.directory, run, ckpt.step) if run else []) + [path]
+    if not found and plan.directory and plan.directory.is_dir():
+        ckptdir.claim(plan.directory, start_over=plan.start_over, log=log.warning)
     writer = None
-    if args.checkpoint_dir:
-        writer = ckptdir.CheckpointWriter(args.checkpoint_dir, keep=args.keep, own=own, warn=log.warning)
+    if plan.directory:
+        writer = ckptdir.CheckpointWriter(plan.directory, keep=plan.keep, own=own, warn=log.warning)
     return cfg, found and found[1], RunState(run_id, changes, writer, found and found[0])

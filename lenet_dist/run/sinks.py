@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from lenet_dist.run.metrics import MetricsFile
+from .metrics import MetricsFile
 
 log = logging.getLogger("lenet.trainer")
 

@@ -15,46 +15,14 @@ every K steps only (bench/telemetry_cost.py measures what it costs).
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 
 DEFAULT_EVERY = 10
 
 
-def add_arguments(p):
-    g = p.add_argument_group("telemetry (rank 0)")
-    g.add_argument("--log-every", type=int, default=DEFAULT_EVERY, metavar="K",
-                   help="every K steps, a row of step figures for --metrics, --publish and --tensorboard (0: none)")
-    g.add_argument("--tensorboard", type=Path, metavar="DIR",
-                   help="write TensorBoard event files under DIR/trainer (needs the tensorboard extra)")
-
-
-def check_args(p, args):
-    if args.log_every < 0:
-        p.error(f"--log-every must be >= 0, got {args.log_every}")
-    if args.tensorboard:
-        import importlib.util
-        if importlib.util.find_spec("tensorboardX") is None:
-            p.error("--tensorboard needs the tensorboard extra: pip install 'lenet-dist[tensorboard]'")
-
-
-def make_sinks(args, trainer, link=None, metrics=None):
-    """Rank 0's telemetry and TensorBoard sinks for these flags (a list, maybe empty). `metrics`: the
-    MetricsSink of --metrics, whose file gets the step rows."""
-    out, board = [], None
-    if args.tensorboard:
-        from .tensorboard import TrainerBoard
-        board = TrainerBoard(args.tensorboard, trainer.model)
-        out.append(board)
-    outputs = [f for f in (metrics and metrics.write, link and link.telemetry, board and board.add_row) if f]
-    if args.log_every and outputs:
-        out.insert(0, TelemetrySink(args.log_every, outputs, rank_examples=lambda: trainer.examples_by_rank))
-    return out
-
-
 class TelemetrySink:
-    """A sink (see workers/sinks.py) that hands a row to each of `outputs` (callables) every `every` steps.
+    """A sink (see sinks.py) that hands a row to each of `outputs` (callables) every `every` steps.
     `rank_examples()`, optional, returns the examples each rank has done since the loop last reset them
     (at each epoch start): the per-rank images/s come from it."""
 
