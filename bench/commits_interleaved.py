@@ -2,11 +2,11 @@
 
 For a refactoring that must not cost speed. Two separate jobs on a shared machine differ by more than the
 2% to be seen (where a job lands, what else runs then); blocks of the same job alternating old, new, new,
-old, ... share all of that. Both trainers get the same data, config (the defaults, by placement) and BLAS
+old, ... share all of that. Both trainers get the same data, config (by placement unless --bucket-kb) and BLAS
 thread; the older commit's package is imported first from a worktree, renamed, then this checkout's.
 
     git worktree add --detach /tmp/old 4222fd7
-    python bench/commits_interleaved.py --old /tmp/old [--ranks 2] [--batch 64] [--blocks 40]
+    python bench/commits_interleaved.py --old /tmp/old [--ranks 2] [--batch 64] [--blocks 40] [--bucket-kb 64]
 
 Prints one JSON line: median ms per step of each, and new / old as the median over neighbouring pairs of
 blocks (with quartiles); each block's time is the slowest rank's, owed updates settled.
@@ -60,7 +60,8 @@ def worker(args):
             print(f"commits_interleaved.py: WARNING: full MNIST not found ({e}); using the shipped subset",
                   file=sys.stderr, flush=True)
         ds = load_subset()
-    cfg = TrainConfig(batch_size=args.batch, epochs=1000, seed=1)
+    cfg = TrainConfig(batch_size=args.batch, epochs=1000, seed=1, bucket_kb=args.bucket_kb,
+                      allreduce_dtype=args.allreduce_dtype)
     limits = threadpool_limits(limits=1, user_api="blas")       # noqa: F841 - one BLAS thread per rank
     trainers = {"old": old_trainer(cfg, old_comm, ds), "new": DataParallelTrainer(cfg, comm, ds)}
     for t in trainers.values():
@@ -96,6 +97,8 @@ def main():
     p.add_argument("--old", required=True, type=Path, help="a worktree of the older commit")
     p.add_argument("--ranks", type=int, default=1, help="1: one process, no mpirun")
     p.add_argument("--batch", type=int, default=64, help="global batch size")
+    p.add_argument("--bucket-kb", type=int, help="as lenet-train's (default: by placement)")
+    p.add_argument("--allreduce-dtype", default="float32", help="as lenet-train's")
     p.add_argument("--blocks", type=int, default=40, help="blocks in all, half for each commit")
     p.add_argument("--block-steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=20)

@@ -117,6 +117,7 @@ def worker(args):
     from lenet_dist.comm import MPIComm
     from lenet_dist.config import TrainConfig
     from lenet_dist.parallel.buckets import BUCKET_KB_DEFAULT
+    from lenet_dist.parallel.placement import reducer_for
     from lenet_dist.parallel.reducers import BucketedReducer
     from lenet_dist.parallel.step import DataParallelTrainer
     from bench.timing import TimedReducer
@@ -131,11 +132,10 @@ def worker(args):
     with threadpool_limits(limits=1, user_api="blas"):
         def trainer(n):
             cfg, lanes = TrainConfig(batch_size=args.batch, epochs=epochs, **variant_config(n)), variant_lanes(n)
-            reducer = None
+            reducer = reducer_for(cfg, comm)
             if lanes:                       # the buckets' own lanes, as the variant's suffixes say
-                pipelined = comm.nap is None and comm.ranks_per_node < comm.size      # as placement.py
-                reducer = BucketedReducer(comm, max(cfg.bucket_kb or 0, 0) or BUCKET_KB_DEFAULT, cfg.allreduce_dtype,
-                                          **{"pipelined": pipelined, **lanes})
+                reducer = BucketedReducer(comm, getattr(reducer, "bucket_kb", BUCKET_KB_DEFAULT), cfg.allreduce_dtype,
+                                          **{"pipelined": reducer.pipelined, **lanes})
             t = DataParallelTrainer(cfg, comm, ds, reducer=reducer)
             t.reducer = TimedReducer(t.reducer)
             return t
