@@ -72,3 +72,9 @@ def test_test_mode_names_no_file_it_then_deletes():
     text = p.stdout + p.stderr
     assert "evaluator.jsonl" not in text and "metrics.jsonl" not in text, text
     assert "(removed when the test passes)" in p.stdout
+
+
+def test_checkpoint_every_without_a_folder_is_not_silently_ignored():
+    p = launch(2, ["--subset", "--epochs", "1", "--no-progress", "--train-subset", "200", "--checkpoint-every", "2"])
+    lines = [x for x in p.stderr.splitlines() if "--checkpoint-every 2 keeps nothing without --checkpoint-dir" in x]
+    assert len(lines) == 1 and "rank 0/2" in lines[0], p.stderr

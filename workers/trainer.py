@@ -85,6 +85,9 @@ def _start(flags, comm):
     cfg, found, state = setup.prepare(flags.config, flags.plan, comm, data, log)
     trainer = DataParallelTrainer(cfg, comm, data)
     _describe(trainer, comm, data)
+    if flags.args.checkpoint_every and not (flags.plan.directory or flags.args.publish) and comm.rank == 0:
+        log.warning("--checkpoint-every %d keeps nothing without --checkpoint-dir DIR (or --publish): this run "
+                    "writes no checkpoint", flags.args.checkpoint_every)
     r = Run(flags, comm, trainer, state)
     try:
         return _resume(r, found)
