@@ -45,6 +45,7 @@ log = logging.getLogger("lenet.trainer")
 
 POINTER_RETRY_S = 2.0       # how long a last/best pointer waits for a free file descriptor
 ALIKE_WAIT_S = 10.0         # how long a rank waits for rank 0 to report an error they both raised
+OTHER_WAIT_S = 1.0          # ... and for any other error, which rank 0 may or may not share
 ALIKE = ("ResumeError", "DataError", "TrainingError", "UsageError")   # raised on every rank at one point
 
 
@@ -333,8 +334,8 @@ def _end_on_error(comm, text, status, alike):
     if comm.size == 1:
         _fatal(comm, text)
         return
-    if alike and comm.rank != 0:
-        time.sleep(ALIKE_WAIT_S)
+    if comm.rank != 0:                      # rank 0 may have the same error: let its abort end us first
+        time.sleep(ALIKE_WAIT_S if alike else OTHER_WAIT_S)
     _fatal(comm, text)
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
@@ -342,8 +343,10 @@ def _end_on_error(comm, text, status, alike):
 
 
 def _fatal(comm, text):
-    """The one line a failing rank leaves on stderr: it names the rank, and tests and users grep for it."""
-    print(f"lenet-train: rank {comm.rank}/{comm.size}: error: {text}", file=sys.stderr, flush=True)
+    """The one line a failing rank leaves on stderr: it names the rank, and tests and users grep for it. One
+    write, so that lines of several ranks on one pipe never run together."""
+    sys.stderr.flush()
+    os.write(2, f"lenet-train: rank {comm.rank}/{comm.size}: error: {text}\n".encode(errors="replace"))
 
 
 def _stall_guard(args, comm, trainer):
