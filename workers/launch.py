@@ -286,7 +286,7 @@ class Launcher:
                         asked_ranks=a.ranks, reason=reason, failure=failure, resume_step=step if resume else None)
             started = time.monotonic()
             self.job_offset = metrics.size(a.metrics) if a.metrics else 0
-            job = self.job = Job(self.command(resume), env=dict(os.environ, LENET_LAUNCH_RESTARTS=str(attempt)))
+            job = self.job = Job(self.command(resume), env={**os.environ, metrics.LAUNCH_RESTARTS_VAR: str(attempt)})
             code = job.wait(self.stop, a.exit_grace)
             if code == 0:                   # finished, even if a stop came at the very end
                 log.info("the job finished (%d restart(s))", attempt)

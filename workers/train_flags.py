@@ -13,6 +13,7 @@ from lenet_dist.comm import RANK_VARS
 from lenet_dist.config import TrainConfig
 
 from lenet_dist.run.faults import FaultInjector
+from lenet_dist.run.metrics import LAUNCH_RESTARTS_VAR
 from lenet_dist.run.outcome import RunFacts
 from lenet_dist.run.setup import FolderPlan
 from lenet_dist.run.telemetry import DEFAULT_EVERY
@@ -198,7 +199,9 @@ def parse_args(argv=None):
     # a restart (lenet-launch adds --resume) continues what was started: --start-over is then ignored
     plan = FolderPlan(args.checkpoint_dir, args.keep, args.resume, args.start_over and not args.resume,
                       frozenset(_given_config(p, list(argv))), override)
-    facts = RunFacts(args.checkpoint_dir, args.metrics, argv, tuple(data_flags(args)), args.test_mode)
+    restarts = os.environ.get(LAUNCH_RESTARTS_VAR, "")              # set by lenet-launch for its jobs
+    facts = RunFacts(args.checkpoint_dir, args.metrics, argv, tuple(data_flags(args)), args.test_mode,
+                     restarts=int(restarts) if restarts.isdigit() else None)
     return Flags(args, config, plan, facts, fault, 1 if args.deterministic else args.threads)
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from ..files import open_regular
 
+LAUNCH_RESTARTS_VAR = "LENET_LAUNCH_RESTARTS"   # lenet-launch tells its trainer how many restarts came before
+
 
 class MetricsFile:
     def __init__(self, path):

@@ -24,6 +24,7 @@ class RunFacts:
     data_flags: tuple = ()              # the flags naming its data: the evaluate command repeats them
     test_mode: bool = False             # a rehearsal: nothing to go on with
     run_id: str | None = None           # rank 0's run id: only this run's last/best pointers are named
+    restarts: int | None = None         # under lenet-launch: the restarts before this start (its end row's)
 
 
 def agreed_signal(comm, mine):
@@ -151,8 +152,8 @@ def summary(facts, *, reason, step, total_steps, epoch, epochs, ranks, wall_seco
          "images_per_s": round(tally.images / tally.seconds, 1) if tally.seconds > 0 else None}
     if reason == "signal":
         s["signal"], s["signal_name"] = signum, signal_name(signum)
-    if os.environ.get("LENET_LAUNCH_RESTARTS", "").isdigit():      # started by lenet-launch: its count too
-        s["restarts"] = int(os.environ["LENET_LAUNCH_RESTARTS"])
+    if facts.restarts is not None:                  # started by lenet-launch: its count too
+        s["restarts"] = facts.restarts
     if tally.test_acc is not None:
         s.update(test_acc=tally.test_acc, last_epoch=tally.last_epoch)
     if tally.best_epoch is not None:
