@@ -11,7 +11,7 @@ from PIL import Image  # noqa: E402
 
 from lenet_dist.analysis import Analysis  # noqa: E402
 from workers import plot  # noqa: E402
-from workers.tensorboard import EvaluatorBoard, confusion_image, filters_image  # noqa: E402
+from lenet_dist.evaluation.tensorboard import EvaluatorBoard, confusion_image, filters_image  # noqa: E402
 
 from . import tbevents  # noqa: E402
 

@@ -7,7 +7,7 @@ import pytest
 
 pytest.importorskip("tensorboardX")
 
-from workers.tensorboard import filters_image  # noqa: E402
+from lenet_dist.evaluation.tensorboard import filters_image  # noqa: E402
 
 from . import tbevents  # noqa: E402
 from .mpiutil import final_params, launch  # noqa: E402

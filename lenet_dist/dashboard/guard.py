@@ -69,7 +69,7 @@ class _Guarded(HttpToolsProtocol):
         transport.set_write_buffer_limits(high=lim.write_buffer)
         _Sweeper.ensure(self.loop, self.connections, lim)
         if len(self.connections) > lim.max_connections:
-            _evict(self.connections, self)
+            _evict(self.connections, self, lim.max_connections)
 
     def connection_lost(self, exc):
         self._cancel_read_timer()
@@ -127,12 +127,23 @@ class _NullParser:
         return False
 
 
-def _evict(connections, newcomer, share=10):
-    """Over the cap: close the oldest tenth of the connections that hold a slot for nothing (idle, or a
-    request still unfinished), else the newcomer itself. By tenths, so a flood costs one sort per tenth."""
-    victims = sorted((c for c in connections if c is not newcomer and isinstance(c, _Guarded)
-                      and not c.transport.is_closing() and (c.is_idle() or c.reading_head)), key=lambda c: c.born)
-    for victim in victims[:max(1, len(connections) // share)] or [newcomer]:
+def _evict(connections, newcomer, cap):
+    """Over the cap: close connections that hold a slot for nothing until a tenth of the cap is free, else
+    the newcomer. First those idle after an answer, then those with a request half sent, then those that
+    never sent a byte (a legitimate client's request is one packet, often not yet read in a burst), oldest
+    first in each. Closed ones count until asyncio has let them go: they are not counted twice."""
+    open_now = [c for c in connections if isinstance(c, _Guarded) and not c.transport.is_closing()]
+    excess = len(open_now) - (cap - cap // 10)
+    if len(open_now) <= cap or excess <= 0:
+        return
+
+    def rank(c):
+        if c.cycle is not None and c.cycle.response_complete and c.head_bytes == 0:
+            return 0
+        return 1 if c.head_bytes else 2
+    victims = sorted((c for c in open_now if c is not newcomer and (c.is_idle() or c.reading_head)),
+                     key=lambda c: (rank(c), c.born))
+    for victim in victims[:excess] or [newcomer]:
         victim.transport.abort()
 
 

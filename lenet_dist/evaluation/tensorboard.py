@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lenet_dist.model import PARAM_SPECS
+from ..model import PARAM_SPECS
 
 
 def _writer(directory):
