@@ -151,6 +151,7 @@ def test_a_dashboard_that_dies_is_restarted_with_what_it_had(subset, caplog):
         with caplog.at_level(logging.INFO, logger="lenet.evaluator"):
             os.kill(first, signal.SIGKILL)
             until("a new dashboard process", lambda: dash.proc.pid != first and _serves(c), timeout=30)
+            until("its history given back", lambda: c.get("/api/checkpoint").status_code == 200)
         h = c.get("/api/history").json()
         assert [r["step"] for r in h["steps"]] == [1, 2, 3, 4, 5]
         assert [e["step"] for e in h["evaluations"]] == [10, 20]

@@ -302,6 +302,13 @@ class TokenGate:
         return hmac.compare_digest(given.encode(), self.token)
 
 
+def _run(coroutine, loop_factory):
+    if loop_factory is None:
+        return asyncio.run(coroutine)
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(coroutine)
+
+
 def listening_socket(host="127.0.0.1", port=0):
     """A TCP socket bound and listening on (host, port), and its URL. Bound by the caller, so that a busy
     port or a bad host fails at once (OSError) where the flag was given."""
@@ -338,7 +345,8 @@ class DashboardServer:
                                 timeout_keep_alive=self.limits.keepalive_s, backlog=self.limits.backlog)
         logging.getLogger("uvicorn.error").addFilter(guard.OncePerSecond())
         self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=asyncio.run, args=(self._serve(),), daemon=True,
+        loop_factory = config.get_loop_factory()            # uvloop when installed, as uvicorn.run would
+        self._thread = threading.Thread(target=lambda: _run(self._serve(), loop_factory), daemon=True,
                                         name="lenet-dashboard")
         self._thread.start()
 
