@@ -30,6 +30,7 @@ from lenet_dist import checkpoint, wire
 from lenet_dist.data import DataError
 from lenet_dist.evaluation import live as live_outputs
 from lenet_dist.evaluation.best import BestKeeper
+from lenet_dist.evaluation.health import Health, HealthServer
 from lenet_dist.evaluation.loop import LoopConfig, Output, run_loop
 from lenet_dist.evaluation.scoring import Judge
 from lenet_dist.files import check_writable_path, open_regular, read_regular
@@ -108,6 +109,9 @@ def _add_live_flags(p):
                         "reach the port sees the run and can query the model)")
     g.add_argument("--tensorboard", type=Path, metavar="DIR",
                    help="write TensorBoard event files (scalars, the confusion matrix) under DIR/evaluator")
+    g.add_argument("--health", metavar="[HOST:]PORT",
+                   help="serve /healthz (alive) and /readyz (data loaded, evaluating) here for an orchestrator's "
+                        "probes (host 127.0.0.1 unless given; no extra needed)")
 
 
 def _check_live_flags(p, args):
@@ -119,12 +123,9 @@ def _check_live_flags(p, args):
             p.error(f"--{flag} needs the {extra} extra: pip install 'lenet-dist[{extra}]'")
     if args.http_token_file and not args.http:
         p.error("--http-token-file needs --http")
+    args.health_address = _address(p, "--health", args.health) if args.health else None
     if args.http:
-        host, _, port = args.http.rpartition(":")
-        host = host.strip("[]") or "127.0.0.1"
-        if not port.isdigit() or not 0 <= int(port) <= 65535:
-            p.error(f"--http {args.http!r}: expected [HOST:]PORT with a port in [0, 65535]")
-        args.http_address = (host, int(port))
+        args.http_address = host, _ = _address(p, "--http", args.http)
         if not args.http_token_file and not _loopback(host):
             if not args.http_no_token:
                 p.error(f"--http {args.http}: a non-loopback address needs --http-token-file (or --http-no-token "
@@ -142,6 +143,15 @@ def _check_live_flags(p, args):
         args.http_token = token
 
 
+def _address(p, flag, text):
+    """[HOST:]PORT -> (host, port); p.error on a bad one."""
+    host, _, port = text.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        p.error(f"{flag} {text!r}: expected [HOST:]PORT with a port in [0, 65535]")
+    return host, int(port)
+
+
 def _loopback(host):
     if host == "localhost":
         return True
@@ -149,6 +159,15 @@ def _loopback(host):
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False                        # a name: it may resolve to anything
+
+
+def _address(p, flag, text):
+    """[HOST:]PORT -> (host, port); p.error on a bad one."""
+    host, _, port = text.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        p.error(f"{flag} {text!r}: expected [HOST:]PORT with a port in [0, 65535]")
+    return host, int(port)
 
 
 def _loopback(host):
@@ -180,8 +199,15 @@ def run(args, stop):
     from threadpoolctl import threadpool_limits
 
     from lenet_dist.model import LeNet5
-    ds = _dataset(args)
     with contextlib.ExitStack() as stack:
+        health = Health()
+        if args.health_address:                     # first: the probes answer (not ready) while data loads
+            probes = HealthServer(health, *args.health_address)
+            stack.callback(probes.close)
+            log.info("health probes on %s/healthz and /readyz", probes.url)
+        health.not_ready("loading data")
+        ds = _dataset(args)
+        health.not_ready("connecting")
         source = _source(args, stop)
         stack.callback(source.close)
         outputs = []                                # where each result goes besides stdout
@@ -208,7 +234,9 @@ def run(args, stop):
         log.info("evaluating checkpoints from %s", source.endpoint)
         cfg = LoopConfig(once=args.once, max_evaluations=args.max_evaluations, timeout=args.timeout,
                          poll_ms=args.poll_ms, delay=args.delay)
-        return run_loop(cfg, stop, source, model, Judge(ds), outputs, best, live)
+        health.ready()
+        stack.callback(health.not_ready, "stopping")
+        return run_loop(cfg, stop, source, model, Judge(ds), outputs, best, live, health)
 
 
 def main(argv=None):

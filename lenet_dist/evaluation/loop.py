@@ -38,14 +38,17 @@ class Output:
     full: bool = False
 
 
-def run_loop(cfg, stop, source, model, judge, outputs, best=None, live=None):
+def run_loop(cfg, stop, source, model, judge, outputs, best=None, live=None, health=None):
     """Evaluate what `source` serves until the final checkpoint, cfg's limits, or `stop` (a StopSignal); the
-    exit status: 0 done or stopped by SIGTERM, 130 by SIGINT, 1 for a checkpoint of other data, 3 on timeout."""
+    exit status: 0 done or stopped by SIGTERM, 130 by SIGINT, 1 for a checkpoint of other data, 3 on timeout.
+    `health` (health.Health): told each turn of the loop and each evaluation."""
     whoami = f"{socket.gethostname()}:{os.getpid()}"
     last_step, last_final, evaluations, status = -1, False, 0, None
     idle_since = time.monotonic()
     reminder = Reminder()
     while not stop:
+        if health is not None:
+            health.beat()
         if source.status != status:
             status = source.status
             ok = status.startswith(("connecting to", "connected to", "watching"))
@@ -118,6 +121,8 @@ def run_loop(cfg, stop, source, model, judge, outputs, best=None, live=None):
         except OSError as e:                        # a full or broken --best-dir: say so, keep evaluating
             log.error("could not keep the best checkpoint: %s", e)
         evaluations += 1
+        if health is not None:
+            health.evaluated(step)
         idle_since = time.monotonic()
         if final:
             log.info("evaluated the final checkpoint (step %d); exiting", step)
