@@ -118,7 +118,7 @@ def worker(args):
     from lenet_dist.config import TrainConfig
     from lenet_dist.parallel.buckets import BUCKET_KB_DEFAULT
     from lenet_dist.parallel.placement import reducer_for
-    from lenet_dist.parallel.reducers import BucketedReducer
+    from lenet_dist.parallel.reducers import BucketedReducer, HalfPrecisionReducer
     from lenet_dist.parallel.step import DataParallelTrainer
     from bench.timing import TimedReducer
 
@@ -134,8 +134,9 @@ def worker(args):
             cfg, lanes = TrainConfig(batch_size=args.batch, epochs=epochs, **variant_config(n)), variant_lanes(n)
             reducer = reducer_for(cfg, comm)
             if lanes:                       # the buckets' own lanes, as the variant's suffixes say
-                reducer = BucketedReducer(comm, getattr(reducer, "bucket_kb", BUCKET_KB_DEFAULT), cfg.allreduce_dtype,
-                                          **{"pipelined": reducer.pipelined, **lanes})
+                kb, lanes = getattr(reducer, "bucket_kb", BUCKET_KB_DEFAULT), {"pipelined": reducer.pipelined, **lanes}
+                reducer = BucketedReducer(comm, kb, **lanes) if cfg.allreduce_dtype == "float32" \
+                    else HalfPrecisionReducer(comm, kb, cfg.allreduce_dtype, **lanes)
             t = DataParallelTrainer(cfg, comm, ds, reducer=reducer)
             t.reducer = TimedReducer(t.reducer)
             return t
@@ -241,7 +242,7 @@ def half_costs(ranks):
     waits). Measured alone on this rank, on a gradient-like vector."""
     import numpy as np
     from lenet_dist.parallel import halfprec
-    from lenet_dist.parallel.buckets import HalfSum
+    from lenet_dist.parallel.compressed import HalfSum
     from lenet_dist.model import NUM_PARAMS
     rng = np.random.default_rng(0)
     g = (rng.standard_normal(NUM_PARAMS) * 10.0 ** rng.uniform(-7, -2, NUM_PARAMS)).astype(np.float32)

@@ -11,13 +11,14 @@ import numpy as np
 from lenet_dist.comm import get_comm
 from lenet_dist.config import TrainConfig
 from lenet_dist.data import load_subset
-from lenet_dist.parallel.reducers import BucketedReducer
+from lenet_dist.parallel.reducers import BucketedReducer, HalfPrecisionReducer
 from lenet_dist.parallel.step import DataParallelTrainer
 
 
 def run(comm, ds, dtype, pipelined, batch=48):
     cfg = TrainConfig(batch_size=batch, seed=5, lr=0.02, bucket_kb=64, allreduce_dtype=dtype)
-    reducer = BucketedReducer(comm, 64, dtype, pipelined=pipelined, chunk_kb=8, window=2)
+    lanes = dict(pipelined=pipelined, chunk_kb=8, window=2)
+    reducer = BucketedReducer(comm, 64, **lanes) if dtype == "float32" else HalfPrecisionReducer(comm, 64, dtype, **lanes)
     t = DataParallelTrainer(cfg, comm, ds, reducer=reducer)
     assert t.reducer.pipelined == pipelined
     losses = []

@@ -1,10 +1,10 @@
-"""The bucketed allreduce (buckets.py) and half-precision gradients with error feedback (halfprec.py), in
-one process (LocalComm: every sum is over one rank, so what is left is the bucketing, the rounding and the
-feedback). Against the fused float32 path over real mpirun: test_buckets_mpi.py."""
+"""The bucketed allreduce (buckets.py) and half-precision gradients with error feedback (halfprec.py,
+compressed.py), in one process (LocalComm: every sum is over one rank, so what is left is the bucketing,
+the rounding and the feedback). Against the fused float32 path over real mpirun: test_buckets_mpi.py."""
 import numpy as np
 import pytest
 
-from lenet_dist.parallel import buckets, halfprec
+from lenet_dist.parallel import buckets, compressed, halfprec
 from lenet_dist.comm import LocalComm
 from lenet_dist.config import TrainConfig
 from lenet_dist.model import NUM_PARAMS, LeNet5
@@ -83,7 +83,7 @@ def test_the_agreed_scale_leaves_headroom_and_keeps_small_values(dtype):
 def reducer(dtype, kb=64):
     comm = LocalComm()
     buf = np.zeros(NUM_PARAMS + 4 + buckets.tail_slots(kb, dtype), np.float32)
-    return buf, buckets.BucketedAllreduce(comm, buf, bucket_kb=kb, dtype=dtype)
+    return buf, compressed.CompressedAllreduce(comm, buf, bucket_kb=kb, dtype=dtype)
 
 
 def applied_sum(dtype, grads, feedback=True):

@@ -1,6 +1,6 @@
 """Half-precision gradients for the compressed allreduce (--allreduce-dtype float16 | bfloat16): the
-conversions, the scale every rank agrees on, and error feedback. No MPI here: comm.py sums the halves,
-buckets.py decides what is sent when.
+conversions, the scale every rank agrees on, and error feedback. No MPI here: compressed.py sends the
+halves, comm.py moves them.
 
 - float16 keeps 11 significant bits over 6e-8 .. 65504 (normal from 6.1e-5): a bucket is multiplied by a
   power of two (which changes no significant bit) chosen so that its largest possible partial sum sits
@@ -22,7 +22,7 @@ import numpy as np
 DTYPES = ("float32", "float16", "bfloat16")
 HALF_MAX = {"float16": 65504.0, "bfloat16": 3.3895313892515355e38}
 HEADROOM = 64.0         # a bucket's sums may grow 64x from one step to the next before one overflows (the
-                        # bucket is then sent again in float32: buckets.py)
+                        # bucket is then sent again in float32: compressed.py)
 STORAGE = {"float16": np.float16, "bfloat16": np.uint16}     # bfloat16 travels as its bits
 
 

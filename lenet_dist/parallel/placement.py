@@ -19,7 +19,7 @@ from __future__ import annotations
 from .autotune import AutoReducer
 from .buckets import BUCKET_KB_DEFAULT
 from .fixedpoint import FixedPointReducer
-from .reducers import BucketedReducer, FusedReducer
+from .reducers import BucketedReducer, FusedReducer, HalfPrecisionReducer
 
 
 def reducer_for(cfg, comm):
@@ -39,7 +39,9 @@ def _float_reducer(cfg, comm):
         return FusedReducer(comm)
     kb = cfg.bucket_kb if cfg.bucket_kb and cfg.bucket_kb > 0 else BUCKET_KB_DEFAULT
     pipelined = not cfg.deterministic and comm.nap is None and comm.ranks_per_node < comm.size
-    buckets = BucketedReducer(comm, kb, cfg.allreduce_dtype, pipelined=pipelined)
-    if cfg.bucket_kb == -1 and cfg.allreduce_dtype == "float32":
+    if cfg.allreduce_dtype != "float32":
+        return HalfPrecisionReducer(comm, kb, cfg.allreduce_dtype, pipelined=pipelined)
+    buckets = BucketedReducer(comm, kb, pipelined=pipelined)
+    if cfg.bucket_kb == -1:
         return AutoReducer(FusedReducer(comm), buckets)
     return buckets

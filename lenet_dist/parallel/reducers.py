@@ -15,8 +15,8 @@ The step (step.py) calls, in this order, and knows nothing else about how the su
 
 `before` and `ready` are the only calls the model makes into distribution code (model.py).
 Here: the fused sum (one allreduce after backward), the bucketed sum (buckets.py: buckets started during
-backward; pipelined or not; in half precision with error feedback when asked), and a straggler for fault
-rehearsal. fixedpoint.py and autotune.py wrap these.
+backward; pipelined or not), the same in half precision with error feedback (compressed.py), and a
+straggler for fault rehearsal. fixedpoint.py and autotune.py wrap these.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ import time
 
 from ..model import NUM_PARAMS
 from .buckets import BUCKET_KB_DEFAULT, BucketedAllreduce, tail_slots
+from .compressed import CompressedAllreduce
 
 EVERYTHING = slice(0, NUM_PARAMS)
 
@@ -104,8 +105,7 @@ class FusedReducer(Reducer):
 
 
 class BucketedReducer(Reducer):
-    """Buckets started as backward finishes them (buckets.BucketedAllreduce), in `dtype` (float16 | bfloat16:
-    half precision with error feedback).
+    """Buckets started as backward finishes them (buckets.BucketedAllreduce).
 
     Pipelined: the step waits only for the first layers' bucket and the tail, updates conv1..conv2 at once,
     and owes the update of fc1..fc3 until the next forward reaches fc1 (before()), so their sums travel
@@ -115,13 +115,11 @@ class BucketedReducer(Reducer):
 
     path = "buckets"
 
-    def __init__(self, comm, bucket_kb=BUCKET_KB_DEFAULT, dtype="float32", pipelined=False, chunk_kb=None,
-                 window=None):
+    def __init__(self, comm, bucket_kb=BUCKET_KB_DEFAULT, pipelined=False, chunk_kb=None, window=None):
         super().__init__(comm)
-        self.bucket_kb, self.dtype, self.pipelined = bucket_kb, dtype, pipelined
-        self._lanes = dict(chunk_kb=chunk_kb, window=window)
+        self.bucket_kb, self.pipelined = bucket_kb, pipelined
+        self._lanes = dict(bucket_kb=bucket_kb, pipelined=pipelined, chunk_kb=chunk_kb, window=window)
         self.name = "buckets, pipelined" if pipelined else "buckets"
-        self.tail_slots = tail_slots(bucket_kb, dtype)
         self.before = self._before_layer if pipelined else None
         self._owed = None                       # pipelined: apply(), owed to [back_lo, NUM_PARAMS)
 
@@ -131,8 +129,7 @@ class BucketedReducer(Reducer):
 
     def bind(self, buf, tail):
         super().bind(buf, tail)
-        self.engine = BucketedAllreduce(self.comm, buf, bucket_kb=self.bucket_kb, dtype=self.dtype,
-                                        pipelined=self.pipelined, **self._lanes)
+        self.engine = BucketedAllreduce(self.comm, buf, **self._lanes)
         self.buckets = self.engine.buckets
 
     def begin(self):
@@ -172,14 +169,31 @@ class BucketedReducer(Reducer):
         self.engine.settle()
         apply(slice(self.engine.back_lo, NUM_PARAMS))
 
+
+
+class HalfPrecisionReducer(BucketedReducer):
+    """The buckets in `dtype` (float16 | bfloat16), rounded with error feedback (compressed.py): each rank's
+    residual and the agreed scales are state a checkpoint keeps."""
+
+    def __init__(self, comm, bucket_kb=BUCKET_KB_DEFAULT, dtype="float16", pipelined=False, chunk_kb=None,
+                 window=None):
+        super().__init__(comm, bucket_kb, pipelined, chunk_kb, window)
+        self.dtype = dtype
+        self.tail_slots = tail_slots(bucket_kb, dtype)
+
+    def bind(self, buf, tail):
+        Reducer.bind(self, buf, tail)
+        self.engine = CompressedAllreduce(self.comm, buf, dtype=self.dtype, **self._lanes)
+        self.buckets = self.engine.buckets
+
     def state(self):
-        return self.engine.compression_state() if self.engine.compress else None
+        return self.engine.state()
 
     def takes(self, saved):
         return self.engine.takes(saved)
 
     def load_state(self, residual, scales):
-        self.engine.load_compression_state(residual, scales)
+        self.engine.load_state(residual, scales)
 
 
 class Straggler:
