@@ -10,9 +10,10 @@ import signal
 
 import pytest
 
-from lenet_dist import checkpoint, ckptdir
+from lenet_dist import checkpoint, ckptdir, selection
 from lenet_dist.model import LeNet5
-from workers.evaluator import Reminder, _epoch_text
+from lenet_dist.evaluation.loop import Reminder
+from lenet_dist.evaluation.loop import epoch_text as _epoch_text
 from lenet_dist.run.outcome import Tally
 from lenet_dist.run.progress import ProgressSink, summary_lines
 from lenet_dist.run.sinks import RunInfo, StepState
@@ -46,7 +47,7 @@ def test_without_a_terminal_progress_lines_epoch_lines_summary_and_pointers(tmp_
     end = rows(m)[-1]
     assert end["event"] == "end" and end["outcome"] == "finished" and end["step"] == 20 and end["images"] == 2 * 587
     assert end["test_acc"] == epochs[-1]["test_acc"]
-    chosen = max(epochs, key=lambda r: r["val_acc"])                 # the best epoch is chosen on validation
+    chosen = selection.best_of(epochs)          # chosen on validation (ties: lower loss, then the later step)
     assert end["best_test_acc"] == chosen["test_acc"] and end["best_epoch"] == chosen["epoch"]
     i = out.index(next(x for x in out if x.startswith("finished 2 epochs (20 steps) in ")))
     summary = "\n".join(out[i:])
