@@ -7,6 +7,7 @@ report, and the metrics unless --metrics names a file) is removed at the end; ke
 """
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import socket
@@ -14,10 +15,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
-
-import argparse
 from dataclasses import replace
+from pathlib import Path
 
 from lenet_dist.comm import LocalComm
 from lenet_dist.run.process import blas_threads, setup_logging
