@@ -26,8 +26,9 @@ class CompressedAllreduce(BucketedAllreduce):
     sums in half: its recursive halving keeps a node's first exchanges inside the node, where an all-to-all
     would send twice the bytes across the link."""
 
-    def __init__(self, comm, buf, *, bucket_kb, dtype, pipelined=True, chunk_kb=None, window=None):
-        """`buf`: the float32 grad buffer, its last len(buckets) slots free for the bounds (buckets.tail_slots)."""
+    def __init__(self, comm, buf, *, bucket_kb, dtype, pipelined=True, chunk_kb=None, window=None, bounds=None):
+        """`buf`: the float32 grad buffer; `bounds`: the slice of its tail where the buckets' bounds travel
+        (buckets.tail_slots of them; default: the buffer's last ones)."""
         if dtype not in HALF_MAX:
             raise ValueError(f"allreduce dtype must be one of {', '.join(HALF_MAX)}, got {dtype!r}")
         super().__init__(comm, buf, bucket_kb=bucket_kb, pipelined=pipelined, chunk_kb=chunk_kb, window=window)
@@ -38,7 +39,7 @@ class CompressedAllreduce(BucketedAllreduce):
         self.scale = [None] * nb                                        # agreed: from the reduced bounds
         self._sent_scale = [None] * nb                                  # the scale each bucket went with
         self.local_bound = np.zeros(nb, np.float32)                     # this rank's max |g| per bucket
-        self.bound_slots = slice(len(buf) - nb, len(buf))               # where they travel (the tail's end)
+        self.bound_slots = slice(len(buf) - nb, len(buf)) if bounds is None else bounds   # where they travel
         self.overflows = 0                                              # buckets summed again in float32
         # HalfSum's all-to-all crosses the links with as many bytes as MPI's reduce-scatter only when
         # each node holds one rank (or there are just 2): with 2 ranks per host it sends twice as many

@@ -183,7 +183,7 @@ class HalfPrecisionReducer(BucketedReducer):
 
     def bind(self, buf, tail):
         Reducer.bind(self, buf, tail)
-        self.engine = CompressedAllreduce(self.comm, buf, dtype=self.dtype, **self._lanes)
+        self.engine = CompressedAllreduce(self.comm, buf, dtype=self.dtype, bounds=tail.extra, **self._lanes)
         self.buckets = self.engine.buckets
 
     def state(self):
