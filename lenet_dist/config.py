@@ -27,14 +27,14 @@ class TrainConfig:
     seed: int = 0                   # model init, data order and augmentation all derive from it
     deterministic: bool = False     # bit-identical results at any rank count (fixed-point reduction)
     micro_batch: int = 16           # deterministic mode: examples per fixed-size gradient chunk
-    balance: bool = False           # shards follow each rank's measured speed (see balance.py)
+    balance: bool = False           # shards follow each rank's measured speed (see parallel/balance.py)
     train_subset: int = 0           # use only the first N training examples (0 = all)
     bucket_kb: int | None = None    # gradients reduced in buckets of >= this many KiB, each started as soon
-                                    # as backward has produced it (buckets.py); 0 = one fused allreduce;
+                                    # as backward has produced it (parallel/buckets.py); 0 = one fused allreduce;
                                     # -1: 64 KiB buckets or fused, whichever the first steps measure faster;
-                                    # None: by placement (train.py): 64 across nodes or in half precision,
+                                    # None: by placement (parallel/placement.py): 64 across nodes or half,
                                     # else one non-blocking allreduce after backward
-    allreduce_dtype: str = "float32"  # float16 | bfloat16: gradients travel in half precision (halfprec.py)
+    allreduce_dtype: str = "float32"  # float16 | bfloat16: gradients travel in half precision (parallel/compressed.py)
     val_size: int = -1              # examples held out of those for validation (-1: 1/12 of them; data/split.py)
 
     def __post_init__(self):

@@ -1,6 +1,6 @@
 """Failures that the processes (and lenet-launch) tell apart by their type name in the one-line error.
 
-DataError (data.py), CheckpointError (checkpoint.py) and TrainingError (train.py) live beside the code that
+DataError (data.py), CheckpointError (checkpoint.py) and TrainingError (parallel/step.py) live beside the code that
 raises them; what has no better home is here.
 """
 
