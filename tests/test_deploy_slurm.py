@@ -201,7 +201,7 @@ def test_the_time_limit_itself_still_yields_the_stop_checkpoint(cluster, tmp_pat
     run_dir = d / "runs" / JOB_NAME
     args = ["--nodes=3", "--time=1", "--signal=B:URG@10",
             f"--export=ALL,RANKS_PER_NODE=1,KEYS_DIR={keys},EVAL_ARGS=--subset,EVAL_GRACE=30",
-            str(SBATCH), "--subset", "--epochs", "100", "--batch-size", "50", "--checkpoint-every", "1000",
+            str(SBATCH), "--subset", "--epochs", "1000", "--batch-size", "50", "--checkpoint-every", "1000",
             "--no-progress"]
     job = cluster.sbatch(args, cwd=d, env=job_env(bindir))
     fields = cluster.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}, timeout=240)
