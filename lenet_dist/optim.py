@@ -52,7 +52,7 @@ class SGD:
         self.velocity[...] = v
 
 
-SCHEDULES = ("constant", "step", "cosine")
+SCHEDULES = ("constant", "step", "cosine", "plateau")   # plateau: constant; its drops are the caller's scale
 
 
 class LRSchedule:
@@ -77,7 +77,7 @@ class LRSchedule:
         """LR for the update that takes the model from `step` to `step + 1` (step counts from 0)."""
         if step < self.warmup:
             return self.base_lr * (step + 1) / self.warmup
-        if self.kind == "constant":
+        if self.kind in ("constant", "plateau"):
             return self.base_lr
         if self.kind == "step":
             return self.base_lr * self.gamma ** ((step // self.per_epoch) // self.step_epochs)

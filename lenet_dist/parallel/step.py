@@ -75,6 +75,7 @@ class DataParallelTrainer:
                                    warmup_steps=int(round(cfg.warmup_epochs * self.steps_per_epoch)),
                                    gamma=cfg.gamma, step_epochs=cfg.step_epochs)
         self.step, self.epoch, self.pos = 0, 0, 0                       # pos: batches done in this epoch
+        self.lr_scale = 1.0             # on the schedule: the caller's steering (run/steering.py), saved by it
         self._perm_epoch, self._perm = None, None
         self._xbuf = Workspace(np.float32)                               # normalized shard images
         self._carry = None              # a resumed half-precision run's residuals, owed to the next step's sum
@@ -106,7 +107,7 @@ class DataParallelTrainer:
         """One synchronized SGD step -> StepResult. `stop` is true when any rank asked to stop: the vote
         travels with the gradients, so all ranks stop after the same step."""
         idx = self._batch_indices()
-        B, lr = len(idx), self.schedule(self.step)
+        B, lr = len(idx), self.schedule(self.step) * self.lr_scale
         cuts = self._cuts(B)                                                    # [dist] every rank's share
         reducer = self.reducer
         reducer.begin()
