@@ -2,8 +2,9 @@
 ours (uvicorn's httptools protocol with lenet_dist/dashboard/guard.py's limits), uvicorn with its own
 options at their tightest (h11 with h11_max_incomplete_event_size, limit_concurrency, timeout_keep_alive,
 a backlog), and uvicorn as it comes. Each serves the same app over a LiveState holding 30 evaluations, in a
-process of its own at `ulimit -n 1024`; one JSON line per (server, attack): a legitimate client's latencies
-(a new connection every 0.1 s, failures counted), the server's RSS before, at most and 3 s after.
+process of its own at `ulimit -n 1024`, the attack from another process; one JSON line per (server, attack):
+a legitimate client's latencies (a new connection every 25 ms, failures counted), the server's RSS before,
+at most and 3 s after.
 
     python bench/dashboard_attacks.py                      # all three servers, all four attacks
     python bench/dashboard_attacks.py --servers guarded --seconds 20
@@ -57,10 +58,8 @@ def serve(kind, port):
 def measure(kind, attack, seconds):
     import numpy as np
 
-    from tests import idleflood
-    from tests.test_dashboard_attacks import ATTACKS
+    from tests.test_dashboard_attacks import ATTACKER
     from tests.test_e2e import free_port
-    idleflood.own_limit(2500)
     port = free_port()
 
     def limit():
@@ -78,9 +77,8 @@ def measure(kind, attack, seconds):
         import httpx
         client = httpx.Client(timeout=2, limits=httpx.Limits(max_keepalive_connections=0))
         base, peak, times, failed = rss(), 0.0, [], 0
-        start, stop = ATTACKS[attack](port)
-        opening = threading.Thread(target=start, daemon=True)
-        opening.start()
+        attacker = subprocess.Popen([sys.executable, "-c", ATTACKER, attack, str(port)], cwd=REPO,
+                                    stdin=subprocess.PIPE)     # its own process: its threads do not slow the probe
         end = time.monotonic() + seconds
         while time.monotonic() < end:
             t0 = time.perf_counter()
@@ -90,9 +88,9 @@ def measure(kind, attack, seconds):
             except httpx.HTTPError:
                 failed += 1
             peak = max(peak, rss())
-            time.sleep(0.1)
-        opening.join(30)
-        stop()
+            time.sleep(0.025)
+        attacker.stdin.close()
+        attacker.wait(30)
         time.sleep(3)
         after = rss()
         errors = proc.stderr  # read below, after the process ends
