@@ -2,7 +2,7 @@
 (the evaluator runs it in a process of its own: process.py).
 
     GET  /                      the page (static/index.html; its scripts and uPlot from /static/)
-    GET  /api/state             run configuration, newest step and evaluation, best accuracy
+    GET  /api/state             run configuration, newest step and evaluation, the best (chosen on validation)
     GET  /api/history           telemetry rows and evaluations so far
     GET  /api/checkpoint        the newest checkpoint's analysis (confusion, per class, worst, conv1 filters)
     GET  /api/digit/N           test image N, its label, and how the newest checkpoint sees it (feature maps)
