@@ -261,7 +261,7 @@ def commands(args, data_flags, tmp):
                "--publish", endpoint, "--checkpoint-every", str(args.checkpoint_every), "--linger", "10"]
     evaluator = [sys.executable, "-m", "workers.evaluator", "--connect", endpoint, "--report", str(report),
                  *(["--subset"] if "--subset" in data_flags else ["--no-download"]), "--log-level", "WARNING",
-                 "--http", f"127.0.0.1:{port}"]
+                 "--http", f"127.0.0.1:{port}", "--exit-after-run"]
     return trainer, evaluator, env, url, metrics, report
 
 

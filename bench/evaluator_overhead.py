@@ -45,7 +45,7 @@ def run_once(config, args, data_flags, tmp):
     if config in ("evaluator", "slow-evaluator", "stopped-evaluator"):
         cmd = [sys.executable, "-m", "workers.evaluator", "--connect", endpoint,
                *(["--subset"] if "--subset" in data_flags else ["--no-download"]),
-               "--log-level", "WARNING", "--threads", "1"]
+               "--log-level", "WARNING", "--threads", "1", "--exit-after-run"]
         if config == "slow-evaluator":
             cmd += ["--delay", "2"]
         evaluator = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)

@@ -26,6 +26,7 @@ class DirectoryWatcher:
         self.directory = Path(directory)
         self.interrupted = interrupted              # a callable: true ends a wait early
         self.endpoint = str(self.directory)
+        self.run_name = self.directory.resolve().name     # what the evaluator calls the run it finds here
         self.max_bytes = max_bytes
         self.scan_s = scan_ms / 1000
         self.trainer_step = None    # newest usable step on disk, as last seen
@@ -107,3 +108,38 @@ class DirectoryWatcher:
                   "trainer_step": step, "step": step, "size": len(data), "sha256": wire.sha256(data),
                   "final": False, "path": str(path)}
         return header, data
+
+
+class RunFolders:
+    """--watch on a folder of run folders: one DirectoryWatcher per subfolder holding checkpoints (and one for
+    the folder itself if it holds some), looked for again every `rescan_s`; sources() is the current list."""
+
+    def __init__(self, directory, *, rescan_s=2.0, **watcher_kw):
+        self.directory = Path(directory)
+        self.rescan_s, self.kw = rescan_s, watcher_kw
+        self._watchers = {}                         # folder -> DirectoryWatcher
+        self._scanned = -float("inf")
+        self._current = []
+
+    def sources(self):
+        now = time.monotonic()
+        if now - self._scanned >= self.rescan_s:
+            self._scanned = now
+            folders = self._folders()
+            for folder in folders:
+                if folder not in self._watchers:
+                    self._watchers[folder] = DirectoryWatcher(folder, **self.kw)
+            self._current = [self._watchers[f] for f in folders]    # the same objects: the loop tracks them
+        return self._current
+
+    def _folders(self):
+        try:
+            subs = sorted(p for p in self.directory.iterdir() if p.is_dir())
+        except OSError:
+            return [self.directory]                 # not there yet: the watcher of the folder itself says so
+        found = [p for p in subs if list_checkpoints(p)]
+        return [self.directory] + found if list_checkpoints(self.directory) or not found else found
+
+    def close(self):
+        for w in self._watchers.values():
+            w.close()

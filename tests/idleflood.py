@@ -109,7 +109,7 @@ def run(tmp, *, n_idle, epochs, ranks=2, nofile=1024, timeout=600, extra=()):
             socks = open_idle(port, n_idle)
         flood_s = time.monotonic() - t_flood
         ev = subprocess.Popen([sys.executable, "-m", "workers.evaluator", "--connect", f"tcp://127.0.0.1:{port}",
-                               "--subset", "--report", str(report), "--timeout", "300"],
+                               "--subset", "--report", str(report), "--timeout", "300", "--exit-after-run"],
                               cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         tr_rc = tr.wait(timeout)
         train_s = time.monotonic() - t0

@@ -46,7 +46,8 @@ class Evaluator(test_evaluator.Evaluator):
         test_evaluator.Evaluator.count += 1
         n = test_evaluator.Evaluator.count
         self.report, self.err_path = tmp_path / f"report{n}.jsonl", tmp_path / f"stderr{n}.txt"
-        argv = [sys.executable, "-m", "workers.evaluator", "--report", str(self.report), "--subset", *map(str, args)]
+        argv = [sys.executable, "-m", "workers.evaluator", "--report", str(self.report), "--subset", "--exit-after-run",
+                *map(str, args)]
         with open(self.err_path, "w") as err:
             self.proc = subprocess.Popen(argv, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=err, text=True)
 

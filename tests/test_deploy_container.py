@@ -189,7 +189,7 @@ def test_image_builds_offline_and_trains_with_an_evaluator_in_another_container(
             ["podman", "run", "--rm", "--runtime", "runc", f"--network={net['h2']}", *ulimits(),
              f"--volume={out}:/out", f"--name={names[0]}", image,
              "lenet-evaluator", "--subset", "--connect", f"tcp://{HOSTS['h1']}:5555",
-             "--results-bind", f"tcp://{HOSTS['h2']}:5556", "--report", "/out/evaluator.jsonl", "--timeout", "300"],
+             "--results-bind", f"tcp://{HOSTS['h2']}:5556", "--report", "/out/evaluator.jsonl", "--timeout", "300", "--exit-after-run"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         train = run_in(image, "mpirun", "-n", "2", "lenet-train", "--subset", "--epochs", "1", "--batch-size", "50",
                        "--val-size", "0", "--checkpoint-every", "10", "--no-progress", "--checkpoint-dir", "/out/ckpt",

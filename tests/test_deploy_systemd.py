@@ -4,7 +4,8 @@ keeps its stand-in base), the package installed as the unit's header says (a vir
 the pinned wheels of deploy/requirements.lock, offline), the unit and its environment file installed
 unchanged but for the env file's values. The unit watches a checkpoint folder of a stopped run (trained
 here, mounted read-only): it must evaluate the newest checkpoint and stay active, with no restart, under
-every line of its hardening. Needs root, podman, runc and debootstrap (scripts/setup-tests.sh); skips,
+every line of its hardening; then the run's final checkpoint appears, and the unit evaluates it and stays
+active after the run's end, waiting for the next run. Needs root, podman, runc and debootstrap (scripts/setup-tests.sh); skips,
 saying which is missing, otherwise. The container is removed even when the test fails.
 """
 import json
@@ -17,7 +18,7 @@ import time
 
 import pytest
 
-from lenet_dist import checkpoint
+from lenet_dist import checkpoint, ckptdir
 
 from .mpiutil import REPO
 from .test_deploy_container import build_context, podman, standin_base, ulimits
@@ -103,14 +104,14 @@ def booted(tmp_path):
             # systemctl answers nothing until PID 1 listens, then "initializing" or "starting"
             assert time.monotonic() < deadline, f"systemd is {state or 'not answering'} after 120 s"
             time.sleep(0.5)
-        yield sh, step
+        yield sh, step, run / "checkpoints"
     finally:
         if os.environ.get("LENET_KEEP_CONTAINER") != "1":
             podman("rm", "-f", "--time=0", name, check=False)
 
 
 def test_the_unit_runs_under_systemd_and_evaluates_a_checkpoint_folder(booted):
-    sh, step = booted
+    sh, step, folder = booted
     # The install steps of the unit's header, from the build context (offline: the pinned wheels).
     sh(f"""set -e
         useradd --system --home-dir /var/lib/lenet-evaluator --shell /usr/sbin/nologin lenet
@@ -139,10 +140,36 @@ def test_the_unit_runs_under_systemd_and_evaluates_a_checkpoint_folder(booted):
         (props, journal(sh))
     log = journal(sh)
     assert "Operation not permitted" not in log, log
+    # The run ends (its final checkpoint): the unit evaluates it and outlives the run.
+    final = finish_run(folder)
+    wait_for_step(sh, final)
+    time.sleep(SETTLE)
+    props = show(sh)
+    assert (props["ActiveState"], props["SubState"], props["NRestarts"]) == ("active", "running", "0"), \
+        (props, journal(sh))
+    assert f"finished at step {final}; waiting for the next run" in journal(sh), journal(sh)
     # systemctl stop: SIGTERM, a clean exit within TimeoutStopSec.
     sh("systemctl stop lenet-evaluator", timeout=60)
     out = sh("systemctl show -p Result,ExecMainStatus lenet-evaluator").stdout.split()
     assert out == ["Result=success", "ExecMainStatus=0"], (out, journal(sh))
+
+
+def finish_run(folder):
+    """The run's final checkpoint, as the trainer writes it at the end: the newest one's arrays, final."""
+    path, ckpt = checkpoint.latest_valid(folder, warn=lambda m: None)
+    meta = dict(ckpt.meta, step=ckpt.step + 10, final=True)
+    path, _ = ckptdir.save(folder, ckpt.params, ckpt.velocity, meta)
+    path.chmod(0o644)
+    return ckpt.step + 10
+
+
+def wait_for_step(sh, step):
+    deadline = time.monotonic() + 90
+    while not any(r.get("step") == step for r in map(json.loads, sh(f"cat {REPORT} 2>/dev/null",
+                                                                     check=False).stdout.splitlines())):
+        props = show(sh)
+        assert time.monotonic() < deadline and props["NRestarts"] == "0", (props, journal(sh))
+        time.sleep(0.5)
 
 
 def show(sh):

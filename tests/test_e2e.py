@@ -34,7 +34,7 @@ def start_trainer(endpoint, tmp_path, *extra, ranks=2, epochs=3, name="t"):
 
 def start_evaluator(endpoint, report, *extra):
     cmd = [sys.executable, "-m", "workers.evaluator", "--connect", endpoint, "--subset", "--report", str(report),
-           "--poll-ms", "200", "--timeout", "120", *map(str, extra)]
+           "--poll-ms", "200", "--timeout", "120", "--exit-after-run", *map(str, extra)]
     return subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -33,7 +33,7 @@ class Evaluator:
         Evaluator.count += 1
         self.report = tmp_path / f"report{Evaluator.count}.jsonl"
         self.err_path = tmp_path / f"stderr{Evaluator.count}.txt"
-        argv = [sys.executable, "-m", "workers.evaluator", "--report", str(self.report), *args]
+        argv = [sys.executable, "-m", "workers.evaluator", "--report", str(self.report), "--exit-after-run", *args]
         argv += ["--subset"] if subset else []
         with open(self.err_path, "w") as err:
             # env(): this checkout's code on PYTHONPATH, whatever copy of the package is installed

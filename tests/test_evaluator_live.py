@@ -23,7 +23,8 @@ from .test_e2e import finish, free_port  # noqa: E402
 
 
 def evaluator(*argv):
-    return subprocess.Popen([sys.executable, "-m", "workers.evaluator", "--subset", "--poll-ms", "100", *map(str, argv)],
+    return subprocess.Popen([sys.executable, "-m", "workers.evaluator", "--subset", "--poll-ms", "100", "--exit-after-run",
+                             *map(str, argv)],
                             cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

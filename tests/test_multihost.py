@@ -81,7 +81,7 @@ def test_training_spans_hosts_and_the_evaluator_on_a_third_reports_the_final_ste
     report, ev_log = tmp_path / "evaluator.jsonl", tmp_path / "evaluator.log"
     with open(ev_log, "w") as log:
         ev = on_host(hosts, evaluator_host,
-                     [sys.executable, "-m", "workers.evaluator", "--subset", "--report", report,
+                     [sys.executable, "-m", "workers.evaluator", "--subset", "--report", report, "--exit-after-run",
                       "--connect", f"tcp://{rank0}:{PUBLISH_PORT}",
                       "--results-bind", f"tcp://{evaluator_host}:{RESULTS_PORT}", "--timeout", "50",
                       "--curve-secret-key", eval_keys / "evaluator.key_secret",

@@ -2,18 +2,24 @@
 
     lenet-evaluator --connect tcp://127.0.0.1:5555 --report eval.jsonl   # from lenet-train --publish
     lenet-evaluator --watch ckpt --report eval.jsonl                     # or poll its --checkpoint-dir
+    lenet-evaluator --watch runs --report eval.jsonl                     # or a folder of run folders
+    lenet-evaluator --connect tcp://h1:5555 --connect tcp://h2:5555      # several trainers at once
+    lenet-evaluator --connect tcp://127.0.0.1:5555 --exit-after-run      # one run, then exit (scripts)
     lenet-evaluator --connect tcp://127.0.0.1:5555 --once                # the newest checkpoint, then exit
     lenet-evaluator --connect tcp://trainer-host:5555 --curve-secret-key keys/evaluator.key_secret \\
                     --curve-server-key keys/trainer.key                  # CurveZMQ, keys from lenet-keys
     lenet-evaluator --connect tcp://127.0.0.1:5555 --subset              # 1,000 shipped test images: quick
 
-It evaluates the newest checkpoint available whenever it is ready, skipping stale ones; each report says
-how many steps the trainer was ahead by then (lag_steps). One line on stdout and one JSON object in
---report per evaluation; results also go back to the trainer (which logs them) and to --results-bind.
-Anything malformed that arrives is logged with its reason and skipped; the daemon keeps serving.
+It evaluates the newest checkpoint available whenever it is ready, skipping stale ones; each report says how
+many steps the trainer was ahead by then (lag_steps). It is a daemon: after a run's final checkpoint it
+waits for the next run on the same endpoint or folder; each result names its run (run_id, run). One line on
+stdout and one JSON object in --report per evaluation; results also go back to the trainer (which logs them)
+and to --results-bind. Anything malformed that arrives is logged with its reason and skipped; the daemon
+keeps serving.
 
-Exit status: 0 after the trainer's final checkpoint, after --once or --max-evaluations, and on SIGTERM;
-130 on Ctrl-C; 1 on a setup error (data, keys, bind); 3 when --timeout passes with nothing to evaluate.
+Exit status: 0 on SIGTERM, after --once or --max-evaluations, and with --exit-after-run after the final
+checkpoint of every followed run; 130 on Ctrl-C; 1 on a setup error (data, keys, bind); 3 when --timeout
+passes with nothing to evaluate.
 """
 from __future__ import annotations
 
@@ -46,8 +52,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="lenet-evaluator", description=__doc__.split("\n\n")[0],
                                 formatter_class=HelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--connect", metavar="ENDPOINT", help="the trainer's --publish endpoint, e.g. tcp://127.0.0.1:5555")
-    src.add_argument("--watch", metavar="DIR", type=Path, help="poll this checkpoint directory instead")
+    src.add_argument("--connect", metavar="ENDPOINT", action="append",
+                     help="the trainer's --publish endpoint, e.g. tcp://127.0.0.1:5555 (repeat it to follow several)")
+    src.add_argument("--watch", metavar="DIR", type=Path,
+                     help="poll this checkpoint directory instead, or each run folder inside it")
     add_data_flags(p)       # the trainer's own: a checkpoint is scored only on the data it was trained for
     g = p.add_argument_group("output")
     g.add_argument("--report", type=Path, help="append one JSON object per evaluation here")
@@ -56,6 +64,9 @@ def parse_args(argv=None):
                    help="keep the best checkpoint (by validation accuracy, never test) here as best.npz")
     g = p.add_argument_group("when to stop, pacing")
     g.add_argument("--once", action="store_true", help="evaluate the newest checkpoint, then exit")
+    g.add_argument("--exit-after-run", action="store_true",
+                   help="exit after the run's final checkpoint (every run's, when following several) instead of "
+                        "waiting for the next run")
     g.add_argument("--max-evaluations", type=int, default=0, metavar="N", help="exit after N (0: no limit)")
     g.add_argument("--timeout", type=float, default=0.0, metavar="SECONDS",
                    help="exit 3 after this long without a new checkpoint (0: wait forever)")
@@ -86,12 +97,16 @@ def parse_args(argv=None):
                           or checkpoint.list_checkpoints(args.best_dir)):
         p.error(f"--best-dir {args.best_dir} is a trainer's checkpoint folder, where the trainer keeps its own "
                 f"best.npz and best.json: give the evaluator a folder of its own")
-    for flag in ("connect", "results_bind"):
-        if getattr(args, flag):
-            try:
-                setattr(args, flag, wire.check_endpoint(getattr(args, flag), bind=flag != "connect"))
-            except ValueError as e:
-                p.error(f"--{flag.replace('_', '-')}: {e}")
+    for flag, bind in (("connect", False), ("results_bind", True)):
+        try:
+            value = getattr(args, flag)
+            if value:
+                setattr(args, flag, [wire.check_endpoint(e, bind=bind) for e in value] if flag == "connect"
+                        else wire.check_endpoint(value, bind=bind))
+        except ValueError as e:
+            p.error(f"--{flag.replace('_', '-')}: {e}")
+    if args.connect and len(set(args.connect)) != len(args.connect):
+        p.error("--connect: the same endpoint twice")
     curve = (args.curve_secret_key, args.curve_public_key, args.curve_server_key)
     if any(curve) and (args.watch or not (args.curve_secret_key and args.curve_server_key)):
         p.error("CurveZMQ needs --connect with both --curve-secret-key and --curve-server-key")
@@ -161,24 +176,6 @@ def _loopback(host):
         return False                        # a name: it may resolve to anything
 
 
-def _address(p, flag, text):
-    """[HOST:]PORT -> (host, port); p.error on a bad one."""
-    host, _, port = text.rpartition(":")
-    host = host.strip("[]") or "127.0.0.1"
-    if not port.isdigit() or not 0 <= int(port) <= 65535:
-        p.error(f"{flag} {text!r}: expected [HOST:]PORT with a port in [0, 65535]")
-    return host, int(port)
-
-
-def _loopback(host):
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False                        # a name: it may resolve to anything
-
-
 def _dataset(args):
     ds = read_dataset(args, log)
     log.info("data: %s, %d test images (and %d training images for validation splits) from %s", ds.name,
@@ -186,13 +183,21 @@ def _dataset(args):
     return ds
 
 
-def _source(args, stop):
+def _sources(args, stop, stack):
+    """What the loop follows: a callable returning the current sources (a folder of run folders grows)."""
     if args.watch:
-        from lenet_dist.watch import DirectoryWatcher
-        return DirectoryWatcher(args.watch, interrupted=stop.__bool__, warn=log.warning)
+        from lenet_dist.watch import RunFolders
+        folders = RunFolders(args.watch, interrupted=stop.__bool__, warn=log.warning)
+        stack.callback(folders.close)
+        return folders.sources, str(args.watch)
     from lenet_dist.transport import CheckpointClient
-    return CheckpointClient(args.connect, secret_key=args.curve_secret_key, public_key=args.curve_public_key,
-                            server_key=args.curve_server_key, interrupted=stop.__bool__)
+    clients = []
+    for endpoint in args.connect:
+        clients.append(CheckpointClient(endpoint, secret_key=args.curve_secret_key,
+                                        public_key=args.curve_public_key, server_key=args.curve_server_key,
+                                        interrupted=stop.__bool__))
+        stack.callback(clients[-1].close)
+    return (lambda: clients), ", ".join(args.connect)
 
 
 def run(args, stop):
@@ -208,13 +213,13 @@ def run(args, stop):
         health.not_ready("loading data")
         ds = _dataset(args)
         health.not_ready("connecting")
-        source = _source(args, stop)
-        stack.callback(source.close)
+        sources, where = _sources(args, stop, stack)
         outputs = []                                # where each result goes besides stdout
         if args.report:
             report = stack.enter_context(open_regular(args.report, "a"))   # a FIFO is refused, never waited on
             outputs.append(Output(lambda r: (report.write(json.dumps(r) + "\n"), report.flush()), full=True))
-        outputs.append(Output(source.send_result))  # back to the trainer, which logs it
+        if args.connect:                            # back to the trainer, which logs it
+            outputs.append(Output(_send_back(sources())))
         if args.results_bind:
             from lenet_dist.transport import ResultsPublisher
             pub = ResultsPublisher(args.results_bind)
@@ -227,16 +232,26 @@ def run(args, stop):
         model.evaluate(ds.test_images[:500], ds.test_labels[:500])  # warm-up: the first evaluation is not slower
         live = live_outputs.start(live_outputs.LiveConfig(
             http_address=args.http_address, http_token=args.http_token, tensorboard=args.tensorboard,
-            connect=args.connect, curve_secret_key=args.curve_secret_key, curve_public_key=args.curve_public_key,
+            connect=args.connect and args.connect[0], curve_secret_key=args.curve_secret_key, curve_public_key=args.curve_public_key,
             curve_server_key=args.curve_server_key), ds.test_images, ds.test_labels, stop)
         if live is not None:
             stack.callback(live.close)
-        log.info("evaluating checkpoints from %s", source.endpoint)
+        log.info("evaluating checkpoints from %s%s", where, "" if args.exit_after_run else
+                 "; waiting for the next run after each (--exit-after-run: exit instead)")
         cfg = LoopConfig(once=args.once, max_evaluations=args.max_evaluations, timeout=args.timeout,
-                         poll_ms=args.poll_ms, delay=args.delay)
+                         poll_ms=args.poll_ms, delay=args.delay, exit_after_run=args.exit_after_run)
         health.ready()
         stack.callback(health.not_ready, "stopping")
-        return run_loop(cfg, stop, source, model, Judge(ds), outputs, best, live, health)
+        return run_loop(cfg, stop, sources, model, Judge(ds), outputs, best, live, health)
+
+
+def _send_back(clients):
+    """A result goes back to the trainer that served it (the header's server field names its process)."""
+    def send(result):
+        for c in clients:
+            if len(clients) == 1 or c.server == result.get("server"):
+                c.send_result(result)
+    return send
 
 
 def main(argv=None):

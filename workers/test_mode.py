@@ -56,7 +56,8 @@ def run_test_mode(flags, run):
 
 def _run_both(flags, run, comm, endpoint, report):
     evaluator = subprocess.Popen([sys.executable, "-m", "workers.evaluator", "--connect", endpoint, "--subset",
-                                  "--report", str(report), "--log-level", "WARNING", "--timeout", "120"])
+                                  "--report", str(report), "--log-level", "WARNING", "--timeout", "120",
+                                  "--exit-after-run"])
     t0 = time.monotonic()
     try:
         with blas_threads(flags.threads):

@@ -1,6 +1,7 @@
 """--best-dir: the best checkpoint an evaluator has seen (lenet_dist.selection's rule) as best.npz, and its
 figures as best.json, both written atomically. A restarted evaluator carries on from best.json if it
-describes the same run (same training config, same validation split); anything else starts afresh."""
+describes the same run (same training config, same validation split); anything else starts afresh, and so
+does a new run (another meta.run_id) on a daemon that outlives its runs."""
 from __future__ import annotations
 
 import json
@@ -36,6 +37,9 @@ class BestKeeper:
                     self.best = prev
             except (OSError, ValueError, TypeError, AttributeError):
                 pass
+        runs = (self.best or {}).get("run_id"), result.get("run_id")
+        if None not in runs and runs[0] != runs[1]:
+            self.best = None                # a new run on the same source: its own best, never the last run's
         if not selection.is_better(result, self.best):
             return False
         atomic_write(self.dir / "best.npz", data)

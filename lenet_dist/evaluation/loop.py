@@ -1,6 +1,6 @@
-"""The evaluator's loop: fetch the newest checkpoint from a source (the trainer's socket or a folder),
-check it, score it, print one line and hand the result to the outputs, until the final checkpoint, a
-limit, or a stop signal. The process (workers/evaluator.py) parses the flags and wires the parts.
+"""The evaluator's loop: fetch the newest checkpoint from each source (a trainer's socket or a folder),
+check it, score it, print one line and hand the result to the outputs, run after run, until a limit, a
+stop signal, or (cfg.exit_after_run) the final checkpoint of every source's run. The process (workers/evaluator.py) parses the flags and wires the parts.
 
     status = run_loop(LoopConfig(once=True), stop, source, LeNet5(), Judge(dataset), [Output(print)])
 """
@@ -29,6 +29,7 @@ class LoopConfig:
     timeout: float = 0.0            # return 3 after this many seconds without a new checkpoint (0: never)
     poll_ms: int = 500              # how long one request waits for a new checkpoint
     delay: float = 0.0              # artificial slowness before each evaluation (tests, rehearsals)
+    exit_after_run: bool = False    # return once every source's run has served its final checkpoint
 
 
 @dataclass
@@ -38,46 +39,110 @@ class Output:
     full: bool = False
 
 
-def run_loop(cfg, stop, source, model, judge, outputs, best=None, live=None, health=None):
-    """Evaluate what `source` serves until the final checkpoint, cfg's limits, or `stop` (a StopSignal); the
-    exit status: 0 done or stopped by SIGTERM, 130 by SIGINT, 1 for a checkpoint of other data, 3 on timeout.
+class Track:
+    """What the loop knows of one source (a trainer's endpoint or a checkpoint folder): the last step it
+    evaluated there, the run that step belongs to, whether that run has ended."""
+
+    def __init__(self, source):
+        self.source = source
+        self.last_step, self.last_final = -1, False
+        self.status, self.ok = None, True
+        self.reminder = Reminder()
+        self.run_id, self.finished = None, False
+
+    def run_name(self, run_id):
+        """A folder's name, else the run id's first 8 characters (a trainer over a socket names no folder)."""
+        return getattr(self.source, "run_name", None) or (run_id or "run")[:8]
+
+
+def run_loop(cfg, stop, sources, model, judge, outputs, best=None, live=None, health=None):
+    """Evaluate what the sources serve until cfg's limits or `stop` (a StopSignal); a daemon by default:
+    after a run's final checkpoint it waits for the next run on the same source. `sources`: one source, or a
+    callable returning the current list of them (a folder of run folders grows). The exit status: 0 done or
+    stopped by SIGTERM, 130 by SIGINT, 1 for a checkpoint of other data, 3 on timeout.
     `health` (health.Health): told each turn of the loop and each evaluation."""
-    whoami = f"{socket.gethostname()}:{os.getpid()}"
-    last_step, last_final, evaluations, status = -1, False, 0, None
+    listing = sources if callable(sources) else (lambda: [sources])
+    ctx = _Context(cfg, stop, model, judge, outputs, best, live, health)
+    tracks = {}
     idle_since = time.monotonic()
-    reminder = Reminder()
     while not stop:
         if health is not None:
             health.beat()
-        if source.status != status:
-            status = source.status
-            ok = status.startswith(("connecting to", "connected to", "watching"))
-            (log.info if ok else log.warning)("%s", status)
-            reminder.restart()
-        elif not ok and (waited := reminder.due()) is not None:
-            log.warning("still %s%s, for %.0fs; waiting (%s)", status[0].lower(), status[1:], waited,
-                        f"giving up at --timeout {cfg.timeout:g}s" if cfg.timeout else "--timeout SECONDS to give up")
-        behind = getattr(source, "trainer_step", None)
-        if behind is not None and behind < last_step:
-            # The trainer is behind what we evaluated: a new run, or one resumed from an older checkpoint.
-            log.warning("the trainer is at step %d, before the last evaluated step %d: following it", behind,
-                        last_step)
-            last_step, last_final = -1, False
+        current = listing()
+        for s in current:
+            if id(s) not in tracks:
+                tracks[id(s)] = Track(s)
+            ctx.say_status(tracks[id(s)])
         if cfg.timeout and time.monotonic() - idle_since > cfg.timeout:
-            log.error("no new checkpoint from %s in %.1f s; giving up", source.endpoint, cfg.timeout)
+            log.error("no new checkpoint from %s in %.1f s; giving up",
+                      ", ".join(s.endpoint for s in current) or "anywhere", cfg.timeout)
             return 3
+        if not current:
+            stop.sleep(cfg.poll_ms / 1000)
+            continue
+        wait_ms = max(10, cfg.poll_ms // len(current))
+        for s in current:
+            t = tracks[id(s)]
+            got = ctx.turn(t, wait_ms)
+            if got is None:
+                continue
+            idle_since = time.monotonic()
+            if got != "evaluated":
+                return got
+            if cfg.once or ctx.evaluations == cfg.max_evaluations:
+                return 0
+            if t.finished and cfg.exit_after_run and all(tracks[id(x)].finished for x in current):
+                log.info("evaluated the final checkpoint (step %d); exiting (--exit-after-run)", t.last_step)
+                return 0
+            if t.finished:
+                log.info("run %s finished at step %d; waiting for the next run on %s", t.run_name(t.run_id),
+                         t.last_step, s.endpoint)
+    log.info("stopped by signal %d (%s) after %d evaluations", stop.signum, stop.name, ctx.evaluations)
+    return 130 if stop.signum == signal.SIGINT else 0
+
+
+class _Context:
+    """One turn of the loop on one source: ask it for a newer checkpoint, score it, hand the result out."""
+
+    def __init__(self, cfg, stop, model, judge, outputs, best, live, health):
+        self.cfg, self.stop, self.model, self.judge, self.outputs = cfg, stop, model, judge, outputs
+        self.best, self.live, self.health = best, live, health
+        self.whoami = f"{socket.gethostname()}:{os.getpid()}"
+        self.evaluations = 0
+
+    def say_status(self, t):
+        """Log how the source stands when that changes, and remind of a problem that lasts."""
+        source, cfg = t.source, self.cfg
+        if source.status != t.status:
+            t.status = source.status
+            t.ok = t.status.startswith(("connecting to", "connected to", "watching"))
+            (log.info if t.ok or t.finished else log.warning)("%s", t.status)
+            t.reminder.restart()
+        elif not t.ok and not t.finished and (waited := t.reminder.due()) is not None:
+            log.warning("still %s%s, for %.0fs; waiting (%s)", t.status[0].lower(), t.status[1:], waited,
+                        f"giving up at --timeout {cfg.timeout:g}s" if cfg.timeout else "--timeout SECONDS to give up")
+
+    def turn(self, t, wait_ms):
+        """None (nothing new), "evaluated", or an exit status."""
+        source, cfg = t.source, self.cfg
+        behind = getattr(source, "trainer_step", None)
+        if behind is not None and behind < t.last_step:
+            # The trainer is behind what we evaluated: a new run, or one resumed from an older checkpoint.
+            log.warning("%s is at step %d, before the last evaluated step %d: following it", source.endpoint,
+                        behind, t.last_step)
+            t.last_step, t.last_final = -1, False
         try:
-            got = source.fetch_newer(last_step, cfg.poll_ms, seen_final=last_final)
+            got = source.fetch_newer(t.last_step, wait_ms, seen_final=t.last_final)
         except wire.BadMessage as e:
             log.warning("rejected a message from %s%s: %s", source.endpoint,
                         "" if e.step is None else f" (step {e.step})", e)
-            if e.step is not None and e.step >= last_step:     # skip that checkpoint, don't ask for it again
-                last_final = e.step == last_step    # the same step served again can only be its final copy
-                last_step = e.step
-            stop.sleep(0.2)
-            continue
+            if e.step is not None and e.step >= t.last_step:     # skip that checkpoint, don't ask for it again
+                t.last_final = e.step == t.last_step    # the same step served again can only be its final copy
+                t.last_step = e.step
+            self.stop.sleep(0.2)
+            return None
         if got is None:
-            continue
+            return None
         header, data = got
         step = header["step"]
         try:
@@ -86,51 +151,48 @@ def run_loop(cfg, stop, source, model, judge, outputs, best=None, live=None, hea
                 raise CheckpointError(f"header says step {step}, the checkpoint's meta says {ckpt.step}")
         except CheckpointError as e:
             log.warning("rejected a checkpoint from %s: %s", source.endpoint, e)
-            last_step, last_final = step, header["final"]
-            continue
+            t.last_step, t.last_final = step, header["final"]
+            return None
         final = bool(header["final"] or ckpt.meta.get("final"))
-        last_step, last_final = step, final
-        if cfg.delay and stop.sleep(cfg.delay):
-            break
-        model.load_named(ckpt.params)
+        t.last_step, t.last_final = step, final
+        run_id = ckpt.meta.get("run_id") if isinstance(ckpt.meta.get("run_id"), str) else None
+        if t.run_id is not None and run_id != t.run_id:
+            log.info("a new run on %s: %s (was %s)", source.endpoint, t.run_name(run_id), t.run_name(t.run_id))
+        t.run_id, t.finished = run_id, final
+        if cfg.delay and self.stop.sleep(cfg.delay):
+            return None
+        self.model.load_named(ckpt.params)
         try:
-            figures, detail = judge.score(model, ckpt, f"the checkpoint of step {step}")
+            figures, detail = self.judge.score(self.model, ckpt, f"the checkpoint of step {step}")
         except DataRefused as e:
             log.error("%s", one_line(e))
             return 1
         trainer_step = source.trainer_step_now()
-        result = {"step": step, "epoch": int(ckpt.meta["epoch"]), **figures,
-                  "lag_steps": max(0, (trainer_step or step) - step), "trainer_step": trainer_step,
-                  "sha256": header["sha256"], "final": final, "time": round(time.time(), 3), "evaluator": whoami,
-                  "server": header.get("server")}     # which trainer process served it
+        result = {"run_id": run_id, "run": t.run_name(run_id), "step": step, "epoch": int(ckpt.meta["epoch"]),
+                  **figures, "lag_steps": max(0, (trainer_step or step) - step), "trainer_step": trainer_step,
+                  "sha256": header["sha256"], "final": final, "time": round(time.time(), 3),
+                  "evaluator": self.whoami, "server": header.get("server")}     # which trainer process served it
         val = (f"validation accuracy {100 * result['val_accuracy']:.2f}% loss {number(result['val_loss'])}, "
                if "val_accuracy" in result else "")
         print(f"step {step} epoch {epoch_text(ckpt.meta)}: {val}test accuracy {100 * result['accuracy']:.2f}% "
               f"loss {number(result['loss'])} ({result['n_test']} images, {result['eval_seconds']:.2f}s), "
               f"{result['lag_steps']} steps behind"
               + (", final" if final else ""), flush=True)
-        if live is not None:
-            live.on_evaluation(result, ckpt.params, detail, ckpt.meta.get("config"))
+        if self.live is not None:
+            self.live.on_evaluation(result, ckpt.params, detail, ckpt.meta.get("config"))
         full = dict(result, per_class=detail.per_class, confusion=detail.confusion.tolist(), worst=detail.worst)
-        for o in outputs:                           # the report gets the analysis too; the link the figures
+        for o in self.outputs:                      # the report gets the analysis too; the link the figures
             o.send(full if o.full else result)
         try:
-            if best and best.offer(result, data, ckpt.meta.get("config")):
+            if self.best and self.best.offer(result, data, ckpt.meta.get("config")):
                 log.info("new best: step %d, validation %.2f%% (test %.2f%%), in %s", step,
-                         100 * result["val_accuracy"], 100 * result["accuracy"], best.dir / "best.npz")
+                         100 * result["val_accuracy"], 100 * result["accuracy"], self.best.dir / "best.npz")
         except OSError as e:                        # a full or broken --best-dir: say so, keep evaluating
             log.error("could not keep the best checkpoint: %s", e)
-        evaluations += 1
-        if health is not None:
-            health.evaluated(step)
-        idle_since = time.monotonic()
-        if final:
-            log.info("evaluated the final checkpoint (step %d); exiting", step)
-            return 0
-        if cfg.once or evaluations == cfg.max_evaluations:
-            return 0
-    log.info("stopped by signal %d (%s) after %d evaluations", stop.signum, stop.name, evaluations)
-    return 130 if stop.signum == signal.SIGINT else 0
+        self.evaluations += 1
+        if self.health is not None:
+            self.health.evaluated(step)
+        return "evaluated"
 
 
 class Reminder:
