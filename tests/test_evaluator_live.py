@@ -66,7 +66,7 @@ def test_dashboard_tensorboard_and_report_of_a_live_evaluator(tmp_path):
     assert r["step"] == 30 and len(r["per_class"]) == 10 and sum(map(sum, r["confusion"])) == 1000
     assert r["worst"] and {"index", "label", "predicted", "confidence"} <= set(r["worst"][0])
     got = tbevents.scalars(tmp_path / "tb" / "evaluator")
-    assert got["eval/accuracy"] == [(30, pytest.approx(r["accuracy"]))]
+    assert got["eval/test_accuracy"] == [(30, pytest.approx(r["accuracy"]))] and r["test_accuracy"] == r["accuracy"]
     assert tbevents.image(tmp_path / "tb" / "evaluator", "eval/confusion").shape == (160, 160, 3)
 
 

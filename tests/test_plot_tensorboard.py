@@ -68,12 +68,14 @@ def test_evaluator_board_reads_back(tmp_path):
     confusion = np.diag(np.full(10, 9)) + np.eye(10, k=1, dtype=int)       # one mistake per class (but 9)
     detail = Analysis(0.25, 0.9, confusion)
     for step, acc in ((10, 0.8), (20, 0.9)):
-        board.add_evaluation({"step": step, "accuracy": acc, "loss": 1.0 / step, "lag_steps": 3,
-                              "eval_seconds": 0.5}, detail)
+        board.add_evaluation({"step": step, "test_accuracy": acc, "test_loss": 1.0 / step, "val_accuracy": acc - 0.1,
+                              "val_loss": 2.0 / step, "lag_steps": 3, "eval_seconds": 0.5}, detail)
     board.close()
     got = tbevents.scalars(tmp_path / "evaluator")
-    assert got["eval/accuracy"] == [(10, pytest.approx(0.8)), (20, pytest.approx(0.9))]
-    assert got["eval/loss"][1] == (20, pytest.approx(0.05)) and got["eval/lag_steps"][0] == (10, 3)
+    assert got["eval/test_accuracy"] == [(10, pytest.approx(0.8)), (20, pytest.approx(0.9))]
+    assert got["eval/val_accuracy"] == [(10, pytest.approx(0.7)), (20, pytest.approx(0.8))]
+    assert got["eval/val_loss"][1] == (20, pytest.approx(0.1))
+    assert got["eval/test_loss"][1] == (20, pytest.approx(0.05)) and got["eval/lag_steps"][0] == (10, 3)
     assert got["eval/class_accuracy/9"][0] == (10, 1.0) and got["eval/class_accuracy/0"][0][1] == pytest.approx(0.9)
     im = tbevents.image(tmp_path / "evaluator", "eval/confusion")
     assert (im == confusion_image(confusion).transpose(1, 2, 0)).all()
@@ -90,3 +92,16 @@ def test_images_are_what_they_show():
     w[2, 0, 1, 1] = -1.0
     f = filters_image(w, scale=2, gap=1)
     assert f.shape == (1, 10, 66) and f[0, 2, 2 * 11 + 2] == 0.0 and f[0, 0, 0] == 0.5
+
+
+def test_evaluator_board_keeps_each_run_in_a_folder_of_its_own(tmp_path):
+    board = EvaluatorBoard(tmp_path)
+    detail = Analysis(0.25, 0.9, np.diag(np.full(10, 9)))
+    for run, step, acc in (("lr-0.1", 10, 0.8), ("lr-0.05", 10, 0.6), ("lr-0.1", 20, 0.9), ("../up", 5, 0.5)):
+        board.add_evaluation({"run": run, "step": step, "test_accuracy": acc, "test_loss": 0.1}, detail)
+    board.close()
+    assert tbevents.scalars(tmp_path / "evaluator" / "lr-0.1")["eval/test_accuracy"] == [
+        (10, pytest.approx(0.8)), (20, pytest.approx(0.9))]
+    assert tbevents.scalars(tmp_path / "evaluator" / "lr-0.05")["eval/test_accuracy"] == [(10, pytest.approx(0.6))]
+    assert tbevents.scalars(tmp_path / "evaluator")["eval/test_accuracy"] == [(5, pytest.approx(0.5))]  # no escape
+    assert not (tmp_path / "up").exists()

@@ -51,8 +51,9 @@ class Track:
         self.run_id, self.finished = None, False
 
     def run_name(self, run_id):
-        """A folder's name, else the run id's first 8 characters (a trainer over a socket names no folder)."""
-        return getattr(self.source, "run_name", None) or (run_id or "run")[:8]
+        """A folder's name, else the run id's first 8 characters (a trainer over a socket names no folder);
+        None for checkpoints that carry no run id."""
+        return getattr(self.source, "run_name", None) or (run_id[:8] if run_id else None)
 
 
 def run_loop(cfg, stop, sources, model, judge, outputs, best=None, live=None, health=None):
@@ -95,7 +96,7 @@ def run_loop(cfg, stop, sources, model, judge, outputs, best=None, live=None, he
                 log.info("evaluated the final checkpoint (step %d); exiting (--exit-after-run)", t.last_step)
                 return 0
             if t.finished:
-                log.info("run %s finished at step %d; waiting for the next run on %s", t.run_name(t.run_id),
+                log.info("run %s finished at step %d; waiting for the next run on %s", t.run_name(t.run_id) or "",
                          t.last_step, s.endpoint)
     log.info("stopped by signal %d (%s) after %d evaluations", stop.signum, stop.name, ctx.evaluations)
     return 130 if stop.signum == signal.SIGINT else 0
@@ -157,7 +158,8 @@ class _Context:
         t.last_step, t.last_final = step, final
         run_id = ckpt.meta.get("run_id") if isinstance(ckpt.meta.get("run_id"), str) else None
         if t.run_id is not None and run_id != t.run_id:
-            log.info("a new run on %s: %s (was %s)", source.endpoint, t.run_name(run_id), t.run_name(t.run_id))
+            log.info("a new run on %s: %s (was %s)", source.endpoint, t.run_name(run_id) or "unnamed",
+                     t.run_name(t.run_id))
         t.run_id, t.finished = run_id, final
         if cfg.delay and self.stop.sleep(cfg.delay):
             return None
@@ -169,13 +171,16 @@ class _Context:
             return 1
         trainer_step = source.trainer_step_now()
         result = {"run_id": run_id, "run": t.run_name(run_id), "step": step, "epoch": int(ckpt.meta["epoch"]),
-                  **figures, "lag_steps": max(0, (trainer_step or step) - step), "trainer_step": trainer_step,
+                  **figures,
+                  # the test figures' names before val_/test_ prefixes: aliases kept for one release
+                  "accuracy": figures["test_accuracy"], "loss": figures["test_loss"],
+                  "lag_steps": max(0, (trainer_step or step) - step), "trainer_step": trainer_step,
                   "sha256": header["sha256"], "final": final, "time": round(time.time(), 3),
                   "evaluator": self.whoami, "server": header.get("server")}     # which trainer process served it
         val = (f"validation accuracy {100 * result['val_accuracy']:.2f}% loss {number(result['val_loss'])}, "
                if "val_accuracy" in result else "")
-        print(f"step {step} epoch {epoch_text(ckpt.meta)}: {val}test accuracy {100 * result['accuracy']:.2f}% "
-              f"loss {number(result['loss'])} ({result['n_test']} images, {result['eval_seconds']:.2f}s), "
+        print(f"step {step} epoch {epoch_text(ckpt.meta)}: {val}test accuracy {100 * result['test_accuracy']:.2f}% "
+              f"loss {number(result['test_loss'])} ({result['n_test']} images, {result['eval_seconds']:.2f}s), "
               f"{result['lag_steps']} steps behind"
               + (", final" if final else ""), flush=True)
         if self.live is not None:
@@ -186,7 +191,7 @@ class _Context:
         try:
             if self.best and self.best.offer(result, data, ckpt.meta.get("config")):
                 log.info("new best: step %d, validation %.2f%% (test %.2f%%), in %s", step,
-                         100 * result["val_accuracy"], 100 * result["accuracy"], self.best.dir / "best.npz")
+                         100 * result["val_accuracy"], 100 * result["test_accuracy"], self.best.dir / "best.npz")
         except OSError as e:                        # a full or broken --best-dir: say so, keep evaluating
             log.error("could not keep the best checkpoint: %s", e)
         self.evaluations += 1

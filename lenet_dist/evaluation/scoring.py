@@ -51,6 +51,6 @@ class Judge:
             loss, accuracy = model.evaluate(*val)
             figures.update(val_accuracy=accuracy, val_loss=_finite(loss), n_val=len(val[0]))
         detail = analysis.analyse(model, self.ds.test_images, self.ds.test_labels)   # as model.evaluate, and more
-        figures.update(accuracy=detail.accuracy, loss=_finite(detail.loss), n_test=len(self.ds.test_images))
+        figures.update(test_accuracy=detail.accuracy, test_loss=_finite(detail.loss), n_test=len(self.ds.test_images))
         figures["eval_seconds"] = round(time.perf_counter() - t0, 4)
         return figures, detail

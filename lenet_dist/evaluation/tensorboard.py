@@ -5,7 +5,8 @@ shows one run's two sides next to each other:
     trainer    train/loss, train/accuracy, train/learning_rate, train/images_per_s (every --log-every
                steps), epoch/* (the epoch record's figures), weights/* and gradients/* histograms and the
                conv1 filters as an image, once per epoch
-    evaluator  eval/accuracy, eval/loss, eval/lag_steps, eval/seconds, eval/class_accuracy/0..9, and
+    evaluator  eval/val_accuracy, eval/val_loss, eval/test_accuracy, eval/test_loss, eval/lag_steps,
+               eval/seconds, eval/class_accuracy/0..9 (under evaluator/RUN for a run with a name), and
                the confusion matrix as an image, per evaluated checkpoint
 """
 from __future__ import annotations
@@ -51,22 +52,34 @@ def filters_image(weight, scale=8, gap=2):
 
 
 class EvaluatorBoard:
+    """Event files under DIR/evaluator, one folder per run the result names (DIR/evaluator/RUN), so that
+    TensorBoard lists the runs an evaluator served side by side and never draws two as one line."""
+
     def __init__(self, directory):
-        self.w = _writer(Path(directory) / "evaluator")
+        self.dir = Path(directory) / "evaluator"
+        self._writers = {}                          # run name (None: unnamed) -> writer
+
+    def _for(self, run):
+        if run not in self._writers:
+            safe = run if run and run not in (".", "..") and "/" not in run and "\\" not in run else None
+            self._writers[run] = _writer(self.dir / safe if safe else self.dir)
+        return self._writers[run]
 
     def add_evaluation(self, result, detail):
-        step = result["step"]
-        for tag, key in (("eval/accuracy", "accuracy"), ("eval/loss", "loss"), ("eval/lag_steps", "lag_steps"),
-                         ("eval/seconds", "eval_seconds")):
+        step, w = result["step"], self._for(result.get("run"))
+        for tag, key in (("eval/val_accuracy", "val_accuracy"), ("eval/val_loss", "val_loss"),
+                         ("eval/test_accuracy", "test_accuracy"), ("eval/test_loss", "test_loss"),
+                         ("eval/lag_steps", "lag_steps"), ("eval/seconds", "eval_seconds")):
             if result.get(key) is not None:
-                self.w.add_scalar(tag, result[key], step)
+                w.add_scalar(tag, result[key], step)
         for k, acc in enumerate(detail.per_class):
             if acc is not None:
-                self.w.add_scalar(f"eval/class_accuracy/{k}", acc, step)
-        self.w.add_image("eval/confusion", confusion_image(detail.confusion), step)
+                w.add_scalar(f"eval/class_accuracy/{k}", acc, step)
+        w.add_image("eval/confusion", confusion_image(detail.confusion), step)
 
     def close(self):
-        self.w.close()
+        for w in self._writers.values():
+            w.close()
 
 
 class TrainerBoard:
