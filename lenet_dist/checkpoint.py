@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .files import atomic_write, read_regular, temp_name
+from .files import atomic_write, read_regular, rename_durably, temp_name
 from .model import NUM_PARAMS, PARAM_SPECS
 
 FORMAT_VERSION = 1
@@ -166,13 +166,13 @@ def set_pointer(directory, entry, target, info=None):
     """Make `directory/<entry>.npz` (entry "last" or "best") the checkpoint file `target` of the same folder,
     and `<entry>.json` say which one: {"file": its name, **info}. The .npz is a hard link, a real file that
     any tool opens and that outlives the pruning of `target` (a copy where links are not supported); both
-    are replaced atomically. Their names do not match checkpoint names: resume and --watch ignore them."""
+    are replaced atomically and durably (files.rename_durably, files.atomic_write). Their names do not match checkpoint names: resume and --watch ignore them."""
     d, target = Path(directory), Path(target)
     tmp = temp_name(d / f"{entry}.npz")
     tmp.unlink(missing_ok=True)
     try:
         os.link(target, tmp)
-        os.replace(tmp, d / f"{entry}.npz")
+        rename_durably(tmp, d / f"{entry}.npz")
     except OSError:
         tmp.unlink(missing_ok=True)
         atomic_write(d / f"{entry}.npz", target.read_bytes())
@@ -192,9 +192,3 @@ def list_checkpoints(directory):
 def load_file(path):
     return from_bytes(read_bounded(path), name=str(path))
 
-
-def latest_valid(directory, warn=print):
-    """The newest checkpoint in `directory` that can be resumed from, as (path, Checkpoint), or None: the one
-    rule, resume.newest_usable (imported here, not copied; resume.py builds on this module)."""
-    from .resume import newest_usable
-    return newest_usable(directory, None, warn)

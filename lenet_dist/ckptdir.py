@@ -13,17 +13,16 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import secrets
 import time
 from pathlib import Path
 
 from .checkpoint import CheckpointError, file_name, list_checkpoints, load_file, to_bytes
 from .errors import CheckpointFolderError, ResumeError
-from .files import temp_name
+from .files import is_temp, temp_name, write_and_rename
 
-# ours, all named by files.temp_name: .ckpt-next.PID.tmp (the writer's), .last.npz.PID.tmp, .best.json.PID.tmp
-_TEMP = re.compile(r"^\.(ckpt-|last\.|best\.).*\.tmp$")
+OWN_PREFIXES = ("ckpt-", "last.", "best.")  # the folder's own files: checkpoints and the last/best pointers
+SUPERSEDED = "superseded-"                  # the subfolder claim(start_over=True) moves another run into
 FD_WAIT_S = 30.0                            # how long a write waits for a free descriptor before failing
 LASTING = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT}   # a retry meets them again
 
@@ -37,11 +36,17 @@ def new_run_id():
     return secrets.token_hex(6)
 
 
+def is_own_temp(name):
+    """Whether `name` is a temp file of this folder's own files (files.temp_name of a checkpoint, of the
+    writer's next checkpoint or of a pointer); other temp files in the folder are not ours to remove."""
+    return is_temp(name) and name[1:].startswith(OWN_PREFIXES)
+
+
 def sweep_temps(directory, warn=print):
     """Remove temp files a crashed writer left in `directory`; the names removed."""
     gone = []
     for p in Path(directory).iterdir():
-        if _TEMP.match(p.name) and p.is_file():
+        if is_own_temp(p.name) and p.is_file():
             p.unlink(missing_ok=True)
             gone.append(p.name)
     if gone:
@@ -63,7 +68,7 @@ def claim(directory, *, start_over=False, log=print):
         raise ResumeError(f"{directory} holds {len(found)} checkpoint(s) of another run (newest {found[0][1].name}); "
                           f"continue it with --resume, use another --checkpoint-dir, or add --start-over to begin "
                           f"a new run here (the old checkpoints are moved into a superseded-* subfolder)")
-    aside = Path(directory) / time.strftime("superseded-%Y%m%d-%H%M%S", time.gmtime())
+    aside = Path(directory) / time.strftime(f"{SUPERSEDED}%Y%m%d-%H%M%S", time.gmtime())
     aside.mkdir()
     for path in [path for _, path in found] + pointers:
         os.replace(path, aside / path.name)
@@ -97,18 +102,8 @@ class CheckpointWriter:
         fd, tmp = self._next
         self._next = None
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-            os.close(fd)
-            fd = -1
-            os.replace(tmp, final)
-            os.fsync(self._dir_fd)
+            write_and_rename(fd, tmp, final, data, dir_fd=self._dir_fd)
         except OSError as e:
-            if fd >= 0:
-                os.close(fd)
-            tmp.unlink(missing_ok=True)
             raise _error(e, f"cannot write checkpoint {final}: {e.strerror or e}") from None
         self._written = [p for p in self._written if p != final] + [final]
         self._prune()

@@ -1,13 +1,20 @@
 """Files the processes read and write: the one atomic write, and opens that refuse what is not a regular file.
 
-Every file this project writes whole (checkpoints, their pointers, best.json, the data cache, an exported
-model) goes through atomic_write; every path a user names for reading or appending (a report, a token, a
-metrics file, a checkpoint) is opened by open_regular or read_regular, which never block on a FIFO or a
-device and say in one line what the path is instead.
+Atomic writes: every file this project writes whole goes through write_and_rename (a temp file beside the
+target, written, fsynced, renamed over it, then the folder fsynced) or, for a temp file already in place,
+rename_durably. atomic_write uses the first for best.json, the pointers' .json, the data cache and an exported
+model; ckptdir.CheckpointWriter uses it on a temp file opened in advance (so a checkpoint needs no new
+descriptor at write time); checkpoint.set_pointer uses rename_durably for the hard link of last/best.npz.
+Temp files are named by temp_name and recognised by is_temp, nowhere else.
+
+Reads: every path a user names for reading or appending (a report, a token, a metrics file, a checkpoint)
+is opened by open_regular or read_regular, which never block on a FIFO or a device and say in one line what
+the path is instead.
 """
 from __future__ import annotations
 
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -19,33 +26,67 @@ class NotRegularFile(OSError):
 
 
 def temp_name(path: Path) -> Path:
-    """The temp file beside `path` that atomic_write uses: hidden, and never ending in .npz or .json, so
+    """The temp file beside `path` for an atomic write: hidden, and never ending in .npz or .json, so
     nothing that lists checkpoints or pointers mistakes it for one (ckptdir.sweep_temps removes leftovers)."""
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
-def atomic_write(path, data: bytes, *, mode: int = 0o644) -> Path:
-    """Write `data` to `path` so that readers see the old file or the whole new one, never a part: a temp
-    file in the same folder, fsynced, renamed over `path`, then the folder fsynced. On any failure the temp
-    file is removed and the OSError names `path`. Returns `path`."""
-    path = Path(path)
-    tmp = temp_name(path)
+def is_temp(name: str) -> bool:
+    """Whether the file name `name` is one temp_name gives: .<name>.<pid>.tmp."""
+    return _TEMP.match(name) is not None
+
+
+_TEMP = re.compile(r"^\..+\.\d+\.tmp$")
+
+
+def fsync_folder(folder, dir_fd: int | None = None) -> None:
+    """fsync the folder `folder` (through `dir_fd` if it is held open already): makes a rename in it durable."""
+    fd = dir_fd if dir_fd is not None else os.open(folder, os.O_RDONLY | _CLOEXEC)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _CLOEXEC, mode)
+        os.fsync(fd)
+    finally:
+        if dir_fd is None:
+            os.close(fd)
+
+
+def rename_durably(tmp: Path, path: Path, *, dir_fd: int | None = None) -> None:
+    """Rename the complete temp file `tmp` over `path` and fsync their folder. OSError as raised."""
+    os.replace(tmp, path)
+    fsync_folder(path.parent, dir_fd)
+
+
+def write_and_rename(fd: int, tmp: Path, path: Path, data: bytes, *, dir_fd: int | None = None) -> None:
+    """The atomic write on an open temp file: write `data` to `fd` (the temp file `tmp`), fsync, close it,
+    rename_durably over `path`. `fd` is always closed; on failure `tmp` is removed and the OSError raised
+    as is (callers name the path in their own words)."""
+    try:
         try:
-            os.fchmod(fd, mode)                 # whatever the umask: the data is meant to be read
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, path)
-        dfd = os.open(path.parent, os.O_RDONLY | _CLOEXEC)
+        rename_durably(tmp, path, dir_fd=dir_fd)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write(path, data: bytes, *, mode: int = 0o644) -> Path:
+    """Write `data` to `path` so that readers see the old file or the whole new one, never a part
+    (write_and_rename on a new temp file). On any failure the temp file is removed and the OSError names
+    `path`. Returns `path`."""
+    path = Path(path)
+    tmp = temp_name(path)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _CLOEXEC, mode)
         try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+            os.fchmod(fd, mode)                 # whatever the umask: the data is meant to be read
+        except BaseException:
+            os.close(fd)
+            raise
+        write_and_rename(fd, tmp, path, data)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
         if isinstance(e, OSError):

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from .checkpoint import CheckpointError, list_checkpoints, load_file
+from .ckptdir import OWN_PREFIXES, SUPERSEDED
 from .data.identity import data_mismatch
 from .data.split import val_size_of
 from .errors import ResumeError
@@ -142,7 +143,7 @@ def folder_is_fresh(directory):
     d = Path(directory)
     if not d.exists():
         return True
-    return not any(p.name.startswith(("ckpt-", "last.", "best.", "superseded-")) for p in d.iterdir())
+    return not any(p.name.startswith((*OWN_PREFIXES, SUPERSEDED)) for p in d.iterdir())
 
 
 def choose(directory, n_examples, identity, *, auto=False, warn=print):

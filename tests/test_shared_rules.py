@@ -60,6 +60,29 @@ def test_atomic_write_failure_names_the_path(tmp_path):
         files.atomic_write(tmp_path / "missing" / "nope", b"x")
 
 
+def test_one_temp_name_rule_for_the_writers_the_sweep_and_the_fresh_folder_check(tmp_path):
+    from lenet_dist import ckptdir, resume
+    for name in ("ckpt-next", "ckpt-000000300.npz", "last.npz", "best.json"):
+        tmp = files.temp_name(tmp_path / name).name
+        assert files.is_temp(tmp) and ckptdir.is_own_temp(tmp)
+    assert not files.is_temp("ckpt-000000300.npz") and not files.is_temp(".hidden")
+    (tmp_path / files.temp_name(tmp_path / "last.npz").name).write_bytes(b"left by a crash")
+    (tmp_path / files.temp_name(tmp_path / "notes.txt").name).write_bytes(b"not the folder's")
+    assert resume.folder_is_fresh(tmp_path)                      # temp files are not a run
+    assert ckptdir.sweep_temps(tmp_path, warn=lambda m: None) == [files.temp_name(tmp_path / "last.npz").name]
+
+
+def test_write_and_rename_closes_the_descriptor_and_removes_the_temp_on_failure(tmp_path):
+    tmp = files.temp_name(tmp_path / "gone" / "x")
+    (tmp_path / "gone").mkdir()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT)
+    with pytest.raises(OSError):
+        files.write_and_rename(fd, tmp, tmp_path / "no-such-folder" / "x", b"data")
+    assert not tmp.exists()
+    with pytest.raises(OSError):
+        os.fstat(fd)                                             # closed
+
+
 def test_fifo_is_refused_at_once_for_reading_and_appending(tmp_path):
     fifo = tmp_path / "f"
     os.mkfifo(fifo)
