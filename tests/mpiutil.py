@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lenet_dist import checkpoint
+from lenet_dist import checkpoint, resume
 
 REPO = Path(__file__).resolve().parent.parent
 MPIRUN = shutil.which("mpirun")
@@ -90,7 +90,7 @@ def launch(n, argv, *, timeout=120, module="workers.trainer", cwd=None, extra_en
 
 def final_params(ckpt_dir):
     """Flat parameter vector of the newest checkpoint in ckpt_dir, and its meta."""
-    found = checkpoint.latest_valid(ckpt_dir, warn=lambda m: None)
+    found = resume.newest_usable(ckpt_dir, warn=lambda m: None)
     assert found, f"no checkpoint in {ckpt_dir}"
     c = found[1]
     return np.concatenate([c.params[n].ravel() for n, _ in checkpoint.PARAM_SPECS]), c.meta

@@ -9,7 +9,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from lenet_dist import checkpoint, ckptdir
+from lenet_dist import checkpoint, ckptdir, resume
 from lenet_dist.checkpoint import MAX_BYTES, CheckpointError, from_bytes, to_bytes
 from lenet_dist.config import TrainConfig
 from lenet_dist.files import atomic_write
@@ -359,24 +359,24 @@ def _write_steps(d, steps):
     return {s: d / checkpoint.file_name(s) for s in steps}
 
 
-def test_latest_valid_returns_the_newest(tmp_path):
+def test_newest_usable_returns_the_newest(tmp_path):
     paths = _write_steps(tmp_path, [10, 20, 30])
     warnings = []
-    path, ck = checkpoint.latest_valid(tmp_path, warn=warnings.append)
+    path, ck = resume.newest_usable(tmp_path, warn=warnings.append)
     assert path == paths[30] and ck.step == 30 and warnings == []
 
 
-def test_latest_valid_skips_a_truncated_newest(tmp_path):
+def test_newest_usable_skips_a_truncated_newest(tmp_path):
     paths = _write_steps(tmp_path, [10, 20, 30])
     data = paths[30].read_bytes()
     paths[30].write_bytes(data[:len(data) // 3])
     warnings = []
-    path, ck = checkpoint.latest_valid(tmp_path, warn=warnings.append)
+    path, ck = resume.newest_usable(tmp_path, warn=warnings.append)
     assert path == paths[20] and ck.step == 20
     assert len(warnings) == 1 and paths[30].name in warnings[0]
 
 
-def test_latest_valid_skips_a_flipped_byte(tmp_path):
+def test_newest_usable_skips_a_flipped_byte(tmp_path):
     paths = _write_steps(tmp_path, [10, 20, 30])
     data = bytearray(paths[30].read_bytes())
     with zipfile.ZipFile(io.BytesIO(bytes(data))) as z:
@@ -386,21 +386,21 @@ def test_latest_valid_skips_a_flipped_byte(tmp_path):
     data[pos] ^= 0x01
     paths[30].write_bytes(bytes(data))
     warnings = []
-    path, ck = checkpoint.latest_valid(tmp_path, warn=warnings.append)
+    path, ck = resume.newest_usable(tmp_path, warn=warnings.append)
     assert path == paths[20] and ck.step == 20
     assert len(warnings) == 1 and paths[30].name in warnings[0]
 
 
-def test_latest_valid_skips_several_and_gives_none_when_all_are_bad(tmp_path):
+def test_newest_usable_skips_several_and_gives_none_when_all_are_bad(tmp_path):
     paths = _write_steps(tmp_path, [10, 20, 30])
     paths[30].write_bytes(b"")
     paths[20].write_bytes(b"garbage" * 100)
     warnings = []
-    path, ck = checkpoint.latest_valid(tmp_path, warn=warnings.append)
+    path, ck = resume.newest_usable(tmp_path, warn=warnings.append)
     assert path == paths[10] and ck.step == 10 and len(warnings) == 2
     paths[10].write_bytes(paths[10].read_bytes()[:-10])
-    assert checkpoint.latest_valid(tmp_path, warn=warnings.append) is None
-    assert checkpoint.latest_valid(tmp_path / "nonexistent", warn=warnings.append) is None
+    assert resume.newest_usable(tmp_path, warn=warnings.append) is None
+    assert resume.newest_usable(tmp_path / "nonexistent", warn=warnings.append) is None
 
 
 def test_load_file_missing(tmp_path):

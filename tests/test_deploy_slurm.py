@@ -23,7 +23,7 @@ import sys
 import numpy as np
 import pytest
 
-from lenet_dist import checkpoint
+from lenet_dist import resume
 from lenet_dist.transport import generate_keys
 
 from .mpiutil import REPO, final_params, launch
@@ -74,7 +74,7 @@ def job_env(bindir):
 
 
 def newest_step(ckpt_dir):
-    found = checkpoint.latest_valid(ckpt_dir, warn=lambda m: None) if ckpt_dir.exists() else None
+    found = resume.newest_usable(ckpt_dir, warn=lambda m: None) if ckpt_dir.exists() else None
     return found[1].step if found else None
 
 

@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from lenet_dist import checkpoint, ckptdir
+from lenet_dist import ckptdir, resume
 
 from .mpiutil import REPO
 from .test_deploy_container import build_context, podman, standin_base, ulimits
@@ -58,7 +58,7 @@ def stopped_run(folder):
         time.sleep(0.2)
     p.send_signal(signal.SIGTERM)
     out, _ = p.communicate(timeout=60)
-    found = checkpoint.latest_valid(folder, warn=lambda m: None)
+    found = resume.newest_usable(folder, warn=lambda m: None)
     assert found and not found[1].meta.get("final"), out
     for f in folder.rglob("*"):                       # read by the unit's user, seen as nobody's files
         f.chmod(0o755 if f.is_dir() else 0o644)
@@ -156,7 +156,7 @@ def test_the_unit_runs_under_systemd_and_evaluates_a_checkpoint_folder(booted):
 
 def finish_run(folder):
     """The run's final checkpoint, as the trainer writes it at the end: the newest one's arrays, final."""
-    path, ckpt = checkpoint.latest_valid(folder, warn=lambda m: None)
+    path, ckpt = resume.newest_usable(folder, warn=lambda m: None)
     meta = dict(ckpt.meta, step=ckpt.step + 10, final=True)
     path, _ = ckptdir.save(folder, ckpt.params, ckpt.velocity, meta)
     path.chmod(0o644)

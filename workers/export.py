@@ -14,7 +14,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from lenet_dist import checkpoint
+from lenet_dist import checkpoint, resume
 from lenet_dist.checkpoint import CheckpointError
 from lenet_dist.files import atomic_write
 
@@ -31,7 +31,7 @@ def parse_args(argv=None):
 
 def _load(path):
     if path.is_dir():
-        found = checkpoint.latest_valid(path, warn=lambda m: print(f"lenet-export: {m}", file=sys.stderr))
+        found = resume.newest_usable(path, warn=lambda m: print(f"lenet-export: {m}", file=sys.stderr))
         if found is None:
             raise CheckpointError(f"{path}: no valid checkpoint in this folder")
         return found
