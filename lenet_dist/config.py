@@ -9,6 +9,8 @@ from .parallel.halfprec import DTYPES
 from .optim import SCHEDULES
 
 OPTIONAL = {"bucket_kb": int}       # fields that may also be None, and their type otherwise
+METRICS = ("val_accuracy", "val_loss")
+LR_SCALINGS = ("none", "linear")
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,15 @@ class TrainConfig:
                                     # else one non-blocking allreduce after backward
     allreduce_dtype: str = "float32"  # float16 | bfloat16: gradients travel in half precision (parallel/compressed.py)
     val_size: int = -1              # examples held out of those for validation (-1: 1/12 of them; data/split.py)
+    # steering from validation (run/steering.py, docs/steering.md)
+    early_stop: int = 0             # stop after this many evaluations without improvement (0 = never)
+    early_stop_metric: str = "val_accuracy"  # val_accuracy | val_loss: what early stop and plateau watch
+    min_delta: float = 0.0          # an improvement must beat the best by more than this
+    plateau_factor: float = 0.1     # 'plateau' schedule: the learning rate is multiplied by this ...
+    plateau_patience: int = 2       # ... after this many evaluations without improvement
+    min_lr: float = 0.0             # ... but never below this
+    lr_scaling: str = "none"        # linear: lr = --lr * batch_size / 64 (Goyal et al. 2017), with the warm-up
+    learning_check: bool = True     # a run stuck at chance level (or whose loss does not fall) stops, saying so
 
     def __post_init__(self):
         for f in fields(self):
@@ -67,6 +78,13 @@ class TrainConfig:
              "an integer >= 0 (0: one fused allreduce), -1 (measured) or None (by placement)"),
             (self.allreduce_dtype in DTYPES, "allreduce_dtype", " | ".join(DTYPES)),
             (self.val_size >= -1, "val_size", ">= 0, or -1 for the default"),
+            (self.early_stop >= 0, "early_stop", "an integer >= 0 (0: off)"),
+            (self.early_stop_metric in METRICS, "early_stop_metric", " | ".join(METRICS)),
+            (self.min_delta >= 0, "min_delta", ">= 0"),
+            (0 < self.plateau_factor < 1, "plateau_factor", "in (0, 1)"),
+            (self.plateau_patience >= 1, "plateau_patience", "an integer >= 1"),
+            (self.min_lr >= 0, "min_lr", ">= 0"),
+            (self.lr_scaling in LR_SCALINGS, "lr_scaling", " | ".join(LR_SCALINGS)),
         ]
         for ok, name, expected in checks:
             if not ok:

@@ -70,8 +70,9 @@ def parse_args(argv=None):
     g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=d.nesterov,
                    help="Nesterov momentum")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="L2 penalty on all parameters")
-    g.add_argument("--schedule", choices=["constant", "step", "cosine"], default=d.schedule,
-                   help="learning-rate schedule after the warm-up")
+    g.add_argument("--schedule", choices=["constant", "step", "cosine", "plateau"], default=d.schedule,
+                   help="learning-rate schedule after the warm-up (plateau: constant, times --plateau-factor "
+                        "whenever validation has not improved for --plateau-patience epochs)")
     g.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs,
                    help="linear warm-up of the learning rate over this many epochs")
     g.add_argument("--step-epochs", type=int, default=d.step_epochs, help="'step' schedule: decay period")
@@ -100,6 +101,25 @@ def parse_args(argv=None):
     g.add_argument("--val-size", type=int, default=d.val_size,
                    help="examples held out of the training set for validation, drawn with --seed "
                         "(-1: 1/12 of them, 5,000 of MNIST's 60,000; 0: none)")
+    g.add_argument("--lr-scaling", choices=["none", "linear"], default=d.lr_scaling,
+                   help="linear: the learning rate is --lr * global batch / 64 (Goyal et al. 2017), after the "
+                        "warm-up (docs/steering.md)")
+    g = p.add_argument_group("steering from validation (saved in every checkpoint; docs/steering.md)")
+    g.add_argument("--early-stop", type=int, default=d.early_stop, metavar="N",
+                   help="stop when validation has not improved for N evaluations (each epoch's end, or each "
+                        "verdict of the evaluator with --publish); 0: never")
+    g.add_argument("--early-stop-metric", choices=["val_accuracy", "val_loss"], default=d.early_stop_metric,
+                   help="what --early-stop and --schedule plateau watch")
+    g.add_argument("--min-delta", type=float, default=d.min_delta,
+                   help="an improvement must beat the best so far by more than this")
+    g.add_argument("--plateau-factor", type=float, default=d.plateau_factor,
+                   help="--schedule plateau: multiply the learning rate by this ...")
+    g.add_argument("--plateau-patience", type=int, default=d.plateau_patience,
+                   help="... after this many evaluations without improvement ...")
+    g.add_argument("--min-lr", type=float, default=d.min_lr, help="... but never below this")
+    g.add_argument("--learning-check", action=argparse.BooleanOptionalAction, default=d.learning_check,
+                   help="stop, saying so, a run whose accuracy stays at chance level for 2 epochs or whose "
+                        "training loss does not fall for 3 (exit status 72)")
     add_data_flags(p)
     g = p.add_argument_group("run")
     g.add_argument("--threads", type=int, default=0,

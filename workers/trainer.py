@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lenet_dist import checkpoint
-from lenet_dist.comm import LauncherMismatch, get_comm, launcher_size
+from lenet_dist.comm import LauncherMismatch, bcast_json, get_comm, launcher_size
 from lenet_dist.data.identity import data_mismatch
 from lenet_dist.errors import ResumeError, UsageError
 from lenet_dist.parallel.balance import straggler
@@ -33,6 +33,7 @@ from lenet_dist.run.outcome import Tally, agreed_signal, position, summary, what
 from lenet_dist.run.process import blas_threads, raise_open_files_limit, setup_logging
 from lenet_dist.run.progress import ProgressSink
 from lenet_dist.run.sinks import LinkProgressSink, MetricsSink, RunInfo, Sinks, StepState
+from lenet_dist.run.steering import Steering
 from lenet_dist.run.telemetry import TelemetrySink
 from lenet_dist.run.text import number, one_line
 from lenet_dist.stall import StallGuard
@@ -56,8 +57,12 @@ class Run:
     comm: object
     trainer: DataParallelTrainer
     state: object               # setup.RunState on rank 0, else None
+    steer: Steering             # early stop, the plateau schedule, the learning check (alike on every rank)
     link: object = None         # rank 0's TrainerLink with --publish
     saved: object = None        # rank 0: the newest checkpoint file written
+    guard: object = None        # the stall guard of the loop
+    progress: object = None     # the loop's StepState: its epoch sums go into checkpoints
+    carried: tuple = (0, 0.0, 0)    # a resumed epoch's sums before the checkpoint (seen, loss sum, correct)
 
     @property
     def rank0(self):
@@ -85,11 +90,13 @@ def _start(flags, comm):
     _check_val_size(flags.config, len(data.train_images))           # every rank alike: a usage error
     cfg, found, state = setup.prepare(flags.config, flags.plan, comm, data, log)
     trainer = DataParallelTrainer(cfg, comm, data)
-    _describe(trainer, comm, data)
+    steer = Steering(cfg, from_evaluator=bool(flags.args.publish))
+    trainer.lr_scale = steer.lr_scale
+    _describe(trainer, comm, data, steer)
     if flags.args.checkpoint_every and not (flags.plan.directory or flags.args.publish) and comm.rank == 0:
         log.warning("--checkpoint-every %d keeps nothing without --checkpoint-dir DIR (or --publish): this run "
                     "writes no checkpoint", flags.args.checkpoint_every)
-    r = Run(flags, comm, trainer, state)
+    r = Run(flags, comm, trainer, state, steer)
     try:
         return _resume(r, found)
     except BaseException:
@@ -105,10 +112,19 @@ def _resume(r, found):
         if r.rank0:
             _check_same_data(state.resumed_from, found, trainer)
         trainer.restore(found)
+        _restore_steering(r, found)
         at = (f"epoch {trainer.epoch + 1}/{cfg.epochs}, batch {trainer.pos} of {trainer.steps_per_epoch}"
               if not trainer.done else "the run has finished")
         log.info("resumed from %s at step %d/%d (%s; run %s)", state.resumed_from if r.rank0 else "",
                  trainer.step, trainer.total_steps, at, state.run_id if r.rank0 else "")
+        if r.steer.ended and not flags.plan.override:     # ended by a decision (early stop): as finished
+            if r.rank0:
+                state.close()
+                print(f"run {state.run_id} in {flags.plan.directory} has already ended at step {trainer.step}: "
+                      f"{r.steer.ended}; nothing to train (to go on anyway: --resume --override NAMES with a "
+                      f"changed flag, e.g. early_stop)", flush=True)
+            return None
+        r.steer.ended = None
         if trainer.done:                    # a finished run resumed (a requeue, a retry): nothing to train
             if r.rank0:
                 state.close()
@@ -119,8 +135,23 @@ def _resume(r, found):
     return r
 
 
-def _describe(trainer, comm, data):
+def _restore_steering(r, found):
+    """Every rank: the steering state saved with rank 0's checkpoint (none in an older one)."""
+    saved = bcast_json(r.comm, {k: found.meta.get(k) for k in ("steering", "epoch_so_far")} if r.rank0
+                       else None)                                                     # [dist]
+    r.steer.load(saved["steering"])
+    if saved["epoch_so_far"] and r.trainer.pos > 0:     # the epoch's figures count its steps before the stop
+        r.carried = tuple(saved["epoch_so_far"])
+    r.trainer.lr_scale = r.steer.lr_scale
+
+
+def _describe(trainer, comm, data, steer):
     cfg = trainer.cfg
+    if cfg.lr_scaling == "linear":
+        log.info("--lr-scaling linear: learning rate %g x %d / 64 = %g after the warm-up", cfg.lr, cfg.batch_size,
+                 cfg.lr * steer.factor)
+    if steer.source():
+        log.info("--early-stop %d: %s, watched for %s", cfg.early_stop, cfg.early_stop_metric, steer.source())
     log.info("%d ranks, global batch %d (%s per rank), %d steps per epoch, %d training examples (%d held out "
              "for validation), data: %s from %s", comm.size, cfg.batch_size, "~%d" % -(-cfg.batch_size // comm.size),
              trainer.steps_per_epoch, trainer.n, len(trainer.val_images), data.name, data.source)
@@ -158,23 +189,25 @@ def _train(r):
         else Tally()
     sinks = _sinks(flags, link, trainer) if r.rank0 else Sinks()
     facts = flags.facts if not r.rank0 else _with_run(flags.facts, r.state.run_id)
-    guard = _stall_guard(args, comm, trainer)
+    guard = r.guard = _stall_guard(args, comm, trainer)
     try:
         sinks.on_start(RunInfo(total_steps=trainer.total_steps, start_step=trainer.step,
                                steps_per_epoch=trainer.steps_per_epoch, epochs=cfg.epochs, ranks=comm.size,
                                batch_size=cfg.batch_size, config=cfg.to_dict()))
-        state = StepState()
+        state = r.progress = StepState()
         first_step = trainer.step + 1      # logged when done: lenet-launch's restart time ends there
         announced = False                  # the measured allreduce path has been logged
         while not trainer.done:
             ep_start_step, t0 = trainer.step, time.perf_counter()
             epoch = trainer.epoch
             state.begin_epoch(epoch, t0)
+            state.epoch_seen, state.epoch_loss_sum, state.epoch_correct = r.carried
             trainer.examples_by_rank[:] = 0
             trainer.seconds_by_rank[:] = 0
             while trainer.epoch == epoch and not trainer.done:
                 flags.fault.maybe_fire(trainer, comm.rank)
-                B, l, c, stop_all, lr = trainer.train_step(stop_request=bool(stop.signum))
+                verdict_stop = _verdicts(r)      # rank 0: the evaluator's verdicts may end the run ...
+                B, l, c, stop_all, lr = trainer.train_step(stop_request=bool(stop.signum) or verdict_stop)
                 guard.beat()
                 if trainer.reducer.chooser and trainer.reducer.chooser.decided and not announced:
                     announced = True
@@ -193,16 +226,24 @@ def _train(r):
                 if args.checkpoint_every and trainer.step % args.checkpoint_every == 0 and trainer.epoch == epoch:
                     _checkpoint(r)
             train_seconds = time.perf_counter() - t0
-            tally.add_training(state.epoch_seen, train_seconds)
+            tally.add_training(state.epoch_seen - r.carried[0], train_seconds)
             if stop_all:
                 return _stop(r, stop, sinks, tally, facts, t_start)
-            record = _end_epoch(r, state, train_seconds, ep_start_step, lr)
+            record, decision = _end_epoch(r, state, train_seconds, ep_start_step, lr)
+            r.carried = (0, 0.0, 0)
             guard.beat()
             if r.rank0 and tally.add_epoch(record) and r.saved:
                 point(flags.plan.directory, "best", r.saved, dict(
                     step=trainer.step, epoch=trainer.epoch, val_acc=record.get("val_acc"),
                     val_loss=record.get("val_loss"), test_acc=record["test_acc"], run_id=r.state.run_id))
             sinks.on_epoch(record)
+            if decision.lr_row:
+                sinks.on_event(decision.lr_row)
+                if r.rank0:
+                    log.info("learning rate %g from step %d: %s", decision.lr_row["lr"], trainer.step,
+                             decision.lr_row["reason"])
+            if decision.end:
+                return _steered_end(r, decision.end, decision.why, stop, sinks, tally, facts, t_start)
         guard.stop()                        # past the last collective: rank 0 may linger for the evaluator
         if link:
             _serve_final(r, stop, tally)
@@ -219,6 +260,8 @@ def _stop(r, stop, sinks, tally, facts, t_start):
     comm, trainer = r.comm, r.trainer
     signum = agreed_signal(comm, stop.signum)                           # [dist] the same on every rank
     _checkpoint(r)
+    if not signum:                          # ... voted by rank 0 alone: the evaluator's verdicts ended the run
+        return _steered_end(r, "early_stop", r.steer.ended, stop, sinks, tally, facts, t_start)
     log.warning("stopped by signal %d at step %d (%s); %s; exit status %d", signum, trainer.step,
                 signal_name(signum), what_was_saved(r.flags.plan.directory, r.saved, r.link, r.rank0),
                 exitcodes.stopped(signum))
@@ -234,13 +277,16 @@ def _end_epoch(r, state, train_seconds, ep_start_step, lr):
     trainer.check_synced()
     test_loss, test_acc = trainer.evaluate()
     val = trainer.evaluate("val")           # the held-out split: what model selection may look at
-    _checkpoint(r)
     seen = state.epoch_seen
-    record = {"event": "epoch", "epoch": trainer.epoch, "step": trainer.step,
-              "train_loss": state.epoch_loss_sum / max(seen, 1), "train_acc": state.epoch_correct / max(seen, 1),
-              **({"val_loss": val[0], "val_acc": val[1]} if val else {}),
+    figures = {"train_loss": state.epoch_loss_sum / max(seen, 1), "train_acc": state.epoch_correct / max(seen, 1),
+               **({"val_loss": val[0], "val_acc": val[1]} if val else {})}
+    # every rank holds the same collective figures, so every rank takes the same decision here
+    decision = r.steer.after_validation(figures, trainer.step, trainer.epoch, trainer.cfg.lr, last=trainer.done)
+    trainer.lr_scale = r.steer.lr_scale
+    _checkpoint(r)                          # with the decision in its steering state
+    record = {"event": "epoch", "epoch": trainer.epoch, "step": trainer.step, **figures,
               "test_loss": test_loss, "test_acc": test_acc, "seconds": round(train_seconds, 3),
-              "images_per_s": round(seen / train_seconds, 1), "ranks": comm.size,
+              "images_per_s": round((seen - r.carried[0]) / train_seconds, 1), "ranks": comm.size,
               "steps": trainer.step - ep_start_step, "lr": lr}
     if comm.size > 1:                       # who did the work: equal shares unless --balance moved them
         record["allreduce"] = trainer.reducer.path
@@ -254,7 +300,36 @@ def _end_epoch(r, state, train_seconds, ep_start_step, lr):
     evaluator = link.latest_result() if link else None
     if evaluator:
         record["evaluator"] = evaluator
-    return record
+    return record, decision
+
+
+def _verdicts(r):
+    """Rank 0 with --early-stop and --publish: feed the evaluator's new verdicts to early stopping; True
+    once it says stop (the vote then travels in the next step's allreduce, so every rank stops after it)."""
+    if not (r.link and r.steer.cfg.early_stop) or r.steer.ended:
+        return bool(r.steer.ended) and r.rank0
+    for result in sorted(r.link.poll_results(), key=lambda v: v.get("step", 0)):
+        if r.steer.after_verdict(result):
+            return True
+    return False
+
+
+def _steered_end(r, kind, why, stop, sinks, tally, facts, t_start):
+    """Every rank: a steering decision ended the run after the same step, its checkpoint written (marked
+    final): say why in one line, serve the final checkpoint, the end row; exit 0, or NOT_LEARNING."""
+    comm, trainer = r.comm, r.trainer
+    status = exitcodes.NOT_LEARNING if kind == "not_learning" else exitcodes.OK
+    r.guard.stop()                          # past the last collective: rank 0 may linger for the evaluator
+    if r.rank0:
+        (log.error if status else log.warning)("%s (step %d; %s)", why, trainer.step,
+                                               what_was_saved(r.flags.plan.directory, r.saved, r.link, True))
+    if r.link:
+        _serve_final(r, stop, tally)
+    sinks.on_end(summary(facts, reason=kind, why=why or kind.replace("_", " "), saved=r.saved, link=r.link,
+                         tally=tally, **position(trainer, comm, t_start)))
+    if status:
+        comm.barrier()      # [dist] mpirun ends the job when one rank exits non-zero: rank 0 has written all
+    return status
 
 
 def _serve_final(r, stop, tally):
@@ -369,7 +444,10 @@ def _checkpoint(r):
     params, velocity, meta, residuals = trainer.checkpoint_content()    # [dist] every rank (residuals)
     if not r.rank0:
         return
-    meta = r.state.meta(dict(meta, created=time.time()))
+    p = r.progress
+    meta = r.state.meta(dict(meta, created=time.time(), steering=r.steer.state(),
+                             epoch_so_far=p and [p.epoch_seen, p.epoch_loss_sum, p.epoch_correct],
+                             final=meta["final"] or bool(r.steer.ended)))
     data = checkpoint.to_bytes(params, velocity, meta, residuals)
     if r.state.writer:
         r.saved = r.state.writer.write(meta["step"], data)

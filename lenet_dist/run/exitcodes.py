@@ -17,6 +17,8 @@ passes on as N: stopped() reads both.
     69       REPLICAS           no        replicas out of sync: a bug or a bad node, not a crash
     70       TRAINING           no        another training error
     71       TRANSPORT          no        the --publish endpoint or its keys are refused
+    72       NOT_LEARNING       no        accuracy at chance level, or a loss that does not fall: the same run
+                                          does not learn again (its checkpoint is written)
     75       STALL              yes       the stall guard: no step finished in --stall-timeout (a peer died)
     128+N    stopped(N)         no        stopped by signal N with its stop checkpoint written
 """
@@ -34,6 +36,7 @@ DIVERGED = 68
 REPLICAS = 69
 TRAINING = 70
 TRANSPORT = 71
+NOT_LEARNING = 72
 STALL = 75
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
@@ -50,6 +53,7 @@ WILL_RECUR = {
     REPLICAS: ("replica mismatch", "a bug or a bad node, not a crash: a restart would hide it"),
     TRAINING: ("training error", "training cannot go on from here"),
     TRANSPORT: ("transport error", "the --publish endpoint or its keys are refused; they do not change"),
+    NOT_LEARNING: ("not learning", "the same configuration does not learn again; change --lr or --lr-scaling"),
 }
 RETRY = {FAILED: "rank error", STALL: "stall"}
 

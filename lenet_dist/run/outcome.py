@@ -144,9 +144,12 @@ def _pointer_run(path):
 
 
 def summary(facts, *, reason, step, total_steps, epoch, epochs, ranks, wall_seconds, tally, signum=0,
-            saved=None, link=None):
-    """The end row: {"event": "end", ...}, fractions as in the epoch rows, paths as strings."""
-    s = {"event": "end", "outcome": "stopped" if reason == "signal" else "finished", "step": step,
+            saved=None, link=None, why=None):
+    """The end row: {"event": "end", ...}, fractions as in the epoch rows, paths as strings. `reason`:
+    "finished", "signal", or a steering decision ("early_stop", "not_learning") whose one line `why` is
+    then the outcome."""
+    outcome = "stopped" if reason == "signal" else why if reason in ("early_stop", "not_learning") else "finished"
+    s = {"event": "end", "outcome": outcome, "step": step,
          "total_steps": total_steps, "epoch": epoch, "epochs": epochs, "ranks": ranks,
          "wall_seconds": round(wall_seconds, 3), "train_seconds": round(tally.seconds, 3), "images": tally.images,
          "images_per_s": round(tally.images / tally.seconds, 1) if tally.seconds > 0 else None}

@@ -52,6 +52,8 @@ def summary_lines(s):
              else f"{s['ranks']} rank(s)")
     if s["outcome"] == "stopped":
         lines.append(f"stopped by {s['signal_name']} {where} after {duration(s['wall_seconds'])}, {speed}")
+    elif s["outcome"] != "finished":            # a steering decision ended it: its one line
+        lines.append(f"{s['outcome']}; ended {where} after {duration(s['wall_seconds'])}, {speed}")
     else:
         lines.append(f"finished {s['epochs']} epochs ({s['step']} steps) in {duration(s['wall_seconds'])}, {speed}")
     if s.get("test_acc") is not None:

@@ -79,6 +79,9 @@ class Sink:
     def on_epoch(self, record: dict):
         pass
 
+    def on_event(self, row: dict):
+        """A row of its own (a learning-rate drop: {"event": "lr", ...}), between the epoch rows."""
+
     def on_end(self, summary: dict):
         pass
 
@@ -103,6 +106,11 @@ class Sinks(Sink):
     def on_epoch(self, record):
         for s in self.sinks:
             s.on_epoch(record)
+
+    def on_event(self, row):
+        for s in self.sinks:
+            if hasattr(s, "on_event"):         # duck-typed sinks without the hook ignore such rows
+                s.on_event(row)
 
     def on_end(self, summary):
         for s in self.sinks:
@@ -131,6 +139,9 @@ class MetricsSink(Sink):
 
     def on_epoch(self, record):
         self.write(record)
+
+    def on_event(self, row):
+        self.write(row)
 
     def on_end(self, summary):
         self.write(summary)
