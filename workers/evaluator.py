@@ -30,6 +30,7 @@ import ipaddress
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 from lenet_dist import checkpoint, wire
@@ -37,6 +38,8 @@ from lenet_dist.data import DataError
 from lenet_dist.evaluation import live as live_outputs
 from lenet_dist.evaluation.best import BestKeeper
 from lenet_dist.evaluation.health import Health, HealthServer
+from lenet_dist.evaluation.history import History
+from lenet_dist.evaluation.metrics import metrics_text
 from lenet_dist.evaluation.loop import LoopConfig, Output, run_loop
 from lenet_dist.evaluation.scoring import Judge
 from lenet_dist.files import check_writable_path, open_regular, read_regular
@@ -58,7 +61,9 @@ def parse_args(argv=None):
                      help="poll this checkpoint directory instead, or each run folder inside it")
     add_data_flags(p)       # the trainer's own: a checkpoint is scored only on the data it was trained for
     g = p.add_argument_group("output")
-    g.add_argument("--report", type=Path, help="append one JSON object per evaluation here")
+    g.add_argument("--report", type=Path,
+                   help="append one JSON object per evaluation here; read back at start: the history of every "
+                        "run evaluated (/metrics' counters, the dashboard)")
     g.add_argument("--results-bind", metavar="ENDPOINT", help="also publish results on a PUB socket here")
     g.add_argument("--best-dir", type=Path,
                    help="keep the best checkpoint (by validation accuracy, never test) here as best.npz")
@@ -125,8 +130,8 @@ def _add_live_flags(p):
     g.add_argument("--tensorboard", type=Path, metavar="DIR",
                    help="write TensorBoard event files (scalars, the confusion matrix) under DIR/evaluator")
     g.add_argument("--health", metavar="[HOST:]PORT",
-                   help="serve /healthz (alive) and /readyz (data loaded, evaluating) here for an orchestrator's "
-                        "probes (host 127.0.0.1 unless given; no extra needed)")
+                   help="serve /healthz (alive), /readyz (data loaded, evaluating) and /metrics (Prometheus) here "
+                        "for an orchestrator's probes and scrapes (host 127.0.0.1 unless given; no extra needed)")
 
 
 def _check_live_flags(p, args):
@@ -205,9 +210,14 @@ def run(args, stop):
 
     from lenet_dist.model import LeNet5
     with contextlib.ExitStack() as stack:
-        health = Health()
+        health, started = Health(), time.time()
+        history = History.load(args.report, warn=log.warning)
+        if history.loaded:
+            log.info("history: %d evaluations of %d run(s) from %s", history.loaded, len(history.runs()),
+                     args.report)
         if args.health_address:                     # first: the probes answer (not ready) while data loads
-            probes = HealthServer(health, *args.health_address)
+            probes = HealthServer(health, *args.health_address,
+                                  metrics=lambda: metrics_text(history, health, started))
             stack.callback(probes.close)
             log.info("health probes on %s/healthz and /readyz", probes.url)
         health.not_ready("loading data")
@@ -218,6 +228,7 @@ def run(args, stop):
         if args.report:
             report = stack.enter_context(open_regular(args.report, "a"))   # a FIFO is refused, never waited on
             outputs.append(Output(lambda r: (report.write(json.dumps(r) + "\n"), report.flush()), full=True))
+        outputs.append(Output(history.add))
         if args.connect:                            # back to the trainer, which logs it
             outputs.append(Output(_send_back(sources())))
         if args.results_bind:

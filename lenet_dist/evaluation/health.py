@@ -6,6 +6,7 @@ their own and with the standard library only, so they need no dashboard extra:
     GET /readyz     200 once the data is loaded and checkpoints are being evaluated or awaited; 503 before
                     (loading data, connecting) and once it is stopping
     JSON bodies: {"status": ..., "why": ..., "evaluations": N, "last_step": S, "heartbeat_age_s": x}
+    GET /metrics    Prometheus' text format (evaluation/metrics.py), when the evaluator gives a source of it
 
 Each connection gets a thread of its own, at most MAX_CLIENTS at once (others are closed at once), and a
 5 s socket timeout, so a slow or hostile client cannot hold the probes off for long.
@@ -54,7 +55,8 @@ class Health:
 class HealthServer:
     """The probes' HTTP listener on (host, port) (port 0: a free one; .port says which)."""
 
-    def __init__(self, health, host="127.0.0.1", port=0):
+    def __init__(self, health, host="127.0.0.1", port=0, metrics=None):
+        """metrics: a callable returning /metrics' text (None: no /metrics)."""
         slots = threading.BoundedSemaphore(MAX_CLIENTS)
 
         class Handler(BaseHTTPRequestHandler):
@@ -66,15 +68,18 @@ class HealthServer:
                     ok, status = r["alive"], "alive" if r["alive"] else "stuck"
                 elif self.path == "/readyz":
                     ok, status = r["ready"] and r["alive"], "ready" if r["ready"] else "not ready"
+                elif self.path == "/metrics" and metrics is not None:
+                    self._send(200, metrics().encode(), "text/plain; version=0.0.4; charset=utf-8")
+                    return
                 else:
-                    self._send(404, {"error": f"no {self.path[:60]!r} here: /healthz or /readyz"})
+                    self._send(404, {"error": f"no {self.path[:60]!r} here: /healthz, /readyz or /metrics"})
                     return
                 self._send(200 if ok else 503, dict(r, status=status))
 
-            def _send(self, code, body):
-                data = json.dumps(body).encode()
+            def _send(self, code, body, kind="application/json"):
+                data = body if isinstance(body, bytes) else json.dumps(body).encode()
                 self.send_response(code)
-                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Type", kind)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)

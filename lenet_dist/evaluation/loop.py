@@ -96,7 +96,7 @@ def run_loop(cfg, stop, sources, model, judge, outputs, best=None, live=None, he
                 log.info("evaluated the final checkpoint (step %d); exiting (--exit-after-run)", t.last_step)
                 return 0
             if t.finished:
-                log.info("run %s finished at step %d; waiting for the next run on %s", t.run_name(t.run_id) or "",
+                log.info("run %s finished at step %d; waiting for the next run on %s", t.run_name(t.run_id) or "(unnamed)",
                          t.last_step, s.endpoint)
     log.info("stopped by signal %d (%s) after %d evaluations", stop.signum, stop.name, ctx.evaluations)
     return 130 if stop.signum == signal.SIGINT else 0
