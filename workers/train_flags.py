@@ -11,6 +11,8 @@ from pathlib import Path
 from lenet_dist import wire
 from lenet_dist.comm import RANK_VARS
 from lenet_dist.config import TrainConfig
+from lenet_dist.files import check_writable_path
+from lenet_dist.parallel.timeline import DEFAULT_STEPS, parse_steps
 
 from lenet_dist.run.faults import FaultInjector
 from lenet_dist.run.metrics import LAUNCH_RESTARTS_VAR
@@ -178,7 +180,21 @@ def parse_args(argv=None):
                    help="every K steps, a row of step figures for --metrics, --publish and --tensorboard (0: none)")
     g.add_argument("--tensorboard", type=Path, metavar="DIR",
                    help="write TensorBoard event files under DIR/trainer (needs the tensorboard extra)")
+    g.add_argument("--timeline", type=Path, metavar="FILE",
+                   help="write every rank's phases over a window of steps to FILE as a Chrome trace (open it in "
+                        "https://ui.perfetto.dev or chrome://tracing; docs/performance.md)")
+    g.add_argument("--timeline-steps", default="%d:%d" % DEFAULT_STEPS, metavar="A:B",
+                   help="--timeline's window: steps A to B-1 of this start (a shorter run: its last B-A steps; "
+                        "a run stopped by a signal: up to its last step)")
     args = p.parse_args(argv)
+    try:
+        args.timeline_steps = parse_steps(args.timeline_steps)
+        if args.timeline:
+            check_writable_path(args.timeline)
+            if not args.timeline.parent.is_dir():
+                raise ValueError(f"--timeline {args.timeline}: no folder {args.timeline.parent}")
+    except ValueError as e:
+        p.error(str(e))
     if args.log_every < 0:
         p.error(f"--log-every must be >= 0, got {args.log_every}")
     if args.tensorboard and importlib.util.find_spec("tensorboardX") is None:

@@ -28,6 +28,7 @@ from lenet_dist.data.identity import data_mismatch
 from lenet_dist.errors import ResumeError, UsageError
 from lenet_dist.parallel.balance import straggler
 from lenet_dist.parallel.step import DataParallelTrainer
+from lenet_dist.parallel.timeline import timeline_for
 from lenet_dist.run import exitcodes, setup
 from lenet_dist.run.outcome import Tally, agreed_signal, position, summary, what_was_saved
 from lenet_dist.run.process import blas_threads, raise_open_files_limit, setup_logging
@@ -190,6 +191,9 @@ def _train(r):
     sinks = _sinks(flags, link, trainer) if r.rank0 else Sinks()
     facts = flags.facts if not r.rank0 else _with_run(flags.facts, r.state.run_id)
     guard = r.guard = _stall_guard(args, comm, trainer)
+    timeline = timeline_for(args.timeline, args.timeline_steps).attach(trainer)   # --timeline: wraps its hooks
+    if r.rank0 and r.state.writer:
+        timeline.watch(r.state.writer, "write", "checkpoint write")
     try:
         sinks.on_start(RunInfo(total_steps=trainer.total_steps, start_step=trainer.step,
                                steps_per_epoch=trainer.steps_per_epoch, epochs=cfg.epochs, ranks=comm.size,
