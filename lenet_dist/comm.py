@@ -29,6 +29,16 @@ SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE")                 # 
 LOCAL_SIZE_VARS = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "PMIX_LOCAL_SIZE", "PMI_LOCAL_SIZE")  # on this node
 LAUNCHER_VARS = RANK_VARS + SIZE_VARS + LOCAL_SIZE_VARS + ("HYDI_CONTROL_FD",)   # any: started by a launcher
 
+
+def launcher_rank(env=None):
+    """This process's rank as its launcher set it (any of RANK_VARS, or Slurm's SLURM_PROCID), read before
+    MPI starts; None outside a launcher. `env`: a mapping of str (default os.environ)."""
+    env = os.environ if env is None else env
+    for var in (*RANK_VARS, "SLURM_PROCID"):
+        if env.get(var, "").isdigit():
+            return int(env[var])
+    return None
+
 # An MPI library spins while it waits for a peer. On an oversubscribed node (mpirun -n 4 on 2 cores, or any
 # node shared with other work) the spinning rank steals the core from the rank it waits for. Two waits
 # differ, and each gets its own remedy:

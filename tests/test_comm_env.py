@@ -1,7 +1,8 @@
 """How comm reads the launcher's environment: ranks and cores on the node, Slurm, a foreign mpirun. No MPI."""
 import pytest
 
-from lenet_dist.comm import LauncherMismatch, _oversubscribed, check_launcher, launcher_size, node_layout
+from lenet_dist.comm import (LauncherMismatch, _oversubscribed, check_launcher, launcher_rank, launcher_size,
+                             node_layout)
 
 OMPI = "Open MPI v5.0.11"
 MPICH = "MPICH Version: 5.0.2"
@@ -51,6 +52,14 @@ def test_slurm_layout_names_its_source():
 def test_launcher_size():
     assert launcher_size({"OMPI_COMM_WORLD_SIZE": "4"}) == (4, "OMPI_COMM_WORLD_SIZE")
     assert launcher_size({"SLURM_NTASKS": "4"}) == (None, None)     # a batch script is not a step of 4
+
+
+def test_launcher_rank_from_any_launcher_srun_included():
+    assert launcher_rank({"PMI_RANK": "3"}) == 3
+    assert launcher_rank({"OMPI_COMM_WORLD_RANK": "1"}) == 1
+    assert launcher_rank({"PMIX_RANK": "2"}) == 2
+    assert launcher_rank({"SLURM_PROCID": "5"}) == 5               # srun without PMI
+    assert launcher_rank({"PMI_RANK": "x"}) is None and launcher_rank({}) is None
 
 
 @pytest.mark.parametrize("library, env", [
