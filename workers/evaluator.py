@@ -33,14 +33,14 @@ import sys
 import time
 from pathlib import Path
 
-from lenet_dist import checkpoint, wire
+from lenet_dist import checkpoint, cpus, logformat, wire
 from lenet_dist.data import DataError
 from lenet_dist.evaluation import live as live_outputs
 from lenet_dist.evaluation.best import BestKeeper
 from lenet_dist.evaluation.health import Health, HealthServer
 from lenet_dist.evaluation.history import History
-from lenet_dist.evaluation.metrics import metrics_text
 from lenet_dist.evaluation.loop import LoopConfig, Output, run_loop
+from lenet_dist.evaluation.metrics import metrics_text
 from lenet_dist.evaluation.scoring import Judge
 from lenet_dist.files import check_writable_path, open_regular, read_regular
 from lenet_dist.stopsignal import StopSignal
@@ -78,9 +78,12 @@ def parse_args(argv=None):
     g.add_argument("--poll-ms", type=int, default=500, help="how long one request waits for a new checkpoint")
     g.add_argument("--delay", type=float, default=0.0, metavar="SECONDS",
                    help="artificial slowness before each evaluation (tests, rehearsals)")
-    g.add_argument("--threads", type=int, default=1, help="BLAS threads")
+    g.add_argument("--threads", type=int,
+                   help="BLAS threads (default: the CPUs it may use, by its affinity mask and cgroup CPU quota)")
     g.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                    help="WARNING: only problems and the evaluation lines")
+    g.add_argument("--log-format", default="text", choices=logformat.FORMATS,
+                   help="json: one JSON object per line, with an ISO 8601 time and zone (for a log collector)")
     g = p.add_argument_group("CurveZMQ (with --connect; keys from lenet-keys generate)")
     g.add_argument("--curve-secret-key", type=Path, metavar="FILE", help="this evaluator's .key_secret file")
     g.add_argument("--curve-public-key", type=Path, metavar="FILE", help="its .key file (optional, checked)")
@@ -88,7 +91,8 @@ def parse_args(argv=None):
     _add_live_flags(p)
     args = p.parse_args(argv)
     _check_live_flags(p, args)
-    if args.max_evaluations < 0 or args.timeout < 0 or args.delay < 0 or args.threads < 1:
+    bad_threads = args.threads is not None and args.threads < 1
+    if args.max_evaluations < 0 or args.timeout < 0 or args.delay < 0 or bad_threads:
         p.error("--max-evaluations, --timeout and --delay must be >= 0, --threads >= 1")
     for flag, path in (("--report", args.report), ("--best-dir", args.best_dir and args.best_dir / "best.json")):
         if path:
@@ -238,7 +242,9 @@ def run(args, stop):
             outputs.append(Output(pub.publish))
             log.info("publishing results on %s", pub.endpoint)
         best = BestKeeper(args.best_dir) if args.best_dir else None
-        stack.enter_context(threadpool_limits(limits=args.threads, user_api="blas"))
+        threads, why = (args.threads, "--threads") if args.threads else cpus.available()
+        log.info("%d BLAS thread%s (%s)", threads, "s" * (threads != 1), why)
+        stack.enter_context(threadpool_limits(limits=threads, user_api="blas"))
         model = LeNet5()
         model.evaluate(ds.test_images[:500], ds.test_labels[:500])  # warm-up: the first evaluation is not slower
         live = live_outputs.start(live_outputs.LiveConfig(
@@ -267,8 +273,7 @@ def _send_back(clients):
 
 def main(argv=None):
     args = parse_args(argv)
-    logging.basicConfig(format="%(asctime)s evaluator %(levelname)s %(message)s", datefmt="%H:%M:%S",
-                        stream=sys.stderr, level=args.log_level, force=True)
+    logformat.setup("evaluator", args.log_level, args.log_format)
     stop = StopSignal()
     try:
         return run(args, stop)
