@@ -9,7 +9,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from lenet_dist import wire
-from lenet_dist.comm import RANK_VARS
+from lenet_dist.comm import launcher_rank
 from lenet_dist.config import TrainConfig
 from lenet_dist.files import check_writable_path
 from lenet_dist.parallel.timeline import DEFAULT_STEPS, parse_steps
@@ -30,14 +30,6 @@ class Parser(argparse.ArgumentParser):
         if launcher_rank() in (None, 0):
             print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr, flush=True)
         sys.exit(2)
-
-
-def launcher_rank():
-    """This process's rank as its launcher set it (before MPI starts), or None outside a launcher."""
-    for var in (*RANK_VARS, "SLURM_PROCID"):
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
-    return None
 
 
 def cpus_available():
