@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from lenet_dist import checkpoint  # noqa: E402
 from lenet_dist.comm import RANK_VARS  # noqa: E402
-from workers.launch import local_ranks  # noqa: E402
+from lenet_dist.run.procs import local_ranks  # noqa: E402
 
 
 class Run:

@@ -13,8 +13,9 @@ import time
 import numpy as np
 import pytest
 
-from lenet_dist import checkpoint
-from workers.launch import local_ranks, parse_args
+from lenet_dist import checkpoint, comm
+from lenet_dist.run.procs import local_ranks
+from workers.launch import parse_args
 
 from .mpiutil import REPO, env, final_params, launch, need_mpirun
 
@@ -63,8 +64,8 @@ class Launch:
         """The pid of trainer rank `rank`, from the MPI rank in its environment."""
         for pid in local_ranks(self.proc.pid):
             with open(f"/proc/{pid}/environ", "rb") as f:
-                env = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
-            if int(env.get(b"PMI_RANK", env.get(b"OMPI_COMM_WORLD_RANK", b"-1"))) == rank:
+                env = dict(v.decode(errors="replace").split("=", 1) for v in f.read().split(b"\0") if b"=" in v)
+            if comm.launcher_rank(env) == rank:
                 return pid
         raise AssertionError(f"no rank {rank} below pid {self.proc.pid}:\n{self.text}")
 

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from lenet_dist import checkpoint
-from workers.launch import local_ranks
+from lenet_dist.run.procs import local_ranks
 
 from .mpiutil import REPO, env, mpirun_cmd, python
 

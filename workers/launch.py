@@ -30,15 +30,14 @@ from collections import deque
 from datetime import datetime, timezone
 from pathlib import Path
 
-from lenet_dist.comm import RANK_VARS
 from lenet_dist.resume import newest_usable
 from lenet_dist.run import exitcodes, metrics
+from lenet_dist.run.procs import descendants, local_ranks
 from lenet_dist.stopsignal import StopSignal, signal_name
 
 from lenet_dist.run.restart_policy import RestartPolicy, classify, fit_hosts, format_hostfile, parse_hostfile
 
 log = logging.getLogger("lenet.launch")
-RANK_ENV = tuple(f"{v}=".encode() for v in RANK_VARS)
 
 
 def parse_args(argv=None):
@@ -109,39 +108,6 @@ def detect_flavor(mpirun):
     raise SystemExit(f"lenet-launch: error: cannot tell MPICH from Open MPI by '{mpirun} --version'")
 
 
-def _descendants(root):
-    """Pids of every process below `root` (from /proc)."""
-    children = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat", "rb") as f:
-                    ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            children.setdefault(ppid, []).append(int(d))
-    out, todo = [], [root]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
-def local_ranks(mpirun_pid):
-    """The trainer ranks mpirun started on this host: its descendants with an MPI rank in their environment."""
-    ranks = []
-    for pid in _descendants(mpirun_pid):
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                env = f.read().split(b"\0")
-        except OSError:
-            continue
-        if any(v.startswith(RANK_ENV) for v in env):
-            ranks.append(pid)
-    return ranks
-
-
 class Job:
     """One mpirun: its output passed through to ours and kept for classify() (Hydra reports a rank's death
     on stdout, the ranks their errors on stderr); ends on its own or is ended."""
@@ -184,7 +150,7 @@ class Job:
 
     def kill(self):
         """mpirun and everything it started here (proxies, ssh clients, ranks: they have groups of their own)."""
-        pids = [self.proc.pid, *_descendants(self.proc.pid)]
+        pids = [self.proc.pid, *descendants(self.proc.pid)]
         for s, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 30.0)):
             for pid in pids:
                 try:
