@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import ipaddress
 import json
 import math
 import threading
@@ -132,6 +133,25 @@ def check_endpoint(endpoint, *, bind=True):
                          + (" (* or 0: any free port)" if bind else ""))
     return endpoint
 
+
+
+def is_loopback(host_or_endpoint):
+    """Whether a host ("127.0.0.1", "::1", "[::1]", "localhost") or a ZeroMQ endpoint ("tcp://[::1]:5555")
+    can be reached from this host only. ipc:// and inproc:// are; a host name other than localhost is not
+    (it may resolve to anything), nor a wildcard (*, 0.0.0.0, ::)."""
+    host = str(host_or_endpoint)
+    if "://" in host:
+        scheme, _, address = host.partition("://")
+        if scheme != "tcp":
+            return scheme in ("ipc", "inproc")
+        host = address.rpartition(":")[0] or address
+    host = host.removeprefix("[").removesuffix("]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 def checkpoint_header(*, req_id, server, trainer_step, step, epoch, data_sha256, size, final):
     return {"proto": PROTO, "version": VERSION, "kind": "checkpoint", "id": req_id, "server": server,

@@ -152,3 +152,22 @@ def test_unreachable_results_address(tmp_path):
     out = check(0, "--subset", "--results", f"tcp://127.0.0.1:{port}", tmp_path=tmp_path, expect_rc=1)
     [(_, why)] = lines(out, "FAIL", "results")
     assert "no TCP connection" in why and "Connection refused" in why and "--results-bind" in why
+
+
+@pytest.mark.parametrize("where, loopback", [
+    ("tcp://127.0.0.1:5555", True), ("tcp://[::1]:5555", True), ("::1", True), ("[::1]", True),
+    ("localhost", True), ("127.0.0.2", True), ("ipc:///tmp/x", True),
+    ("tcp://0.0.0.0:5555", False), ("tcp://*:5555", False), ("tcp://[::]:5555", False), ("::", False),
+    ("10.1.2.3", False), ("tcp://192.168.1.1:5555", False), ("node7.example.org", False)])
+def test_one_loopback_rule(where, loopback):
+    from lenet_dist.wire import is_loopback
+    assert is_loopback(where) is loopback
+
+
+def test_publish_off_loopback_without_keys_is_said(tmp_path):
+    out = check(0, "--subset", "--publish", "tcp://0.0.0.0:*", tmp_path=tmp_path, expect_rc=0)
+    [(_, why)] = lines(out, "ok", "publish")
+    assert "not loopback and no CurveZMQ keys" in why, out
+    out = check(0, "--subset", "--publish", "tcp://127.0.0.1:*", tmp_path=tmp_path, expect_rc=0)
+    [(_, why)] = lines(out, "ok", "publish")
+    assert "not loopback" not in why, out

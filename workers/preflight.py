@@ -35,6 +35,7 @@ import numpy as np
 from lenet_dist.comm import SIZE_VARS, allgather_json
 
 from lenet_dist.run.text import one_line
+from lenet_dist.wire import is_loopback
 
 REASON_CHARS = 900              # a longer reason is cut: the report stays a line per check
 RESULTS_WAIT_S = 4.0            # how long the --results address may take to accept a connection
@@ -122,7 +123,7 @@ def check_checkpoint_dir(directory, resume):
 def check_keys(args):
     from lenet_dist.transport import TransportError, load_key, load_key_pair
     secret, authorized = args.curve_secret_key, args.curve_authorized
-    public = getattr(args, "curve_public_key", None)               # a flag the trainer may grow
+    public = args.curve_public_key
     if not (secret or authorized or public):
         return _skip("keys", "no CurveZMQ keys given: checkpoints are served unencrypted to anyone who connects")
     try:
@@ -153,8 +154,7 @@ def check_publish(args):
     bound = link.endpoint
     link.close()
     why = f"{bound} can be bound"
-    host = re.match(r"tcp://([^:]+):", bound)
-    if host and not host.group(1).startswith(("127.", "[::1]", "localhost")) and not args.curve_secret_key:
+    if not is_loopback(bound) and not args.curve_secret_key:
         why += "; not loopback and no CurveZMQ keys: anyone who reaches it can download the model"
     return _ok("publish", why)
 
