@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from lenet_dist.run.process import blas_threads, raise_open_files_limit, setup_logging  # noqa: F401 (re-exported)
-from lenet_dist.run.text import number, one_line  # noqa: F401 (re-exported)
+from lenet_dist.run.text import one_line  # noqa: F401 (re-exported for workers/evaluator.py only)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

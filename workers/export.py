@@ -17,8 +17,9 @@ from pathlib import Path
 from lenet_dist import checkpoint, resume
 from lenet_dist.checkpoint import CheckpointError
 from lenet_dist.files import atomic_write
+from lenet_dist.run.text import one_line
 
-from .common import HelpFormatter, one_line
+from .common import HelpFormatter
 
 
 def parse_args(argv=None):
