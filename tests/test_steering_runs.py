@@ -108,3 +108,16 @@ def test_batch_8_at_the_default_rate_stops_saying_so_or_learns_with_linear_scali
     p = launch(0, [*small8, "--lr-scaling", "linear", "--metrics", tmp_path / "m.jsonl"])
     assert rows(tmp_path / "m.jsonl", "epoch")[-1]["test_acc"] > 0.8          # measured 0.916
     assert "not learning" not in p.stdout + p.stderr
+
+
+def test_lenet_launch_does_not_restart_a_run_that_does_not_learn(tmp_path):
+    from .test_launch import Launch
+    job = Launch(tmp_path, ["-n", 2], ["--subset", "--epochs", "2", "--batch-size", "8", "--lr", "0.5",
+                                       "--no-progress", "--log-level", "WARNING"])    # 9.6% after 2 epochs
+    assert job.finish(timeout=240) != 0, job.text
+    assert job.rows("restart") == [], job.text
+    end = job.rows("end")
+    assert end[0]["outcome"].endswith("the run is not learning; try --lr 0.0625, or --lr-scaling linear")
+    assert len(end) == 1                                                      # the trainer's own
+    assert (f"mpirun exited with code {exitcodes.NOT_LEARNING}: not restarting: not learning will recur: exit "
+            f"status {exitcodes.NOT_LEARNING} (the same configuration does not learn again") in job.text, job.text
