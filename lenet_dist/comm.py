@@ -324,7 +324,7 @@ class MPIComm:
     def iallreduce_(self, buf, dtype="float32"):
         """Start summing `buf` over all ranks in place; returns the request. dtype 'float16' / 'bfloat16':
         `buf` holds half-precision values (np.float16, or bfloat16 bits in np.uint16), summed by MPI in
-        half (buckets.HalfSum is the faster way where it sends no more bytes)."""
+        half (parallel/compressed.py's HalfSum is the faster way where it sends no more bytes)."""
         mpi_type, op = self._half_types(dtype)
         return self.comm.Iallreduce(self.MPI.IN_PLACE, buf if mpi_type is None else [buf, mpi_type], op=op)
 
@@ -334,7 +334,7 @@ class MPIComm:
 
     def iallgather_(self, send, recv):
         """Start gathering every rank's `send` into `recv`, rank order, on a duplicate of the world
-        communicator: its order among these calls is its own (buckets.HalfSum)."""
+        communicator: its order among these calls is its own (parallel/compressed.py's HalfSum)."""
         return self.gather_comm.Iallgather(send, recv)
 
     def test_all(self, requests):

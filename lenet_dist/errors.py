@@ -1,7 +1,8 @@
-"""Failures that the processes (and lenet-launch) tell apart by their type name in the one-line error.
+"""Error types with no better home; each one a process turns into one error line and an exit status.
 
-DataError (data.py), CheckpointError (checkpoint.py) and TrainingError (parallel/step.py) live beside the code that
-raises them; what has no better home is here.
+A process maps a failure's type to its exit status (lenet_dist/run/exitcodes.py), and lenet-launch decides
+from that status alone, never from the error's type name or text. DataError (data/dataset.py),
+CheckpointError (checkpoint.py) and TrainingError (parallel/step.py) live beside the code that raises them.
 """
 
 
