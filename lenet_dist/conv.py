@@ -73,8 +73,8 @@ class Conv2D(Layer):
         k, s, K = self.k, self.stride, C * self.k * self.k
         pt, pl, hp, wp, ho, wo = self._geometry(H, W)
         xp = self._padded(x, pt, pl, hp, wp)
-        # im2col in one strided copy: cols[c,i,j, oh,ow, b] = xp[c, s*oh+i, s*ow+j, b] (25 block copies,
-        # one per kernel offset, measured twice as slow for conv2)
+        # im2col in one strided copy: cols[c,i,j, oh,ow, b] = xp[c, s*oh+i, s*ow+j, b] (not one block copy
+        # per kernel offset: slower for conv2, docs/performance.md)
         cols = self.ws.get("cols", (K + 1, ho * wo * B), init=_ones_last_row)     # (K+1, N)
         sc, sh, sw, sb = xp.strides
         if self.pool_major:     # columns (row parity, column parity, oh//2, ow//2, b): see the class doc
@@ -109,8 +109,8 @@ class Conv2D(Layer):
             np.copyto(std.reshape(self.cout, ho // 2, 2, wo // 2, 2, B).transpose(0, 2, 4, 1, 3, 5), dout)
             d2 = std.reshape(self.cout, ho * wo * B)
         # col2im one kernel row at a time: dcols for row i, (k*C, N) = W[:, :, i, :]^T d2, is summed back
-        # by one strided add per kernel column j. The whole (K, N) dcols measured slower (3.8 MB for
-        # conv2 at batch 64 goes out to memory and back; a row's slice stays in cache).
+        # by one strided add per kernel column j: a row's slice stays in cache, the whole (K, N) dcols does
+        # not (docs/performance.md).
         wt = self.ws.get("wt", (k, k * C, self.cout))                  # wt[i]: rows in (kw, c) order
         wt[...] = self.params["weight"].transpose(2, 3, 1, 0).reshape(k, k * C, self.cout)
         drow = self.ws.get("drow", (k * C, ho * wo * B))
@@ -205,9 +205,8 @@ class StripConv2D(Conv2D):
     (2m+1, 2t+p), rows in (u, v) order; there is one block of such columns per column parity p. The k x k
     patch of window member (a, p) is then the contiguous row range [k*a, k*a + k*k) of block p, so every
     member is one GEMM of the same (Cout, k*k) weight matrix with a view of the columns: 30 values per two
-    outputs where im2col holds 2 x 25, 40% less to write and to read back in backward
-    (bench/conv1_compare.py: forward + backward in 0.82x the time of pool-major im2col at batch 128, alone
-    and with a twin on the other core; 0.89-0.95x at 64). Two members whose patches are equal (a uniform background: most of MNIST) are the same
+    outputs where im2col holds 2 x 25, 40% less to write and to read back in backward, and faster than
+    pool-major im2col (bench/conv1_compare.py; figures in bench/README.md). Two members whose patches are equal (a uniform background: most of MNIST) are the same
     GEMM on the same values at the same column, so their outputs are bit-equal and the pool's tie rule
     decides, whatever the batch size. (BandedConv2D's one taller GEMM does not give that with OpenBLAS;
     see its doc.) The bias is added to the output, as it cannot sit in a row the members share.

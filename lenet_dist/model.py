@@ -119,8 +119,7 @@ class LeNet5:
     def evaluate(self, images, labels, batch_size=128):
         """Mean loss and accuracy over uint8 images (N,28,28) and labels (N,).
 
-        batch_size 128: larger batches' im2col matrices no longer fit in cache (docs/performance.md), and
-        its scratch arrays take about 6 MB."""
+        batch_size 128: larger batches' im2col matrices no longer fit in cache (docs/performance.md)."""
         total_loss, correct = 0.0, 0
         buf = None
         for lo in range(0, len(images), batch_size):

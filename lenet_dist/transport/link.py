@@ -278,8 +278,8 @@ class TrainerLink:
         frames = [ident, wire.encode(header)] + ([data] if data is not None else [])
         # Copied, not zero-copy: pyzmq tracks zero-copy frames over 64 KiB with a context of its own that it
         # starts on the first such send, and under an idle-connection flood that has taken every file
-        # descriptor libzmq cannot create that context's epoll and aborts the process. A copy of the
-        # 247 KB checkpoint costs ~25 us per send.
+        # descriptor libzmq cannot create that context's epoll and aborts the process. The copy is cheap
+        # (docs/reliability.md).
         try:                                        # ROUTER drops, never blocks, on a gone or full peer
             sock.send_multipart(frames, zmq.NOBLOCK, copy=True)
         except zmq.Again:
