@@ -48,18 +48,13 @@ def worker(args):
 
     from lenet_dist.comm import get_comm
     from lenet_dist.config import TrainConfig
-    from lenet_dist.data import DataError, load_mnist, load_subset
     from lenet_dist.parallel.step import DataParallelTrainer
+
+    from bench.timing import load_data
 
     comm = get_comm()
     old_comm = old_get_comm()
-    try:
-        ds = load_mnist(args.data_dir, download=False, log=None)
-    except DataError as e:
-        if comm.rank == 0:
-            print(f"commits_interleaved.py: WARNING: full MNIST not found ({e}); using the shipped subset",
-                  file=sys.stderr, flush=True)
-        ds = load_subset()
+    ds, _ = load_data(args.data_dir, comm=comm, prog="commits_interleaved.py")
     cfg = TrainConfig(batch_size=args.batch, epochs=1000, seed=1, bucket_kb=args.bucket_kb,
                       allreduce_dtype=args.allreduce_dtype)
     limits = threadpool_limits(limits=1, user_api="blas")       # noqa: F841 - one BLAS thread per rank

@@ -92,13 +92,8 @@ def pin_by_rank(per_host):
 
 
 def load(args, comm):
-    from lenet_dist.data import DataError, load_mnist, load_subset
-    try:
-        return load_mnist(args.data_dir, download=False, log=None)
-    except DataError as e:
-        if comm.rank == 0:
-            print(f"multihost.py: WARNING: full MNIST not found ({e}); using the shipped subset", file=sys.stderr)
-        return load_subset()
+    from bench.timing import load_data
+    return load_data(args.data_dir, comm=comm, prog="multihost.py")[0]
 
 
 def link_bytes():

@@ -36,19 +36,14 @@ def worker(args):
 
     from lenet_dist.comm import get_comm
     from lenet_dist.config import TrainConfig
-    from lenet_dist.data import DataError, load_mnist, load_subset
     from lenet_dist.parallel.placement import reducer_for
     from lenet_dist.parallel.reducers import BucketedReducer, FusedReducer
     from lenet_dist.parallel.step import DataParallelTrainer
 
+    from bench.timing import load_data
+
     comm = get_comm()
-    try:
-        ds = load_mnist(args.data_dir, download=False, log=None)
-    except DataError as e:
-        if comm.rank == 0:
-            print(f"paths_interleaved.py: WARNING: full MNIST not found ({e}); using the shipped subset",
-                  file=sys.stderr, flush=True)
-        ds = load_subset()
+    ds, _ = load_data(args.data_dir, comm=comm, prog="paths_interleaved.py")
     cfg = TrainConfig(batch_size=args.batch, epochs=1000, bucket_kb=args.bucket_kb, seed=1)
     limits = threadpool_limits(limits=1, user_api="blas")       # noqa: F841 - one BLAS thread per rank
     buckets = reducer_for(cfg, comm)                            # the run's buckets, pipelined or not

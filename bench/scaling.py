@@ -54,11 +54,10 @@ def worker(args):
 
     from lenet_dist.comm import MPIComm
     from lenet_dist.config import TrainConfig
-    from lenet_dist.data import DataError, load_mnist, load_subset
     from lenet_dist.parallel.reducers import Straggler
     from lenet_dist.parallel.step import DataParallelTrainer
     import numpy as np
-    from bench.timing import TimedReducer
+    from bench.timing import TimedReducer, load_data
 
     class RawComm(MPIComm):
         """Plain MPI: no naps, no library settings for an oversubscribed node (@raw)."""
@@ -66,13 +65,8 @@ def worker(args):
             return None, {}
 
     comm = RawComm() if args.raw else MPIComm()
-    try:
-        ds, source = load_mnist(args.data_dir, download=False, log=None), "mnist"
-    except DataError as e:
-        if comm.rank == 0:
-            print(f"scaling.py: WARNING: full MNIST not found ({e}); using the shipped 2,000-image subset: "
-                  f"figures are NOT comparable (set LENET_DATA_DIR)", file=sys.stderr, flush=True)
-        ds, source = load_subset(), "subset"
+    ds, source = load_data(args.data_dir, comm=comm, prog="scaling.py",
+                           note=" (2,000 images): figures are NOT comparable (set LENET_DATA_DIR)")
 
     total = args.warmup + args.steps
     cfg = TrainConfig(batch_size=args.batch, epochs=max(1, -(-total * args.batch // len(ds.train_images)) + 1),

@@ -46,16 +46,11 @@ def main(argv=None):
 
     from lenet_dist.comm import MPIComm
     from lenet_dist.config import TrainConfig
-    from lenet_dist.data import DataError, load_mnist, load_subset
+    from bench.timing import load_data
     from lenet_dist.parallel.step import DataParallelTrainer
 
     comm = MPIComm()
-    try:
-        ds = load_mnist(args.data_dir, download=False, log=None)
-    except DataError as e:
-        if comm.rank == 0:
-            print(f"step_phases.py: WARNING: full MNIST not found ({e}); using the shipped subset", file=sys.stderr)
-        ds = load_subset()
+    ds, _ = load_data(args.data_dir, comm=comm, prog="step_phases.py")
     stamps = {k: [] for k in PHASES}
     total = args.warmup + args.steps
     # the fused allreduce (--bucket-kb 0): its phases are what the stamps split; buckets overlap them

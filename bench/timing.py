@@ -3,16 +3,22 @@ timing loop. Needs numpy and lenet_dist only (torch_compare runs in a venv witho
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 
 from lenet_dist.data import DataError, load_mnist, load_subset
 
 
-def load_data():
-    """Full MNIST when it is on disk already (never downloads), else the shipped subset."""
+def load_data(data_dir=None, *, comm=None, prog=None, note=""):
+    """(data set, "mnist" or "subset"): full MNIST from `data_dir` (None: LENET_DATA_DIR, then the cache)
+    when it is on disk already (never downloads), else the shipped subset, said by rank 0 of `comm` as a
+    WARNING naming `prog` (and `note`) when `prog` is given."""
     try:
-        return load_mnist(download=False, log=None), "mnist"
-    except DataError:
+        return load_mnist(data_dir, download=False, log=None), "mnist"
+    except DataError as e:
+        if prog and (comm is None or comm.rank == 0):
+            print(f"{prog}: WARNING: full MNIST not found ({e}); using the shipped subset{note}",
+                  file=sys.stderr, flush=True)
         return load_subset(), "subset"
 
 
