@@ -37,7 +37,7 @@ def test_under_mpirun_the_status_reaches_the_launcher(tmp_path):
     assert p.stderr.count("error:") == 1 and "Abort(" not in p.stderr, p.stderr
 
 
-def test_other_data_is_bad_data_on_every_rank_said_once(tmp_path):
+def test_a_truncated_label_file_is_bad_data_on_every_rank_said_once(tmp_path):
     d = write_dir(tmp_path / "idx", n_train=60, n_test=20)
     (d / "train-labels-idx1-ubyte").write_bytes(b"\0\0\x08\x01\0\0\0\x05ab")          # a truncated label file
     p = launch(2, ["--dataset", "idx", "--data-dir", d, "--epochs", "1", "--no-progress"], check=False)
