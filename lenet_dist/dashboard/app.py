@@ -158,6 +158,9 @@ def build_app(state, token=None, closing=None):
     async def api_history(request):
         return JSONResponse(state.history())
 
+    async def api_runs(request):
+        return JSONResponse(state.runs())
+
     async def api_checkpoint(request):
         ckpt = state.checkpoint()
         if ckpt is None:
@@ -248,6 +251,7 @@ def build_app(state, token=None, closing=None):
 
     app = Starlette(routes=[
         Route("/", index), Route("/api/state", api_state), Route("/api/history", api_history),
+        Route("/api/runs", api_runs),
         Route("/api/checkpoint", api_checkpoint), Route("/api/digit/{index}", api_digit),
         Route("/api/predict", api_predict, methods=["POST"]), Route("/api/stream", api_stream),
         Route("/metrics", metrics), Mount("/static", StaticFiles(directory=STATIC), name="static"),

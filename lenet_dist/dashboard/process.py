@@ -119,6 +119,7 @@ class DashboardProcess:
         self._rows = collections.deque(maxlen=KEEP_ROWS)
         self._results = collections.deque(maxlen=KEEP_RESULTS)
         self._newest = self._best = None                    # (result, frame) of the newest and the best
+        self._run = self._runs = None                       # the run shown (its summary), the runs' list frame
         self._lock = threading.Lock()                       # the replay above vs the supervisor's restart
         self._closing = threading.Event()
         self.dropped = self.restarts = 0
@@ -160,13 +161,35 @@ class DashboardProcess:
                 self._best = (result, frame)
             self._put(frame)
 
+    def start_run(self, run, results, keep_steps=False):
+        """Show another run (`run`: its summary; `results`: its history, oldest first): the child drops the
+        shown run's series (the step rows too, unless keep_steps) and models and takes these."""
+        frame = encode({"kind": "run", "run": run, "results": list(results), "keep_steps": keep_steps})
+        with self._lock:
+            if not keep_steps:
+                self._rows.clear()
+            self._results = collections.deque(results, maxlen=KEEP_RESULTS)
+            self._newest = self._best = None
+            self._run = run
+            self._put(frame)
+
+    def set_runs(self, runs):
+        frame = encode({"kind": "runs", "runs": runs})
+        with self._lock:
+            self._runs = frame
+            self._put(frame)
+
     def _replay(self):
         """The frames that give a new child what the dead one had."""
         out = [self._hello]
+        if self._runs is not None:
+            out.append(self._runs)
+        if self._run is not None:                   # the shown run, with its history so far
+            out.append(encode({"kind": "run", "run": self._run, "results": list(self._results), "keep_steps": True}))
         rows = list(self._rows)
         for i in range(0, len(rows), 1000):
             out.append(encode({"kind": "steps", "rows": rows[i:i + 1000]}))
-        if self._results:
+        if self._results and self._run is None:
             out.append(encode({"kind": "results", "results": list(self._results)}))
         for kept in (self._best, self._newest):         # the newest last: it is what the page shows
             if kept is not None:
@@ -366,6 +389,10 @@ def main(argv=None):
                 state.add_steps(head["rows"])
             elif head.get("kind") == "results":
                 state.restore_evaluations(head["results"])
+            elif head.get("kind") == "run":
+                state.start_run(head["run"], head["results"], bool(head.get("keep_steps")))
+            elif head.get("kind") == "runs":
+                state.set_runs(head["runs"])
             elif head.get("kind") == "evaluation":
                 a = head["analysis"]
                 detail = Analysis(a["loss"], a["accuracy"], np.asarray(a["confusion"], np.int64), a["worst"])

@@ -41,6 +41,8 @@ class LiveState:
         self._models = {}                       # "newest" / "best" -> (LeNet5, step, accuracy)
         self._model_lock = threading.Lock()     # one forward pass at a time per state (shared scratch)
         self._best = None                       # the best evaluation's summary, by lenet_dist.selection
+        self._run = None                        # the run shown: {"run_id", "name", ...}; None before one is named
+        self._runs = []                         # every run the evaluator knows (history.RunHistory.to_dict())
         self.listeners = []                     # callables, called with no argument after every change
         self.started = time.time()
 
@@ -66,11 +68,40 @@ class LiveState:
             self._event("reload", {})
         self._notify()
 
+    def start_run(self, run, results=(), keep_steps=False):
+        """Show another run: its own series only (never two runs as one), from `results` (its history, oldest
+        first); the pages reload. The models go too: drawing waits for the run's first evaluation. keep_steps:
+        the step rows so far are this run's (no run was shown before)."""
+        with self._model_lock:
+            self._models, self._best = {}, None
+        with self._lock:
+            if not keep_steps:
+                self._steps.clear()
+            self._evaluations.clear()
+            self._config = self._checkpoint = None
+            self._run = run
+            self._evaluations.extend(dict(self._summary(r), per_class=None) for r in results)
+            for r in results:
+                if selection.is_better(r, self._best):
+                    self._best = self._summary(r)
+            self._event("reload", {})
+        self._notify()
+
+    def set_runs(self, runs):
+        """The list of every run the evaluator knows, as history.RunHistory.to_dict() gives them."""
+        with self._lock:
+            self._runs = list(runs)
+            self._event("runs", self._runs)
+        self._notify()
+
     @staticmethod
     def _summary(result):
-        return {k: result.get(k) for k in ("step", "epoch", "accuracy", "loss", "val_accuracy", "val_loss",
-                                           "n_val", "eval_seconds", "lag_steps", "trainer_step", "n_test",
-                                           "final", "time")}
+        # test_accuracy/test_loss, with accuracy/loss as their aliases (the page and older clients read those)
+        test = {"test_accuracy": result.get("test_accuracy", result.get("accuracy")),
+                "test_loss": result.get("test_loss", result.get("loss"))}
+        return {**{k: result.get(k) for k in ("step", "epoch", "val_accuracy", "val_loss", "n_val", "eval_seconds",
+                                             "lag_steps", "trainer_step", "n_test", "final", "time")},
+                **test, "accuracy": test["test_accuracy"], "loss": test["test_loss"]}
 
     def add_evaluation(self, result, params, result_analysis, config=None, replayed=False):
         """One evaluated checkpoint: the evaluator's result dict, its named parameters, its Analysis.
@@ -131,7 +162,7 @@ class LiveState:
         with self._lock:
             last = self._evaluations[-1] if self._evaluations else None
             step = self._steps[-1] if self._steps else None
-            return {"config": self._config, "seq": self._seq, "started": self.started,
+            return {"config": self._config, "seq": self._seq, "started": self.started, "run": self._run,
                     "trainer_step": max(step["step"] if step else -1,
                                         (last or {}).get("trainer_step") or -1, (last or {}).get("step", -1)),
                     "latest_evaluation": last, "latest_step": step, "evaluations": len(self._evaluations),
@@ -142,6 +173,10 @@ class LiveState:
     def history(self):
         with self._lock:
             return {"steps": list(self._steps), "evaluations": list(self._evaluations), "seq": self._seq}
+
+    def runs(self):
+        with self._lock:
+            return {"runs": list(self._runs), "shown": self._run}
 
     def checkpoint(self):
         with self._lock:

@@ -10,6 +10,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from .history import History, run_key
+
 log = logging.getLogger("lenet.evaluator")
 
 TELEMETRY_POLL_S = 0.5
@@ -27,21 +29,32 @@ class LiveConfig:
     curve_server_key: Path | None = None
 
 
-def start(cfg, images, labels, stop):
-    """A Live for this configuration, or None when it asks for no live output."""
+def start(cfg, images, labels, stop, history=None):
+    """A Live for this configuration, or None when it asks for no live output. `history` (history.History):
+    the runs the evaluator knows, already holding each result when on_evaluation is called."""
     if not (cfg.http_address or cfg.tensorboard):
         return None
-    return Live(cfg, images, labels, stop)
+    return Live(cfg, images, labels, stop, history or History())
 
 
 class Live:
-    def __init__(self, cfg, images, labels, stop):
+    """The dashboard shows one run at a time: the run of the newest evaluation at start (from the history),
+    then each new run as it starts; a run that is evaluated while the shown one is still going (several
+    trainers at once) is listed (/api/runs) but does not take the page over until the shown run ends."""
+
+    def __init__(self, cfg, images, labels, stop, history):
         self.dashboard = self.tb = self.follower = None
+        self.history, self.shown = history, None
         try:
             if cfg.http_address:
                 from ..dashboard.process import DashboardProcess
                 self.dashboard = DashboardProcess(images, labels, *cfg.http_address, token=cfg.http_token)
                 log.info("dashboard on %s%s", self.dashboard.url, " (bearer token required)" if cfg.http_token else "")
+                runs = history.runs()
+                if runs:                            # a restarted evaluator: the newest run's history
+                    newest = max(runs, key=lambda r: r.last["time"] or 0)
+                    self._show(newest, newest.evaluations)
+                    self.dashboard.set_runs([r.to_dict() for r in runs])
             if cfg.tensorboard:
                 from .tensorboard import EvaluatorBoard
                 self.tb = EvaluatorBoard(cfg.tensorboard)
@@ -55,9 +68,23 @@ class Live:
         if self.dashboard is not None:
             self.dashboard.add_steps(rows)
 
+    def _show(self, run, results):
+        # The step rows so far are this run's when no run was shown yet; else the trainer's rows are asked
+        # for again, from the oldest it keeps: a new trainer's, which came before its first checkpoint.
+        keep_steps = self.shown is None
+        self.shown = run
+        self.dashboard.start_run(run.to_dict(), results, keep_steps)
+        if not keep_steps and self.follower is not None:
+            self.follower.rewind()
+
     def on_evaluation(self, result, params, detail, config):
         if self.dashboard is not None:
-            self.dashboard.add_evaluation(result, params, detail, config)
+            run = self.history.run(run_key(result))
+            if run is not self.shown and (self.shown is None or self.shown.finished or run.count == 1):
+                self._show(run, run.evaluations[:-1])     # a new run, or the shown one has ended
+            if run is self.shown:                   # else another run while the shown one goes on: listed only
+                self.dashboard.add_evaluation(result, params, detail, config)
+            self.dashboard.set_runs([r.to_dict() for r in self.history.runs()])
         if self.tb is not None:
             self.tb.add_evaluation(result, detail)
 
@@ -78,6 +105,7 @@ class TelemetryFollower:
                                        interrupted=stop.__bool__)
         self.on_rows, self.stop = on_rows, stop
         self._done = threading.Event()
+        self._rewind = False
         self._thread = threading.Thread(target=self._run, daemon=True, name="lenet-telemetry")
         self._thread.start()
 
@@ -85,6 +113,8 @@ class TelemetryFollower:
         from ..wire import MAX_TELEMETRY_ROWS, BadMessage
         since, server = -1, None
         while not self._done.is_set() and not self.stop:
+            if self._rewind:
+                self._rewind, since = False, -1
             try:
                 got = self.client.fetch_telemetry(since)
             except BadMessage as e:
@@ -103,6 +133,10 @@ class TelemetryFollower:
                 if len(rows) == MAX_TELEMETRY_ROWS:     # more waiting: ask again at once
                     continue
             self._done.wait(TELEMETRY_POLL_S)
+
+    def rewind(self):
+        """Ask for the trainer's rows again from the oldest it keeps (the dashboard now shows another run)."""
+        self._rewind = True
 
     def close(self):
         self._done.set()

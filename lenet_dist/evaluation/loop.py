@@ -183,11 +183,11 @@ class _Context:
               f"loss {number(result['test_loss'])} ({result['n_test']} images, {result['eval_seconds']:.2f}s), "
               f"{result['lag_steps']} steps behind"
               + (", final" if final else ""), flush=True)
-        if self.live is not None:
-            self.live.on_evaluation(result, ckpt.params, detail, ckpt.meta.get("config"))
         full = dict(result, per_class=detail.per_class, confusion=detail.confusion.tolist(), worst=detail.worst)
         for o in self.outputs:                      # the report gets the analysis too; the link the figures
             o.send(full if o.full else result)
+        if self.live is not None:                   # after the outputs: the history holds the result already
+            self.live.on_evaluation(result, ckpt.params, detail, ckpt.meta.get("config"))
         try:
             if self.best and self.best.offer(result, data, ckpt.meta.get("config")):
                 log.info("new best: step %d, validation %.2f%% (test %.2f%%), in %s", step,
