@@ -33,11 +33,14 @@ def own_limit(n):
     return True
 
 
-def open_idle(port, n):
-    """n connections that never speak: non-blocking connects (the kernel queues what is not yet accepted)."""
+def open_idle(port, n, rcvbuf=None):
+    """n connections that never speak: non-blocking connects (the kernel queues what is not yet accepted);
+    `rcvbuf`: a small receive buffer for connections that never read either."""
     socks = []
     for _ in range(n):
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if rcvbuf:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         s.setblocking(False)
         try:
             s.connect(("127.0.0.1", port))

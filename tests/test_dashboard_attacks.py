@@ -164,21 +164,6 @@ def attacked(live, name):
     assert live.proc.poll() is None
 
 
-def connect_all(port, n, rcvbuf=None):
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        if rcvbuf:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        s.setblocking(False)
-        try:
-            s.connect(("127.0.0.1", port))
-        except (BlockingIOError, InterruptedError):
-            pass
-        socks.append(s)
-    return socks
-
-
 def send_when_writable(socks, data, seconds=5.0):
     """Send `data` once on each socket as soon as it is connected (what does not go now is dropped)."""
     poller = select.poll()
@@ -205,14 +190,14 @@ def stalled_streams(port):
     request = b"GET /api/stream HTTP/1.1\r\nHost: x\r\nLast-Event-ID: 0\r\n\r\n"
 
     def start():
-        socks.extend(connect_all(port, 2000, rcvbuf=4096))            # they never read
+        socks.extend(idleflood.open_idle(port, 2000, rcvbuf=4096))            # they never read
         send_when_writable(socks, request)
     return start, lambda: close_all(socks)
 
 
 def half_open(port):
     socks = []
-    return lambda: socks.extend(connect_all(port, 1100)), lambda: close_all(socks)
+    return lambda: socks.extend(idleflood.open_idle(port, 1100)), lambda: close_all(socks)
 
 
 def endless_header(port):
@@ -241,7 +226,7 @@ def big_headers(port):
     head = b"GET / HTTP/1.1\r\nHost: x\r\nX-a: " + b"a" * (1 << 20)
 
     def start():
-        socks.extend(connect_all(port, 300))
+        socks.extend(idleflood.open_idle(port, 300))
         send_when_writable(socks, head)             # as much of the megabyte as the kernel takes; never ends
     return start, lambda: close_all(socks)
 
