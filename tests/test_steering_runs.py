@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 
-from lenet_dist import checkpoint
+from lenet_dist import resume
 from lenet_dist.run import exitcodes
 
 from .mpiutil import final_params, launch
@@ -104,7 +104,7 @@ def test_batch_8_at_the_default_rate_stops_saying_so_or_learns_with_linear_scali
     line = "after 2 epochs (chance is 10%): the run is not learning; try --lr 0.00625, or --lr-scaling linear"
     errors = [s for s in p.stderr.splitlines() if "ERROR" in s]
     assert len(errors) == 1 and line in errors[0] and "validation accuracy" in errors[0], p.stderr
-    assert checkpoint.latest_valid(tmp_path / "ck", warn=lambda m: None)[1].meta["final"]
+    assert resume.newest_usable(tmp_path / "ck", warn=lambda m: None)[1].meta["final"]
     p = launch(0, [*small8, "--lr-scaling", "linear", "--metrics", tmp_path / "m.jsonl"])
     assert rows(tmp_path / "m.jsonl", "epoch")[-1]["test_acc"] > 0.8          # measured 0.916
     assert "not learning" not in p.stdout + p.stderr
