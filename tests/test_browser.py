@@ -109,7 +109,7 @@ def test_dashboard_in_a_browser_during_a_real_run(tmp_path, browser):
     endpoint, port = f"tcp://127.0.0.1:{free_port()}", free_port()
     url = f"http://127.0.0.1:{port}"
     ev = start_evaluator(endpoint, tmp_path / "eval.jsonl", "--http", f"127.0.0.1:{port}")
-    tr = start_trainer(endpoint, tmp_path, "--log-every", "4", epochs=40)
+    tr = start_trainer(endpoint, tmp_path, "--log-every", "4", "--val-size", "200", epochs=40)
     try:
         client = httpx.Client(base_url=url, timeout=10)
 
@@ -134,6 +134,12 @@ def test_dashboard_in_a_browser_during_a_real_run(tmp_path, browser):
         assert js(browser, "return charts['chart-loss'].data[1].filter(v => v !== null).length") > 0
         assert js(browser, "return charts['chart-speed'].series.length") == 4       # step, total, rank 0, 1
         assert js(browser, "return charts['chart-lr'].data[1].filter(v => v !== null).length") > 0
+        # validation beside test, and the run listed and named
+        assert js(browser, "return charts['chart-acc'].data[3].filter(v => v !== null).length") > 0
+        assert js(browser, "return charts['chart-loss'].data[3].filter(v => v !== null).length") > 0
+        run = (state() or {}).get("run") or {}
+        assert run.get("name") and js(browser, "return document.getElementById('run-name').textContent") == run["name"]
+        assert js(browser, "return document.querySelectorAll('#runs tr.shown').length") == 1
 
         # A digit the newest checkpoint knows well, traced stroke by stroke on the canvas.
         until("a checkpoint at 85% or better", lambda: ((state() or {}).get("best_accuracy") or 0) >= 0.85)

@@ -84,7 +84,8 @@ class LiveState:
             for r in results:
                 if selection.is_better(r, self._best):
                     self._best = self._summary(r)
-            self._event("reload", {})
+            # the first run shown (keep_steps) only names what the pages show already; another one replaces it
+            self._event("run", run) if keep_steps else self._event("reload", {})
         self._notify()
 
     def set_runs(self, runs):

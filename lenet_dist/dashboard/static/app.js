@@ -68,10 +68,12 @@ function makeChart(id, title, series, yLabel) {
 function setupCharts() {
   makeChart("chart-loss", "Loss", [
     { label: "train", stroke: "#2a6fdb" },
-    { label: "test", stroke: "#e0653a", points: { show: true, size: 6 } }], "loss");
+    { label: "test", stroke: "#e0653a", points: { show: true, size: 6 } },
+    { label: "validation", stroke: "#1e9e6a", dash: [6, 3], points: { show: true, size: 6 } }], "loss");
   makeChart("chart-acc", "Accuracy", [
     { label: "train", stroke: "#2a6fdb" },
-    { label: "test", stroke: "#e0653a", points: { show: true, size: 6 } }], "fraction");
+    { label: "test", stroke: "#e0653a", points: { show: true, size: 6 } },
+    { label: "validation", stroke: "#1e9e6a", dash: [6, 3], points: { show: true, size: 6 } }], "fraction");
   makeChart("chart-speed", "Images/s", [{ label: "total", stroke: "#333" }], "images/s");
   makeChart("chart-lr", "Learning rate", [{ label: "lr", stroke: "#7a3fbf" }], "lr");
   makeChart("chart-lag", "Evaluator lag", [{ label: "steps behind", stroke: "#1e9e6a", points: { show: true, size: 6 } }], "steps");
@@ -99,8 +101,11 @@ function ranksSeries() {
 function redraw() {
   redrawPending = false;
   const ev = evals.filter((e) => e.loss !== null);
-  charts["chart-loss"].setData(columns([steps.map((r) => [r.step, r.loss]), ev.map((e) => [e.step, e.loss])]));
-  charts["chart-acc"].setData(columns([steps.map((r) => [r.step, r.acc]), evals.map((e) => [e.step, e.accuracy])]));
+  const val = evals.filter((e) => e.val_accuracy !== null && e.val_accuracy !== undefined);
+  charts["chart-loss"].setData(columns([steps.map((r) => [r.step, r.loss]), ev.map((e) => [e.step, e.loss]),
+    val.filter((e) => e.val_loss !== null).map((e) => [e.step, e.val_loss])]));
+  charts["chart-acc"].setData(columns([steps.map((r) => [r.step, r.acc]), evals.map((e) => [e.step, e.accuracy]),
+    val.map((e) => [e.step, e.val_accuracy])]));
   const ranks = ranksSeries();
   const speed = [steps.map((r) => [r.step, r.images_per_s])];
   for (let k = 0; k < ranks; k++) speed.push(steps.map((r) => [r.step, (r.rank_images_per_s || [])[k] ?? null]));
@@ -132,8 +137,34 @@ function headline() {
   const s = steps[steps.length - 1], e = evals[evals.length - 1];
   const parts = [];
   if (s) parts.push(`step ${s.step} (epoch ${s.epoch}): train loss ${fmt(s.loss)}, ${Math.round(s.images_per_s)} images/s`);
-  if (e) parts.push(`test accuracy ${pct(e.accuracy)} at step ${e.step}`);
+  if (e) parts.push((e.val_accuracy !== null && e.val_accuracy !== undefined ? `validation accuracy ${pct(e.val_accuracy)}, ` : "") +
+                    `test accuracy ${pct(e.accuracy)} at step ${e.step}`);
   $("headline").textContent = parts.join(" · ") || "waiting for the trainer…";
+}
+
+// The runs the evaluator knows (/api/runs): the shown one marked; the page shows one run at a time.
+let shownRun = null;
+function showRuns(runs) {
+  const table = $("runs");
+  table.textContent = "";
+  const head = table.insertRow();
+  ["run", "status", "evaluations", "last step", "best validation accuracy", "its test accuracy"].forEach((t) => {
+    const th = document.createElement("th"); th.textContent = t; head.appendChild(th);
+  });
+  runs.forEach((r) => {
+    const tr = table.insertRow();
+    if (shownRun && r.run_id === shownRun.run_id && r.name === shownRun.name) tr.className = "shown";
+    [r.name, r.status, r.evaluations, r.last_step ?? "–", pct(r.best_val_accuracy), pct(r.best_test_accuracy)]
+      .forEach((v) => { tr.insertCell().textContent = v; });
+    tr.title = r.run_id || "";
+  });
+  $("runs-note").textContent = runs.length ? "" : "no run evaluated yet";
+}
+
+function showRun(run) {
+  shownRun = run;
+  $("run-name").textContent = run ? run.name : "";
+  document.title = run ? `${run.name} · lenet-dist dashboard` : "lenet-dist dashboard";
 }
 
 function showConfig(cfg) {
@@ -281,6 +312,8 @@ function connect() {
   source.addEventListener("error", () => { $("status").textContent = "reconnecting…"; });
   source.addEventListener("reload", () => location.reload());   // too far behind to replay: start afresh
   source.addEventListener("steps", (m) => addSteps(JSON.parse(m.data)));
+  source.addEventListener("runs", (m) => showRuns(JSON.parse(m.data)));
+  source.addEventListener("run", (m) => showRun(JSON.parse(m.data)));
   source.addEventListener("evaluation", (m) => addEvaluation(JSON.parse(m.data)));
   source.addEventListener("checkpoint", (m) => {
     showCheckpoint(JSON.parse(m.data));
@@ -293,7 +326,10 @@ async function start() {
   setupPad();
   $("show-digit").addEventListener("click", () => showDigit($("digit-index").value));
   connect();                                   // events from now on; the history below fills what came before
-  const [state, history] = await Promise.all([getJSON("/api/state"), getJSON("/api/history")]);
+  const [state, history, runs] = await Promise.all([getJSON("/api/state"), getJSON("/api/history"),
+                                                     getJSON("/api/runs")]);
+  showRun(state.run);
+  showRuns(runs.runs);
   showConfig(state.config);
   addSteps(history.steps);
   history.evaluations.forEach(addEvaluation);
