@@ -132,14 +132,28 @@ def test_recording_changes_nothing_in_the_step(data, tmp_path):
     assert names[0]["wait for sum (owed)"] >= 4 and names[0]["sum fc1..fc3"] == 5, names[0]
 
 
-def test_off_wraps_nothing_on_wraps_the_hooks(data, tmp_path):
-    off, on = trainer(data), trainer(data)
+def wrapped(t):
+    """Which of the trainer's, model's and reducer's hooks are wrapped (instance attributes over methods)."""
+    hooks = {name for obj, names in ((t, ("train_step", "evaluate")), (t.model, ("forward", "backward")),
+                                     (t.reducer, ("sum", "update")), (t.reducer.engine, ("_send",)))
+             for name in names if name in vars(obj)}
+    return hooks | ({"_tail"} if type(t.reducer.engine._tail).__name__ == "_TimedOp" else set())
+
+
+def test_hooks_are_wrapped_for_the_window_only(data, tmp_path):
+    off, on = trainer(data, pipelined=True), trainer(data, pipelined=True)
     timeline_for(None).attach(off)
-    timeline_for(tmp_path / "t.json").attach(on)
-    for t, wrapped in ((off, False), (on, True)):
-        assert ("train_step" in vars(t)) == wrapped
-        assert ("forward" in vars(t.model) and "backward" in vars(t.model)) == wrapped
-        assert ("sum" in vars(t.reducer) and "update" in vars(t.reducer)) == wrapped
+    tail = on.reducer.engine._tail
+    timeline_for(tmp_path / "t.json", (2, 4)).attach(on)
+    everything = {"train_step", "evaluate", "forward", "backward", "sum", "update", "_send", "_tail"}
+    for step in range(6):
+        assert wrapped(off) == set()                                # off: the plain code, always
+        # the window opens in step 2's call and closes at the end of step 3's
+        assert wrapped(on) == ({"train_step"} if step <= 2 else everything if step == 3 else set()), step
+        on.evaluate("val")                                          # recorded only inside the window
+        off.train_step(), on.train_step()
+    assert on.reducer.engine._tail is tail                          # put back as it was
+    assert check_trace(open_trace(tmp_path / "t.json"))[0]["evaluate val"] == 1
 
 
 def test_the_checker_catches_what_perfetto_would_misdraw():

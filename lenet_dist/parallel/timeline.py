@@ -10,10 +10,10 @@ Lanes (the trace's tid) of each rank (its pid, named "rank N"):
                    for the fused allreduce: from the moment the reducer starts one to the moment it sees it
                    done (the reducer's interface, not inside MPI)
 
-Nothing here touches the step itself: attach() wraps the trainer's, the model's and the reducer's hooks
-(instance attributes over the class's methods), and only when --timeline is given; NoTimeline, its twin
-for a run without the flag, wraps nothing, so such a run executes exactly the code it would without this
-module. Timestamps: the ranks of rank 0's host share one clock (CLOCK_MONOTONIC); another host's ranks are
+Nothing here touches the step itself: the trainer's, the model's and the reducer's hooks are wrapped
+(instance attributes over the class's methods) only when --timeline is given, and only from the window's
+first step to its last (before it, train_step alone is; after it, nothing); NoTimeline, the twin for a run
+without the flag, wraps nothing, so such a run executes exactly the code it would without this module. Timestamps: the ranks of rank 0's host share one clock (CLOCK_MONOTONIC); another host's ranks are
 aligned at the window's first step, which the previous step's sum has synchronized.
 """
 from __future__ import annotations
@@ -31,6 +31,7 @@ log = logging.getLogger("lenet.timeline")
 
 DEFAULT_STEPS = (50, 70)        # 20 steps after a warm-up of 50 (caches, MPI connections, scratch arrays)
 COMPUTE, SUM_ALL = 0, 1         # lanes; buckets from 2, then the tail
+_ABSENT = object()
 
 
 def parse_steps(text):
@@ -69,6 +70,8 @@ class Timeline:
         self.mark = 0.0                 # where this piece's data phase began (step start, or the last backward's end)
         self.started = {}               # comm lane -> when its bucket under way was started
         self.written = None             # the path, once written (rank 0)
+        self._watches = []              # (obj, method, name, first_arg): wrapped when the window opens
+        self._undo = []                 # (obj, attribute, its own value before, or _ABSENT)
 
     def add(self, lane, name, t0, t1, args=None):
         if self.on:
@@ -83,17 +86,41 @@ class Timeline:
         if last > remaining:            # a shorter run: the window's length, as late as the run allows
             first, last = max(0, remaining - (last - first)), remaining
         self.window = (start + first, start + last)        # absolute step numbers
-        self._wrap_step(trainer)
-        self._wrap_model(trainer.model)
-        self._wrap_reducer(trainer)
         self.watch(trainer, "evaluate", "evaluate", "test")
         self.watch(trainer, "check_synced", "replica check")
         self.watch(trainer, "checkpoint_content", "checkpoint content")
+        self._wrap_step(trainer)
         return self
 
     def watch(self, obj, method, name, first_arg=None):
         """Record every call of obj.method inside the window as an event on the compute lane: `name`, and
         the call's first argument when `first_arg` names its default (evaluate test | val)."""
+        self._watches.append((obj, method, name, first_arg))
+        if self.on:
+            self._watch(obj, method, name, first_arg)
+        return self
+
+    def detach(self):
+        """Put back every hook wrapped: the trainer runs its plain code again."""
+        for obj, attr, old in reversed(self._undo):
+            if old is _ABSENT:
+                delattr(obj, attr)
+            else:
+                setattr(obj, attr, old)
+        self._undo = []
+
+    def _replace(self, obj, attr, new):
+        self._undo.append((obj, attr, vars(obj).get(attr, _ABSENT)))
+        setattr(obj, attr, new)
+
+    def _install(self):
+        """The window opens: wrap the model's, the reducer's and the watched hooks."""
+        self._wrap_model(self.trainer.model)
+        self._wrap_reducer(self.trainer)
+        for watched in self._watches:
+            self._watch(*watched)
+
+    def _watch(self, obj, method, name, first_arg):
         inner, clock, add = getattr(obj, method), self.clock, self.add
 
         def timed(*a, **k):
@@ -102,8 +129,7 @@ class Timeline:
                 return inner(*a, **k)
             finally:
                 add(COMPUTE, name if first_arg is None else f"{name} {a[0] if a else first_arg}", t, clock())
-        setattr(obj, method, timed)
-        return self
+        self._replace(obj, method, timed)
 
     def _wrap_step(self, trainer):
         inner, clock, first, last = trainer.train_step, self.clock, *self.window
@@ -111,14 +137,16 @@ class Timeline:
         def train_step(stop_request=False):
             step = trainer.step
             if step == first:
+                self._install()
                 self.on, self.origin = True, clock()
             t = self.mark = clock()
             result = inner(stop_request)
             self.add(COMPUTE, "step", t, clock(), {"step": step})
             if self.on and (step == last - 1 or result.stop):     # stop: every rank, after the same step
                 self._write()
+                self.detach()
             return result
-        trainer.train_step = train_step
+        self._replace(trainer, "train_step", train_step)
 
     def _wrap_model(self, model):
         forward, backward, clock, add = model.forward, model.backward, self.clock, self.add
@@ -140,7 +168,8 @@ class Timeline:
             backward(d, ready)
             self.mark = clock()
             add(COMPUTE, "backward", t, self.mark)
-        model.forward, model.backward = timed_forward, timed_backward
+        self._replace(model, "forward", timed_forward)
+        self._replace(model, "backward", timed_backward)
 
     def _timed_before(self, before, reducer):
         """Pipelined: forward's hook; the calls that waited for the last step's owed sums are recorded."""
@@ -172,7 +201,8 @@ class Timeline:
                 apply(part)
                 add(COMPUTE, "update", t, clock(), {"params": [part.start, part.stop]})
             return update(timed_apply)
-        reducer.sum, reducer.update = timed_sum, timed_update
+        self._replace(reducer, "sum", timed_sum)
+        self._replace(reducer, "update", timed_update)
         for engine in _engines(reducer):
             self._wrap_engine(engine)
 
@@ -194,8 +224,8 @@ class Timeline:
                 return ops
             n = len(ops)
             return [_TimedOp(op, self, lanes[i], k == 0, k == n - 1) for k, op in enumerate(ops)]
-        engine._send = timed_send
-        engine._tail = _TimedOp(engine._tail, self, self.lanes.index("sum tail"), True, True)
+        self._replace(engine, "_send", timed_send)
+        self._replace(engine, "_tail", _TimedOp(engine._tail, self, self.lanes.index("sum tail"), True, True))
 
     # ------------------------------------------------------------------------------------ the trace
     def _write(self):
