@@ -84,7 +84,7 @@ def variant_lanes(name):
 def pin_by_rank(per_host):
     """Pin this rank to its host's core: host i (ranks i*per_host ...) on core i mod cores. Before MPI
     starts, so that comm.py sees the one core its host has."""
-    from lenet_dist.comm import launcher_rank
+    from lenet_dist.launcher_env import launcher_rank
     rank = launcher_rank() or 0
     cores = sorted(os.sched_getaffinity(0))
     os.sched_setaffinity(0, {cores[(rank // per_host) % len(cores)]})

@@ -1,8 +1,8 @@
-"""How comm reads the launcher's environment: ranks and cores on the node, Slurm, a foreign mpirun. No MPI."""
+"""How launcher_env.py reads the launcher's environment: ranks and cores on the node, Slurm, a foreign mpirun. No MPI."""
 import pytest
 
-from lenet_dist.comm import (LauncherMismatch, _oversubscribed, check_launcher, launcher_rank, launcher_size,
-                             node_layout)
+from lenet_dist.launcher_env import (LauncherMismatch, check_launcher, launcher_rank, launcher_size, node_layout,
+                                     oversubscribed)
 
 OMPI = "Open MPI v5.0.11"
 MPICH = "MPICH Version: 5.0.2"
@@ -21,8 +21,8 @@ def test_cores_are_the_nodes_not_the_affinity_mask(monkeypatch):
     # Open MPI binds each rank to one core: the mask says 1, the node has 2 for 2 ranks
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0}, raising=False)
     monkeypatch.setattr("os.cpu_count", lambda: 2)
-    assert not _oversubscribed({"OMPI_COMM_WORLD_LOCAL_SIZE": "2"})
-    assert _oversubscribed({"OMPI_COMM_WORLD_LOCAL_SIZE": "3"})
+    assert not oversubscribed({"OMPI_COMM_WORLD_LOCAL_SIZE": "2"})
+    assert oversubscribed({"OMPI_COMM_WORLD_LOCAL_SIZE": "3"})
 
 
 # srun --mpi=pmi2 sets no local-rank count, only PMI_* and SLURM_*
@@ -41,7 +41,7 @@ SRUN = {"PMI_RANK": "0", "PMI_SIZE": "4", "SLURM_PROCID": "0", "SLURM_STEP_NUM_T
     ({}, 2, True),                                                             # nobody says: the safe side
 ])
 def test_slurm_tasks_per_node(extra, cores, over):
-    assert _oversubscribed({**SRUN, **extra}, cpu_count=cores) is over
+    assert oversubscribed({**SRUN, **extra}, cpu_count=cores) is over
 
 
 def test_slurm_layout_names_its_source():
@@ -105,7 +105,7 @@ def cgroup_tree(tmp_path, membership, files):
     ("0::/x\n", {"x/cpu.max": "garbage\n"}, None),
 ])
 def test_cgroup_cpu_quota(tmp_path, membership, files, cores):
-    from lenet_dist.comm import cgroup_cores
+    from lenet_dist.launcher_env import cgroup_cores
     root, member = cgroup_tree(tmp_path, membership, files)
     assert cgroup_cores(root, member) == cores
 
@@ -113,8 +113,8 @@ def test_cgroup_cpu_quota(tmp_path, membership, files, cores):
 def test_a_quota_or_a_stated_core_count_caps_the_nodes_cores():
     """A pod limited to 2 CPUs on a 64-core host runs 4 ranks oversubscribed; LENET_NODE_CORES says so by hand."""
     env = {"MPI_LOCALNRANKS": "4"}
-    assert node_layout(env, cpu_count=64, cgroup=2)[1] == 2 and _oversubscribed(env, cpu_count=64, cgroup=2)
-    assert not _oversubscribed(env, cpu_count=64, cgroup=0)                               # 0: no quota
-    assert _oversubscribed({**env, "LENET_NODE_CORES": "2"}, cpu_count=64, cgroup=0)
-    assert not _oversubscribed({**env, "LENET_NODE_CORES": "0"}, cpu_count=64, cgroup=0)      # 0: not a count
+    assert node_layout(env, cpu_count=64, cgroup=2)[1] == 2 and oversubscribed(env, cpu_count=64, cgroup=2)
+    assert not oversubscribed(env, cpu_count=64, cgroup=0)                               # 0: no quota
+    assert oversubscribed({**env, "LENET_NODE_CORES": "2"}, cpu_count=64, cgroup=0)
+    assert not oversubscribed({**env, "LENET_NODE_CORES": "0"}, cpu_count=64, cgroup=0)      # 0: not a count
     assert node_layout({**env, "LENET_NODE_CORES": "8", "SLURM_CPUS_ON_NODE": "6"}, cpu_count=64, cgroup=0)[1] == 6

@@ -13,7 +13,8 @@ import time
 import numpy as np
 import pytest
 
-from lenet_dist import checkpoint, comm
+from lenet_dist import checkpoint
+from lenet_dist.launcher_env import launcher_rank
 from lenet_dist.run.procs import local_ranks
 from workers.launch import parse_args
 
@@ -65,7 +66,7 @@ class Launch:
         for pid in local_ranks(self.proc.pid):
             with open(f"/proc/{pid}/environ", "rb") as f:
                 env = dict(v.decode(errors="replace").split("=", 1) for v in f.read().split(b"\0") if b"=" in v)
-            if comm.launcher_rank(env) == rank:
+            if launcher_rank(env) == rank:
                 return pid
         raise AssertionError(f"no rank {rank} below pid {self.proc.pid}:\n{self.text}")
 

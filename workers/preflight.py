@@ -32,7 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lenet_dist.comm import SIZE_VARS, allgather_json
+from lenet_dist.comm import allgather_json
+from lenet_dist.launcher_env import SIZE_VARS
 
 from lenet_dist.run.text import one_line
 from lenet_dist.wire import is_loopback

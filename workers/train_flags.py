@@ -9,7 +9,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from lenet_dist import wire
-from lenet_dist.comm import launcher_rank
+from lenet_dist.launcher_env import launcher_rank
 from lenet_dist.config import TrainConfig
 from lenet_dist.files import check_writable_path
 from lenet_dist.parallel.timeline import DEFAULT_STEPS, parse_steps

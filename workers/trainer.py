@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from lenet_dist import checkpoint
-from lenet_dist.comm import LauncherMismatch, bcast_json, get_comm, launcher_size
+from lenet_dist.comm import bcast_json, get_comm
+from lenet_dist.launcher_env import LauncherMismatch, launcher_size
 from lenet_dist.data.identity import data_mismatch
 from lenet_dist.errors import ResumeError, UsageError
 from lenet_dist.parallel.balance import straggler
