@@ -20,6 +20,14 @@ SMALL = ["--subset", "--train-subset", "300", "--batch-size", "50", "--epochs", 
 
 # ------------------------------------------------------------------------------------- the trainer's side
 
+def test_a_training_errors_status_comes_from_its_kind_never_from_its_wording():
+    from lenet_dist.parallel.step import TrainingError
+    assert X.status_for(TrainingError("loss went to nan", kind="diverged")) == X.DIVERGED
+    assert X.status_for(TrainingError("checksums differ", kind="replicas")) == X.REPLICAS
+    # the words that once decided it, without the kind: a plain training failure
+    assert X.status_for(TrainingError("training diverged; replicas out of sync")) == X.TRAINING
+
+
 @pytest.mark.parametrize("flags, status", [
     (["--fault", "0:3:nan"], X.DIVERGED),
     (["--dataset", "idx"], X.BAD_DATA),                              # no --data-dir: a DataError

@@ -37,7 +37,12 @@ BALANCE_QUANTUM = 8           # --balance: shard cuts move in steps of 8 example
 
 
 class TrainingError(RuntimeError):
-    """Training cannot go on (a NaN loss, replicas out of sync); the message is one line."""
+    """Training cannot go on (a NaN loss, replicas out of sync); the message is one line. `kind` says which
+    for the exit status (run/exitcodes.py): "diverged", "replicas" or "training"; never read from the text."""
+
+    def __init__(self, message, kind="training"):
+        super().__init__(message)
+        self.kind = kind
 
 
 class StepResult(NamedTuple):
@@ -119,7 +124,7 @@ class DataParallelTrainer:
         stats = reducer.sum(stop_request, seconds)                              # [dist] over all ranks
         if not math.isfinite(stats.loss_sum):
             raise TrainingError(f"loss is {stats.loss_sum} at step {self.step}: training diverged "
-                                f"(lower --lr, or check the data)")
+                                f"(lower --lr, or check the data)", kind="diverged")
         self._observe(np.diff(cuts), stats.seconds)                             # [dist]
         reducer.update(lambda part: self._apply(part, B, lr))                   # [dist] now, or when needed
         self.step += 1
@@ -197,7 +202,7 @@ class DataParallelTrainer:
         else:
             who = "no majority: " + "; ".join(f"rank(s) {', '.join(str(r) for r in range(len(all_)) if all_[r] == v)} "
                                               f"agree" for v in values)
-        raise TrainingError(f"replicas out of sync at step {self.step}: {who} (parameter checksums differ)")
+        raise TrainingError(f"replicas out of sync at step {self.step}: {who} (parameter checksums differ)", kind="replicas")
 
     # ------------------------------------------------------------------------------- checkpoint content
     def checkpoint_content(self):

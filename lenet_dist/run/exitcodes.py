@@ -84,6 +84,6 @@ def status_for(exc: BaseException) -> int:
         if name in _BY_TYPE:
             return _BY_TYPE[name]
     if "TrainingError" in names:
-        kind = getattr(exc, "kind", None) or str(exc)
-        return DIVERGED if "diverged" in kind else REPLICAS if "out of sync" in kind else TRAINING
+        kind = getattr(exc, "kind", None)
+        return DIVERGED if kind == "diverged" else REPLICAS if kind == "replicas" else TRAINING
     return FAILED
