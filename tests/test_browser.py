@@ -131,12 +131,15 @@ def test_dashboard_in_a_browser_during_a_real_run(tmp_path, browser):
         assert js(browser, "return document.querySelectorAll('#worst canvas').length") > 0
         assert js(browser, "return document.querySelectorAll('#maps2 canvas').length") == 16
         # training's own curves, from the trainer's telemetry over the link: loss, images/s per rank, lr
-        assert js(browser, "return charts['chart-loss'].data[1].filter(v => v !== null).length") > 0
+        assert js(browser, "return charts['chart-loss'].data[1].filter(v => v != null).length") > 0
         assert js(browser, "return charts['chart-speed'].series.length") == 4       # step, total, rank 0, 1
-        assert js(browser, "return charts['chart-lr'].data[1].filter(v => v !== null).length") > 0
+        assert js(browser, "return charts['chart-lr'].data[1].filter(v => v != null).length") > 0
+        # a gap in the step rows is drawn as a gap (a null point), never as a line across it
+        assert js(browser, "return JSON.stringify(gapped([{step: 10, steps: 10}, {step: 20, steps: 10}, "
+                           "{step: 200, steps: 10}], (r) => r.step))") == "[[10,10],[20,20],[21,null],[200,200]]"
         # validation beside test, and the run listed and named
-        assert js(browser, "return charts['chart-acc'].data[3].filter(v => v !== null).length") > 0
-        assert js(browser, "return charts['chart-loss'].data[3].filter(v => v !== null).length") > 0
+        assert js(browser, "return charts['chart-acc'].data[3].filter(v => v != null).length") > 0
+        assert js(browser, "return charts['chart-loss'].data[3].filter(v => v != null).length") > 0
         run = (state() or {}).get("run") or {}
         assert run.get("name") and js(browser, "return document.getElementById('run-name').textContent") == run["name"]
         assert js(browser, "return document.querySelectorAll('#runs tr.shown').length") == 1

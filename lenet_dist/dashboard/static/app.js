@@ -59,7 +59,9 @@ function makeChart(id, title, series, yLabel) {
     title, width: 420, height: 220,
     scales: { x: { time: false } },
     axes: [{ label: "step" }, { label: yLabel, size: 60 }],
-    series: [{ label: "step" }].concat(series.map((s) => Object.assign({ spanGaps: true, width: 1.5 }, s))),
+    // spanGaps false: a null (a gap in the data, see gapped) breaks the line; undefined (no point of this
+    // series at another series' step) is stepped over
+    series: [{ label: "step" }].concat(series.map((s) => Object.assign({ spanGaps: false, width: 1.5 }, s))),
     legend: { live: false },
   };
   charts[id] = new uPlot(opts, [[]].concat(series.map(() => [])), el);
@@ -79,12 +81,25 @@ function setupCharts() {
   makeChart("chart-lag", "Evaluator lag", [{ label: "steps behind", stroke: "#1e9e6a", points: { show: true, size: 6 } }], "steps");
 }
 
-// Rows keyed by step -> [xs, col1, col2...] over the union of steps (null where a series has no point).
+// Rows keyed by step -> [xs, col1, col2...] over the union of steps (undefined where a series has no point:
+// uPlot steps over it; a null is a gap and breaks the line).
 function columns(tables) {
   const xs = Array.from(new Set(tables.flatMap((t) => t.map((p) => p[0])))).sort((a, b) => a - b);
   const index = new Map(xs.map((x, i) => [x, i]));
-  const cols = tables.map((t) => { const c = new Array(xs.length).fill(null); t.forEach((p) => { c[index.get(p[0])] = p[1]; }); return c; });
+  const cols = tables.map((t) => { const c = new Array(xs.length).fill(undefined); t.forEach((p) => { c[index.get(p[0])] = p[1]; }); return c; });
   return [xs].concat(cols);
+}
+
+// [step, value] points of the telemetry rows, with a null point where rows are missing (the trainer's rows
+// of those steps never reached this evaluator, e.g. while it was restarted): a gap is a gap, never a line.
+function gapped(rows, value) {
+  const out = [];
+  rows.forEach((r, i) => {
+    const prev = rows[i - 1];
+    if (prev && r.step - prev.step > 2 * Math.max(r.steps || 1, prev.steps || 1)) out.push([prev.step + 1, null]);
+    out.push([r.step, value(r)]);
+  });
+  return out;
 }
 
 function ranksSeries() {
@@ -102,15 +117,15 @@ function redraw() {
   redrawPending = false;
   const ev = evals.filter((e) => e.loss !== null);
   const val = evals.filter((e) => e.val_accuracy !== null && e.val_accuracy !== undefined);
-  charts["chart-loss"].setData(columns([steps.map((r) => [r.step, r.loss]), ev.map((e) => [e.step, e.loss]),
+  charts["chart-loss"].setData(columns([gapped(steps, (r) => r.loss), ev.map((e) => [e.step, e.loss]),
     val.filter((e) => e.val_loss !== null).map((e) => [e.step, e.val_loss])]));
-  charts["chart-acc"].setData(columns([steps.map((r) => [r.step, r.acc]), evals.map((e) => [e.step, e.accuracy]),
+  charts["chart-acc"].setData(columns([gapped(steps, (r) => r.acc), evals.map((e) => [e.step, e.accuracy]),
     val.map((e) => [e.step, e.val_accuracy])]));
   const ranks = ranksSeries();
-  const speed = [steps.map((r) => [r.step, r.images_per_s])];
-  for (let k = 0; k < ranks; k++) speed.push(steps.map((r) => [r.step, (r.rank_images_per_s || [])[k] ?? null]));
+  const speed = [gapped(steps, (r) => r.images_per_s)];
+  for (let k = 0; k < ranks; k++) speed.push(gapped(steps, (r) => (r.rank_images_per_s || [])[k] ?? null));
   charts["chart-speed"].setData(columns(speed));
-  charts["chart-lr"].setData(columns([steps.map((r) => [r.step, r.lr])]));
+  charts["chart-lr"].setData(columns([gapped(steps, (r) => r.lr)]));
   charts["chart-lag"].setData(columns([evals.map((e) => [e.step, e.lag_steps])]));
   headline();
 }
