@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import signal
 
+from lenet_dist.stopsignal import SIGNALS
+
 OK = 0
 FAILED = 1
 USAGE = 2
@@ -39,7 +41,7 @@ TRANSPORT = 71
 NOT_LEARNING = 72
 STALL = 75
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+STOP_SIGNALS = SIGNALS                    # the signals a rank stops for with its checkpoint (stopsignal.py)
 
 # status -> (kind, why a restart cannot help), for the statuses that will recur
 WILL_RECUR = {

@@ -15,6 +15,8 @@ import re
 import signal
 from dataclasses import dataclass, field
 
+from lenet_dist.stopsignal import signal_name
+
 from . import exitcodes
 
 RANK_ERROR = re.compile(r"lenet-train: rank (\d+)/(\d+): error: (.*)")
@@ -36,13 +38,6 @@ class Failure:
     kind: str           # e.g. "killed", "stall", "diverged loss", "usage error"
     retry: bool         # could a restart get past it?
     why: str            # the evidence, one line, for the log
-
-
-def _signal_name(n):
-    try:
-        return signal.Signals(n).name
-    except ValueError:
-        return f"signal {n}"
 
 
 def _said(lines, status):
@@ -80,14 +75,14 @@ def classify(returncode, lines):
         return Failure(kind, False, f"{said or f'exit status {returncode}'} ({because})")
     stop = exitcodes.stop_signal(returncode) if returncode is not None else None
     if stop and signum is None:             # a rank was sent SIGTERM/SIGUSR1: it stopped with its checkpoint
-        return Failure("stopped", False, f"the ranks were stopped by {_signal_name(stop)} (checkpoint "
+        return Failure("stopped", False, f"the ranks were stopped by {signal_name(stop)} (checkpoint "
                                          f"written); a stop is not a crash")
     if signum is not None:
-        return Failure("killed", True, f"a rank was killed by {_signal_name(signum)}")
+        return Failure("killed", True, f"a rank was killed by {signal_name(signum)}")
     if returncode == exitcodes.STALL:
         return Failure("stall", True, said or "a rank's stall guard ended the job (--stall-timeout)")
     if returncode is not None and returncode < 0:
-        return Failure("killed", True, f"mpirun was killed by {_signal_name(-returncode)}")
+        return Failure("killed", True, f"mpirun was killed by {signal_name(-returncode)}")
     if returncode == exitcodes.FAILED:
         return Failure("rank error", True, said or "a rank failed (exit status 1)")
     return Failure("exit", True, f"a rank exited with code {returncode}" + (f": {said}" if said else
