@@ -129,8 +129,9 @@ class _Context:
         behind = getattr(source, "trainer_step", None)
         if behind is not None and behind < t.last_step:
             # The trainer is behind what we evaluated: a new run, or one resumed from an older checkpoint.
-            log.warning("%s is at step %d, before the last evaluated step %d: following it", source.endpoint,
-                        behind, t.last_step)
+            # after a finished run that is the next run starting: no problem to warn of
+            (log.info if t.finished else log.warning)("%s is at step %d, before the last evaluated step %d: "
+                                                      "following it", source.endpoint, behind, t.last_step)
             t.last_step, t.last_final = -1, False
         try:
             got = source.fetch_newer(t.last_step, wait_ms, seen_final=t.last_final)

@@ -1,0 +1,93 @@
+"""Does a daemon evaluator's memory grow with the runs it has served? One lenet-evaluator (--http, --report,
+the shipped subset) serves RUNS runs one after the other on one endpoint, each CHECKPOINTS checkpoints and a
+final one, as a new trainer on the same port would publish them; the resident memory of the evaluator and of
+its dashboard process is read from /proc after the first run and after the last. Prints one JSON object.
+
+    python bench/evaluator_runs_memory.py [--runs 20] [--checkpoints 10]
+"""
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from lenet_dist import checkpoint  # noqa: E402
+from lenet_dist.model import NUM_PARAMS, LeNet5  # noqa: E402
+from lenet_dist.transport import TrainerLink  # noqa: E402
+
+
+def rss_kib(pid):
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def children(pid):
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in out]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--runs", type=int, default=20)
+    p.add_argument("--checkpoints", type=int, default=10)
+    args = p.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="lenet-runs-memory-"))
+    report = tmp / "eval.jsonl"
+    port = free_port()
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    ev = subprocess.Popen([sys.executable, "-m", "workers.evaluator", "--subset", "--poll-ms", "100", "--connect",
+                           endpoint, "--report", str(report), "--http", f"127.0.0.1:{port}", "--log-level", "WARNING"],
+                          cwd=REPO, stdout=subprocess.DEVNULL)
+    marks = []
+    try:
+        for run in range(args.runs):
+            with TrainerLink(endpoint) as link:
+                for k in range(1, args.checkpoints + 1):
+                    final = k == args.checkpoints
+                    params = {n: v.copy() for n, v in LeNet5(seed=run * 100 + k).named_params().items()}
+                    meta = {"step": 10 * k, "epoch": 0, "pos": 0, "final": final, "config": {"seed": run},
+                            "run_id": f"run-{run:03d}"}
+                    link.publish(10 * k, 0, checkpoint.to_bytes(params, np.zeros(NUM_PARAMS, np.float32), meta),
+                                 final=final)
+                    want = run * args.checkpoints + k
+                    deadline = time.monotonic() + 120
+                    while (len(report.read_text().splitlines()) if report.exists() else 0) < want:
+                        assert ev.poll() is None and time.monotonic() < deadline, "the evaluator stopped serving"
+                        time.sleep(0.05)
+            if run in (0, args.runs - 1):
+                kids = children(ev.pid)
+                marks.append({"after_runs": run + 1, "evaluator_kib": rss_kib(ev.pid),
+                              "dashboard_kib": sum(rss_kib(c) for c in kids)})
+    finally:
+        ev.send_signal(signal.SIGTERM)
+        ev.wait(30)
+    history_bytes = report.stat().st_size
+    print(json.dumps({"runs": args.runs, "checkpoints_per_run": args.checkpoints, "marks": marks,
+                      "evaluator_growth_kib": marks[-1]["evaluator_kib"] - marks[0]["evaluator_kib"],
+                      "dashboard_growth_kib": marks[-1]["dashboard_kib"] - marks[0]["dashboard_kib"],
+                      "report_bytes": history_bytes, "exit_code": ev.returncode}))
+    for f in tmp.iterdir():
+        f.unlink()
+    os.rmdir(tmp)
+
+
+if __name__ == "__main__":
+    main()
