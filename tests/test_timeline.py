@@ -10,7 +10,9 @@ import pytest
 
 from lenet_dist.comm import LocalComm
 from lenet_dist.config import TrainConfig
-from lenet_dist.parallel.reducers import BucketedReducer
+from lenet_dist.parallel.autotune import AutoReducer
+from lenet_dist.parallel.fixedpoint import FixedPointReducer
+from lenet_dist.parallel.reducers import BucketedReducer, FusedReducer, HalfPrecisionReducer
 from lenet_dist.parallel.step import DataParallelTrainer
 from lenet_dist.parallel.timeline import timeline_for
 
@@ -83,7 +85,7 @@ def test_two_ranks_buckets_and_epoch_end(tmp_path, mpi_flavour):
 def test_two_ranks_default_window_moves_into_a_short_run(tmp_path, mpi_flavour):
     # 1,834 training examples at batch 64: 29 steps, fewer than the default window 50:70: the last 20 are kept
     f = tmp_path / "t.json"
-    launch(2, [*BASE, "--epochs", "1", "--batch-size", "64", "--timeline", f])
+    launch(2, [*BASE, "--epochs", "1", "--batch-size", "64", "--timeline", f], cwd=tmp_path)
     trace = open_trace(f)
     names = check_trace(trace)
     for rank in (0, 1):
@@ -93,7 +95,8 @@ def test_two_ranks_default_window_moves_into_a_short_run(tmp_path, mpi_flavour):
 
 def test_one_process(tmp_path):
     f = tmp_path / "t.json"
-    launch(0, [*BASE, "--epochs", "1", "--batch-size", "32", "--timeline", f, "--timeline-steps", "3:8"])
+    launch(0, [*BASE, "--epochs", "1", "--batch-size", "32", "--timeline", f, "--timeline-steps", "3:8"],
+           cwd=tmp_path)
     trace = open_trace(f)
     names = check_trace(trace)
     assert list(names) == [0] and STEP_PHASES <= set(names[0])
@@ -112,15 +115,26 @@ def test_bad_flags_are_one_line(flags, says):
 
 
 # ------------------------------------------------------------------------------------------ in process
-def trainer(data, pipelined=False):
+REDUCERS = {      # every way of summing, in one process (LocalComm: the collectives are the identity)
+    "fused": lambda comm: None,
+    "buckets, pipelined": lambda comm: BucketedReducer(comm, 64, pipelined=True),
+    "float16": lambda comm: HalfPrecisionReducer(comm, 64, "float16"),
+    "fixed point, buckets": lambda comm: FixedPointReducer(BucketedReducer(comm, 64), 10),
+    "measured": lambda comm: AutoReducer(FusedReducer(comm), BucketedReducer(comm, 64)),
+}
+
+
+def trainer(data, pipelined=False, reducer=None):
     cfg = TrainConfig(epochs=1, batch_size=50, val_size=0, train_subset=1000)
-    reducer = BucketedReducer(LocalComm(), 64, pipelined=True) if pipelined else None
-    return DataParallelTrainer(cfg, LocalComm(), data, reducer=reducer)
+    comm = LocalComm()
+    make = REDUCERS["buckets, pipelined" if pipelined else reducer or "fused"]
+    return DataParallelTrainer(cfg, comm, data, reducer=make(comm))
 
 
-def test_recording_changes_nothing_in_the_step(data, tmp_path):
-    # the pipelined reducer: its owed update runs inside the next forward, through the timeline's wrappers
-    plain, timed = trainer(data, pipelined=True), trainer(data, pipelined=True)
+@pytest.mark.parametrize("reducer", REDUCERS)
+def test_recording_changes_nothing_in_the_step(data, tmp_path, reducer):
+    # pipelined: the owed update runs inside the next forward, through the timeline's wrappers
+    plain, timed = trainer(data, reducer=reducer), trainer(data, reducer=reducer)
     tl = timeline_for(tmp_path / "t.json", (2, 7)).attach(timed)
     for _ in range(10):
         a, b = plain.train_step(), timed.train_step()
@@ -128,8 +142,14 @@ def test_recording_changes_nothing_in_the_step(data, tmp_path):
     plain.settle(), timed.settle()
     assert np.array_equal(plain.model.params, timed.model.params)
     assert tl.written == tmp_path / "t.json"
-    names = check_trace(open_trace(tl.written))
-    assert names[0]["wait for sum (owed)"] >= 4 and names[0]["sum fc1..fc3"] == 5, names[0]
+    names = check_trace(open_trace(tl.written))[0]
+    assert STEP_PHASES <= set(names) and names["step"] == 5, names
+    if reducer == "buckets, pipelined":
+        assert names["wait for sum (owed)"] >= 4 and names["sum fc1..fc3"] == 5, names
+    elif reducer in ("fused", "measured"):          # the measured path tries buckets first
+        assert names["sum all" if reducer == "fused" else "sum tail"] == 5, names
+    else:
+        assert names["sum fc1..fc3"] == names["sum conv1..conv2"] == names["sum tail"] == 5, names
 
 
 def wrapped(t):

@@ -145,7 +145,7 @@ class BucketedAllreduce:
 
     # What a subclass that encodes the buckets (compressed.CompressedAllreduce) changes: here, nothing.
     def _send(self, i):
-        """The collectives that carry bucket i this step."""
+        """The collectives that carry bucket i this step (--timeline wraps this and _tail: timeline.py)."""
         return self._plain[i]
 
     def _before_tail(self):

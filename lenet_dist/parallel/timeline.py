@@ -62,6 +62,8 @@ class NoTimeline:
 
 
 class Timeline:
+    """This rank's recorder for --timeline: attach() it to the trainer; rank 0 writes the file."""
+
     def __init__(self, path, steps=DEFAULT_STEPS, clock=time.perf_counter):
         self.path, self.steps, self.clock = path, steps, clock
         self.on = False                 # inside the window: the wrappers record
