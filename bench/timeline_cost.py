@@ -48,7 +48,8 @@ def main():
     args = p.parse_args()
     from threadpoolctl import threadpool_limits
     comm = get_comm()
-    data = load_mnist(os.environ["LENET_DATA_DIR"], download=False) if os.environ.get("LENET_DATA_DIR") else load_subset()
+    mnist = os.environ.get("LENET_DATA_DIR")
+    data = load_mnist(mnist, download=False) if mnist else load_subset()
     cfg = TrainConfig(epochs=10000, batch_size=args.batch, bucket_kb=args.bucket_kb)
     with tempfile.TemporaryDirectory() as tmp, threadpool_limits(limits=1, user_api="blas"):
         path = Path(tmp) / "t.json"
@@ -75,7 +76,7 @@ def main():
             t.train_step()
         comm.barrier()
         t0 = time.perf_counter()
-        tl._write()
+        tl._write(t.step - 1)
         write_ms = 1e3 * (time.perf_counter() - t0)
         tl.detach()
         event_us = _event_cost_us(Path(tmp) / "u.json")

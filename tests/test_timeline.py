@@ -59,7 +59,8 @@ def open_trace(path):
 
 
 def steps_of(trace, pid=0):
-    return [e["args"]["step"] for e in trace["traceEvents"] if e["ph"] == "X" and e["pid"] == pid and e["name"] == "step"]
+    return [e["args"]["step"] for e in trace["traceEvents"]
+            if e["ph"] == "X" and e["pid"] == pid and e["name"] == "step"]
 
 
 # ------------------------------------------------------------------------------------------ real runs
@@ -91,6 +92,18 @@ def test_two_ranks_default_window_moves_into_a_short_run(tmp_path, mpi_flavour):
     for rank in (0, 1):
         assert STEP_PHASES <= set(names[rank]) and names[rank]["sum all"] == 20, names[rank]
         assert steps_of(trace, rank) == list(range(9, 29))
+
+
+def test_a_signal_inside_the_window_writes_the_steps_made(tmp_path):
+    # SIGTERM on rank 0 before step 10: every rank stops after step 10, the window 5:60 ends there
+    f = tmp_path / "t.json"
+    p = launch(2, [*BASE, "--epochs", "1", "--batch-size", "20", "--val-size", "0", "--checkpoint-dir", tmp_path / "ck",
+                   "--timeline", f, "--timeline-steps", "5:60", "--fault", "0:10:term"], check=False)
+    assert "stopped by signal 15 at step 11" in p.stderr, p.stderr
+    trace = open_trace(f)
+    check_trace(trace)
+    assert steps_of(trace, 0) == steps_of(trace, 1) == list(range(5, 11))
+    assert trace["otherData"]["steps"] == [5, 10]
 
 
 def test_one_process(tmp_path):

@@ -13,8 +13,9 @@ Lanes (the trace's tid) of each rank (its pid, named "rank N"):
 Nothing here touches the step itself: the trainer's, the model's and the reducer's hooks are wrapped
 (instance attributes over the class's methods) only when --timeline is given, and only from the window's
 first step to its last (before it, train_step alone is; after it, nothing); NoTimeline, the twin for a run
-without the flag, wraps nothing, so such a run executes exactly the code it would without this module. Timestamps: the ranks of rank 0's host share one clock (CLOCK_MONOTONIC); another host's ranks are
-aligned at the window's first step, which the previous step's sum has synchronized.
+without the flag, wraps nothing, so such a run executes exactly the code it would without this module.
+Timestamps: the ranks of rank 0's host share one clock (CLOCK_MONOTONIC); another host's ranks are aligned
+at the window's first step, which the previous step's sum has synchronized. Figures: docs/performance.md.
 """
 from __future__ import annotations
 
@@ -145,7 +146,7 @@ class Timeline:
             result = inner(stop_request)
             self.add(COMPUTE, "step", t, clock(), {"step": step})
             if self.on and (step == last - 1 or result.stop):     # stop: every rank, after the same step
-                self._write()
+                self._write(step)
                 self.detach()
             return result
         self._replace(trainer, "train_step", train_step)
@@ -230,7 +231,7 @@ class Timeline:
         self._replace(engine, "_tail", _TimedOp(engine._tail, self, self.lanes.index("sum tail"), True, True))
 
     # ------------------------------------------------------------------------------------ the trace
-    def _write(self):
+    def _write(self, last_step):
         """Every rank, after the window's last step: gather the events; rank 0 writes the trace."""
         self.on = False
         comm = self.comm
@@ -240,14 +241,15 @@ class Timeline:
         ranks = allgather_json(comm, mine)                                      # [dist]
         if comm.rank != 0:
             return
-        trace = to_chrome_trace(ranks, self.window, self.trainer.reducer.description)
+        steps = (self.window[0], last_step)
+        trace = to_chrome_trace(ranks, steps, self.trainer.reducer.description)
         try:
             self.written = atomic_write(self.path, json.dumps(trace).encode())
         except OSError as e:            # an output, not the run: say so and train on
             log.warning("timeline not written: %s", e.strerror or e)
             return
         log.info("timeline of steps %d-%d of %d rank(s) written to %s (open it in https://ui.perfetto.dev or "
-                 "chrome://tracing)", self.window[0], self.window[1] - 1, comm.size, self.path)
+                 "chrome://tracing)", *steps, comm.size, self.path)
 
 
 class _TimedOp:
@@ -305,7 +307,7 @@ def _layers(lo, hi):
     return names[0] if len(names) == 1 else f"{names[0]}..{names[-1]}"
 
 
-def to_chrome_trace(ranks, window, reduction):
+def to_chrome_trace(ranks, steps, reduction):
     """Every rank's gathered events -> the Chrome trace event format: "X" events, ts and dur in microseconds,
     pid the rank, tid the lane, with process and thread names."""
     host0, origin0 = ranks[0]["host"], ranks[0]["origin"]
@@ -326,5 +328,5 @@ def to_chrome_trace(ranks, window, reduction):
                 event["args"] = args
             out.append(event)
     return {"traceEvents": out, "displayTimeUnit": "ms",
-            "otherData": {"steps": [window[0], window[1] - 1], "ranks": len(ranks), "reduction": reduction,
+            "otherData": {"steps": list(steps), "ranks": len(ranks), "reduction": reduction,
                           "clock": "ranks on rank 0's host: one clock; others aligned at the window's start"}}
