@@ -10,4 +10,5 @@
     compressed.py  the buckets in half precision: encoded with error feedback, halves summed (HalfSum)
     halfprec.py    half-precision rounding, agreed scales, error feedback (numbers only, no MPI)
     balance.py     --balance: shard sizes that follow each rank's measured speed
+    timeline.py    --timeline: every rank's phases over a window of steps, as a Chrome trace
 """
