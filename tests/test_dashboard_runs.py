@@ -18,9 +18,10 @@ from .test_e2e import finish, free_port  # noqa: E402
 from .test_evaluator_daemon import run_ckpt  # noqa: E402
 
 
-def daemon(report, port, endpoint):
+def daemon(report, port, endpoint, *argv):
     return subprocess.Popen([sys.executable, "-m", "workers.evaluator", "--subset", "--poll-ms", "100",
-                             "--connect", endpoint, "--report", str(report), "--http", f"127.0.0.1:{port}"],
+                             "--connect", endpoint, "--report", str(report), "--http", f"127.0.0.1:{port}",
+                             *map(str, argv)],
                             cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -77,3 +78,61 @@ def test_two_runs_on_one_endpoint_are_two_series_and_survive_a_restart(tmp_path)
             ev.send_signal(signal.SIGTERM)
             rc, out, err = finish(ev)
         assert rc == 0, err
+
+
+def test_a_restarted_evaluator_draws_with_the_finished_runs_best_model(tmp_path):
+    """The trainer is gone after its run; the evaluator restarted: the page still draws, with --best-dir's
+    best checkpoint of the run it shows."""
+    import numpy as np
+
+    from lenet_dist import checkpoint
+    from lenet_dist.data import load_subset
+    from lenet_dist.data.identity import data_record
+    from lenet_dist.model import NUM_PARAMS
+
+    from .fakes import make_params
+    data = load_subset()
+    split = data_record(data.identity(), len(data.train_images), 200, seed=0)     # a validation split: a best
+
+    def ckpt(step, final=False):
+        meta = {"step": step, "epoch": 0, "pos": 0, "final": final, "config": {"seed": step}, "data": split,
+                "run_id": "cccccccc-third"}
+        return checkpoint.to_bytes(make_params(step), np.zeros(NUM_PARAMS, np.float32), meta)
+    report, port = tmp_path / "eval.jsonl", free_port()
+    argv = ["--best-dir", tmp_path / "best"]
+    c = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10)
+    one = [1.0 if 10 <= i % 28 <= 14 and 4 <= i // 28 <= 24 else 0.0 for i in range(784)]
+    with TrainerLink("tcp://127.0.0.1:*") as link:
+        ev = daemon(report, port, link.endpoint, *argv)
+        try:
+            link.publish(10, 0, ckpt(10))
+            link.publish(20, 0, ckpt(20, final=True), final=True)
+            until("the run finished", lambda: [r["status"] for r in (get(c, "/api/runs") or {}).get("runs", [])]
+                  == ["finished"])
+            best_step = json_best(tmp_path)["step"]
+        finally:
+            ev.send_signal(signal.SIGTERM)
+            rc, out, err = finish(ev)
+        assert rc == 0, err
+        endpoint = link.endpoint
+    ev = daemon(report, port, endpoint, *argv)     # no trainer behind it any more
+    try:
+        until("the history", lambda: (lambda h: h if h and h["evaluations"] else None)(get(c, "/api/history")))
+        got = until("a drawing classified", lambda: (lambda r: r.json() if r.status_code == 200 else None)(
+            c.post("/api/predict?model=best", json={"pixels": one})), timeout=20)
+        assert got["step"] == best_step
+        # the restored model added no evaluation
+        assert len(get(c, "/api/history")["evaluations"]) == len(report.read_text().splitlines())
+    except BaseException:
+        ev.send_signal(signal.SIGTERM)
+        print(finish(ev)[2])
+        raise
+    ev.send_signal(signal.SIGTERM)
+    rc, out, err = finish(ev)
+    assert rc == 0, err
+    assert "drawing with the best checkpoint of run cccccccc" in err, err
+
+
+def json_best(tmp_path):
+    import json
+    return json.loads((tmp_path / "best" / "best.json").read_text())

@@ -245,7 +245,7 @@ def run(args, stop):
         threads, why = (args.threads, "--threads") if args.threads else cpus.available()
         log.info("%d BLAS thread%s (%s)", threads, "s" * (threads != 1), why)
         stack.enter_context(threadpool_limits(limits=threads, user_api="blas"))
-        model = LeNet5()
+        model, judge = LeNet5(), Judge(ds)
         model.evaluate(ds.test_images[:500], ds.test_labels[:500])  # warm-up: the first evaluation is not slower
         live = live_outputs.start(live_outputs.LiveConfig(
             http_address=args.http_address, http_token=args.http_token, tensorboard=args.tensorboard,
@@ -253,13 +253,15 @@ def run(args, stop):
             curve_server_key=args.curve_server_key), ds.test_images, ds.test_labels, stop, history)
         if live is not None:
             stack.callback(live.close)
+            if best is not None:
+                live.restore_best(best, model, judge)
         log.info("evaluating checkpoints from %s%s", where, "" if args.exit_after_run else
                  "; waiting for the next run after each (--exit-after-run: exit instead)")
         cfg = LoopConfig(once=args.once, max_evaluations=args.max_evaluations, timeout=args.timeout,
                          poll_ms=args.poll_ms, delay=args.delay, exit_after_run=args.exit_after_run)
         health.ready()
         stack.callback(health.not_ready, "stopping")
-        return run_loop(cfg, stop, sources, model, Judge(ds), outputs, best, live, health)
+        return run_loop(cfg, stop, sources, model, judge, outputs, best, live, health)
 
 
 def _send_back(clients):

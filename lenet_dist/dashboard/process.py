@@ -146,7 +146,8 @@ class DashboardProcess:
             self._rows.extend(rows)
             self._put(frame)
 
-    def add_evaluation(self, result, params, detail, config=None):
+    def add_evaluation(self, result, params, detail, config=None, replayed=False):
+        """replayed: the result is in the shown run's history already; only its model and analysis are new."""
         arrays = {f"param:{k}": np.asarray(v) for k, v in params.items()}
         try:
             frame = encode({"kind": "evaluation", "result": result, "analysis": _jsonable(detail.to_dict()),
@@ -155,11 +156,12 @@ class DashboardProcess:
             log.warning("evaluation not sent to the dashboard: %s", e)
             return
         with self._lock:
-            self._results.append(result)
+            if not replayed:
+                self._results.append(result)
             self._newest = (result, frame)
             if selection.is_better(result, self._best and self._best[0]):
                 self._best = (result, frame)
-            self._put(frame)
+            self._put(_replayed(frame) if replayed else frame)
 
     def start_run(self, run, results, keep_steps=False):
         """Show another run (`run`: its summary; `results`: its history, oldest first): the child drops the

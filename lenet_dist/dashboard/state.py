@@ -115,7 +115,8 @@ class LiveState:
                 "conv1_filters": np.asarray(p["conv1.weight"])[:, 0].round(5).tolist()}
         with self._model_lock:
             self._models["newest"] = (newest, summary["step"], summary["accuracy"])
-            if selection.is_better(summary, self._best):
+            # the best so far, or the model of the best the history named already (a restart's restore)
+            if selection.is_better(summary, self._best) or (self._best or {}).get("step") == summary["step"]:
                 self._best = summary
                 self._models["best"] = self._models["newest"]
         with self._lock:

@@ -9,6 +9,7 @@ import logging
 from pathlib import Path
 
 from .. import selection
+from ..checkpoint import MAX_BYTES
 from ..files import atomic_write, read_regular
 
 log = logging.getLogger("lenet.evaluator")
@@ -21,6 +22,17 @@ class BestKeeper:
         self.best = None                    # the best result so far
         self.loaded = False
         self.warned = False
+
+    def kept(self):
+        """(result, config, checkpoint bytes) of the best kept here (by an earlier process too), or None."""
+        try:
+            best = json.loads(read_regular(self.dir / "best.json", 1 << 20))
+            data = read_regular(self.dir / "best.npz", MAX_BYTES)
+        except (OSError, ValueError):
+            return None
+        if not isinstance(best, dict):
+            return None
+        return best, best.pop("config", None), data
 
     def offer(self, result, data, config):
         """Keep `data` (a checkpoint's bytes) if its `result` is the best so far; True if it was kept."""

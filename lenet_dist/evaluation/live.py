@@ -77,6 +77,28 @@ class Live:
         if not keep_steps and self.follower is not None:
             self.follower.rewind()
 
+    def restore_best(self, keeper, model, judge):
+        """A restarted evaluator: the shown run's best checkpoint from --best-dir (`keeper`, a BestKeeper)
+        scored again and given to the dashboard, so drawing works before the run's next evaluation (there may
+        be none: a finished run). Nothing when the best kept there is another run's."""
+        from .. import checkpoint
+        from .scoring import DataRefused
+        got = keeper.kept() if self.dashboard is not None and self.shown is not None else None
+        if got is None or got[0].get("run_id") != self.shown.run_id or self.shown.run_id is None:
+            return False
+        result, config, data = got
+        try:
+            ckpt = checkpoint.from_bytes(data, name=str(keeper.dir / "best.npz"))
+            model.load_named(ckpt.params)
+            _, detail = judge.score(model, ckpt, f"the best checkpoint in {keeper.dir}")
+        except (checkpoint.CheckpointError, DataRefused) as e:     # drawing waits for the next evaluation
+            log.warning("could not restore the best model from %s: %s", keeper.dir, e)
+            return False
+        self.dashboard.add_evaluation(result, ckpt.params, detail, config, replayed=True)
+        log.info("drawing with the best checkpoint of run %s (step %s) from %s", self.shown.name, result.get("step"),
+                 keeper.dir)
+        return True
+
     def on_evaluation(self, result, params, detail, config):
         if self.dashboard is not None:
             run = self.history.run(run_key(result))
