@@ -1,17 +1,24 @@
 """The dashboard of an evaluator that outlives its runs: one run at a time, never two as one series; every
 run listed (/api/runs: name, status, best validation accuracy); a restarted evaluator shows the shown
 run's history from its --report before it evaluates anything. Real processes, a real TrainerLink."""
+import json
 import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("starlette")
 
+from lenet_dist import checkpoint  # noqa: E402
+from lenet_dist.data import load_subset  # noqa: E402
+from lenet_dist.data.identity import data_record  # noqa: E402
+from lenet_dist.model import NUM_PARAMS  # noqa: E402
 from lenet_dist.transport import TrainerLink  # noqa: E402
 
+from .fakes import make_params  # noqa: E402
 from .mpiutil import REPO, env  # noqa: E402
 from .test_browser import until  # noqa: E402
 from .test_e2e import finish, free_port  # noqa: E402
@@ -83,14 +90,6 @@ def test_two_runs_on_one_endpoint_are_two_series_and_survive_a_restart(tmp_path)
 def test_a_restarted_evaluator_draws_with_the_finished_runs_best_model(tmp_path):
     """The trainer is gone after its run; the evaluator restarted: the page still draws, with --best-dir's
     best checkpoint of the run it shows."""
-    import numpy as np
-
-    from lenet_dist import checkpoint
-    from lenet_dist.data import load_subset
-    from lenet_dist.data.identity import data_record
-    from lenet_dist.model import NUM_PARAMS
-
-    from .fakes import make_params
     data = load_subset()
     split = data_record(data.identity(), len(data.train_images), 200, seed=0)     # a validation split: a best
 
@@ -109,7 +108,7 @@ def test_a_restarted_evaluator_draws_with_the_finished_runs_best_model(tmp_path)
             link.publish(20, 0, ckpt(20, final=True), final=True)
             until("the run finished", lambda: [r["status"] for r in (get(c, "/api/runs") or {}).get("runs", [])]
                   == ["finished"])
-            best_step = json_best(tmp_path)["step"]
+            best_step = json.loads((tmp_path / "best" / "best.json").read_text())["step"]
         finally:
             ev.send_signal(signal.SIGTERM)
             rc, out, err = finish(ev)
@@ -131,8 +130,3 @@ def test_a_restarted_evaluator_draws_with_the_finished_runs_best_model(tmp_path)
     rc, out, err = finish(ev)
     assert rc == 0, err
     assert "drawing with the best checkpoint of run cccccccc" in err, err
-
-
-def json_best(tmp_path):
-    import json
-    return json.loads((tmp_path / "best" / "best.json").read_text())
