@@ -137,6 +137,11 @@ def test_dashboard_in_a_browser_during_a_real_run(tmp_path, browser):
         # a gap in the step rows is drawn as a gap (a null point), never as a line across it
         assert js(browser, "return JSON.stringify(gapped([{step: 10, steps: 10}, {step: 20, steps: 10}, "
                            "{step: 200, steps: 10}], (r) => r.step))") == "[[10,10],[20,20],[21,null],[200,200]]"
+        # evaluations without step rows (--watch): a note instead of the two charts that would be empty
+        assert js(browser, "const kept = steps.splice(0); redraw(); const got = [$('no-telemetry').hidden, "
+                           "$('chart-speed').hidden, $('chart-lr').hidden]; steps.push(...kept); redraw(); "
+                           "return got.concat([$('no-telemetry').hidden, $('chart-lr').hidden])") == [
+            False, True, True, True, False]
         # validation beside test, and the run listed and named
         assert js(browser, "return charts['chart-acc'].data[3].filter(v => v != null).length") > 0
         assert js(browser, "return charts['chart-loss'].data[3].filter(v => v != null).length") > 0

@@ -127,6 +127,10 @@ function redraw() {
   charts["chart-speed"].setData(columns(speed));
   charts["chart-lr"].setData(columns([gapped(steps, (r) => r.lr)]));
   charts["chart-lag"].setData(columns([evals.map((e) => [e.step, e.lag_steps])]));
+  // Evaluations but no step rows (--watch, or a trainer without telemetry): a note, not two empty boxes
+  const noRows = steps.length === 0 && evals.length > 0;
+  $("no-telemetry").hidden = !noRows;
+  ["chart-speed", "chart-lr"].forEach((id) => { $(id).hidden = noRows; });
   headline();
 }
 
