@@ -121,9 +121,15 @@ def parse_args(argv=None):
     g.add_argument("--metrics", type=Path, help="append one JSON object per epoch to this file (rank 0)")
     g.add_argument("--checkpoint-dir", type=Path,
                    help="rank 0 writes checkpoints here (at epoch ends and every --checkpoint-every steps), "
-                        "with last.npz and best.npz beside them")
+                        "with last.npz and best.npz beside them (default: a new run folder runs/<time>-<id>/ "
+                        "in the current directory, with metrics.jsonl too; 'none': as --no-save)")
+    g.add_argument("--run-name", metavar="NAME",
+                   help="the run folder is runs/NAME/ (refused if it holds another run; with --resume: "
+                        "continue that run)")
+    g.add_argument("--no-save", action="store_true",
+                   help="write no checkpoint and no run folder (scripts, benchmarks)")
     g.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints "
-                   "(0: only at epoch ends); needs --checkpoint-dir or --publish")
+                   "(0: only at epoch ends)")
     g.add_argument("--keep", type=int, default=3, help="checkpoints kept in --checkpoint-dir")
     g.add_argument("--resume", nargs="?", const="on", default=None, metavar="auto",
                    help="continue the run in --checkpoint-dir from its newest usable checkpoint, with the "
@@ -211,8 +217,17 @@ def parse_args(argv=None):
                 p.error(f"--{flag}: {e}")
     if args.resume not in (None, "on", "auto"):
         p.error(f"--resume takes no value, or 'auto' (got {args.resume!r})")
-    if args.resume and not args.checkpoint_dir:
-        p.error("--resume needs --checkpoint-dir")
+    if args.checkpoint_dir is not None and str(args.checkpoint_dir).lower() == "none":
+        args.checkpoint_dir, args.no_save = None, True
+    if args.no_save and (args.checkpoint_dir or args.run_name or args.resume):
+        p.error("--no-save keeps nothing: it goes with no --checkpoint-dir, --run-name or --resume")
+    if args.run_name is not None:
+        if args.checkpoint_dir:
+            p.error("--run-name names a folder under runs/; --checkpoint-dir names one anywhere: give one of them")
+        if args.run_name in ("", ".", "..") or "/" in args.run_name or os.sep in args.run_name:
+            p.error(f"--run-name {args.run_name!r}: a plain folder name (it goes under runs/)")
+    if args.resume and not (args.checkpoint_dir or args.run_name):
+        p.error("--resume needs --checkpoint-dir (or --run-name)")
     override = frozenset(name.strip().replace("-", "_") for name in args.override.split(",") if name.strip())
     unknown = sorted(override - {f.name for f in fields(TrainConfig)})
     if unknown:
@@ -225,8 +240,11 @@ def parse_args(argv=None):
         p.error(str(e))
     argv = tuple(sys.argv[1:] if argv is None else argv)        # for the resume command the run prints
     # a restart (lenet-launch adds --resume) continues what was started: --start-over is then ignored
+    # no --checkpoint-dir: the run keeps its model in a run folder (a rehearsal keeps its temporary one)
     plan = FolderPlan(args.checkpoint_dir, args.keep, args.resume, args.start_over and not args.resume,
-                      frozenset(_given_config(p, list(argv))), override)
+                      frozenset(_given_config(p, list(argv))), override,
+                      run_folder=not (args.checkpoint_dir or args.no_save or args.test_mode),
+                      run_name=args.run_name)
     restarts = os.environ.get(LAUNCH_RESTARTS_VAR, "")              # set by lenet-launch for its jobs
     facts = RunFacts(args.checkpoint_dir, args.metrics, argv, tuple(data_flags(args)), args.test_mode,
                      restarts=int(restarts) if restarts.isdigit() else None)

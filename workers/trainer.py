@@ -1,6 +1,7 @@
 """lenet-train: one trainer rank. Flags, logging, signals and the epoch loop; the math is in lenet_dist.
 
-    lenet-train                                            # one process, 5 epochs of MNIST (~99.1%)
+    lenet-train                                            # one process, 5 epochs of MNIST (~99.1%), kept
+                                                           # in runs/<time>-<id>/ (--no-save: nothing)
     mpirun -n 4 lenet-train --batch-size 256               # four synchronized data-parallel ranks
     mpirun -n 2 lenet-train --checkpoint-dir ckpt --checkpoint-every 200 --publish tcp://127.0.0.1:5555
     mpirun -n 2 lenet-train --checkpoint-dir ckpt --resume # continue this run, or stop saying why
@@ -18,7 +19,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -31,7 +32,7 @@ from lenet_dist.parallel.balance import straggler
 from lenet_dist.parallel.step import DataParallelTrainer
 from lenet_dist.parallel.timeline import timeline_for
 from lenet_dist.run import exitcodes, setup
-from lenet_dist.run.outcome import Tally, agreed_signal, position, summary, what_was_saved
+from lenet_dist.run.outcome import Tally, agreed_signal, position, summary, train_command, what_was_saved
 from lenet_dist.run.process import blas_threads, raise_open_files_limit, setup_logging
 from lenet_dist.run.progress import ProgressSink
 from lenet_dist.run.sinks import LinkProgressSink, MetricsSink, RunInfo, Sinks, StepState
@@ -90,13 +91,20 @@ def _start(flags, comm):
     """Data, configuration and the trainer, resumed when asked; None when a resumed run had finished."""
     data = load_dataset(flags.args, comm, log)
     _check_val_size(flags.config, len(data.train_images))           # every rank alike: a usage error
+    if flags.plan.run_folder:                                       # no --checkpoint-dir: runs/<name>/
+        plan, facts = setup.settle_folder(flags.plan, flags.facts, comm)
+        flags = replace(flags, plan=plan, facts=facts)
+        if comm.rank == 0:
+            log.info("run folder %s/: checkpoints, last.npz, best.npz%s (continue: %s; --no-save keeps "
+                     "nothing)", plan.directory, ", metrics.jsonl" if facts.metrics.parent == plan.directory
+                     else "", train_command(facts.argv, comm.size, ["--resume"]))
     cfg, found, state = setup.prepare(flags.config, flags.plan, comm, data, log)
     trainer = DataParallelTrainer(cfg, comm, data)
     steer = Steering(cfg, from_evaluator=bool(flags.args.publish))
     trainer.lr_scale = steer.lr_scale
     _describe(trainer, comm, data, steer)
     if flags.args.checkpoint_every and not (flags.plan.directory or flags.args.publish) and comm.rank == 0:
-        log.warning("--checkpoint-every %d keeps nothing without --checkpoint-dir DIR (or --publish): this run "
+        log.warning("--checkpoint-every %d keeps nothing without --checkpoint-dir: --no-save (and no --publish) "
                     "writes no checkpoint", flags.args.checkpoint_every)
     r = Run(flags, comm, trainer, state, steer)
     try:
@@ -357,7 +365,6 @@ def _serve_final(r, stop, tally):
 
 
 def _with_run(facts, run_id):
-    from dataclasses import replace
     return replace(facts, run_id=run_id)
 
 

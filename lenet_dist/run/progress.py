@@ -69,6 +69,8 @@ def summary_lines(s):
         lines.append(f"  checkpoint: {s['checkpoint']}")
     elif s.get("checkpoint_dir"):
         lines.append(f"  checkpoints: {s['checkpoint_dir']} (none written)")
+    if s.get("best") or s.get("last"):          # the model to use: the best by validation, else the last
+        lines.append(f"  model: {s.get('best') or s.get('last')}")
     if s.get("last"):
         best = f"   best: {s['best']} (epoch {s['best_epoch']})" if s.get("best") else ""
         lines.append(f"  last: {s['last']}{best}")

@@ -4,13 +4,17 @@ to train with. Errors here end the job before the first step and before anything
 on every rank alike, so that rank 0 alone says it and a restart launcher does not try again)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import secrets
+import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .. import ckptdir, resume
 from ..comm import bcast_json
 from ..config import TrainConfig
-from ..errors import ResumeError
+from ..errors import ResumeError, UsageError
+
+RUNS = Path("runs")         # a run without --checkpoint-dir keeps its model in a folder of its own under it
 
 
 @dataclass(frozen=True)
@@ -22,6 +26,52 @@ class FolderPlan:
     start_over: bool = False            # a new run may move another run's checkpoints aside
     given: frozenset = frozenset()      # the TrainConfig fields typed on the command line
     override: frozenset = frozenset()   # those meant to replace the saved values on resume
+    run_folder: bool = False            # no --checkpoint-dir (nor --no-save): a new folder runs/<name>/
+    run_name: str | None = None         # --run-name: that <name> (else a timestamp and a short id)
+
+
+def run_folder_name(now=None):
+    """A new run folder's name: sortable by its start (UTC), with a short id against two runs in one second."""
+    return time.strftime("%Y-%m-%dT%H-%M-%S", time.gmtime(now)) + "-" + secrets.token_hex(2)
+
+
+def settle_folder(plan, facts, comm):
+    """-> (plan, facts) with the run's folder: for a run without --checkpoint-dir, runs/<name>/ under the
+    current directory, made by rank 0 and the same path on every rank, holding the checkpoints and (without
+    --metrics) metrics.jsonl; both unchanged otherwise. A folder that cannot be made is a UsageError on every
+    rank alike."""
+    if not plan.run_folder:
+        return plan, facts
+    path, refused = None, None
+    if comm.rank == 0:
+        try:
+            path = _make_run_folder(plan.run_name)
+        except OSError as e:
+            refused = (f"cannot create the run folder {e.filename or RUNS}: {e.strerror or e} (--checkpoint-dir "
+                       f"DIR keeps the run elsewhere, --no-save keeps nothing)")
+    settled = bcast_json(comm, {"refused": refused} if refused else {"path": str(path)})
+    if "refused" in settled:
+        raise UsageError(settled["refused"])
+    path = Path(settled["path"])
+    # the commands printed to go on name the folder; a --run-name in them names it already
+    argv = facts.argv if plan.run_name else (*facts.argv, "--checkpoint-dir", str(path))
+    facts = replace(facts, checkpoint_dir=path, metrics=facts.metrics or path / "metrics.jsonl", argv=argv)
+    return replace(plan, directory=path, run_folder=False), facts
+
+
+def _make_run_folder(name):
+    """Rank 0: runs/<name>. A named one is made by the checkpoint writer, and refused by claim() when it
+    holds another run, as a --checkpoint-dir is; a new name is made here, so that no other run takes it."""
+    if name:
+        return RUNS / name
+    for _ in range(8):
+        path = RUNS / run_folder_name()
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(17, "no free name", str(RUNS))
 
 
 class RunState:
