@@ -29,7 +29,7 @@ def start_trainer(endpoint, tmp_path, *extra, ranks=2, epochs=3, name="t"):
            "--metrics", str(tmp_path / f"{name}.jsonl"), *map(str, extra)]
     if ranks:
         cmd = [*mpirun_cmd(ranks), python(), *cmd[1:]]
-    return subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(cmd, cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def start_evaluator(endpoint, report, *extra):

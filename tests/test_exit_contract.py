@@ -35,12 +35,12 @@ def test_a_training_errors_status_comes_from_its_kind_never_from_its_wording():
     (["--bogus"], X.USAGE)])
 def test_the_trainer_ends_with_the_status_its_failure_means(tmp_path, flags, status):
     base = [f for f in SMALL if f != "--subset"] if "--dataset" in flags else SMALL
-    p = launch(0, [*base, *flags], check=False)
+    p = launch(0, [*base, *flags], check=False, cwd=tmp_path)
     assert p.returncode == status, p.stderr
 
 
 def test_under_mpirun_the_status_reaches_the_launcher(tmp_path):
-    p = launch(2, [*SMALL, "--fault", "1:3:nan"], check=False)
+    p = launch(2, [*SMALL, "--fault", "1:3:nan"], check=False, cwd=tmp_path)
     assert p.returncode == X.DIVERGED, p.stderr
     assert p.stderr.count("error:") == 1 and "Abort(" not in p.stderr, p.stderr
 

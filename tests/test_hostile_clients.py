@@ -15,7 +15,7 @@ from lenet_dist.transport import CheckpointClient
 
 from . import fuzzgen
 from .fakes import make_ckpt
-from .mpiutil import MPIRUN, REPO, env, need_mpirun
+from .mpiutil import MPIRUN, env, need_mpirun
 
 from .links import link  # noqa: F401 (fixture)
 FUZZ_MESSAGES = 10_000
@@ -102,7 +102,7 @@ def test_forged_and_null_results_against_a_real_trainer(tmp_path):
     cmd = [MPIRUN, "-n", "2", sys.executable, "-m", "workers.trainer", "--subset", "--batch-size", "100",
            "--epochs", "2", "--train-subset", "600", "--no-progress", "--publish", endpoint, "--linger", "60",
            "--stall-timeout", "30"]
-    tr = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    tr = subprocess.Popen(cmd, cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     c = CheckpointClient(endpoint)
     try:
         step, header = -1, None

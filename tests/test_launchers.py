@@ -15,9 +15,9 @@ SETTINGS = {"mpich": "MPIR_CVAR_CH4_PROGRESS_THROTTLE=1", "openmpi": "OMPI_MCA_m
 @pytest.mark.usefixtures("mpi_flavour")
 def test_oversubscription_counts_ranks_and_node_cores(tmp_path):
     cores = os.cpu_count()
-    fits = launch(cores, ARGS, timeout=120)                  # a core per rank, whatever the binding
+    fits = launch(cores, ARGS, timeout=120, cwd=tmp_path)    # a core per rank, whatever the binding
     assert "more ranks than cores" not in fits.stderr
-    over = launch(cores + 1, ARGS, timeout=120)
+    over = launch(cores + 1, ARGS, timeout=120, cwd=tmp_path)
     [line] = [l for l in over.stderr.splitlines() if "more ranks than cores" in l]
     library = "MPICH" if mpiutil.current.name == "mpich" else "Open MPI"
     assert f"set for {library}: {SETTINGS[mpiutil.current.name]}" in line

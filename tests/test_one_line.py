@@ -34,7 +34,7 @@ def test_a_usage_error_is_one_line_said_once(flags, says, n):
 
 def test_the_straggler_hint_is_said_once(tmp_path):
     p = launch(2, ["--subset", "--epochs", "2", "--no-progress", "--train-subset", "400", "--val-size", "0",
-                   "--fault", "1:0:slow"])
+                   "--fault", "1:0:slow"], cwd=tmp_path)
     assert p.stderr.count("computed") == 2 and all("rank 0/2" in line for line in p.stderr.splitlines()
                                                    if "--balance would" in line), p.stderr
 
@@ -75,7 +75,8 @@ def test_test_mode_names_no_file_it_then_deletes():
 
 
 def test_checkpoint_every_without_a_folder_is_not_silently_ignored():
-    p = launch(2, ["--subset", "--epochs", "1", "--no-progress", "--train-subset", "200", "--checkpoint-every", "2"])
+    p = launch(2, ["--subset", "--epochs", "1", "--no-progress", "--train-subset", "200", "--checkpoint-every", "2",
+                   "--no-save"])
     lines = [x for x in p.stderr.splitlines() if "--checkpoint-every 2 keeps nothing without --checkpoint-dir" in x]
     assert len(lines) == 1 and "rank 0/2" in lines[0], p.stderr
 
@@ -83,11 +84,12 @@ def test_checkpoint_every_without_a_folder_is_not_silently_ignored():
 def test_an_error_every_rank_has_is_said_once_by_rank_0():
     """A failure of no known kind that every rank meets at the same point is said by rank 0 alone, on a line
     of its own; one that only one rank meets, by that rank."""
-    p = launch(2, ["--subset", "--epochs", "1", "--no-progress", "--fault", "0:2:raise,1:2:raise"], check=False)
+    p = launch(2, ["--subset", "--epochs", "1", "--no-progress", "--no-save", "--fault", "0:2:raise,1:2:raise"],
+               check=False)
     lines = [x for x in p.stderr.splitlines() if ": error: " in x]
     assert p.returncode == 1 and lines == ["lenet-train: rank 0/2: error: RuntimeError: injected fault at step 2"], \
         p.stderr
-    p = launch(2, ["--subset", "--epochs", "1", "--no-progress", "--fault", "1:2:raise"], check=False)
+    p = launch(2, ["--subset", "--epochs", "1", "--no-progress", "--no-save", "--fault", "1:2:raise"], check=False)
     lines = [x for x in p.stderr.splitlines() if ": error: " in x]
     assert p.returncode == 1 and lines == ["lenet-train: rank 1/2: error: RuntimeError: injected fault at step 2"], \
         p.stderr

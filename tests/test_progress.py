@@ -63,7 +63,7 @@ def test_without_a_terminal_progress_lines_epoch_lines_summary_and_pointers(tmp_
 
 
 def test_no_progress_keeps_epoch_lines_and_summary(tmp_path):
-    p = launch(0, [*SMALL, "--epochs", "1", "--no-progress", "--progress-every", "0"])
+    p = launch(0, [*SMALL, "--epochs", "1", "--no-progress", "--progress-every", "0"], cwd=tmp_path)
     assert "step 1/10" not in p.stderr
     assert "epoch 1/1 step 10/10" in p.stdout and "finished 1 epochs (10 steps)" in p.stdout
 
@@ -121,7 +121,7 @@ def test_summary_of_a_stop_without_a_checkpoint_dir_says_nothing_was_saved():
 
 
 def test_sigterm_without_checkpoint_dir_says_nothing_was_saved(tmp_path):
-    p = launch(0, [*SMALL, "--epochs", "2", "--no-progress", "--fault", "0:3:term"], check=False)
+    p = launch(0, [*SMALL, "--epochs", "2", "--no-progress", "--no-save", "--fault", "0:3:term"], check=False)
     assert p.returncode == 128 + signal.SIGTERM, p.stderr
     assert ("stopped by signal 15 at step 4 (SIGTERM); nothing saved (no --checkpoint-dir, no --publish); "
             "exit status 143") in p.stderr

@@ -105,7 +105,7 @@ def test_batch_8_at_the_default_rate_stops_saying_so_or_learns_with_linear_scali
     errors = [s for s in p.stderr.splitlines() if "ERROR" in s]
     assert len(errors) == 1 and line in errors[0] and "validation accuracy" in errors[0], p.stderr
     assert resume.newest_usable(tmp_path / "ck", warn=lambda m: None)[1].meta["final"]
-    p = launch(0, [*small8, "--lr-scaling", "linear", "--metrics", tmp_path / "m.jsonl"])
+    p = launch(0, [*small8, "--lr-scaling", "linear", "--metrics", tmp_path / "m.jsonl"], cwd=tmp_path)
     assert rows(tmp_path / "m.jsonl", "epoch")[-1]["test_acc"] > 0.8          # measured 0.916
     assert "not learning" not in p.stdout + p.stderr
 

@@ -54,7 +54,7 @@ def test_step_rows_and_tensorboard_from_an_mpi_run(tmp_path):
 
 def test_log_every_zero_writes_epoch_rows_only(tmp_path):
     m = tmp_path / "m.jsonl"
-    launch(0, [*RUN, "--epochs", "1", "--metrics", m, "--log-every", "0"])
+    launch(0, [*RUN, "--epochs", "1", "--metrics", m, "--log-every", "0"], cwd=tmp_path)
     assert [r["event"] for r in rows(m)] == ["epoch", "end"]
 
 
