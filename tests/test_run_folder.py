@@ -87,3 +87,15 @@ def test_flags_that_contradict_each_other_are_one_line(tmp_path):
 def test_run_folder_names_sort_by_their_start():
     a, b = run_folder_name(1_000_000_000), run_folder_name(1_000_000_061)
     assert NAME.match(a) and a.startswith("2001-09-09T01-46-40-") and sorted([b, a]) == [a, b]
+
+
+def test_a_stopped_bare_run_prints_a_resume_command_that_continues_it(tmp_path):
+    p = launch(0, ["--subset", "--epochs", "2", "--no-progress", "--fault", "0:3:term"], cwd=tmp_path, check=False)
+    assert p.returncode == 143, p.stderr
+    [folder] = list((tmp_path / "runs").iterdir())
+    resume = next(x for x in p.stdout.splitlines() if x.strip().startswith("resume: ")).split("resume: ", 1)[1]
+    argv = [a for a in shlex.split(resume)[1:] if a not in ("--fault", "0:3:term")]
+    assert argv[-3:] == ["--checkpoint-dir", f"runs/{folder.name}", "--resume"], argv
+    q = launch(0, argv, cwd=tmp_path)
+    assert "resumed from" in q.stderr and "finished 2 epochs" in q.stdout, q.stderr
+    assert [f.name for f in (tmp_path / "runs").iterdir()] == [folder.name]
