@@ -130,3 +130,32 @@ def test_a_restarted_evaluator_draws_with_the_finished_runs_best_model(tmp_path)
     rc, out, err = finish(ev)
     assert rc == 0, err
     assert "drawing with the best checkpoint of run cccccccc" in err, err
+
+
+def test_two_trainers_at_once_never_mix_their_step_rows(tmp_path):
+    """Two --connect: the page shows the newest run to start, with its own trainer's step rows only; the
+    other run's later evaluations are listed, not shown."""
+    port = free_port()
+    c = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10)
+    with TrainerLink("tcp://127.0.0.1:*") as a, TrainerLink("tcp://127.0.0.1:*") as b:
+        for k in range(1, 6):
+            a.telemetry({"event": "step", "step": k, "epoch": 0, "loss": 1.0, "acc": 0.5, "lr": 0.1})
+            b.telemetry({"event": "step", "step": 100 + k, "epoch": 0, "loss": 9.0, "acc": 0.1, "lr": 0.9})
+        ev = daemon(tmp_path / "eval.jsonl", port, a.endpoint, "--connect", b.endpoint)
+        try:
+            a.publish(5, 0, run_ckpt(5, "aaaaaaaa-a"))
+            until("run a on the page", lambda: (get(c, "/api/state") or {}).get("run"))
+            b.publish(105, 0, run_ckpt(105, "bbbbbbbb-b", seed=1))
+            until("both runs listed", lambda: len((get(c, "/api/runs") or {}).get("runs", [])) == 2)
+            h = until("run b's step rows", lambda: (lambda h: h if h and len(h["steps"]) == 5 else None)(
+                get(c, "/api/history")))
+            assert [r["step"] for r in h["steps"]] == [101, 102, 103, 104, 105] and {r["lr"] for r in h["steps"]} == {0.9}
+            assert [e["step"] for e in h["evaluations"]] == [105] and get(c, "/api/state")["run"]["name"] == "bbbbbbbb"
+            a.publish(10, 0, run_ckpt(10, "aaaaaaaa-a"))            # run a goes on: listed, not shown
+            until("a's second evaluation", lambda: [r["evaluations"] for r in get(c, "/api/runs")["runs"]] == [2, 1])
+            h = get(c, "/api/history")
+            assert [e["step"] for e in h["evaluations"]] == [105] and {r["lr"] for r in h["steps"]} == {0.9}
+        finally:
+            ev.send_signal(signal.SIGTERM)
+            rc, out, err = finish(ev)
+        assert rc == 0, err

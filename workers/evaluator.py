@@ -249,7 +249,7 @@ def run(args, stop):
         model.evaluate(ds.test_images[:500], ds.test_labels[:500])  # warm-up: the first evaluation is not slower
         live = live_outputs.start(live_outputs.LiveConfig(
             http_address=args.http_address, http_token=args.http_token, tensorboard=args.tensorboard,
-            connect=args.connect and args.connect[0], curve_secret_key=args.curve_secret_key, curve_public_key=args.curve_public_key,
+            connect=tuple(args.connect or ()), curve_secret_key=args.curve_secret_key, curve_public_key=args.curve_public_key,
             curve_server_key=args.curve_server_key), ds.test_images, ds.test_labels, stop, history)
         if live is not None:
             stack.callback(live.close)

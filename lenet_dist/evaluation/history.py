@@ -17,7 +17,7 @@ from ..files import NotRegularFile, open_regular
 
 # What each evaluation keeps in memory (the report's per-class figures and confusion stay in the file).
 KEPT = ("step", "epoch", "val_accuracy", "val_loss", "test_accuracy", "test_loss", "n_val", "n_test",
-        "eval_seconds", "lag_steps", "trainer_step", "final", "time")
+        "eval_seconds", "lag_steps", "trainer_step", "final", "time", "source")
 UNNAMED = "unnamed"                     # the run of results written before results named their run
 
 

@@ -23,7 +23,7 @@ class LiveConfig:
     http_address: tuple | None = None       # (host, port) of the dashboard, or None
     http_token: str | None = None           # every HTTP request must carry it, when given
     tensorboard: Path | None = None         # event files under tensorboard/evaluator
-    connect: str | None = None              # the trainer's endpoint: its step telemetry feeds the dashboard
+    connect: tuple = ()                     # the trainers' endpoints: the shown run's step telemetry feeds the page
     curve_secret_key: Path | None = None
     curve_public_key: Path | None = None
     curve_server_key: Path | None = None
@@ -39,12 +39,14 @@ def start(cfg, images, labels, stop, history=None):
 
 class Live:
     """The dashboard shows one run at a time: the run of the newest evaluation at start (from the history),
-    then each new run as it starts; a run that is evaluated while the shown one is still going (several
-    trainers at once) is listed (/api/runs) but does not take the page over until the shown run ends."""
+    then the newest run to start (its first evaluation); an older run evaluated while the shown one is still
+    going (several trainers at once) is listed (/api/runs) but does not take the page over until the shown
+    run ends. The step rows are the shown run's trainer's only."""
 
     def __init__(self, cfg, images, labels, stop, history):
-        self.dashboard = self.tb = self.follower = None
-        self.history, self.shown = history, None
+        self.dashboard = self.tb = None
+        self.followers = {}                         # endpoint -> TelemetryFollower
+        self.history, self.shown, self.shown_source = history, None, None
         try:
             if cfg.http_address:
                 from ..dashboard.process import DashboardProcess
@@ -58,24 +60,29 @@ class Live:
             if cfg.tensorboard:
                 from .tensorboard import EvaluatorBoard
                 self.tb = EvaluatorBoard(cfg.tensorboard)
-            if cfg.connect and self.dashboard is not None:      # the trainer's own --tensorboard logs its steps
-                self.follower = TelemetryFollower(cfg, self._on_steps, stop)
+            if self.dashboard is not None:          # the trainer's own --tensorboard logs its steps
+                for endpoint in cfg.connect:
+                    self.followers[endpoint] = TelemetryFollower(
+                        cfg, endpoint, lambda rows, e=endpoint: self._on_steps(e, rows), stop)
         except BaseException:
             self.close()
             raise
 
-    def _on_steps(self, rows):
-        if self.dashboard is not None:
+    def _on_steps(self, endpoint, rows):
+        # the shown run's trainer only: with several, rows wait until a run is shown (never two runs' rows)
+        shown = self.shown_source or (endpoint if len(self.followers) == 1 else None)
+        if self.dashboard is not None and endpoint == shown:
             self.dashboard.add_steps(rows)
 
     def _show(self, run, results):
         # The step rows so far are this run's when no run was shown yet; else the trainer's rows are asked
         # for again, from the oldest it keeps: a new trainer's, which came before its first checkpoint.
         keep_steps = self.shown is None
-        self.shown = run
+        self.shown, self.shown_source = run, (run.last or {}).get("source")
         self.dashboard.start_run(run.to_dict(), results, keep_steps)
-        if not keep_steps and self.follower is not None:
-            self.follower.rewind()
+        follower = self.followers.get(self.shown_source)
+        if follower is not None and (not keep_steps or len(self.followers) > 1):
+            follower.rewind()
 
     def restore_best(self, keeper, model, judge):
         """A restarted evaluator: the shown run's best checkpoint from --best-dir (`keeper`, a BestKeeper)
@@ -111,7 +118,7 @@ class Live:
             self.tb.add_evaluation(result, detail)
 
     def close(self):
-        for part in (self.follower, self.dashboard, self.tb):
+        for part in (*self.followers.values(), self.dashboard, self.tb):
             if part is not None:
                 part.close()
 
@@ -120,9 +127,9 @@ class TelemetryFollower:
     """A thread with a connection of its own to the trainer, asking for its step rows twice a second,
     so that the curves move while the evaluator's loop is busy evaluating."""
 
-    def __init__(self, cfg, on_rows, stop):
+    def __init__(self, cfg, endpoint, on_rows, stop):
         from ..transport import CheckpointClient
-        self.client = CheckpointClient(cfg.connect, secret_key=cfg.curve_secret_key,
+        self.client = CheckpointClient(endpoint, secret_key=cfg.curve_secret_key,
                                        public_key=cfg.curve_public_key, server_key=cfg.curve_server_key,
                                        interrupted=stop.__bool__)
         self.on_rows, self.stop = on_rows, stop

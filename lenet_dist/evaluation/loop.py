@@ -171,7 +171,7 @@ class _Context:
             log.error("%s", one_line(e))
             return 1
         trainer_step = source.trainer_step_now()
-        result = {"run_id": run_id, "run": t.run_name(run_id), "step": step, "epoch": int(ckpt.meta["epoch"]),
+        result = {"run_id": run_id, "run": t.run_name(run_id), "source": source.endpoint, "step": step, "epoch": int(ckpt.meta["epoch"]),
                   **figures,
                   # the test figures' names before val_/test_ prefixes: aliases kept for one release
                   "accuracy": figures["test_accuracy"], "loss": figures["test_loss"],
