@@ -18,6 +18,7 @@ from lenet_dist.data import load_subset  # noqa: E402
 from lenet_dist.data.identity import data_record  # noqa: E402
 from lenet_dist.data.split import rebuild_validation  # noqa: E402
 from lenet_dist.parallel.step import DataParallelTrainer  # noqa: E402
+from lenet_dist.run.outcome import RunFacts, Tally, summary  # noqa: E402
 from lenet_dist.transport import TrainerLink  # noqa: E402
 
 from .fakes import make_ckpt  # noqa: E402
@@ -68,6 +69,11 @@ def test_every_best_is_the_validation_winner(tmp_path):
             assert rows[0]["val_accuracy"] > rows[1]["val_accuracy"] and rows[0]["accuracy"] < rows[1]["accuracy"]
             until("the trainer heard both", lambda: link.latest_result() and link.latest_result()["step"] == 20)
             assert link.best_result()["step"] == 10                                     # wire.Results
+            tally = Tally()                    # the trainer's summary: it saw only the newest at an epoch end
+            tally.add_evaluator(link.latest_result())
+            end = summary(RunFacts(), reason="finished", step=20, total_steps=20, epoch=2, epochs=2, ranks=1,
+                          wall_seconds=1.0, tally=tally, link=link)
+            assert end["evaluator"]["step"] == 20 and end["evaluator"]["best_step"] == 10   # the summary
             with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as c:
                 s = c.get("/api/state").json()
                 assert s["evaluations"] == 2 and s["best"]["step"] == 10              # the dashboard

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import selection
+from ..files import read_regular
 from ..stopsignal import signal_name
 
 
@@ -50,7 +51,7 @@ class Tally:
         self.ev_best = None
         if best_json is not None:                  # --resume: the best so far stays the best to beat
             try:
-                b = json.loads(Path(best_json).read_text())
+                b = json.loads(read_regular(best_json, 1 << 20))
                 if b.get("run_id") != run_id:
                     raise ValueError("another run's best")
                 self.best = {"step": int(b["step"]), "epoch": int(b["epoch"]), "test_acc": float(b["test_acc"]),
@@ -138,7 +139,7 @@ def train_command(argv, size, extra=(), env=None):
 
 def _pointer_run(path):
     try:
-        return json.loads(path.read_text()).get("run_id")
+        return json.loads(read_regular(path, 1 << 20)).get("run_id")
     except (OSError, ValueError, AttributeError):
         return None
 
@@ -161,10 +162,14 @@ def summary(facts, *, reason, step, total_steps, epoch, epochs, ranks, wall_seco
         s.update(test_acc=tally.test_acc, last_epoch=tally.last_epoch)
     if tally.best_epoch is not None:
         s.update(best_test_acc=tally.best_test_acc, best_epoch=tally.best_epoch, best_step=tally.best_step)
+    ev_best = tally.ev_best
+    heard = link.best_result() if link is not None else None     # every result the link heard, not only
+    if heard and selection.is_better(heard, ev_best):            # those seen at epoch ends
+        ev_best = heard
     if tally.evaluator:
         s["evaluator"] = {"step": tally.evaluator["step"], "accuracy": tally.evaluator["accuracy"]}
-        if tally.ev_best:                           # chosen on validation: none without a split
-            s["evaluator"].update(best_step=tally.ev_best["step"], best_accuracy=tally.ev_best["accuracy"])
+        if ev_best:                                 # by selection.py, as the evaluator's --best-dir
+            s["evaluator"].update(best_step=ev_best["step"], best_accuracy=ev_best["accuracy"])
     d = facts.checkpoint_dir
     if d:
         s["checkpoint_dir"] = str(d)
