@@ -17,13 +17,14 @@ import secrets
 import time
 from pathlib import Path
 
-from .checkpoint import CheckpointError, file_name, list_checkpoints, load_file, to_bytes
+from .checkpoint import CheckpointError, file_name, list_checkpoints, load_file, set_pointer, to_bytes
 from .errors import CheckpointFolderError, ResumeError
-from .files import is_temp, temp_name, write_and_rename
+from .files import is_temp, retry_on_descriptors, temp_name, write_and_rename
 
 OWN_PREFIXES = ("ckpt-", "last.", "best.")  # the folder's own files: checkpoints and the last/best pointers
 SUPERSEDED = "superseded-"                  # the subfolder claim(start_over=True) moves another run into
 FD_WAIT_S = 30.0                            # how long a write waits for a free descriptor before failing
+POINTER_WAIT_S = 2.0                        # how long a last/best pointer waits for one
 LASTING = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT}   # a retry meets them again
 
 
@@ -124,16 +125,11 @@ class CheckpointWriter:
 
     def _open_next(self, wait=0.0):
         tmp = temp_name(self.dir / "ckpt-next")
-        deadline = time.monotonic() + wait
-        while True:
-            try:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-                break
-            except OSError as e:
-                if e.errno in (errno.EMFILE, errno.ENFILE) and time.monotonic() < deadline:
-                    time.sleep(0.05)            # descriptors come free as idle peers are dropped
-                    continue
-                raise _error(e, f"cannot write into checkpoint folder {self.dir}: {e.strerror or e}") from None
+        try:
+            fd = retry_on_descriptors(lambda: os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                                                      0o644), wait)
+        except OSError as e:
+            raise _error(e, f"cannot write into checkpoint folder {self.dir}: {e.strerror or e}") from None
         self._next = (fd, tmp)
 
     def _prune(self):
@@ -179,3 +175,16 @@ def save(directory, params, velocity, meta, residual=None, *, keep=3):
         return writer.write(step, data), data
     finally:
         writer.close()
+
+
+def point(directory, entry, target, info, warn=print):
+    """Make `entry` (last / best) name the checkpoint `target` (checkpoint.set_pointer); True when done. A
+    pointer is a convenience: one that cannot be written is a warning, never the end of the run whose
+    checkpoint is already on disk."""
+    try:
+        retry_on_descriptors(lambda: set_pointer(directory, entry, target, info), POINTER_WAIT_S)
+        return True
+    except OSError as e:
+        warn(f"could not point {os.path.join(directory, f'{entry}.npz')} at {os.path.basename(target)} "
+             f"({e.strerror or e}); the checkpoint itself is written")
+        return False

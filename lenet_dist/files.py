@@ -13,9 +13,11 @@ the path is instead.
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
 import stat
+import time
 from pathlib import Path
 
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
@@ -160,3 +162,17 @@ def check_writable_path(path) -> None:
         raise ValueError(f"{path}: {e.strerror or e}") from None
     if not stat.S_ISREG(st.st_mode):
         raise ValueError(f"{path}: not a regular file ({_kind(st.st_mode)})")
+
+
+def retry_on_descriptors(fn, seconds: float):
+    """fn(), retried every 50 ms for up to `seconds` while it fails for want of a file descriptor (EMFILE,
+    ENFILE): under a flood of connections descriptors come free as the link drops idle peers. Any other
+    failure, or the last one, is raised."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return fn()
+        except OSError as e:
+            if e.errno not in (errno.EMFILE, errno.ENFILE) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.05)

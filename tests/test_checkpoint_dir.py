@@ -286,32 +286,30 @@ def test_writer_leaves_nothing_behind_and_keeps_only_its_own(tmp_path):
     assert json is not None and np is not None
 
 
-def test_a_pointer_that_cannot_be_written_is_a_warning_not_the_end_of_the_run(tmp_path, monkeypatch, caplog):
+def test_a_pointer_that_cannot_be_written_is_a_warning_not_the_end_of_the_run(tmp_path, monkeypatch):
     """Out of descriptors (an idle-connection flood) the last/best pointer waits for one; anything else, or
     descriptors that never come free, is one warning: the checkpoint is already on disk."""
     import errno
-    import logging
 
-    from workers import trainer
+    from lenet_dist import ckptdir
     target = tmp_path / checkpoint.file_name(5)
     target.write_bytes(b"a checkpoint")
-    calls, real = [], checkpoint.set_pointer
+    calls, real, warnings = [], checkpoint.set_pointer, []
 
     def flaky(*a, **k):
         calls.append(1)
         if len(calls) < 3:
             raise OSError(errno.EMFILE, "Too many open files")
         return real(*a, **k)
-    monkeypatch.setattr(checkpoint, "set_pointer", flaky)
-    assert trainer.point(tmp_path, "last", target, {"step": 5}) and len(calls) == 3
+    monkeypatch.setattr(ckptdir, "set_pointer", flaky)
+    assert ckptdir.point(tmp_path, "last", target, {"step": 5}, warn=warnings.append) and len(calls) == 3
     assert json.loads((tmp_path / "last.json").read_text()) == {"file": target.name, "step": 5}
 
     def broken(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(checkpoint, "set_pointer", broken)
-    monkeypatch.setattr(trainer, "POINTER_RETRY_S", 0.2)
-    with caplog.at_level(logging.WARNING, logger="lenet.trainer"):
-        assert not trainer.point(tmp_path, "best", target, {})
-    assert [r.message for r in caplog.records] == [
+    monkeypatch.setattr(ckptdir, "set_pointer", broken)
+    monkeypatch.setattr(ckptdir, "POINTER_WAIT_S", 0.2)
+    assert not ckptdir.point(tmp_path, "best", target, {}, warn=warnings.append)
+    assert warnings == [
         f"could not point {tmp_path / 'best.npz'} at {target.name} (No space left on device); the checkpoint "
         f"itself is written"]

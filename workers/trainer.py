@@ -14,7 +14,6 @@ An exception on any rank ends the whole job with one line and an exit status len
 """
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import sys
@@ -23,7 +22,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from lenet_dist import checkpoint
+from lenet_dist import checkpoint, ckptdir
 from lenet_dist.comm import bcast_json, get_comm
 from lenet_dist.launcher_env import LauncherMismatch, launcher_size
 from lenet_dist.data.identity import data_mismatch
@@ -47,7 +46,6 @@ from .train_flags import parse_args
 
 log = logging.getLogger("lenet.trainer")
 
-POINTER_RETRY_S = 2.0       # how long a last/best pointer waits for a free file descriptor
 ALIKE_WAIT_S = 10.0         # how long a rank waits for rank 0 to report an error they both raised
 OTHER_WAIT_S = 1.0          # ... and for any other error, which rank 0 may or may not share
 ALIKE = ("ResumeError", "DataError", "TrainingError", "UsageError")   # raised on every rank at one point
@@ -246,9 +244,9 @@ def _train(r):
             r.carried = (0, 0.0, 0)
             guard.beat()
             if r.rank0 and tally.add_epoch(record) and r.saved:
-                point(flags.plan.directory, "best", r.saved, dict(
-                    step=trainer.step, epoch=trainer.epoch, val_acc=record.get("val_acc"),
-                    val_loss=record.get("val_loss"), test_acc=record["test_acc"], run_id=r.state.run_id))
+                info = dict(step=trainer.step, epoch=trainer.epoch, val_acc=record.get("val_acc"),
+                            val_loss=record.get("val_loss"), test_acc=record["test_acc"], run_id=r.state.run_id)
+                ckptdir.point(flags.plan.directory, "best", r.saved, info, warn=log.warning)
             sinks.on_epoch(record)
             if decision.lr_row:
                 sinks.on_event(decision.lr_row)
@@ -463,29 +461,11 @@ def _checkpoint(r):
     data = checkpoint.to_bytes(params, velocity, meta, residuals)
     if r.state.writer:
         r.saved = r.state.writer.write(meta["step"], data)
-        point(r.flags.plan.directory, "last", r.saved,
-              {"step": meta["step"], "epoch": meta["epoch"], "run_id": meta["run_id"]})
+        ckptdir.point(r.flags.plan.directory, "last", r.saved,
+                      {"step": meta["step"], "epoch": meta["epoch"], "run_id": meta["run_id"]}, warn=log.warning)
         log.debug("checkpoint %s", r.saved)
     if r.link:
         r.link.publish(step=meta["step"], epoch=meta["epoch"], data=data, final=meta["final"])
-
-
-def point(directory, entry, target, info):
-    """Make `entry` (last / best) name the checkpoint `target`. A pointer is a convenience: one that cannot
-    be written is a warning, never the end of the run whose checkpoint is already on disk. Out of file
-    descriptors (a flood of connections holds them until the link drops idle peers) it retries a while."""
-    deadline = time.monotonic() + POINTER_RETRY_S
-    while True:
-        try:
-            checkpoint.set_pointer(directory, entry, target, info)
-            return True
-        except OSError as e:
-            if e.errno in (errno.EMFILE, errno.ENFILE) and time.monotonic() < deadline:
-                time.sleep(0.05)
-                continue
-            log.warning("could not point %s at %s (%s); the checkpoint itself is written",
-                        os.path.join(directory, f"{entry}.npz"), os.path.basename(target), e.strerror or e)
-            return False
 
 
 def main(argv=None):
