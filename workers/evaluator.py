@@ -223,7 +223,7 @@ def run(args, stop):
             probes = HealthServer(health, *args.health_address,
                                   metrics=lambda: metrics_text(history, health, started))
             stack.callback(probes.close)
-            log.info("health probes on %s/healthz and /readyz", probes.url)
+            log.info("health probes on %s/healthz and /readyz, metrics on /metrics", probes.url)
         health.not_ready("loading data")
         ds = _dataset(args)
         health.not_ready("connecting")
@@ -249,8 +249,8 @@ def run(args, stop):
         model.evaluate(ds.test_images[:500], ds.test_labels[:500])  # warm-up: the first evaluation is not slower
         live = live_outputs.start(live_outputs.LiveConfig(
             http_address=args.http_address, http_token=args.http_token, tensorboard=args.tensorboard,
-            connect=tuple(args.connect or ()), curve_secret_key=args.curve_secret_key, curve_public_key=args.curve_public_key,
-            curve_server_key=args.curve_server_key), ds.test_images, ds.test_labels, stop, history)
+            connect=tuple(args.connect or ()), curve_secret_key=args.curve_secret_key,
+            curve_public_key=args.curve_public_key, curve_server_key=args.curve_server_key), ds.test_images, ds.test_labels, stop, history)
         if live is not None:
             stack.callback(live.close)
             if best is not None:
