@@ -2,7 +2,7 @@
 
     LENET_DATA_DIR=/path/to/mnist python bench/bench_train.py [--repeats 7] [--threads 1]
 
-Training: images/s of forward + backward + SGD update (lenet_dist.optim.SGD, momentum 0.9) on real MNIST
+Training: images/s of forward + backward + SGD update (lenet_dist.nn.optim.SGD, momentum 0.9) on real MNIST
 batches, gathered and normalized per step as the trainer does, at global batch 64 and 256. Inference:
 model.evaluate on the whole test set. Every figure is the median of --repeats timed repetitions, after a
 warm-up, with the BLAS limited to --threads threads. MNIST comes from $LENET_DATA_DIR or the cache (no
@@ -29,8 +29,8 @@ from threadpoolctl import threadpool_info, threadpool_limits  # noqa: E402
 
 from bench.timing import load_data, measure_into, time_steps  # noqa: E402
 from lenet_dist.data import normalize  # noqa: E402
-from lenet_dist.model import LeNet5  # noqa: E402
-from lenet_dist.optim import SGD  # noqa: E402
+from lenet_dist.nn.model import LeNet5  # noqa: E402
+from lenet_dist.nn.optim import SGD  # noqa: E402
 
 
 def train_throughput(ds, batch, repeats, images_per_rep, seed=0):

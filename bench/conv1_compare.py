@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from lenet_dist.conv import Conv2D, StripConv2D  # noqa: E402
+from lenet_dist.nn.conv import Conv2D, StripConv2D  # noqa: E402
 
 
 def measure(batch, rounds, seconds):

@@ -60,8 +60,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from lenet_dist.nn.model import NUM_PARAMS                    # noqa: E402
 from lenet_dist.parallel.buckets import plan                       # noqa: E402
-from lenet_dist.model import NUM_PARAMS                    # noqa: E402
 from tests.netns import tbf_burst                          # noqa: E402
 
 GOODPUT = 1448 / 1514

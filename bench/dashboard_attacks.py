@@ -28,11 +28,11 @@ def serve(kind, port):
     """The server process: a LiveState with 30 evaluations and telemetry, served by `kind` on `port`."""
     import uvicorn
 
-    from lenet_dist import analysis
+    from lenet_dist.evaluation import analysis
     from lenet_dist.dashboard.app import DashboardServer, build_app, listening_socket
     from lenet_dist.dashboard.state import LiveState
     from lenet_dist.data import load_subset
-    from lenet_dist.model import LeNet5
+    from lenet_dist.nn.model import LeNet5
     data = load_subset()
     state = LiveState(data.test_images, data.test_labels)
     for step in range(1, 31):

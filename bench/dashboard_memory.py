@@ -9,10 +9,10 @@ import sys
 import time
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent.parent))
 import numpy as np
-from lenet_dist import analysis
-from lenet_dist.dashboard.state import LiveState, MAX_STEPS, MAX_EVALUATIONS
+from lenet_dist.dashboard.state import LiveState, MAX_EVALUATIONS, MAX_STEPS
 from lenet_dist.data import load_subset
-from lenet_dist.model import LeNet5
+from lenet_dist.evaluation import analysis
+from lenet_dist.nn.model import LeNet5
 
 def rss():
     for line in open("/proc/self/status"):

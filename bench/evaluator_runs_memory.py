@@ -21,8 +21,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lenet_dist import checkpoint  # noqa: E402
-from lenet_dist.model import NUM_PARAMS, LeNet5  # noqa: E402
+from lenet_dist.checkpoints import format as checkpoint  # noqa: E402
+from lenet_dist.nn.model import LeNet5, NUM_PARAMS  # noqa: E402
 from lenet_dist.transport import TrainerLink  # noqa: E402
 
 

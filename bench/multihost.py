@@ -185,7 +185,7 @@ def calibrate_worker(args):
     from threadpoolctl import threadpool_limits
 
     from lenet_dist.comm import MPIComm
-    from lenet_dist.model import LeNet5
+    from lenet_dist.nn.model import LeNet5
     from lenet_dist.data import normalize
     from lenet_dist.parallel.buckets import plan
 
@@ -238,7 +238,7 @@ def half_costs(ranks):
     import numpy as np
     from lenet_dist.parallel import halfprec
     from lenet_dist.parallel.compressed import HalfSum
-    from lenet_dist.model import NUM_PARAMS
+    from lenet_dist.nn.model import NUM_PARAMS
     rng = np.random.default_rng(0)
     g = (rng.standard_normal(NUM_PARAMS) * 10.0 ** rng.uniform(-7, -2, NUM_PARAMS)).astype(np.float32)
     out = {}

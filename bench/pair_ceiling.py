@@ -36,8 +36,8 @@ def work(batch, seconds):
     """Images/s of training steps on random data for `seconds` (median step time, after a warm-up)."""
     import numpy as np
 
-    from lenet_dist.model import LeNet5
-    from lenet_dist.optim import SGD
+    from lenet_dist.nn.model import LeNet5
+    from lenet_dist.nn.optim import SGD
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch, 28, 28)).astype(np.float32)

@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lenet_dist import checkpoint  # noqa: E402
+from lenet_dist.checkpoints import format as checkpoint  # noqa: E402
 from lenet_dist.launcher_env import RANK_VARS  # noqa: E402
 from lenet_dist.run.procs import local_ranks  # noqa: E402
 

@@ -26,9 +26,9 @@ from lenet_dist.comm import LocalComm  # noqa: E402
 from lenet_dist.config import TrainConfig  # noqa: E402
 from lenet_dist.data import load_mnist, load_subset  # noqa: E402
 from lenet_dist.parallel.step import DataParallelTrainer  # noqa: E402
-from lenet_dist.transport import TrainerLink  # noqa: E402
 from lenet_dist.run.sinks import MetricsSink, RunInfo, StepState  # noqa: E402
 from lenet_dist.run.telemetry import TelemetrySink  # noqa: E402
+from lenet_dist.transport import TrainerLink  # noqa: E402
 
 
 def main():

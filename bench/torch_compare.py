@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 
 from bench.timing import load_data, measure_into, time_steps  # noqa: E402  (the same data and timing as ours)
 from lenet_dist.data import normalize  # noqa: E402
-from lenet_dist.model import LeNet5  # noqa: E402
+from lenet_dist.nn.model import LeNet5  # noqa: E402
 
 
 class TorchLeNet5(torch.nn.Module):

@@ -17,8 +17,8 @@ import time
 
 import numpy as np
 
-from .launcher_env import check_launcher, launched_by_mpi, library_family, oversubscribed
-from .parallel.halfprec import from_bfloat16, to_bfloat16
+from lenet_dist.launcher_env import check_launcher, launched_by_mpi, library_family, oversubscribed
+from lenet_dist.parallel.halfprec import from_bfloat16, to_bfloat16
 
 
 # An MPI library spins while it waits for a peer. On an oversubscribed node (mpirun -n 4 on 2 cores, or any

@@ -5,8 +5,8 @@ import dataclasses
 import math
 from dataclasses import dataclass, fields
 
-from .parallel.halfprec import DTYPES
-from .optim import SCHEDULES
+from lenet_dist.nn.optim import SCHEDULES
+from lenet_dist.parallel.halfprec import DTYPES
 
 OPTIONAL = {"bucket_kb": int}       # fields that may also be None, and their type otherwise
 METRICS = ("val_accuracy", "val_loss")

@@ -1,6 +1,6 @@
 import pytest
 
-from . import mpiutil
+from tests import mpiutil
 
 
 @pytest.fixture(params=mpiutil.FLAVOURS)

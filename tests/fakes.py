@@ -7,8 +7,9 @@ import threading
 import numpy as np
 import zmq
 
-from lenet_dist import checkpoint, wire
-from lenet_dist.model import NUM_PARAMS, LeNet5
+from lenet_dist.checkpoints import format as checkpoint
+from lenet_dist.nn.model import LeNet5, NUM_PARAMS
+from lenet_dist.transport import wire
 
 OVERSIZE = checkpoint.MAX_BYTES + (1 << 20)
 

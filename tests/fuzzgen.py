@@ -4,7 +4,7 @@ wrong types, deep nesting), byte-level mutations of valid messages. Same seed, s
 import json
 import random
 
-from lenet_dist import wire
+from lenet_dist.transport import wire
 
 # raw JSON texts: some are not JSON at all (NaN), some are JSON but out of any range we use
 ODD = ["NaN", "Infinity", "-Infinity", "1e999", "-1e999", "9" * 40, "-" + "9" * 400, "1e-400", "-1", "0",

@@ -6,10 +6,10 @@ import sys
 
 import numpy as np
 
+from lenet_dist.comm import get_comm
 from lenet_dist.parallel import halfprec
 from lenet_dist.parallel.buckets import Lane
 from lenet_dist.parallel.compressed import HalfSum
-from lenet_dist.comm import get_comm
 
 
 def main():

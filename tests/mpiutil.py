@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lenet_dist import checkpoint, resume
+from lenet_dist.checkpoints import format as checkpoint, resume
 
 REPO = Path(__file__).resolve().parent.parent
 MPIRUN = shutil.which("mpirun")

@@ -18,7 +18,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from .netns import Hosts, unavailable as netns_unavailable
+from tests.netns import Hosts, unavailable as netns_unavailable
 
 SUBNET = "10.78.0"                  # private, only inside our namespaces
 CONTROLLER = "ctl"

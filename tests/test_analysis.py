@@ -1,12 +1,12 @@
-"""lenet_dist.analysis without any server: the confusion matrix and worst mistakes against slow obvious
+"""lenet_dist.evaluation.analysis without any server: the confusion matrix and worst mistakes against slow obvious
 versions, feature maps against a direct convolution, and a drawn digit prepared the way MNIST's were."""
 import numpy as np
 import pytest
 
-from lenet_dist import analysis
 from lenet_dist.data import normalize
+from lenet_dist.evaluation import analysis
 
-from .trained import data, one_blas_thread, trained  # noqa: F401 (fixtures)
+from tests.trained import data, one_blas_thread, trained  # noqa: F401 (fixtures)
 
 
 def test_analyse_agrees_with_evaluate_and_with_a_slow_count(trained, data):

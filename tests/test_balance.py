@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from lenet_dist import sampler
+from lenet_dist.data import sampler
 from lenet_dist.parallel.balance import MAX_SPREAD, ShardBalancer
 
 

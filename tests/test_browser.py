@@ -14,7 +14,7 @@ import pytest
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("starlette")
 
-from .test_e2e import finish, free_port, start_evaluator, start_trainer  # noqa: E402
+from tests.test_e2e import finish, free_port, start_evaluator, start_trainer  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")

@@ -4,10 +4,10 @@ the rounding and the feedback). Against the fused float32 path over real mpirun:
 import numpy as np
 import pytest
 
-from lenet_dist.parallel import buckets, compressed, halfprec
 from lenet_dist.comm import LocalComm
 from lenet_dist.config import TrainConfig
-from lenet_dist.model import NUM_PARAMS, LeNet5
+from lenet_dist.nn.model import LeNet5, NUM_PARAMS
+from lenet_dist.parallel import buckets, compressed, halfprec
 
 
 @pytest.mark.parametrize("kb", [1, 16, 64, 1000])

@@ -6,10 +6,10 @@ import json
 import numpy as np
 import pytest
 
-from lenet_dist import checkpoint
-from lenet_dist.model import NUM_PARAMS
+from lenet_dist.checkpoints import format as checkpoint
+from lenet_dist.nn.model import NUM_PARAMS
 
-from .mpiutil import final_params, launch
+from tests.mpiutil import final_params, launch
 
 BASE = ["--subset", "--val-size", "0",  # no held-out split: 40 steps
         "--epochs", "1", "--batch-size", "50", "--lr", "0.01", "--seed", "7", "--no-progress",

@@ -9,11 +9,11 @@ import zipfile
 import numpy as np
 import pytest
 
-from lenet_dist import checkpoint, ckptdir, resume
-from lenet_dist.checkpoint import MAX_BYTES, CheckpointError, from_bytes, to_bytes
+from lenet_dist.checkpoints import folder as ckptdir, format as checkpoint, resume
+from lenet_dist.checkpoints.format import CheckpointError, from_bytes, MAX_BYTES, to_bytes
 from lenet_dist.config import TrainConfig
 from lenet_dist.files import atomic_write
-from lenet_dist.model import NUM_PARAMS, PARAM_SPECS, LeNet5
+from lenet_dist.nn.model import LeNet5, NUM_PARAMS, PARAM_SPECS
 
 NAMES = [n for n, _ in PARAM_SPECS]
 

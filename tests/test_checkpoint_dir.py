@@ -13,11 +13,11 @@ import time
 import numpy as np
 import pytest
 
-from lenet_dist import checkpoint, ckptdir, resume
+from lenet_dist.checkpoints import folder as ckptdir, format as checkpoint, resume
 from lenet_dist.errors import ResumeError
 
-from . import test_evaluator
-from .mpiutil import REPO, env, launch
+from tests import test_evaluator
+from tests.mpiutil import REPO, env, launch
 
 # 600 examples in batches of 100: 6 steps per epoch, a checkpoint every 3 steps
 RUN = ["--subset", "--train-subset", "600", "--batch-size", "100", "--checkpoint-every", "3", "--no-progress",
@@ -181,7 +181,7 @@ def test_evaluator_with_a_full_best_dir_logs_and_goes_on(tmp_path):
     from lenet_dist.data import load_subset
     from lenet_dist.data.identity import data_record
 
-    from .fakes import make_ckpt, make_params
+    from tests.fakes import make_ckpt, make_params
     split = data_record(load_subset().identity(), 2000, 200, seed=0)  # --best-dir chooses on a validation split
     with tmpfs(tmp_path / "best", "600k") as best, TrainerLink("tcp://127.0.0.1:*") as link:
         ev = Evaluator(tmp_path, "--connect", link.endpoint, "--best-dir", best, "--poll-ms", "100")
@@ -291,7 +291,7 @@ def test_a_pointer_that_cannot_be_written_is_a_warning_not_the_end_of_the_run(tm
     descriptors that never come free, is one warning: the checkpoint is already on disk."""
     import errno
 
-    from lenet_dist import ckptdir
+    from lenet_dist.checkpoints import folder as ckptdir
     target = tmp_path / checkpoint.file_name(5)
     target.write_bytes(b"a checkpoint")
     calls, real, warnings = [], checkpoint.set_pointer, []

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from .mpiutil import REPO
-from .netns import tbf_burst
+from tests.mpiutil import REPO
+from tests.netns import tbf_burst
 
 spec = importlib.util.spec_from_file_location("cost_model", REPO / "bench" / "cost_model.py")
 cm = importlib.util.module_from_spec(spec)

@@ -15,12 +15,12 @@ pytest.importorskip("uvicorn")
 from PIL import Image  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from lenet_dist import analysis  # noqa: E402
 from lenet_dist.dashboard import state as state_mod  # noqa: E402
-from lenet_dist.dashboard.app import MAX_BODY, DashboardServer  # noqa: E402
+from lenet_dist.dashboard.app import DashboardServer, MAX_BODY  # noqa: E402
 from lenet_dist.dashboard.state import LiveState  # noqa: E402
+from lenet_dist.evaluation import analysis  # noqa: E402
 
-from .trained import data, one_blas_thread, trained  # noqa: E402, F401 (fixtures)
+from tests.trained import data, one_blas_thread, trained  # noqa: E402, F401 (fixtures)
 
 TOKEN = "s3cret-token-of-some-length"
 

@@ -21,12 +21,12 @@ pytest.importorskip("starlette")
 
 from lenet_dist.transport import TrainerLink  # noqa: E402
 
-from . import idleflood  # noqa: E402
-from .fakes import make_ckpt  # noqa: E402
-from .mpiutil import REPO, env  # noqa: E402
-from .test_browser import until  # noqa: E402
-from .test_dashboard_process import children_of  # noqa: E402
-from .test_e2e import free_port  # noqa: E402
+from tests import idleflood  # noqa: E402
+from tests.fakes import make_ckpt  # noqa: E402
+from tests.mpiutil import REPO, env  # noqa: E402
+from tests.test_browser import until  # noqa: E402
+from tests.test_dashboard_process import children_of  # noqa: E402
+from tests.test_e2e import free_port  # noqa: E402
 
 NOFILE = 1024
 ATTACK_S = 10.0

@@ -16,16 +16,16 @@ import pytest
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("starlette")
 
-from lenet_dist import analysis  # noqa: E402
 from lenet_dist.dashboard import process  # noqa: E402
 from lenet_dist.data import load_subset  # noqa: E402
-from lenet_dist.model import LeNet5  # noqa: E402
+from lenet_dist.evaluation import analysis  # noqa: E402
+from lenet_dist.nn.model import LeNet5  # noqa: E402
 from lenet_dist.transport import TrainerLink  # noqa: E402
 
-from .fakes import make_ckpt  # noqa: E402
-from .mpiutil import REPO, env  # noqa: E402
-from .test_browser import until  # noqa: E402
-from .test_e2e import finish, free_port  # noqa: E402
+from tests.fakes import make_ckpt  # noqa: E402
+from tests.mpiutil import REPO, env  # noqa: E402
+from tests.test_browser import until  # noqa: E402
+from tests.test_e2e import finish, free_port  # noqa: E402
 
 
 def test_frames_carry_json_and_arrays_both_ways():

@@ -12,17 +12,17 @@ import pytest
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("starlette")
 
-from lenet_dist import checkpoint  # noqa: E402
+from lenet_dist.checkpoints import format as checkpoint  # noqa: E402
 from lenet_dist.data import load_subset  # noqa: E402
 from lenet_dist.data.identity import data_record  # noqa: E402
-from lenet_dist.model import NUM_PARAMS  # noqa: E402
+from lenet_dist.nn.model import NUM_PARAMS  # noqa: E402
 from lenet_dist.transport import TrainerLink  # noqa: E402
 
-from .fakes import make_params  # noqa: E402
-from .mpiutil import REPO, env  # noqa: E402
-from .test_browser import until  # noqa: E402
-from .test_e2e import finish, free_port  # noqa: E402
-from .test_evaluator_daemon import run_ckpt  # noqa: E402
+from tests.fakes import make_params  # noqa: E402
+from tests.mpiutil import REPO, env  # noqa: E402
+from tests.test_browser import until  # noqa: E402
+from tests.test_e2e import finish, free_port  # noqa: E402
+from tests.test_evaluator_daemon import run_ckpt  # noqa: E402
 
 
 def daemon(report, port, endpoint, *argv):

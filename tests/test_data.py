@@ -455,7 +455,7 @@ def test_trainer_data_errors_say_what_to_do(tmp_path):
 
 
 def test_cli_data_sets(tmp_path):
-    from .idxdata import write_dir
+    from tests.idxdata import write_dir
     own = write_dir(tmp_path / "own")
     p = run_cli("verify", "--dataset", "idx", "--data-dir", str(own))
     assert p.returncode == 0 and "600 training and 200 test images" in p.stdout

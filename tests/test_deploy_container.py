@@ -27,8 +27,8 @@ from pathlib import Path
 
 import pytest
 
-from .mpiutil import REPO
-from .netns import Hosts, unavailable as netns_unavailable
+from tests.mpiutil import REPO
+from tests.netns import Hosts, unavailable as netns_unavailable
 
 STANDIN = "localhost/lenet-dist-test-base:bookworm-2"      # bump when the recipe below changes
 WHEEL_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lenet-dist-tests" / "wheels"

@@ -15,12 +15,12 @@ import pytest
 
 from lenet_dist.transport import generate_keys
 
-from .mpiutil import REPO
-from .test_e2e import free_port
+from tests.mpiutil import REPO
+from tests.test_e2e import free_port
 
 yaml = pytest.importorskip("yaml")
 
-from .test_deploy_recipes import flag, one, yaml_docs  # noqa: E402
+from tests.test_deploy_recipes import flag, one, yaml_docs  # noqa: E402
 
 
 def evaluator_container():

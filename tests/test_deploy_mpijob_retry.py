@@ -17,12 +17,12 @@ import pytest
 
 from lenet_dist.transport import generate_keys
 
-from .mpiutil import env, final_params, launch, mpirun_cmd, python
-from .test_e2e import free_port
+from tests.mpiutil import env, final_params, launch, mpirun_cmd, python
+from tests.test_e2e import free_port
 
 yaml = pytest.importorskip("yaml")
 
-from .test_deploy_recipes import flag, one, yaml_docs  # noqa: E402
+from tests.test_deploy_recipes import flag, one, yaml_docs  # noqa: E402
 
 RANKS, EPOCHS, EVERY, FAULT_STEP = 2, 3, 5, 12
 STEPS = EPOCHS * 8                      # 1,834 subset images (166 held out) in global batches of 256

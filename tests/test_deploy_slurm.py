@@ -23,12 +23,12 @@ import sys
 import numpy as np
 import pytest
 
-from lenet_dist import resume
+from lenet_dist.checkpoints import resume
 from lenet_dist.transport import generate_keys
 
-from .mpiutil import REPO, final_params, launch
-from .netns import made_or_skip
-from .slurm_cluster import SlurmCluster, unavailable
+from tests.mpiutil import REPO, final_params, launch
+from tests.netns import made_or_skip
+from tests.slurm_cluster import SlurmCluster, unavailable
 
 SBATCH = REPO / "deploy" / "slurm" / "train.sbatch"
 STEPS_PER_EPOCH = 37                    # 1,834 subset images (166 held out for validation) / batch 50

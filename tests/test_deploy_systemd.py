@@ -18,10 +18,10 @@ import time
 
 import pytest
 
-from lenet_dist import ckptdir, resume
+from lenet_dist.checkpoints import folder as ckptdir, resume
 
-from .mpiutil import REPO
-from .test_deploy_container import build_context, podman, standin_base, ulimits
+from tests.mpiutil import REPO
+from tests.test_deploy_container import build_context, podman, standin_base, ulimits
 
 # bump when the recipe below changes
 SYSTEMD_IMAGE = "localhost/lenet-dist-test-systemd:bookworm-1"

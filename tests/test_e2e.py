@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from .mpiutil import REPO, env, mpirun_cmd, python
+from tests.mpiutil import REPO, env, mpirun_cmd, python
 
 # --stall-timeout: if the launcher misses a killed rank (--fault ...:exit), the survivor ends the job itself
 TRAIN = ["--subset", "--val-size", "0",  # no held-out split: 40 steps an epoch
@@ -170,7 +170,7 @@ def test_test_mode_runs_both_sides(tmp_path):
 def test_sigterm_stops_every_rank_after_the_same_step_with_a_checkpoint(tmp_path, mpi_flavour):
     ckpt = tmp_path / "ckpt"
     tr = start_trainer(f"tcp://127.0.0.1:{free_port()}", tmp_path, "--checkpoint-dir", ckpt, epochs=50)
-    from lenet_dist import checkpoint
+    from lenet_dist.checkpoints import format as checkpoint
     deadline = time.monotonic() + 120                 # the first checkpoint: every rank is past its setup,
     while not checkpoint.list_checkpoints(ckpt):      # signal handlers installed, inside the training loop
         assert tr.poll() is None and time.monotonic() < deadline, "the trainer never wrote a checkpoint"

@@ -11,16 +11,16 @@ import pytest
 import zmq
 from threadpoolctl import threadpool_limits
 
-from lenet_dist import checkpoint
-from lenet_dist.files import atomic_write
+from lenet_dist.checkpoints import format as checkpoint
 from lenet_dist.data import load_subset
 from lenet_dist.data.identity import data_record
-from lenet_dist.model import LeNet5
-from lenet_dist.transport import RESULT_TOPIC, TrainerLink, generate_keys
+from lenet_dist.files import atomic_write
+from lenet_dist.nn.model import LeNet5
+from lenet_dist.transport import generate_keys, RESULT_TOPIC, TrainerLink
 from workers import evaluator
 
-from .fakes import FakeTrainer, bad_replies, good_reply, make_ckpt, make_params
-from .mpiutil import env
+from tests.fakes import FakeTrainer, bad_replies, good_reply, make_ckpt, make_params
+from tests.mpiutil import env
 
 ANY = "tcp://127.0.0.1:*"
 

@@ -11,20 +11,20 @@ from threadpoolctl import threadpool_limits
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("starlette")
 
-from lenet_dist import checkpoint  # noqa: E402
+from lenet_dist.checkpoints import format as checkpoint  # noqa: E402
 from lenet_dist.comm import LocalComm  # noqa: E402
 from lenet_dist.config import TrainConfig  # noqa: E402
 from lenet_dist.data import load_subset  # noqa: E402
 from lenet_dist.data.identity import data_record  # noqa: E402
 from lenet_dist.data.split import rebuild_validation  # noqa: E402
 from lenet_dist.parallel.step import DataParallelTrainer  # noqa: E402
-from lenet_dist.run.outcome import RunFacts, Tally, summary  # noqa: E402
+from lenet_dist.run.outcome import RunFacts, summary, Tally  # noqa: E402
 from lenet_dist.transport import TrainerLink  # noqa: E402
 
-from .fakes import make_ckpt  # noqa: E402
-from .test_browser import until  # noqa: E402
-from .test_e2e import finish, free_port  # noqa: E402
-from .test_evaluator_live import evaluator  # noqa: E402
+from tests.fakes import make_ckpt  # noqa: E402
+from tests.test_browser import until  # noqa: E402
+from tests.test_e2e import finish, free_port  # noqa: E402
+from tests.test_evaluator_live import evaluator  # noqa: E402
 
 VAL = 200
 

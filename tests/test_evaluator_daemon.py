@@ -9,13 +9,13 @@ import time
 
 import numpy as np
 
-from lenet_dist import checkpoint, ckptdir
-from lenet_dist.model import NUM_PARAMS
+from lenet_dist.checkpoints import folder as ckptdir, format as checkpoint
+from lenet_dist.nn.model import NUM_PARAMS
 from lenet_dist.transport import TrainerLink
 
-from .fakes import make_params
-from .mpiutil import env
-from .test_evaluator import Evaluator
+from tests.fakes import make_params
+from tests.mpiutil import env
+from tests.test_evaluator import Evaluator
 
 
 def meta(step, run_id, final=False, seed=0):

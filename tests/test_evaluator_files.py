@@ -7,11 +7,11 @@ import signal
 import threading
 import time
 
-from lenet_dist import checkpoint
+from lenet_dist.checkpoints import format as checkpoint
 from lenet_dist.files import atomic_write
 
-from .fakes import make_ckpt
-from .test_evaluator import Evaluator
+from tests.fakes import make_ckpt
+from tests.test_evaluator import Evaluator
 
 
 def test_a_junk_newest_file_does_not_stop_watching(tmp_path):

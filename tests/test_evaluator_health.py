@@ -8,12 +8,12 @@ import time
 import urllib.error
 import urllib.request
 
-from lenet_dist import checkpoint
+from lenet_dist.checkpoints import format as checkpoint
 from lenet_dist.files import atomic_write
 
-from .fakes import make_ckpt
-from .mpiutil import REPO, env
-from .test_e2e import free_port
+from tests.fakes import make_ckpt
+from tests.mpiutil import REPO, env
+from tests.test_e2e import free_port
 
 NO_DASHBOARD = ("import sys; sys.modules.update(starlette=None, uvicorn=None, prometheus_client=None); "
                 "from workers.evaluator import main; sys.exit(main())")

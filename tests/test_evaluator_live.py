@@ -15,11 +15,11 @@ pytest.importorskip("tensorboardX")
 
 from lenet_dist.transport import TrainerLink  # noqa: E402
 
-from . import tbevents  # noqa: E402
-from .fakes import make_ckpt  # noqa: E402
-from .mpiutil import REPO, env  # noqa: E402
-from .test_browser import until  # noqa: E402
-from .test_e2e import finish, free_port  # noqa: E402
+from tests import tbevents  # noqa: E402
+from tests.fakes import make_ckpt  # noqa: E402
+from tests.mpiutil import REPO, env  # noqa: E402
+from tests.test_browser import until  # noqa: E402
+from tests.test_e2e import finish, free_port  # noqa: E402
 
 
 def evaluator(*argv):

@@ -15,9 +15,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from lenet_dist.evaluation.history import History
 from lenet_dist.transport import TrainerLink
 
-from .mpiutil import env
-from .test_e2e import free_port
-from .test_evaluator_daemon import run_ckpt
+from tests.mpiutil import env
+from tests.test_e2e import free_port
+from tests.test_evaluator_daemon import run_ckpt
 
 
 def scrape(port):

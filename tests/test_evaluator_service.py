@@ -12,8 +12,8 @@ import pytest
 from lenet_dist import cpus
 from lenet_dist.transport import TrainerLink
 
-from .mpiutil import env
-from .test_evaluator_daemon import run_ckpt
+from tests.mpiutil import env
+from tests.test_evaluator_daemon import run_ckpt
 
 
 def evaluate_one(tmp_path, *args, prefix=()):

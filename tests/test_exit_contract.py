@@ -8,12 +8,12 @@ import subprocess
 import pytest
 
 from lenet_dist.run import exitcodes as X
-from lenet_dist.run.restart_policy import RestartPolicy, classify
+from lenet_dist.run.restart_policy import classify, RestartPolicy
 
-from .idxdata import write_dir
-from .mpiutil import launch
-from .test_checkpoint_dir import tmpfs
-from .test_launch import TRAIN, Launch
+from tests.idxdata import write_dir
+from tests.mpiutil import launch
+from tests.test_checkpoint_dir import tmpfs
+from tests.test_launch import TRAIN, Launch
 
 SMALL = ["--subset", "--train-subset", "300", "--batch-size", "50", "--epochs", "1", "--no-progress"]
 

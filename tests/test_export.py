@@ -10,14 +10,14 @@ import onnxruntime as ort
 import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 
-from lenet_dist import checkpoint, ckptdir
+from lenet_dist.checkpoints import folder as ckptdir, format as checkpoint
 from lenet_dist.comm import LocalComm
 from lenet_dist.config import TrainConfig
 from lenet_dist.data import load_subset, normalize
-from lenet_dist.model import PARAM_SPECS, LeNet5
+from lenet_dist.nn.model import LeNet5, PARAM_SPECS
 from lenet_dist.parallel.step import DataParallelTrainer
 
-from .mpiutil import REPO, launch
+from tests.mpiutil import REPO, launch
 
 
 @pytest.fixture(scope="module")

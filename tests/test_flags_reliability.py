@@ -3,9 +3,9 @@ import re
 
 import pytest
 
-from lenet_dist import wire
+from lenet_dist.transport import wire
 
-from .mpiutil import launch
+from tests.mpiutil import launch
 
 
 @pytest.mark.parametrize("flags, says", [

@@ -10,14 +10,13 @@ import time
 import pytest
 import zmq
 
-from lenet_dist import wire
-from lenet_dist.transport import CheckpointClient
+from lenet_dist.transport import CheckpointClient, wire
 
-from . import fuzzgen
-from .fakes import make_ckpt
-from .mpiutil import MPIRUN, env, need_mpirun
+from tests import fuzzgen
+from tests.fakes import make_ckpt
+from tests.mpiutil import MPIRUN, env, need_mpirun
 
-from .links import link  # noqa: F401 (fixture)
+from tests.links import link  # noqa: F401 (fixture)
 FUZZ_MESSAGES = 10_000
 
 
@@ -97,7 +96,7 @@ def test_forged_and_null_results_against_a_real_trainer(tmp_path):
     """mpirun -n 2 lenet-train --publish; a client fetches the final checkpoint, sends a forged result for
     step 1e9 and then a genuine one with a null loss: the trainer ignores the first and prints the second."""
     need_mpirun()
-    from .test_e2e import free_port
+    from tests.test_e2e import free_port
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     cmd = [MPIRUN, "-n", "2", sys.executable, "-m", "workers.trainer", "--subset", "--batch-size", "100",
            "--epochs", "2", "--train-subset", "600", "--no-progress", "--publish", endpoint, "--linger", "60",

@@ -3,8 +3,8 @@ finishes, every checkpoint is written, a real evaluator is still served. bench/i
 long form (5,000 connections) and prints figures."""
 import pytest
 
-from . import idleflood
-from .mpiutil import need_mpirun
+from tests import idleflood
+from tests.mpiutil import need_mpirun
 
 N_IDLE = 1500                   # well past the 1,024 descriptors the trainer may hold
 

@@ -15,8 +15,8 @@ import pytest
 from lenet_dist.data import DataError, read_idx
 from lenet_dist.data.idx import content_sha256
 
-from .idxdata import idx_bytes, write_dir
-from .mpiutil import REPO
+from tests.idxdata import idx_bytes, write_dir
+from tests.mpiutil import REPO
 
 MiB = 1 << 20
 HEADER = bytes([0, 0, 8, 3]) + struct.pack(">3I", 60000, 28, 28)   # 60,000 images: 47,040,000 bytes of data

@@ -13,12 +13,12 @@ import time
 import numpy as np
 import pytest
 
-from lenet_dist import checkpoint
+from lenet_dist.checkpoints import format as checkpoint
 from lenet_dist.launcher_env import launcher_rank
 from lenet_dist.run.procs import local_ranks
 from workers.launch import parse_args
 
-from .mpiutil import REPO, env, final_params, launch, need_mpirun
+from tests.mpiutil import REPO, env, final_params, launch, need_mpirun
 
 TRAIN = ["--subset", "--val-size", "0",  # no held-out split: 40 steps an epoch
          "--epochs", "3", "--batch-size", "50", "--checkpoint-every", "5", "--no-progress"]

@@ -9,10 +9,10 @@ import time
 
 import pytest
 
-from lenet_dist import checkpoint
+from lenet_dist.checkpoints import format as checkpoint
 
-from .mpiutil import REPO, env, need_mpirun
-from .netns import AGENT, hosts_or_skip
+from tests.mpiutil import REPO, env, need_mpirun
+from tests.netns import AGENT, hosts_or_skip
 
 HOSTS = {"h1": "10.78.0.1", "h2": "10.78.0.2"}     # private, and only ever inside our namespaces
 

@@ -5,9 +5,9 @@ import time
 
 import pytest
 
-from lenet_dist import checkpoint
+from lenet_dist.checkpoints import format as checkpoint
 
-from .test_launch import TRAIN, Launch
+from tests.test_launch import TRAIN, Launch
 
 
 def plant(ckpt, kind):

@@ -5,8 +5,8 @@ import subprocess
 
 import pytest
 
-from . import mpiutil
-from .mpiutil import REPO, env, launch
+from tests import mpiutil
+from tests.mpiutil import REPO, env, launch
 
 ARGS = ["--subset", "--epochs", "1", "--train-subset", "60", "--batch-size", "20", "--no-progress"]
 SETTINGS = {"mpich": "MPIR_CVAR_CH4_PROGRESS_THROTTLE=1", "openmpi": "OMPI_MCA_mpi_yield_when_idle=1"}

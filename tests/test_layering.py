@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from .mpiutil import REPO
+from tests.mpiutil import REPO
 
 RULES = [                 # (imported top-level module, the only place allowed to import it)
     ("mpi4py", "lenet_dist/comm.py"),

@@ -10,11 +10,11 @@ import pytest
 from threadpoolctl import threadpool_limits
 
 try:                    # tests/ as a package (tests/__init__.py) or as a plain directory on sys.path
-    from .gradcheck import numerical_gradient, rel_error
+    from tests.gradcheck import numerical_gradient, rel_error
 except ImportError:
     from gradcheck import numerical_gradient, rel_error
-from lenet_dist.conv import BandedConv2D, Conv2D, StripConv2D
-from lenet_dist.layers import Dense, Flatten, MaxPool2D, ReLU, SoftmaxCrossEntropy
+from lenet_dist.nn.conv import BandedConv2D, Conv2D, StripConv2D
+from lenet_dist.nn.layers import Dense, Flatten, MaxPool2D, ReLU, SoftmaxCrossEntropy
 
 TOL = 1e-6          # on the max relative error; typical values are 1e-9 .. 1e-11
 
@@ -557,7 +557,7 @@ def test_strip_conv_equal_patches_give_bit_equal_outputs(batch):
 
 
 def test_workspace_one_buffer_per_name_and_fresh_init_on_a_new_shape():
-    from lenet_dist.layers import Workspace
+    from lenet_dist.nn.layers import Workspace
     ws = Workspace(np.float32)
     a = ws.get("xp", (2, 3, 8), zero=True)
     a[...] = 5
@@ -575,7 +575,7 @@ def test_workspace_one_buffer_per_name_and_fresh_init_on_a_new_shape():
 def test_changing_batch_sizes_give_the_same_gradients_as_fresh_layers():
     # Workspace buffers reused across batch sizes (training shard, eval batch, --balance moving the cut)
     # must not leak one size's contents into another's result.
-    from lenet_dist.model import LeNet5
+    from lenet_dist.nn.model import LeNet5
     rng = np.random.default_rng(3)
     x = rng.standard_normal((40, 28, 28)).astype(np.float32)
     y = rng.integers(0, 10, 40)

@@ -7,7 +7,7 @@ import pytest
 
 from lenet_dist.run import metrics
 
-from .test_launch import TRAIN, Launch
+from tests.test_launch import TRAIN, Launch
 
 
 def ends(job):

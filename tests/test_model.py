@@ -5,11 +5,11 @@ import pytest
 from threadpoolctl import threadpool_limits
 
 try:                    # tests/ as a package (tests/__init__.py) or as a plain directory on sys.path
-    from .gradcheck import numerical_gradient, rel_errors
+    from tests.gradcheck import numerical_gradient, rel_errors
 except ImportError:
     from gradcheck import numerical_gradient, rel_errors
 from lenet_dist.data import load_subset, normalize
-from lenet_dist.model import NUM_PARAMS, PARAM_SPECS, LeNet5
+from lenet_dist.nn.model import LeNet5, NUM_PARAMS, PARAM_SPECS
 
 OWNERS = {"conv1", "conv2", "fc1", "fc2", "fc3"}
 

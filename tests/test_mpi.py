@@ -7,9 +7,9 @@ import time
 import numpy as np
 import pytest
 
-from lenet_dist import checkpoint
+from lenet_dist.checkpoints import format as checkpoint
 
-from .mpiutil import REPO, env, final_params, launch, mpirun_cmd, python
+from tests.mpiutil import REPO, env, final_params, launch, mpirun_cmd, python
 
 pytestmark = pytest.mark.usefixtures("mpi_flavour")   # every test once under MPICH, once under Open MPI
 

@@ -25,8 +25,8 @@ import pytest
 
 from lenet_dist.transport import generate_keys
 
-from .mpiutil import REPO, env, need_mpirun
-from .netns import AGENT, hosts_or_skip
+from tests.mpiutil import REPO, env, need_mpirun
+from tests.netns import AGENT, hosts_or_skip
 
 SUBNET = "10.77.0"                                  # private, and only ever inside our namespaces
 HOSTS = {"h1": f"{SUBNET}.1", "h2": f"{SUBNET}.2", "h3": f"{SUBNET}.3"}

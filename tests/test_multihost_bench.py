@@ -14,8 +14,8 @@ import time
 
 import pytest
 
-from .mpiutil import REPO, env, need_mpirun
-from .netns import unavailable
+from tests.mpiutil import REPO, env, need_mpirun
+from tests.netns import unavailable
 
 BENCH = REPO / "bench" / "multihost.py"
 GRAD_KIB = (61_706 + 5) * 4 / 1024            # the float32 gradient and a 2-rank tail, in KiB

@@ -9,8 +9,8 @@ import pytest
 
 from lenet_dist.run.outcome import train_command
 
-from . import idxdata
-from .mpiutil import REPO, env, launch
+from tests import idxdata
+from tests.mpiutil import REPO, env, launch
 
 
 def error_lines(p):

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from lenet_dist.optim import SGD, LRSchedule
+from lenet_dist.nn.optim import LRSchedule, SGD
 
 
 def reference_sgd(w, grads_seq, lrs, momentum, nesterov, weight_decay):

@@ -12,9 +12,9 @@ from lenet_dist.data import DataError
 from lenet_dist.data.own import load_idx_dir
 from lenet_dist.run import exitcodes
 
-from . import idxdata
-from .idxdata import idx_bytes, write_dir
-from .mpiutil import REPO, env, final_params, launch
+from tests import idxdata
+from tests.idxdata import idx_bytes, write_dir
+from tests.mpiutil import REPO, env, final_params, launch
 
 TRAIN = ["--dataset", "idx", "--epochs", "1", "--batch-size", "20", "--lr", "0.05", "--no-progress",
          "--log-level", "WARNING", "--stall-timeout", "30"]

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from lenet_dist.parallel import autotune
-from lenet_dist.parallel.autotune import BLOCK, BLOCKS, WARMUP, PathChooser
+from lenet_dist.parallel.autotune import BLOCK, BLOCKS, PathChooser, WARMUP
 
 
 class TwoRanks:

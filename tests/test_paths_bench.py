@@ -4,7 +4,7 @@ import json
 import subprocess
 import sys
 
-from .mpiutil import REPO, env
+from tests.mpiutil import REPO, env
 
 
 def test_the_paths_benchmark_runs_every_path_in_one_job():

@@ -9,11 +9,11 @@ pytest.importorskip("matplotlib")
 pytest.importorskip("tensorboardX")
 from PIL import Image  # noqa: E402
 
-from lenet_dist.analysis import Analysis  # noqa: E402
+from lenet_dist.evaluation.analysis import Analysis  # noqa: E402
+from lenet_dist.evaluation.tensorboard import confusion_image, EvaluatorBoard, filters_image  # noqa: E402
 from workers import plot  # noqa: E402
-from lenet_dist.evaluation.tensorboard import EvaluatorBoard, confusion_image, filters_image  # noqa: E402
 
-from . import tbevents  # noqa: E402
+from tests import tbevents  # noqa: E402
 
 
 def write_jsonl(path, rows, tail=""):

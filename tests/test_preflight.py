@@ -10,7 +10,7 @@ import pytest
 from lenet_dist.data import SUBSET_DIR
 from lenet_dist.transport import generate_keys
 
-from .mpiutil import REPO, env, launch, mpirun_cmd, python
+from tests.mpiutil import REPO, env, launch, mpirun_cmd, python
 
 
 def check(n, *argv, tmp_path, expect_rc, data_dir_env=""):
@@ -160,7 +160,7 @@ def test_unreachable_results_address(tmp_path):
     ("tcp://0.0.0.0:5555", False), ("tcp://*:5555", False), ("tcp://[::]:5555", False), ("::", False),
     ("10.1.2.3", False), ("tcp://192.168.1.1:5555", False), ("node7.example.org", False)])
 def test_one_loopback_rule(where, loopback):
-    from lenet_dist.wire import is_loopback
+    from lenet_dist.transport.wire import is_loopback
     assert is_loopback(where) is loopback
 
 

@@ -10,15 +10,15 @@ import signal
 
 import pytest
 
-from lenet_dist import checkpoint, ckptdir, selection
-from lenet_dist.model import LeNet5
-from lenet_dist.evaluation.loop import Reminder
-from lenet_dist.evaluation.loop import epoch_text as _epoch_text
+from lenet_dist import selection
+from lenet_dist.checkpoints import folder as ckptdir, format as checkpoint
+from lenet_dist.evaluation.loop import epoch_text as _epoch_text, Reminder
+from lenet_dist.nn.model import LeNet5
 from lenet_dist.run.outcome import Tally
 from lenet_dist.run.progress import ProgressSink, summary_lines
 from lenet_dist.run.sinks import RunInfo, StepState
 
-from .mpiutil import launch
+from tests.mpiutil import launch
 
 SMALL = ["--subset", "--train-subset", "640", "--batch-size", "64", "--seed", "3"]     # 10 steps per epoch
 # (of the 640, 53 are held out for validation: 587 trained on)

@@ -2,7 +2,7 @@
 links lead to files that exist, and the text speaks of the project, not of how its work was organised."""
 import re
 
-from .mpiutil import REPO
+from tests.mpiutil import REPO
 
 README = (REPO / "README.md").read_text()
 TEST_COMMAND = "bash scripts/setup-tests.sh && python -m pytest -q"

@@ -4,7 +4,7 @@ use."""
 import pytest
 
 from lenet_dist.run import exitcodes as X
-from lenet_dist.run.restart_policy import Failure, RestartPolicy, classify, fit_hosts, format_hostfile, parse_hostfile
+from lenet_dist.run.restart_policy import classify, Failure, fit_hosts, format_hostfile, parse_hostfile, RestartPolicy
 
 # Lines as the trainer (workers/trainer.py) and mpirun print them.
 USAGE = ["usage: lenet-train [-h] [--epochs EPOCHS]", "lenet-train: error: unrecognized arguments: --bogus"]

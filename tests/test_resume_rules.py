@@ -8,11 +8,11 @@ import json
 import numpy as np
 import pytest
 
-from lenet_dist import checkpoint, resume
+from lenet_dist.checkpoints import format as checkpoint, resume
 from lenet_dist.errors import ResumeError
 
-from . import idxdata
-from .mpiutil import launch
+from tests import idxdata
+from tests.mpiutil import launch
 
 # 600 examples in batches of 100 (50 held out): 6 steps per epoch, a checkpoint every 3
 BASE = ["--train-subset", "600", "--batch-size", "100", "--checkpoint-every", "3", "--no-progress",

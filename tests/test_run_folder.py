@@ -5,11 +5,11 @@ import json
 import re
 import shlex
 
-from lenet_dist import checkpoint
+from lenet_dist.checkpoints import format as checkpoint
 from lenet_dist.run import exitcodes
 from lenet_dist.run.setup import run_folder_name
 
-from .mpiutil import launch
+from tests.mpiutil import launch
 
 RUN = ["--subset", "--epochs", "1", "--no-progress"]
 NAME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d-\d\d-\d\d-[0-9a-f]{4}$")

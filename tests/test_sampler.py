@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from lenet_dist import sampler
+from lenet_dist.data import sampler
 
 
 def test_epoch_permutation_is_deterministic_per_seed_and_epoch():

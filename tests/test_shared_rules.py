@@ -7,7 +7,7 @@ import time
 import pytest
 
 from lenet_dist import files, selection
-from lenet_dist.stopsignal import StopSignal, signal_name
+from lenet_dist.stopsignal import signal_name, StopSignal
 
 
 # ------------------------------------------------------------------------------------------- best
@@ -61,7 +61,8 @@ def test_atomic_write_failure_names_the_path(tmp_path):
 
 
 def test_one_temp_name_rule_for_the_writers_the_sweep_and_the_fresh_folder_check(tmp_path):
-    from lenet_dist import ckptdir, resume
+    from lenet_dist.checkpoints import folder as ckptdir
+    from lenet_dist.checkpoints import resume
     for name in ("ckpt-next", "ckpt-000000300.npz", "last.npz", "best.json"):
         tmp = files.temp_name(tmp_path / name).name
         assert files.is_temp(tmp) and ckptdir.is_own_temp(tmp)

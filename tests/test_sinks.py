@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from workers import trainer as trainer_mod
 from lenet_dist.run.sinks import MetricsSink, RunInfo, Sink, Sinks, StepState
+from workers import trainer as trainer_mod
 
 
 class Recorder(Sink):

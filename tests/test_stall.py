@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from lenet_dist.stall import StallGuard
+from lenet_dist.run.stall import StallGuard
 
 
 class Fired:

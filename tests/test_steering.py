@@ -6,7 +6,7 @@ import pytest
 from lenet_dist.config import TrainConfig
 from lenet_dist.run import exitcodes
 from lenet_dist.run.restart_policy import classify
-from lenet_dist.run.steering import MIN_STEPS, Steering, lr_factor
+from lenet_dist.run.steering import lr_factor, MIN_STEPS, Steering
 
 
 def ev(acc, loss=1.0, train_loss=1.0, train_acc=0.5):

@@ -5,11 +5,11 @@ import json
 
 import numpy as np
 
-from lenet_dist import resume
+from lenet_dist.checkpoints import resume
 from lenet_dist.run import exitcodes
 
-from .mpiutil import final_params, launch
-from .test_e2e import finish, free_port, start_evaluator, wait_serving
+from tests.mpiutil import final_params, launch
+from tests.test_e2e import finish, free_port, start_evaluator, wait_serving
 
 # 2,000 subset examples, 166 held out for validation: 1,834 / batch 50 = 37 steps an epoch
 SMALL = ["--subset", "--batch-size", "50", "--no-progress", "--log-level", "INFO", "--stall-timeout", "30"]
@@ -111,7 +111,7 @@ def test_batch_8_at_the_default_rate_stops_saying_so_or_learns_with_linear_scali
 
 
 def test_lenet_launch_does_not_restart_a_run_that_does_not_learn(tmp_path):
-    from .test_launch import Launch
+    from tests.test_launch import Launch
     job = Launch(tmp_path, ["-n", 2], ["--subset", "--epochs", "2", "--batch-size", "8", "--lr", "0.5",
                                        "--no-progress", "--log-level", "WARNING"])    # 9.6% after 2 epochs
     assert job.finish(timeout=240) != 0, job.text

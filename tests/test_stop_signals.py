@@ -9,10 +9,10 @@ import time
 
 import pytest
 
-from lenet_dist import checkpoint
+from lenet_dist.checkpoints import format as checkpoint
 from lenet_dist.run.procs import local_ranks
 
-from .mpiutil import REPO, env, mpirun_cmd, python
+from tests.mpiutil import REPO, env, mpirun_cmd, python
 
 TRAIN = ["--subset", "--val-size", "0", "--batch-size", "50", "--checkpoint-every", "10", "--no-progress",
          "--epochs", "50", "--stall-timeout", "30"]
@@ -61,7 +61,7 @@ def test_a_slurm_time_limit_yields_the_stop_checkpoint_on_every_rank(tmp_path, s
 
 
 def test_the_launcher_passes_on_one_stop_however_many_signals_it_gets(tmp_path):
-    from .test_launch import TRAIN as LAUNCH_TRAIN, Launch
+    from tests.test_launch import TRAIN as LAUNCH_TRAIN, Launch
     job = Launch(tmp_path, ["-n", 2], [*LAUNCH_TRAIN, "--epochs", "50"])
     job.wait_for("the first of this start")
     job.wait_for_checkpoint(10)

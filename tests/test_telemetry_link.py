@@ -2,8 +2,7 @@
 bounded log, a restarted trainer, and malformed telemetry refused with a reason."""
 import pytest
 
-from lenet_dist import wire
-from lenet_dist.transport import CheckpointClient, TrainerLink
+from lenet_dist.transport import CheckpointClient, TrainerLink, wire
 
 
 def row(step, **kw):

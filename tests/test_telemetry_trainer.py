@@ -9,8 +9,8 @@ pytest.importorskip("tensorboardX")
 
 from lenet_dist.evaluation.tensorboard import filters_image  # noqa: E402
 
-from . import tbevents  # noqa: E402
-from .mpiutil import final_params, launch  # noqa: E402
+from tests import tbevents  # noqa: E402
+from tests.mpiutil import final_params, launch  # noqa: E402
 
 RUN = ["--subset", "--val-size", "0", "--epochs", "2", "--batch-size", "50", "--no-progress"]  # 40 steps an epoch
 

@@ -16,8 +16,8 @@ from lenet_dist.parallel.reducers import BucketedReducer, FusedReducer, HalfPrec
 from lenet_dist.parallel.step import DataParallelTrainer
 from lenet_dist.parallel.timeline import timeline_for
 
-from .mpiutil import launch
-from .trained import data, one_blas_thread  # noqa: F401 (fixtures)
+from tests.mpiutil import launch
+from tests.trained import data, one_blas_thread  # noqa: F401 (fixtures)
 
 BASE = ["--subset", "--no-progress", "--log-level", "WARNING", "--stall-timeout", "30"]
 STEP_PHASES = {"step", "data", "forward", "backward", "wait for sum", "update"}

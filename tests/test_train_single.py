@@ -3,15 +3,15 @@ a checkpoint round trip continues exactly, deterministic mode trains, and a part
 import numpy as np
 import pytest
 
-from lenet_dist import checkpoint, sampler
+from lenet_dist.checkpoints import format as checkpoint
 from lenet_dist.comm import LocalComm
 from lenet_dist.config import TrainConfig
-from lenet_dist.data import normalize
-from lenet_dist.model import NUM_PARAMS, LeNet5
-from lenet_dist.optim import SGD
+from lenet_dist.data import normalize, sampler
+from lenet_dist.nn.model import LeNet5, NUM_PARAMS
+from lenet_dist.nn.optim import SGD
 from lenet_dist.parallel.step import DataParallelTrainer, TrainingError
 
-from .trained import data, one_blas_thread  # noqa: F401 (fixtures)
+from tests.trained import data, one_blas_thread  # noqa: F401 (fixtures)
 
 
 def trainer(data, **kw):

@@ -6,15 +6,16 @@ import time
 import pytest
 import zmq
 
-from .fakes import OVERSIZE, FakeTrainer, bad_replies, good_reply, make_ckpt
-from lenet_dist import checkpoint, wire
-from lenet_dist.checkpoint import CheckpointError
+from tests.fakes import OVERSIZE, FakeTrainer, bad_replies, good_reply, make_ckpt
+from lenet_dist.checkpoints import format as checkpoint
+from lenet_dist.checkpoints.format import CheckpointError
 from lenet_dist.files import atomic_write
+from lenet_dist.transport import wire
 from lenet_dist.transport import (CheckpointClient, ResultsPublisher, TrainerLink, TransportError,
                                   generate_keys)
-from lenet_dist.watch import DirectoryWatcher
+from lenet_dist.transport.watch import DirectoryWatcher
 
-from .links import ANY, link  # noqa: F401 (fixture)
+from tests.links import ANY, link  # noqa: F401 (fixture)
 
 
 @pytest.fixture

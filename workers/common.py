@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from lenet_dist.run.text import one_line  # noqa: F401 (re-exported for workers/evaluator.py only)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

@@ -16,8 +16,8 @@ import os
 import shutil
 import sys
 
-from lenet_dist.data import SUBSET_DIR, SUBSET_HASHES, DataError, fetch_mnist, verify_dir
-from lenet_dist.data.sources import NAMES, PINNED, cache_dir, mirror_list, npm_command
+from lenet_dist.data import DataError, fetch_mnist, SUBSET_DIR, SUBSET_HASHES, verify_dir
+from lenet_dist.data.sources import cache_dir, mirror_list, NAMES, npm_command, PINNED
 
 
 class _Parser(argparse.ArgumentParser):

@@ -26,14 +26,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
-import ipaddress
 import json
 import logging
 import sys
 import time
 from pathlib import Path
 
-from lenet_dist import checkpoint, cpus, logformat, wire
+from lenet_dist import cpus, logformat
+from lenet_dist.checkpoints import format as checkpoint
 from lenet_dist.data import DataError
 from lenet_dist.evaluation import live as live_outputs
 from lenet_dist.evaluation.best import BestKeeper
@@ -43,10 +43,11 @@ from lenet_dist.evaluation.loop import LoopConfig, Output, run_loop
 from lenet_dist.evaluation.metrics import metrics_text
 from lenet_dist.evaluation.scoring import Judge
 from lenet_dist.files import check_writable_path, open_regular, read_regular
+from lenet_dist.run.text import one_line
 from lenet_dist.stopsignal import StopSignal
-from lenet_dist.transport import TransportError
+from lenet_dist.transport import TransportError, wire
 
-from .common import HelpFormatter, add_data_flags, one_line, read_dataset
+from workers.common import add_data_flags, HelpFormatter, read_dataset
 
 log = logging.getLogger("lenet.evaluator")
 
@@ -150,7 +151,7 @@ def _check_live_flags(p, args):
     args.health_address = _address(p, "--health", args.health) if args.health else None
     if args.http:
         args.http_address = host, _ = _address(p, "--http", args.http)
-        if not args.http_token_file and not _loopback(host):
+        if not args.http_token_file and not wire.is_loopback(host):
             if not args.http_no_token:
                 p.error(f"--http {args.http}: a non-loopback address needs --http-token-file (or --http-no-token "
                         f"to serve it to anyone who can reach it)")
@@ -176,15 +177,6 @@ def _address(p, flag, text):
     return host, int(port)
 
 
-def _loopback(host):
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False                        # a name: it may resolve to anything
-
-
 def _dataset(args):
     ds = read_dataset(args, log)
     log.info("data: %s, %d test images (and %d training images for validation splits) from %s", ds.name,
@@ -195,7 +187,7 @@ def _dataset(args):
 def _sources(args, stop, stack):
     """What the loop follows: a callable returning the current sources (a folder of run folders grows)."""
     if args.watch:
-        from lenet_dist.watch import RunFolders
+        from lenet_dist.transport.watch import RunFolders
         folders = RunFolders(args.watch, interrupted=stop.__bool__, warn=log.warning)
         stack.callback(folders.close)
         return folders.sources, str(args.watch)
@@ -212,7 +204,7 @@ def _sources(args, stop, stack):
 def run(args, stop):
     from threadpoolctl import threadpool_limits
 
-    from lenet_dist.model import LeNet5
+    from lenet_dist.nn.model import LeNet5
     with contextlib.ExitStack() as stack:
         health, started = Health(), time.time()
         history = History.load(args.report, warn=log.warning)

@@ -1,5 +1,5 @@
 """lenet-export: a checkpoint as an ONNX model that takes raw 28x28 images (0..255) and gives logits and
-class probabilities; normalization is inside the graph (lenet_dist/onnx_export.py). Needs the `export`
+class probabilities; normalization is inside the graph (lenet_dist/nn/onnx_export.py). Needs the `export`
 extra (pip install 'lenet-dist[export]').
 
     lenet-export ckpt/best.npz -o model.onnx        # a checkpoint file (best.npz, last.npz, ckpt-*.npz)
@@ -14,12 +14,12 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from lenet_dist import checkpoint, resume
-from lenet_dist.checkpoint import CheckpointError
+from lenet_dist.checkpoints import format as checkpoint, resume
+from lenet_dist.checkpoints.format import CheckpointError
 from lenet_dist.files import atomic_write
 from lenet_dist.run.text import one_line
 
-from .common import HelpFormatter
+from workers.common import HelpFormatter
 
 
 def parse_args(argv=None):
@@ -44,7 +44,7 @@ def main(argv=None):
     if importlib.util.find_spec("onnx") is None:
         print("lenet-export: error: needs the onnx package: pip install 'lenet-dist[export]'", file=sys.stderr)
         return 2
-    from lenet_dist import onnx_export
+    from lenet_dist.nn import onnx_export
     try:
         path, ckpt = _load(args.checkpoint)
         data = onnx_export.to_bytes(ckpt.params, step=ckpt.step,

@@ -30,12 +30,12 @@ from collections import deque
 from datetime import datetime, timezone
 from pathlib import Path
 
-from lenet_dist.resume import newest_usable
+from lenet_dist.checkpoints.resume import newest_usable
 from lenet_dist.run import exitcodes, metrics
 from lenet_dist.run.procs import descendants, local_ranks
-from lenet_dist.stopsignal import StopSignal, signal_name
+from lenet_dist.stopsignal import signal_name, StopSignal
 
-from lenet_dist.run.restart_policy import RestartPolicy, classify, fit_hosts, format_hostfile, parse_hostfile
+from lenet_dist.run.restart_policy import classify, fit_hosts, format_hostfile, parse_hostfile, RestartPolicy
 
 log = logging.getLogger("lenet.launch")
 

@@ -36,7 +36,7 @@ from lenet_dist.comm import allgather_json
 from lenet_dist.launcher_env import SIZE_VARS
 
 from lenet_dist.run.text import one_line
-from lenet_dist.wire import is_loopback
+from lenet_dist.transport.wire import is_loopback
 
 REASON_CHARS = 900              # a longer reason is cut: the report stays a line per check
 RESULTS_WAIT_S = 4.0            # how long the --results address may take to accept a connection
@@ -114,7 +114,7 @@ def check_checkpoint_dir(directory, resume):
                 pass
     why = f"{d} is writable, {free_gb:.1f} GB free"
     if resume:
-        from lenet_dist.resume import newest_usable
+        from lenet_dist.checkpoints.resume import newest_usable
         found = newest_usable(d, None, lambda msg: None) if d.is_dir() else None
         why += (f"; --resume continues from {found[0].name} (step {found[1].step})" if found else
                 "; --resume finds no usable checkpoint there and would stop (--resume auto: start a run)")

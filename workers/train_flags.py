@@ -8,11 +8,11 @@ import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from lenet_dist import wire
-from lenet_dist.launcher_env import launcher_rank
 from lenet_dist.config import TrainConfig
 from lenet_dist.files import check_writable_path
+from lenet_dist.launcher_env import launcher_rank
 from lenet_dist.parallel.timeline import DEFAULT_STEPS, parse_steps
+from lenet_dist.transport import wire
 
 from lenet_dist.run.faults import FaultInjector
 from lenet_dist.run.metrics import LAUNCH_RESTARTS_VAR
@@ -20,7 +20,7 @@ from lenet_dist.run.outcome import RunFacts
 from lenet_dist.run.setup import FolderPlan
 from lenet_dist.run.telemetry import DEFAULT_EVERY
 
-from .common import HelpFormatter, add_data_flags
+from workers.common import add_data_flags, HelpFormatter
 
 class Parser(argparse.ArgumentParser):
     """A usage error is one line and a pointer to --help (not the usage block), said once under mpirun: by

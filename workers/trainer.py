@@ -22,27 +22,27 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from lenet_dist import checkpoint, ckptdir
+from lenet_dist.checkpoints import folder as ckptdir, format as checkpoint
 from lenet_dist.comm import bcast_json, get_comm
-from lenet_dist.launcher_env import LauncherMismatch, launcher_size
 from lenet_dist.data.identity import data_mismatch
 from lenet_dist.errors import ResumeError, UsageError
+from lenet_dist.launcher_env import launcher_size, LauncherMismatch
 from lenet_dist.parallel.balance import straggler
 from lenet_dist.parallel.step import DataParallelTrainer
 from lenet_dist.parallel.timeline import timeline_for
 from lenet_dist.run import exitcodes, setup
-from lenet_dist.run.outcome import Tally, agreed_signal, position, summary, train_command, what_was_saved
+from lenet_dist.run.outcome import agreed_signal, position, summary, Tally, train_command, what_was_saved
 from lenet_dist.run.process import blas_threads, raise_open_files_limit, setup_logging
 from lenet_dist.run.progress import ProgressSink
 from lenet_dist.run.sinks import LinkProgressSink, MetricsSink, RunInfo, Sinks, StepState
+from lenet_dist.run.stall import StallGuard
 from lenet_dist.run.steering import Steering
 from lenet_dist.run.telemetry import TelemetrySink
 from lenet_dist.run.text import number, one_line
-from lenet_dist.stall import StallGuard
-from lenet_dist.stopsignal import StopSignal, signal_name
+from lenet_dist.stopsignal import signal_name, StopSignal
 
-from .common import load_dataset
-from .train_flags import parse_args
+from workers.common import load_dataset
+from workers.train_flags import parse_args
 
 log = logging.getLogger("lenet.trainer")
 
@@ -477,7 +477,7 @@ def main(argv=None):
             print(f"lenet-train: error: --test-mode runs in one process, but the launcher started {started} "
                   f"({var}={started}): run it without mpirun", file=sys.stderr, flush=True)
             return 2
-        from .test_mode import run_test_mode
+        from workers.test_mode import run_test_mode
         return run_test_mode(flags, run)          # the loop is handed over: test_mode never imports us
     try:
         comm = get_comm()
@@ -486,7 +486,7 @@ def main(argv=None):
         return 2
     setup_logging(comm, args.log_level)
     if args.check:
-        from .preflight import run_checks
+        from workers.preflight import run_checks
         return run_checks(args, comm)
     try:
         with blas_threads(flags.threads):

@@ -43,9 +43,9 @@ from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from .. import analysis
-from . import guard
-from .metrics import metrics_text
+from lenet_dist.dashboard import guard
+from lenet_dist.dashboard.metrics import metrics_text
+from lenet_dist.evaluation import analysis
 
 STATIC = Path(__file__).parent / "static"
 MAX_BODY = 64 << 10

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import selection
+from lenet_dist import selection
 
 log = logging.getLogger("lenet.evaluator")
 
@@ -112,7 +112,7 @@ class DashboardProcess:
     waits on it: every frame goes through a bounded queue and is dropped when a stalled child lets it fill."""
 
     def __init__(self, test_images, test_labels, host="127.0.0.1", port=0, token=None):
-        from .app import listening_socket
+        from lenet_dist.dashboard.app import listening_socket
         self._sock, self.url = listening_socket(host, port)    # a busy port fails here, in the evaluator
         self._hello = encode({"kind": "hello", "token": token},
                              {"images": test_images, "labels": np.asarray(test_labels, np.int64)})
@@ -358,9 +358,9 @@ def short_slices(ns=SLICE_NS):
 
 
 def main(argv=None):
-    from ..analysis import Analysis
-    from .app import DashboardServer
-    from .state import LiveState
+    from lenet_dist.evaluation.analysis import Analysis
+    from lenet_dist.dashboard.app import DashboardServer
+    from lenet_dist.dashboard.state import LiveState
     argv = sys.argv[1:] if argv is None else argv
     sys.setswitchinterval(0.001)    # a request waits at most 1 ms (not 5) for the feed thread's interpreter lock
     short_slices()                  # before any thread starts: they inherit it

@@ -15,8 +15,9 @@ import time
 
 import numpy as np
 
-from .. import analysis, selection
-from ..model import LeNet5
+from lenet_dist import selection
+from lenet_dist.evaluation import analysis
+from lenet_dist.nn.model import LeNet5
 
 MAX_STEPS = 20_000          # telemetry rows kept (a 5-epoch MNIST run at the default --log-every has ~470)
 MAX_EVALUATIONS = 5_000

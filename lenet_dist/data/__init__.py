@@ -14,7 +14,7 @@
     split.py     the validation split
     identity.py  which data a checkpoint was trained on
 """
-from .dataset import MEAN, STD, _SCALE, _SHIFT, DataError, Dataset, normalize  # noqa: F401
-from .idx import read_idx  # noqa: F401
-from .load import MNIST_FILES, fetch_mnist, load_mnist, verify_dir  # noqa: F401
-from .subset import SUBSET_DIR, SUBSET_HASHES, load_subset  # noqa: F401
+from lenet_dist.data.dataset import _SCALE, _SHIFT, DataError, Dataset, MEAN, normalize, STD  # noqa: F401
+from lenet_dist.data.idx import read_idx  # noqa: F401
+from lenet_dist.data.load import fetch_mnist, load_mnist, MNIST_FILES, verify_dir  # noqa: F401
+from lenet_dist.data.subset import load_subset, SUBSET_DIR, SUBSET_HASHES  # noqa: F401

@@ -7,7 +7,7 @@ and a resume on other data is refused.
 """
 from __future__ import annotations
 
-from .split import indices_sha256, validation_split
+from lenet_dist.data.split import indices_sha256, validation_split
 
 
 def data_record(identity: dict, n: int, val_size: int, seed: int) -> dict:

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..files import NotRegularFile, open_regular
-from .dataset import DataError
+from lenet_dist.data.dataset import DataError
+from lenet_dist.files import NotRegularFile, open_regular
 
 GZIP_MAGIC = b"\x1f\x8b"
 CHUNK = 1 << 20                 # bytes per read: the peak beyond the array itself

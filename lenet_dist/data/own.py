@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .dataset import Dataset, DataError
-from .idx import locate, read_idx_hashed
-from .sources import MNIST
+from lenet_dist.data.dataset import DataError, Dataset
+from lenet_dist.data.idx import locate, read_idx_hashed
+from lenet_dist.data.sources import MNIST
 
 SIDE = 28                                   # LeNet-5 as built here takes 28x28 single-channel images
 

@@ -5,8 +5,8 @@ the sha256 of each decompressed file.
 """
 from pathlib import Path
 
-from .dataset import Dataset, DataError
-from .load import _from_dir, _summary, _table, dataset_of
+from lenet_dist.data.dataset import DataError, Dataset
+from lenet_dist.data.load import _from_dir, _summary, _table, dataset_of
 
 SUBSET_DIR = Path(__file__).resolve().parent.parent / "subset"
 SUBSET_HASHES = {

@@ -8,9 +8,9 @@ import json
 import logging
 from pathlib import Path
 
-from .. import selection
-from ..checkpoint import MAX_BYTES
-from ..files import atomic_write, read_regular
+from lenet_dist import selection
+from lenet_dist.checkpoints.format import MAX_BYTES
+from lenet_dist.files import atomic_write, read_regular
 
 log = logging.getLogger("lenet.evaluator")
 

@@ -12,8 +12,8 @@ import json
 import threading
 from dataclasses import dataclass, field
 
-from .. import selection
-from ..files import NotRegularFile, open_regular
+from lenet_dist import selection
+from lenet_dist.files import NotRegularFile, open_regular
 
 # What each evaluation keeps in memory (the report's per-class figures and confusion stay in the file).
 KEPT = ("step", "epoch", "val_accuracy", "val_loss", "test_accuracy", "test_loss", "n_val", "n_test",

@@ -10,7 +10,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from .history import History, run_key
+from lenet_dist.evaluation.history import History, run_key
 
 log = logging.getLogger("lenet.evaluator")
 
@@ -49,7 +49,7 @@ class Live:
         self.history, self.shown, self.shown_source = history, None, None
         try:
             if cfg.http_address:
-                from ..dashboard.process import DashboardProcess
+                from lenet_dist.dashboard.process import DashboardProcess
                 self.dashboard = DashboardProcess(images, labels, *cfg.http_address, token=cfg.http_token)
                 log.info("dashboard on %s%s", self.dashboard.url, " (bearer token required)" if cfg.http_token else "")
                 runs = history.runs()
@@ -58,7 +58,7 @@ class Live:
                     self._show(newest, newest.evaluations)
                     self.dashboard.set_runs([r.to_dict() for r in runs])
             if cfg.tensorboard:
-                from .tensorboard import EvaluatorBoard
+                from lenet_dist.evaluation.tensorboard import EvaluatorBoard
                 self.tb = EvaluatorBoard(cfg.tensorboard)
             if self.dashboard is not None:          # the trainer's own --tensorboard logs its steps
                 for endpoint in cfg.connect:
@@ -88,8 +88,8 @@ class Live:
         """A restarted evaluator: the shown run's best checkpoint from --best-dir (`keeper`, a BestKeeper)
         scored again and given to the dashboard, so drawing works before the run's next evaluation (there may
         be none: a finished run). Nothing when the best kept there is another run's."""
-        from .. import checkpoint
-        from .scoring import DataRefused
+        from lenet_dist.checkpoints import format as checkpoint
+        from lenet_dist.evaluation.scoring import DataRefused
         got = keeper.kept() if self.dashboard is not None and self.shown is not None else None
         if got is None or got[0].get("run_id") != self.shown.run_id or self.shown.run_id is None:
             return False
@@ -128,7 +128,7 @@ class TelemetryFollower:
     so that the curves move while the evaluator's loop is busy evaluating."""
 
     def __init__(self, cfg, endpoint, on_rows, stop):
-        from ..transport import CheckpointClient
+        from lenet_dist.transport import CheckpointClient
         self.client = CheckpointClient(endpoint, secret_key=cfg.curve_secret_key,
                                        public_key=cfg.curve_public_key, server_key=cfg.curve_server_key,
                                        interrupted=stop.__bool__)
@@ -139,7 +139,7 @@ class TelemetryFollower:
         self._thread.start()
 
     def _run(self):
-        from ..wire import MAX_TELEMETRY_ROWS, BadMessage
+        from lenet_dist.transport.wire import MAX_TELEMETRY_ROWS, BadMessage
         since, server = -1, None
         while not self._done.is_set() and not self.stop:
             if self._rewind:

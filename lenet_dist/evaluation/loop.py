@@ -14,10 +14,11 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from .. import checkpoint, wire
-from ..checkpoint import CheckpointError
-from ..run.text import number, one_line
-from .scoring import DataRefused
+from lenet_dist.checkpoints import format as checkpoint
+from lenet_dist.checkpoints.format import CheckpointError
+from lenet_dist.evaluation.scoring import DataRefused
+from lenet_dist.run.text import number, one_line
+from lenet_dist.transport import wire
 
 log = logging.getLogger("lenet.evaluator")
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import math
 import time
 
-from .. import analysis
-from ..data.identity import data_mismatch
-from ..data.split import rebuild_validation
+from lenet_dist.data.identity import data_mismatch
+from lenet_dist.data.split import rebuild_validation
+from lenet_dist.evaluation import analysis
 
 
 class DataRefused(Exception):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..model import PARAM_SPECS
+from lenet_dist.nn.model import PARAM_SPECS
 
 
 def _writer(directory):

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import sampler
+from lenet_dist.data import sampler
 
 SMOOTHING = 0.2          # weight of the newest measurement
 MAX_SPREAD = 4.0         # no weight beyond [median / 4, median * 4]

@@ -21,7 +21,7 @@ from collections import deque
 
 import numpy as np
 
-from ..model import NUM_PARAMS, PARAM_SPECS
+from lenet_dist.nn.model import NUM_PARAMS, PARAM_SPECS
 
 # 64 KiB gives two buckets, fc1..fc3 (236 KiB, started after fc1's backward) and conv1..conv2 (10 KiB,
 # after conv1's): as fast as any other cut on slow links (docs/scaling.md).

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..model import NUM_PARAMS
-from .buckets import BucketedAllreduce
-from .halfprec import (HALF_MAX, STORAGE, agreed_scale, all_finite, decode, encode, from_bfloat16, to_bfloat16,
-                       to_float16)
+from lenet_dist.nn.model import NUM_PARAMS
+from lenet_dist.parallel.buckets import BucketedAllreduce
+from lenet_dist.parallel.halfprec import agreed_scale, all_finite, decode, encode, from_bfloat16, HALF_MAX, STORAGE, to_bfloat16, to_float16
 
 U16 = np.uint16         # half-precision values travel as their bits
 

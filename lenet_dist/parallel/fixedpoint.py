@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..model import NUM_PARAMS
+from lenet_dist.nn.model import NUM_PARAMS
 
 FIXED_POINT_BITS = 32           # gradients rounded to multiples of 2**-32
 SCALE = float(2 ** FIXED_POINT_BITS)

@@ -16,10 +16,10 @@ docs/scaling.md.
 """
 from __future__ import annotations
 
-from .autotune import AutoReducer
-from .buckets import BUCKET_KB_DEFAULT
-from .fixedpoint import FixedPointReducer
-from .reducers import BucketedReducer, FusedReducer, HalfPrecisionReducer
+from lenet_dist.parallel.autotune import AutoReducer
+from lenet_dist.parallel.buckets import BUCKET_KB_DEFAULT
+from lenet_dist.parallel.fixedpoint import FixedPointReducer
+from lenet_dist.parallel.reducers import BucketedReducer, FusedReducer, HalfPrecisionReducer
 
 
 def reducer_for(cfg, comm):

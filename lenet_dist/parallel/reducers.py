@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import time
 
-from ..model import NUM_PARAMS
-from .buckets import BUCKET_KB_DEFAULT, BucketedAllreduce, tail_slots
-from .compressed import CompressedAllreduce
+from lenet_dist.nn.model import NUM_PARAMS
+from lenet_dist.parallel.buckets import BUCKET_KB_DEFAULT, BucketedAllreduce, tail_slots
+from lenet_dist.parallel.compressed import CompressedAllreduce
 
 EVERYTHING = slice(0, NUM_PARAMS)
 

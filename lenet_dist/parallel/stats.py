@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..model import NUM_PARAMS
+from lenet_dist.nn.model import NUM_PARAMS
 
 
 class StepStats(NamedTuple):

@@ -21,17 +21,16 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .. import sampler
-from ..checkpoint import Checkpoint
-from ..data import normalize
-from ..data.identity import data_record
-from ..data.split import val_size_of, validation_split
-from ..layers import Workspace
-from ..model import NUM_PARAMS, LeNet5
-from ..optim import SGD, LRSchedule
-from .balance import ShardBalancer
-from .placement import reducer_for
-from .stats import Tail
+from lenet_dist.checkpoints.format import Checkpoint
+from lenet_dist.data import normalize, sampler
+from lenet_dist.data.identity import data_record
+from lenet_dist.data.split import val_size_of, validation_split
+from lenet_dist.nn.layers import Workspace
+from lenet_dist.nn.model import LeNet5, NUM_PARAMS
+from lenet_dist.nn.optim import LRSchedule, SGD
+from lenet_dist.parallel.balance import ShardBalancer
+from lenet_dist.parallel.placement import reducer_for
+from lenet_dist.parallel.stats import Tail
 
 BALANCE_QUANTUM = 8           # --balance: shard cuts move in steps of 8 examples (few, steady shapes)
 

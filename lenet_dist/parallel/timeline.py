@@ -23,10 +23,10 @@ import json
 import logging
 import time
 
-from ..comm import allgather_json
-from ..files import atomic_write
-from ..model import PARAM_SPECS
-from .buckets import layer_starts
+from lenet_dist.comm import allgather_json
+from lenet_dist.files import atomic_write
+from lenet_dist.nn.model import PARAM_SPECS
+from lenet_dist.parallel.buckets import layer_starts
 
 log = logging.getLogger("lenet.timeline")
 

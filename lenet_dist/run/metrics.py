@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..files import open_regular
+from lenet_dist.files import open_regular
 
 LAUNCH_RESTARTS_VAR = "LENET_LAUNCH_RESTARTS"   # lenet-launch tells its trainer how many restarts came before
 

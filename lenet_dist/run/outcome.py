@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import selection
-from ..files import read_regular
-from ..stopsignal import signal_name
+from lenet_dist import selection
+from lenet_dist.files import read_regular
+from lenet_dist.stopsignal import signal_name
 
 
 @dataclass(frozen=True)

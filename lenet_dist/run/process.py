@@ -28,7 +28,7 @@ def blas_threads(threads):
 def raise_open_files_limit(log):
     """Rank 0 with --publish: every peer that connects holds a file descriptor until the server drops it, so
     take the soft RLIMIT_NOFILE up to the hard one (checkpoint writes keep a descriptor in hand anyway: see
-    lenet_dist/ckptdir.py). Returns the limit now in force."""
+    lenet_dist/checkpoints/folder.py). Returns the limit now in force."""
     import resource
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)

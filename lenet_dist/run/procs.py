@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from ..launcher_env import RANK_VARS
+from lenet_dist.launcher_env import RANK_VARS
 
 _RANK_ENV = tuple(f"{v}=".encode() for v in RANK_VARS)
 

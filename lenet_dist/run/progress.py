@@ -14,8 +14,8 @@ import logging
 import sys
 import time
 
-from .text import number
-from .sinks import Sink
+from lenet_dist.run.sinks import Sink
+from lenet_dist.run.text import number
 
 log = logging.getLogger("lenet.trainer")
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from lenet_dist.stopsignal import signal_name
 
-from . import exitcodes
+from lenet_dist.run import exitcodes
 
 RANK_ERROR = re.compile(r"lenet-train: rank (\d+)/(\d+): error: (.*)")
 USAGE_LINE = re.compile(r"^lenet-train: error: ")

@@ -9,10 +9,10 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .. import ckptdir, resume
-from ..comm import bcast_json
-from ..config import TrainConfig
-from ..errors import ResumeError, UsageError
+from lenet_dist.checkpoints import folder as ckptdir, resume
+from lenet_dist.comm import bcast_json
+from lenet_dist.config import TrainConfig
+from lenet_dist.errors import ResumeError, UsageError
 
 RUNS = Path("runs")         # a run without --checkpoint-dir keeps its model in a folder of its own under it
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from .metrics import MetricsFile
+from lenet_dist.run.metrics import MetricsFile
 
 log = logging.getLogger("lenet.trainer")
 

@@ -23,10 +23,10 @@ Layout: base.py (the error type, socket helpers, constants), keys.py (CurveZMQ k
 authenticator), link.py (TrainerLink, the trainer's end), client.py (CheckpointClient, ResultsPublisher:
 the evaluator's end).
 """
-from .base import HANDSHAKE_MS, MAX_WAIT_MS, RESULT_TOPIC, TransportError
-from .client import CheckpointClient, ResultsPublisher
-from .keys import generate_keys, load_key, load_key_pair
-from .link import TrainerLink
+from lenet_dist.transport.base import HANDSHAKE_MS, MAX_WAIT_MS, RESULT_TOPIC, TransportError
+from lenet_dist.transport.client import CheckpointClient, ResultsPublisher
+from lenet_dist.transport.keys import generate_keys, load_key, load_key_pair
+from lenet_dist.transport.link import TrainerLink
 
 __all__ = ["CheckpointClient", "HANDSHAKE_MS", "MAX_WAIT_MS", "RESULT_TOPIC", "ResultsPublisher", "TrainerLink",
            "TransportError", "generate_keys", "load_key", "load_key_pair"]

@@ -7,10 +7,10 @@ import time
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from .. import wire
-from ..checkpoint import MAX_BYTES
-from .base import _FAILED, MAX_WAIT_MS, RESULT_TOPIC, TransportError, _monitor, _socket
-from .keys import load_key, load_key_pair
+from lenet_dist.checkpoints.format import MAX_BYTES
+from lenet_dist.transport import wire
+from lenet_dist.transport.base import _FAILED, _monitor, _socket, MAX_WAIT_MS, RESULT_TOPIC, TransportError
+from lenet_dist.transport.keys import load_key, load_key_pair
 
 class CheckpointClient:
     """The evaluator's end: fetches checkpoints from a TrainerLink, sends results back.

@@ -9,8 +9,8 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
-from ..files import read_regular
-from .base import TransportError
+from lenet_dist.files import read_regular
+from lenet_dist.transport.base import TransportError
 
 def generate_keys(directory, name, *, overwrite=False):
     """Write NAME.key (public) and NAME.key_secret (the pair, mode 0600) into `directory`; their paths."""

@@ -9,9 +9,9 @@ import time
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from .. import wire
-from .base import _FAILED, HANDSHAKE_MS, MAX_WAIT_MS, RESULT_TOPIC, TransportError, _as_log, _monitor, _socket
-from .keys import _authenticator, load_key
+from lenet_dist.transport import wire
+from lenet_dist.transport.base import _as_log, _FAILED, _monitor, _socket, HANDSHAKE_MS, MAX_WAIT_MS, RESULT_TOPIC, TransportError
+from lenet_dist.transport.keys import _authenticator, load_key
 
 class TrainerLink:
     """Rank 0's end: serves the latest published checkpoint, collects the evaluators' results.

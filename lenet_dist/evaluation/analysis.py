@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .data import normalize
+from lenet_dist.data import normalize
 
 N_CLASSES = 10
 INK = 0.05          # a drawing's pixel counts as ink above this (of 1.0): antialiasing haze is not ink

@@ -17,9 +17,9 @@ import secrets
 import time
 from pathlib import Path
 
-from .checkpoint import CheckpointError, file_name, list_checkpoints, load_file, set_pointer, to_bytes
-from .errors import CheckpointFolderError, ResumeError
-from .files import is_temp, retry_on_descriptors, temp_name, write_and_rename
+from lenet_dist.checkpoints.format import CheckpointError, file_name, list_checkpoints, load_file, set_pointer, to_bytes
+from lenet_dist.errors import CheckpointFolderError, ResumeError
+from lenet_dist.files import is_temp, retry_on_descriptors, temp_name, write_and_rename
 
 OWN_PREFIXES = ("ckpt-", "last.", "best.")  # the folder's own files: checkpoints and the last/best pointers
 SUPERSEDED = "superseded-"                  # the subfolder claim(start_over=True) moves another run into

@@ -30,7 +30,7 @@ import math
 import threading
 import time
 
-from . import selection
+from lenet_dist import selection
 
 PROTO = "lenet-ckpt"
 VERSION = 1
@@ -152,6 +152,7 @@ def is_loopback(host_or_endpoint):
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
 
 def checkpoint_header(*, req_id, server, trainer_step, step, epoch, data_sha256, size, final):
     return {"proto": PROTO, "version": VERSION, "kind": "checkpoint", "id": req_id, "server": server,

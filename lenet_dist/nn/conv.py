@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from .layers import Layer, Workspace, uniform_init
+from lenet_dist.nn.layers import Layer, uniform_init, Workspace
 
 
 def _padding(padding, h, k, stride):

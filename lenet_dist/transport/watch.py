@@ -14,9 +14,9 @@ import logging
 import time
 from pathlib import Path
 
-from . import wire
-from .checkpoint import MAX_BYTES, CheckpointError, list_checkpoints, read_bounded
-from .resume import newest_usable
+from lenet_dist.checkpoints.format import CheckpointError, list_checkpoints, MAX_BYTES, read_bounded
+from lenet_dist.checkpoints.resume import newest_usable
+from lenet_dist.transport import wire
 
 log = logging.getLogger("lenet.watch")
 

@@ -11,12 +11,12 @@ import math
 import time
 from pathlib import Path
 
-from .checkpoint import CheckpointError, list_checkpoints, load_file
-from .ckptdir import OWN_PREFIXES, SUPERSEDED
-from .data.identity import data_mismatch
-from .data.split import val_size_of
-from .errors import ResumeError
-from .sampler import steps_per_epoch
+from lenet_dist.checkpoints.folder import OWN_PREFIXES, SUPERSEDED
+from lenet_dist.checkpoints.format import CheckpointError, list_checkpoints, load_file
+from lenet_dist.data.identity import data_mismatch
+from lenet_dist.data.sampler import steps_per_epoch
+from lenet_dist.data.split import val_size_of
+from lenet_dist.errors import ResumeError
 
 # keys that no override can change mid-run, and why
 FIXED = {"batch_size": "the saved data position counts batches of the saved size",

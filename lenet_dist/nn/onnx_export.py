@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .data import _SCALE, _SHIFT
-from .model import PARAM_SPECS
+from lenet_dist.data import _SCALE, _SHIFT
+from lenet_dist.nn.model import PARAM_SPECS
 
 OPSET = 17
 IR_VERSION = 8                  # readable by onnxruntime 1.10 and later

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .data import normalize
-from .conv import BandedConv2D, StripConv2D
-from .layers import Dense, Flatten, MaxPool2D, ReLU, SoftmaxCrossEntropy
+from lenet_dist.data import normalize
+from lenet_dist.nn.conv import BandedConv2D, StripConv2D
+from lenet_dist.nn.layers import Dense, Flatten, MaxPool2D, ReLU, SoftmaxCrossEntropy
 
 # Named parameter layout (PyTorch's), in the order they sit in the flat vector.
 PARAM_SPECS = [

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .files import atomic_write, read_regular, rename_durably, temp_name
-from .model import NUM_PARAMS, PARAM_SPECS
+from lenet_dist.files import atomic_write, read_regular, rename_durably, temp_name
+from lenet_dist.nn.model import NUM_PARAMS, PARAM_SPECS
 
 FORMAT_VERSION = 1
 MAX_BYTES = 16 << 20            # a real checkpoint is ~0.5 MB; anything near this is not one of ours
