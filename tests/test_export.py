@@ -1,5 +1,5 @@
 """lenet-export: the ONNX model, run by onnxruntime on raw pixels, predicts what lenet-dist's own forward pass
-predicts on every test example; and the README's PyTorch snippet, run against a stand-in for torch built
+predicts on every test example; and the PyTorch snippet of docs/export.md, run against a stand-in for torch built
 here from NumPy (torch itself is never imported), loads a real checkpoint and predicts the same."""
 import re
 import sys
@@ -62,12 +62,12 @@ def test_export_takes_a_folder_and_refuses_a_bad_checkpoint_in_one_line(trained,
     assert p.returncode == 2 and "-o/--output" in p.stderr
 
 
-# ------------------------------------------------------------------------ the README's PyTorch snippet
+# ------------------------------------------------------------------ docs/export.md's PyTorch snippet
 
-def readme_snippet():
-    text = (REPO / "README.md").read_text()
+def pytorch_snippet():
+    text = (REPO / "docs" / "export.md").read_text()
     blocks = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "load_state_dict" in b]
-    assert len(blocks) == 1, "the README has one PyTorch snippet"
+    assert len(blocks) == 1, "docs/export.md has one PyTorch snippet"
     return blocks[0]
 
 
@@ -124,13 +124,13 @@ def fake_torch():
     return {"torch": torch, "torch.nn": nn, "torch.nn.functional": F}
 
 
-def test_readme_pytorch_snippet_loads_a_checkpoint_and_predicts_like_lenet_dist(trained, tmp_path, monkeypatch):
+def test_the_pytorch_snippet_loads_a_checkpoint_and_predicts_like_lenet_dist(trained, tmp_path, monkeypatch):
     path, images, _, logits = trained
     (tmp_path / "ckpt").mkdir()
     monkeypatch.chdir(tmp_path)
     for name, module in fake_torch().items():
         monkeypatch.setitem(sys.modules, name, module)
-    snippet = readme_snippet()
+    snippet = pytorch_snippet()
     assert "allow_pickle=True" not in snippet
     ck = checkpoint.load_file(path)                              # and as a half-precision run saves it:
     halves = checkpoint.to_bytes(ck.params, ck.velocity, dict(ck.meta, ranks=2, allreduce={"scale": [None]}),
@@ -138,13 +138,13 @@ def test_readme_pytorch_snippet_loads_a_checkpoint_and_predicts_like_lenet_dist(
     for data in (path.read_bytes(), halves):
         (tmp_path / "ckpt" / "best.npz").write_bytes(data)
         scope = {"images": images[:200]}
-        exec(compile(snippet, "README.md", "exec"), scope)       # noqa: S102 - our own README, stubbed torch
+        exec(compile(snippet, "docs/export.md", "exec"), scope)  # noqa: S102 - our own docs, stubbed torch
         assert (np.asarray(scope["predicted"]) == logits[:200].argmax(1)).all()
         assert {n for n, _ in PARAM_SPECS} == set(scope["state"])   # exactly the parameters: the rest dropped
 
 
 def test_the_snippet_names_the_model_exactly():
-    s = readme_snippet()
+    s = pytorch_snippet()
     assert "nn.Conv2d(1, 6, 5, padding=2)" in s and "nn.Conv2d(6, 16, 5)" in s
     assert "0.1307" in s and "0.3081" in s and "/ 255" in s
     assert '"meta"' in s and '"optim."' in s
