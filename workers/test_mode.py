@@ -1,4 +1,4 @@
-"""`lenet-train --test-mode`: the whole system in a few seconds, for a new user and for CI.
+"""`lenet-train --test-mode`: the whole system in under half a minute, for a new user and for CI.
 
 Trains 3 epochs on the subset shipped in the package (2,000 training, 1,000 test images) in this process,
 publishing a checkpoint every 10 steps over ZeroMQ on loopback, while a real `lenet-evaluator` process pulls

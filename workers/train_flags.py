@@ -169,8 +169,8 @@ def parse_args(argv=None):
     g.add_argument("--curve-authorized", type=Path, help="CurveZMQ: folder of clients' public keys")
     g = p.add_argument_group("modes")
     g.add_argument("--test-mode", action="store_true",
-                   help="a few seconds' rehearsal of the whole system: train 3 epochs on the shipped subset in "
-                        "this process while a real lenet-evaluator process evaluates the published "
+                   help="a rehearsal of the whole system (under half a minute): train 3 epochs on the shipped "
+                        "subset in this process while a real lenet-evaluator process evaluates the published "
                         "checkpoints; pass if both report the same final accuracy; temporary files removed")
     g.add_argument("--check", action="store_true", help="pre-flight checks only, then exit")
     g = p.add_argument_group("telemetry (rank 0)")

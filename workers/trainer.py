@@ -125,21 +125,19 @@ def _resume(r, found):
               if not trainer.done else "the run has finished")
         log.info("resumed from %s at step %d/%d (%s; run %s)", state.resumed_from if r.rank0 else "",
                  trainer.step, trainer.total_steps, at, state.run_id if r.rank0 else "")
-        if r.steer.ended and not flags.plan.override:     # ended by a decision (early stop): as finished
-            if r.rank0:
-                state.close()
-                print(f"run {state.run_id} in {flags.plan.directory} has already ended at step {trainer.step}: "
-                      f"{r.steer.ended}; nothing to train (to go on anyway: --resume --override NAMES with a "
-                      f"changed flag, e.g. early_stop)", flush=True)
-            return None
-        r.steer.ended = None
-        if trainer.done:                    # a finished run resumed (a requeue, a retry): nothing to train
-            if r.rank0:
-                state.close()
-                print(f"run {state.run_id} in {flags.plan.directory} has already finished: step {trainer.step}/"
-                      f"{trainer.total_steps}, {cfg.epochs} of {cfg.epochs} epochs; nothing to train (to train "
-                      f"longer: --resume --override epochs --epochs N)", flush=True)
-            return None
+        ended, r.steer.ended = r.steer.ended, None
+        if ended and not flags.plan.override:             # ended by a decision (early stop): as finished
+            why = (f"has already ended at step {trainer.step}: {ended}; nothing to train (to go on anyway: "
+                   f"--resume --override NAMES with a changed flag, e.g. early_stop)")
+        elif trainer.done:                  # a finished run resumed (a requeue, a retry): nothing to train
+            why = (f"has already finished: step {trainer.step}/{trainer.total_steps}, {cfg.epochs} of "
+                   f"{cfg.epochs} epochs; nothing to train (to train longer: --resume --override epochs --epochs N)")
+        else:
+            return r
+        if r.rank0:
+            state.close()
+            print(f"run {state.run_id} in {flags.plan.directory} {why}", flush=True)
+        return None
     return r
 
 
