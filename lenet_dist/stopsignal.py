@@ -34,7 +34,9 @@ class StopSignal:
     def __init__(self, install: bool = True, signals=SIGNALS):
         self.signum = 0
         self.count = 0
-        if install and threading.current_thread() is threading.main_thread():
+        self._signals = tuple(signals)
+        self._installed = install and threading.current_thread() is threading.main_thread()
+        if self._installed:
             for s in signals:
                 signal.signal(s, self._handle)
 
@@ -55,6 +57,14 @@ class StopSignal:
     @property
     def name(self) -> str:
         return signal_name(self.signum) if self.signum else ""
+
+    def settled(self) -> None:
+        """The process has decided how it ends: further stop signals are ignored, so that one arriving while
+        the interpreter shuts down (which restores the default, deadly handlers) cannot turn a clean exit
+        status into a death by signal."""
+        if self._installed and threading.current_thread() is threading.main_thread():
+            for s in self._signals:
+                signal.signal(s, signal.SIG_IGN)
 
     def sleep(self, seconds: float) -> bool:
         """Sleep up to `seconds`, returning early (True) once a stop was asked."""

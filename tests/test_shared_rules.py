@@ -138,6 +138,20 @@ def test_repeated_sigterm_keeps_asking_for_a_graceful_stop():
             signal.signal(s, h)
 
 
+def test_once_settled_further_stop_signals_are_ignored():
+    """A launcher whose exit status is decided must not be killed by a late SIGTERM while it shuts down."""
+    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
+    try:
+        stop = StopSignal()
+        stop.settled()
+        assert all(signal.getsignal(s) is signal.SIG_IGN for s in old)
+        os.kill(os.getpid(), signal.SIGTERM)                 # ignored: the test process lives on
+        assert stop.signum == 0
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
 def test_sleep_returns_early_on_a_request():
     stop = StopSignal(install=False)
     threading.Timer(0.1, stop.request).start()

@@ -298,7 +298,9 @@ def main(argv=None):
                         stream=sys.stderr, level=logging.INFO)
     launcher = Launcher(args)
     try:
-        return launcher.run()
+        code = launcher.run()
+        launcher.stop.settled()             # the exit status is decided: a late SIGTERM must not replace it
+        return code
     except KeyboardInterrupt:               # Ctrl-C twice: the person at the terminal means now
         if launcher.job is not None:
             launcher.job.kill()
