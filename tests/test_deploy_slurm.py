@@ -155,9 +155,10 @@ def starts(log):
 
 
 # A minute is Slurm's shortest limit; the warning comes 10 s before it (and up to one of slurmctld's 30 s
-# checks earlier), so each start trains for 20-50 s of it.
+# checks earlier), so each start trains for 20-50 s of it. The run must outlast a first start on an idle
+# machine (~0.5 s an epoch here: 40 epochs ended within one start), and finish in a few on a busy one.
 LIMIT_ARGS = ["--time=1", "--signal=B:USR1@10"]
-LIMIT_EPOCHS = 40
+LIMIT_EPOCHS = 150
 
 
 def test_a_job_at_its_time_limit_checkpoints_requeues_itself_and_ends_as_if_uninterrupted(cluster, tmp_path):
@@ -167,7 +168,7 @@ def test_a_job_at_its_time_limit_checkpoints_requeues_itself_and_ends_as_if_unin
     args = ["--nodes=3", *LIMIT_ARGS, f"--export=ALL,RANKS_PER_NODE=1,KEYS_DIR={keys},EVAL_ARGS=--subset,EVAL_GRACE=30",
             str(SBATCH), *train, "--checkpoint-every", "50"]
     job = cluster.sbatch(args, cwd=d, env=job_env(bindir))
-    fields = cluster.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}, timeout=600)
+    fields = cluster.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}, timeout=1200)
     log = (d / f"{JOB_NAME}-{job}.out").read_text()
     assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", (fields, log)
 
@@ -188,7 +189,7 @@ def test_a_job_at_its_time_limit_checkpoints_requeues_itself_and_ends_as_if_unin
 
     # The same parameters, bit for bit, as one run of the same flags never interrupted (2 ranks here).
     healed, meta = final_params(run_dir / "checkpoints")
-    launch(2, [*train, "--checkpoint-dir", tmp_path / "reference"], timeout=300)
+    launch(2, [*train, "--checkpoint-dir", tmp_path / "reference"], timeout=600)
     expected, ref_meta = final_params(tmp_path / "reference")
     assert meta["step"] == ref_meta["step"] == LIMIT_EPOCHS * STEPS_PER_EPOCH
     assert np.array_equal(healed, expected), "the requeued run's parameters differ from the uninterrupted run's"
