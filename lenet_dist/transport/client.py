@@ -38,6 +38,7 @@ class CheckpointClient:
         self._id = 0
         self.server = None
         self.trainer_step = None
+        self.control = None                         # does the trainer take control actions (its status reply)
         self.status = f"connecting to {endpoint}"
         try:
             self._open()                            # a malformed endpoint fails here, not later
@@ -72,6 +73,12 @@ class CheckpointClient:
         if got is None or got[0]["kind"] != "telemetry":
             return None
         return got[0]["rows"], got[0]["seq"]
+
+    def send_control(self, signed, timeout_ms=2000):
+        """A signed control action (control.Signer.sign) -> True when the trainer queued it, None when it did
+        not answer in time; wire.BadMessage naming why it refused it."""
+        got = self._ask(dict(signed, op="control"), timeout_ms)
+        return None if got is None else got[0].get("control") == "queued"
 
     def send_result(self, result):
         """Best effort: the trainer logs it; lost if the trainer is away."""
@@ -142,6 +149,8 @@ class CheckpointClient:
                     continue                            # a late answer to an earlier request
                 restarted = self.server is not None and header["server"] != self.server
                 self.server, self.trainer_step = header["server"], header["trainer_step"]
+                if isinstance(header.get("control"), bool):     # a status reply: does the trainer take control
+                    self.control = header["control"]
                 self.status = f"connected to trainer at {self.endpoint}" + (" (it restarted)" if restarted else "")
                 if header["kind"] == "error":
                     step = header.get("step")

@@ -19,10 +19,11 @@ class TrainerLink:
     `endpoint` is bound (tcp://127.0.0.1:PORT; port * picks a free one, see .endpoint). `results`: also
     subscribe to an evaluator's ResultsPublisher there (evaluators send results over the checkpoint channel
     anyway). `secret_key` (a .key_secret file) and `authorized` (a folder of clients' .key files) turn on
-    CurveZMQ. `log`: a logging.Logger or a callable taking one line.
+    CurveZMQ. `log`: a logging.Logger or a callable taking one line. `control`: a control.ControlGate that
+    admits "control" requests (none: every one is refused and logged).
     """
 
-    def __init__(self, endpoint, *, results=None, secret_key=None, authorized=None, log=None):
+    def __init__(self, endpoint, *, results=None, secret_key=None, authorized=None, log=None, control=None):
         self._log = wire.Limited(_as_log(log))
         self._error = _as_log(log, "error")
         self.server_id = secrets.token_hex(4)       # tells clients that the trainer was restarted
@@ -31,6 +32,7 @@ class TrainerLink:
         self._trainer_step = None
         self._results = wire.Results()
         self._telemetry = wire.Telemetry()
+        self.control = control
         self._stop = threading.Event()
         self._waiting = 0                           # parked requests; written by the server thread only
         self.requests_seen = 0                      # any evaluator asked at all? (trainer's final wait)
@@ -229,8 +231,8 @@ class TrainerLink:
         self._waiting = len(parked)                 # before _answer reads _latest: no wake-up is missed
 
     def _op_status(self, sock, ident, req, frame, parked):
-        self._send(sock, ident, wire.none_header(req_id=wire.request_id(req), server=self.server_id,
-                                                  trainer_step=self._trainer_step))
+        h = wire.none_header(req_id=wire.request_id(req), server=self.server_id, trainer_step=self._trainer_step)
+        self._send(sock, ident, dict(h, control=bool(self.control and self.control.allowed)))
 
     def _op_result(self, sock, ident, req, frame, parked):
         self._take_result(frame, "a client", req)
@@ -243,8 +245,16 @@ class TrainerLink:
         self._send(sock, ident, wire.telemetry_header(req_id=wire.request_id(req), server=self.server_id,
                                                        trainer_step=self._trainer_step, rows=rows, seq=seq))
 
+    def _op_control(self, sock, ident, req, frame, parked):
+        why = self.control.admit(wire.check_control(req)) if self.control else "control is off on this trainer"
+        if why and not self.control:
+            self._log(f"refused a control message: {why}")
+        h = wire.none_header(req_id=wire.request_id(req), server=self.server_id, trainer_step=self._trainer_step,
+                             reason=why)
+        self._send(sock, ident, h if why else dict(h, control="queued"))
+
     _OPS = {"fetch": _op_fetch, "status": _op_status, "result": _op_result,   # op -> handler; add new ops here
-            "telemetry": _op_telemetry}
+            "telemetry": _op_telemetry, "control": _op_control}
 
     def _take_result(self, frame, where, envelope=None):
         try:

@@ -16,6 +16,9 @@ A request from an evaluator is one frame, a JSON object: proto, version, op, id,
               trainer's "event": "step" dicts after `since`, oldest first, at most MAX_TELEMETRY_ROWS), seq
               (of the last row sent, or the newest the trainer has if none)
     "result": result (the evaluator's figures, see check_result)          -> no reply
+    "control": control {action, value, run_id, nonce, time, source}, mac (HMAC-SHA256, transport/control.py;
+              see check_control)                                          -> none with control "queued",
+              or error naming why it was refused
 
 Nothing here is ever unpickled: JSON and .npz only, the .npz itself checked by checkpoint.from_bytes.
 Also here, because they need no sockets: what the trainer serves (Published) and its inbox of results.
@@ -273,6 +276,25 @@ class Telemetry:
                 out.append(row)
                 seq, used = s, used + size
             return out, seq
+
+
+def check_control(req):
+    """A control request's fields by type (the MAC, the run and the freshness are control.py's): the same
+    request, or BadMessage."""
+    c = req.get("control")
+    if not isinstance(c, dict) or set(c) != {"action", "value", "run_id", "nonce", "time", "source"}:
+        raise BadMessage("control: expected an object with action, value, run_id, nonce, time, source")
+    value, when = c["value"], c["time"]
+    for key, ok in (("action", isinstance(c["action"], str) and len(c["action"]) <= 20),
+                    ("value", value is None or isinstance(value, (int, float)) and not isinstance(value, bool)),
+                    ("run_id", isinstance(c["run_id"], str) and len(c["run_id"]) <= 64),
+                    ("nonce", isinstance(c["nonce"], str) and 16 <= len(c["nonce"]) <= 64),
+                    ("time", isinstance(when, (int, float)) and not isinstance(when, bool)),
+                    ("source", isinstance(c["source"], str) and len(c["source"]) <= 200),
+                    ("mac", req.get("mac") is None or isinstance(req.get("mac"), str) and len(req["mac"]) <= 128)):
+        if not ok:
+            raise BadMessage(f"control {key} {str(c.get(key, req.get(key)))[:40]!r}: wrong type or length")
+    return req
 
 
 def check_fetch(req, max_wait_ms):
