@@ -13,6 +13,7 @@ from lenet_dist.files import check_writable_path
 from lenet_dist.launcher_env import launcher_rank
 from lenet_dist.parallel.timeline import DEFAULT_STEPS, parse_steps
 from lenet_dist.transport import wire
+from lenet_dist.transport.control import load_key as load_control_key
 
 from lenet_dist.run.faults import FaultInjector
 from lenet_dist.run.metrics import LAUNCH_RESTARTS_VAR
@@ -167,6 +168,12 @@ def parse_args(argv=None):
     g.add_argument("--curve-public-key", type=Path,
                    help="CurveZMQ: this server's public key file, checked against the secret key")
     g.add_argument("--curve-authorized", type=Path, help="CurveZMQ: folder of clients' public keys")
+    g.add_argument("--allow-control", action="store_true",
+                   help="take live control actions (stop, pause, continue, checkpoint, scale the learning rate) "
+                        "from an evaluator that signs them with --control-key-file (docs/steering.md); off: "
+                        "every control message is refused and logged")
+    g.add_argument("--control-key-file", type=Path, metavar="FILE",
+                   help="the control secret shared with the evaluator (16 bytes or more)")
     g = p.add_argument_group("modes")
     g.add_argument("--test-mode", action="store_true",
                    help="a rehearsal of the whole system (under half a minute): train 3 epochs on the shipped "
@@ -215,6 +222,14 @@ def parse_args(argv=None):
                 setattr(args, flag, wire.check_endpoint(getattr(args, flag)))     # its normal form
             except ValueError as e:
                 p.error(f"--{flag}: {e}")
+    args.control_key = None
+    if args.allow_control and not (args.publish and args.control_key_file):
+        p.error("--allow-control needs --publish and --control-key-file")
+    if args.control_key_file:
+        try:
+            args.control_key = load_control_key(args.control_key_file)
+        except ValueError as e:
+            p.error(f"--control-key-file {e}")
     if args.resume not in (None, "on", "auto"):
         p.error(f"--resume takes no value, or 'auto' (got {args.resume!r})")
     if args.checkpoint_dir is not None and str(args.checkpoint_dir).lower() == "none":

@@ -144,12 +144,15 @@ def _pointer_run(path):
         return None
 
 
+STEERED = ("early_stop", "not_learning", "control_stop")    # reasons whose one line `why` is the outcome
+
+
 def summary(facts, *, reason, step, total_steps, epoch, epochs, ranks, wall_seconds, tally, signum=0,
             saved=None, link=None, why=None):
     """The end row: {"event": "end", ...}, fractions as in the epoch rows, paths as strings. `reason`:
     "finished", "signal", or a steering decision ("early_stop", "not_learning") whose one line `why` is
     then the outcome."""
-    outcome = "stopped" if reason == "signal" else why if reason in ("early_stop", "not_learning") else "finished"
+    outcome = "stopped" if reason == "signal" else why if reason in STEERED else "finished"
     s = {"event": "end", "outcome": outcome, "step": step,
          "total_steps": total_steps, "epoch": epoch, "epochs": epochs, "ranks": ranks,
          "wall_seconds": round(wall_seconds, 3), "train_seconds": round(tally.seconds, 3), "images": tally.images,
@@ -184,7 +187,7 @@ def summary(facts, *, reason, step, total_steps, epoch, epochs, ranks, wall_seco
         s["metrics"] = str(facts.metrics)
     if facts.test_mode:                              # a rehearsal: nothing to go on with
         return s
-    if reason == "signal" and d:
+    if reason in ("signal", "control_stop") and d:
         s["resume_command"] = train_command(facts.argv, ranks, ["--resume"])
     elif reason == "signal":
         s["note"] = ("nothing was saved on disk (no --checkpoint-dir), so this run cannot be resumed; "

@@ -77,6 +77,7 @@ class Steering:
         self.cfg, self.from_evaluator = cfg, from_evaluator
         self.factor = lr_factor(cfg)
         self.scale = 1.0                            # the plateau schedule's factor, dropped by plateau_factor
+        self.control_scale = 1.0                    # the product of the lr_scale actions of live control
         self.plateau = Watch(cfg.early_stop_metric, cfg.min_delta)
         self.early = Watch(cfg.early_stop_metric, cfg.min_delta)
         self.chance_runs = 0                        # evaluations in a row at chance level
@@ -87,7 +88,13 @@ class Steering:
     @property
     def lr_scale(self):
         """What the step multiplies the schedule's learning rate by."""
-        return self.factor * self.scale
+        return self.factor * self.scale * self.control_scale
+
+    def after_control(self, action):
+        """Every rank, a live-control action agreed after a step (run/control.py): lr_scale multiplies the
+        learning rate from the next step on."""
+        if action["action"] == "lr_scale":
+            self.control_scale *= action["value"]
 
     def source(self):
         if not self.cfg.early_stop:
@@ -169,7 +176,7 @@ class Steering:
     def state(self):
         return {"scale": self.scale, "plateau": self.plateau.state(), "early_stop": self.early.state(),
                 "chance_runs": self.chance_runs, "first_loss": self.first_loss, "loss_runs": self.loss_runs,
-                "verdict_step": self.verdict_step, "ended": self.ended}
+                "verdict_step": self.verdict_step, "ended": self.ended, "control_scale": self.control_scale}
 
     def load(self, s):
         """A checkpoint's state (None: an older checkpoint, decided nothing yet)."""
@@ -181,6 +188,7 @@ class Steering:
         self.chance_runs, self.loss_runs = int(s["chance_runs"]), int(s["loss_runs"])
         self.first_loss, self.ended = s["first_loss"], s.get("ended")
         self.verdict_step = int(s.get("verdict_step", -1))
+        self.control_scale = float(s.get("control_scale", 1.0))
 
 
 def _evaluations(n):

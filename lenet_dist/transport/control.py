@@ -78,7 +78,8 @@ class ControlGate:
 
     def __init__(self, key, run_id, allowed, log, clock=time.time):
         self.key, self.run_id, self.allowed, self.clock = key, run_id, allowed, clock
-        self._complain = wire.Limited(log)
+        self._log = log
+        self._complain = {}                  # one rate-limited log line per kind of refusal
         self._lock = threading.Lock()
         self._queue, self._seen = [], {}     # admitted actions; nonce -> its time, for the window
         self.refused = 0
@@ -88,7 +89,8 @@ class ControlGate:
         why = self._why_not(req)
         if why:
             self.refused += 1
-            self._complain(f"refused a control message: {why}")
+            kind = why.split(" ", 1)[0]
+            self._complain.setdefault(kind, wire.Limited(self._log))(f"refused a control message: {why}")
             return why
         return None
 
