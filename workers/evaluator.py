@@ -46,6 +46,7 @@ from lenet_dist.files import check_writable_path, open_regular, read_regular
 from lenet_dist.run.text import one_line
 from lenet_dist.stopsignal import StopSignal
 from lenet_dist.transport import TransportError, wire
+from lenet_dist.transport.control import load_key as load_control_key
 
 from workers.common import add_data_flags, HelpFormatter, read_dataset
 
@@ -132,6 +133,10 @@ def _add_live_flags(p):
     g.add_argument("--http-no-token", action="store_true",
                    help="allow --http on a non-loopback address without --http-token-file (anyone who can "
                         "reach the port sees the run and can query the model)")
+    g.add_argument("--control-key-file", type=Path, metavar="FILE",
+                   help="the page may steer the shown run (stop, pause, continue, checkpoint, learning rate): each "
+                        "action is signed with this secret, the trainer's own --control-key-file (needs --http, "
+                        "--connect and lenet-train --allow-control; docs/steering.md)")
     g.add_argument("--tensorboard", type=Path, metavar="DIR",
                    help="write TensorBoard event files (scalars, the confusion matrix) under DIR/evaluator")
     g.add_argument("--health", metavar="[HOST:]PORT",
@@ -148,6 +153,14 @@ def _check_live_flags(p, args):
             p.error(f"--{flag} needs the {extra} extra: pip install 'lenet-dist[{extra}]'")
     if args.http_token_file and not args.http:
         p.error("--http-token-file needs --http")
+    args.control_key = None
+    if args.control_key_file:
+        if not (args.http and args.connect):
+            p.error("--control-key-file needs --http and --connect")
+        try:
+            args.control_key = load_control_key(args.control_key_file)
+        except ValueError as e:
+            p.error(f"--control-key-file {e}")
     args.health_address = _address(p, "--health", args.health) if args.health else None
     if args.http:
         args.http_address = host, _ = _address(p, "--http", args.http)
@@ -245,6 +258,11 @@ def run(args, stop):
             curve_public_key=args.curve_public_key, curve_server_key=args.curve_server_key), ds.test_images, ds.test_labels, stop, history)
         if live is not None:
             stack.callback(live.close)
+            if args.control_key:                    # the page's control actions, signed, to the shown run's trainer
+                from lenet_dist.evaluation.control import ControlRelay
+                relay = ControlRelay(args.control_key, live, (args.curve_secret_key, args.curve_public_key,
+                                                              args.curve_server_key), stop)
+                stack.callback(relay.close)
             if best is not None:
                 live.restore_best(best, model, judge)
         log.info("evaluating checkpoints from %s%s", where, "" if args.exit_after_run else

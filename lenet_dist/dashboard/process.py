@@ -123,6 +123,8 @@ class DashboardProcess:
         self._lock = threading.Lock()                       # the replay above vs the supervisor's restart
         self._closing = threading.Event()
         self.dropped = self.restarts = 0
+        self.on_control = None                              # called with each control request of the page
+        self._control = None                                # the newest control status frame
         try:
             self._spawn([self._hello])
             if not self._wait_ready(START_TIMEOUT_S):
@@ -181,9 +183,29 @@ class DashboardProcess:
             self._runs = frame
             self._put(frame)
 
+    def control_status(self, status):
+        """The page's live-control panel: whether it may act, and how its last action went (dashboard/control.py)."""
+        frame = encode({"kind": "control", "status": status})
+        with self._lock:
+            self._control = frame
+            self._put(frame)
+
+    def _read_requests(self, proc):
+        """After "ready", each line the child writes is a control request of the page, for on_control."""
+        try:
+            for line in proc.stdout:
+                try:
+                    req = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(req, dict) and req.get("kind") == "control" and self.on_control is not None:
+                    self.on_control(req)
+        except (OSError, ValueError):           # the supervisor closed the pipe of a child that died
+            pass
+
     def _replay(self):
         """The frames that give a new child what the dead one had."""
-        out = [self._hello]
+        out = [self._hello] + ([self._control] if self._control is not None else [])
         if self._runs is not None:
             out.append(self._runs)
         if self._run is not None:                   # the shown run, with its history so far
@@ -223,7 +245,10 @@ class DashboardProcess:
         reader = threading.Thread(target=lambda: got.append(proc.stdout.readline()), daemon=True)
         reader.start()
         reader.join(timeout)
-        return bool(got) and got[0].strip() == b"ready"
+        if bool(got) and got[0].strip() == b"ready":
+            threading.Thread(target=self._read_requests, args=(proc,), daemon=True, name="lenet-dashboard-requests").start()
+            return True
+        return False
 
     def _kill(self):
         self._dead.set()
@@ -359,6 +384,7 @@ def short_slices(ns=SLICE_NS):
 
 def main(argv=None):
     from lenet_dist.evaluation.analysis import Analysis
+    from lenet_dist.dashboard import control
     from lenet_dist.dashboard.app import DashboardServer
     from lenet_dist.dashboard.state import LiveState
     argv = sys.argv[1:] if argv is None else argv
@@ -384,6 +410,7 @@ def main(argv=None):
     gc.freeze()
     stdout.write("ready\n")
     stdout.flush()
+    control.channel.attach(stdout)          # from now on stdout carries the page's control requests
     try:
         while (frame := read(stdin)) is not None:
             head, arrays = frame
@@ -395,6 +422,8 @@ def main(argv=None):
                 state.start_run(head["run"], head["results"], bool(head.get("keep_steps")))
             elif head.get("kind") == "runs":
                 state.set_runs(head["runs"])
+            elif head.get("kind") == "control":
+                control.channel.update(head["status"])
             elif head.get("kind") == "evaluation":
                 a = head["analysis"]
                 detail = Analysis(a["loss"], a["accuracy"], np.asarray(a["confusion"], np.int64), a["worst"])
