@@ -17,6 +17,15 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def host_port(p, flag, text):
+    """[HOST:]PORT -> (host, port), host 127.0.0.1 unless given; p.error on a bad one."""
+    host, _, port = text.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        p.error(f"{flag} {text!r}: expected [HOST:]PORT with a port in [0, 65535]")
+    return host, int(port)
+
+
 DATA_HINT = ("point --data-dir (or LENET_DATA_DIR) at a folder with the four IDX files, run `lenet-data fetch` "
              "(with the same --dataset) where there is network access, or try `lenet-train --test-mode` for a first look")
 

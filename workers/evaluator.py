@@ -48,7 +48,7 @@ from lenet_dist.stopsignal import StopSignal
 from lenet_dist.transport import TransportError, wire
 from lenet_dist.transport.control import load_key as load_control_key
 
-from workers.common import add_data_flags, HelpFormatter, read_dataset
+from workers.common import add_data_flags, HelpFormatter, host_port, read_dataset
 
 log = logging.getLogger("lenet.evaluator")
 
@@ -161,9 +161,9 @@ def _check_live_flags(p, args):
             args.control_key = load_control_key(args.control_key_file)
         except ValueError as e:
             p.error(f"--control-key-file {e}")
-    args.health_address = _address(p, "--health", args.health) if args.health else None
+    args.health_address = host_port(p, "--health", args.health) if args.health else None
     if args.http:
-        args.http_address = host, _ = _address(p, "--http", args.http)
+        args.http_address = host, _ = host_port(p, "--http", args.http)
         if not args.http_token_file and not wire.is_loopback(host):
             if not args.http_no_token:
                 p.error(f"--http {args.http}: a non-loopback address needs --http-token-file (or --http-no-token "
@@ -179,15 +179,6 @@ def _check_live_flags(p, args):
             p.error(f"--http-token-file {args.http_token_file}: the token must be one word of 16 characters "
                     f"or more")
         args.http_token = token
-
-
-def _address(p, flag, text):
-    """[HOST:]PORT -> (host, port); p.error on a bad one."""
-    host, _, port = text.rpartition(":")
-    host = host.strip("[]") or "127.0.0.1"
-    if not port.isdigit() or not 0 <= int(port) <= 65535:
-        p.error(f"{flag} {text!r}: expected [HOST:]PORT with a port in [0, 65535]")
-    return host, int(port)
 
 
 def _dataset(args):
