@@ -8,6 +8,9 @@ their own and with the standard library only, so they need no dashboard extra:
     JSON bodies: {"status": ..., "why": ..., "evaluations": N, "last_step": S, "heartbeat_age_s": x}
     GET /metrics    Prometheus' text format (evaluation/metrics.py), when the evaluator gives a source of it
 
+lenet-train --metrics-port serves its /healthz, /readyz and /metrics with the same server
+(run/prometheus.py): alive while its steps go on, ready while it trains.
+
 Each connection gets a thread of its own, at most MAX_CLIENTS at once (others are closed at once), and a
 5 s socket timeout, so a slow or hostile client cannot hold the probes off for long.
 """
@@ -18,6 +21,8 @@ import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from lenet_dist.exposition import CONTENT_TYPE
 
 LIVENESS_S = 300.0
 MAX_CLIENTS = 32
@@ -69,7 +74,7 @@ class HealthServer:
                 elif self.path == "/readyz":
                     ok, status = r["ready"] and r["alive"], "ready" if r["ready"] else "not ready"
                 elif self.path == "/metrics" and metrics is not None:
-                    self._send(200, metrics().encode(), "text/plain; version=0.0.4; charset=utf-8")
+                    self._send(200, metrics().encode(), CONTENT_TYPE)
                     return
                 else:
                     self._send(404, {"error": f"no {self.path[:60]!r} here: /healthz, /readyz or /metrics"})

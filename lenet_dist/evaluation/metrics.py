@@ -5,8 +5,13 @@ series is labelled run (its name) and run_id. The counters are rebuilt from the 
 so they survive a restart when the evaluator keeps a report.
 
     text = metrics_text(history, health)
+
+The per-run figures are run_figures(run), rendered by run_families(): the dashboard's /metrics serves the
+same families from the same figures, which the evaluator hands it with the list of runs.
 """
 from __future__ import annotations
+
+from lenet_dist.exposition import Family, render
 
 PREFIX = "lenet_evaluator_"
 
@@ -35,42 +40,33 @@ PER_RUN = [
 ]
 
 
-def _label(value):
-    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+def run_figures(run):
+    """{name: value} of one run (a RunHistory), PER_RUN's figures by name (None: not known yet), with its
+    labels under "labels": JSON-ready, so the dashboard's process can be given them (one source of truth)."""
+    if run.last is None:
+        return {"labels": {"run": run.name, "run_id": run.run_id or ""}}
+    return {"labels": {"run": run.name, "run_id": run.run_id or ""},
+            **{name: figure(run) for name, _, _, figure in PER_RUN}}
 
 
-def _number(v):
-    return repr(float(v))
+def run_families(figures):
+    """The per-run families (exposition.Family) of `figures`, a list of run_figures() dicts."""
+    families = [Family(PREFIX + name, kind, doc, [(f["labels"], f.get(name)) for f in figures])
+                for name, kind, doc, _ in PER_RUN]
+    return families + [Family(PREFIX + "runs", "gauge", "runs in the evaluator's history", [({}, len(figures))])]
 
 
 def metrics_text(history, health=None, started=None):
     """The exposition text (str) of every run in `history`, and the process' own state from `health`."""
-    lines = []
-
-    def family(name, kind, doc, samples):
-        lines.append(f"# HELP {PREFIX}{name} {doc}")
-        lines.append(f"# TYPE {PREFIX}{name} {kind}")
-        for labels, value in samples:
-            text = ",".join(f'{k}="{_label(v)}"' for k, v in labels.items())
-            lines.append(f"{PREFIX}{name}{{{text}}} {_number(value)}" if text else f"{PREFIX}{name} {_number(value)}")
-
-    runs = history.runs()
-    for name, kind, doc, figure in PER_RUN:
-        samples = []
-        for r in runs:
-            if r.last is None:
-                continue
-            v = figure(r)
-            if v is not None:
-                samples.append(({"run": r.name, "run_id": r.run_id or ""}, v))
-        family(name, kind, doc, samples)
-    family("runs", "gauge", "runs in the evaluator's history", [({}, len(runs))])
+    families = run_families([run_figures(r) for r in history.runs()])
     if health is not None:
         r = health.report()
-        family("ready", "gauge", "1 while the data is loaded and checkpoints are evaluated or awaited",
-               [({}, int(r["ready"]))])
-        family("heartbeat_age_seconds", "gauge", "seconds since the evaluator's loop last turned",
-               [({}, r["heartbeat_age_s"])])
+        families.append(Family(PREFIX + "ready", "gauge",
+                               "1 while the data is loaded and checkpoints are evaluated or awaited",
+                               [({}, int(r["ready"]))]))
+        families.append(Family(PREFIX + "heartbeat_age_seconds", "gauge", "seconds since the evaluator's loop last turned",
+                               [({}, r["heartbeat_age_s"])]))
     if started is not None:
-        family("start_time_seconds", "gauge", "Unix time the evaluator started", [({}, started)])
-    return "\n".join(lines) + "\n"
+        families.append(Family(PREFIX + "start_time_seconds", "gauge", "Unix time the evaluator started",
+                               [({}, started)]))
+    return render(families)
