@@ -30,7 +30,7 @@ from lenet_dist.launcher_env import launcher_size, LauncherMismatch
 from lenet_dist.parallel.balance import straggler
 from lenet_dist.parallel.step import DataParallelTrainer
 from lenet_dist.parallel.timeline import timeline_for
-from lenet_dist.run import exitcodes, setup
+from lenet_dist.run import control as live_control, exitcodes, setup
 from lenet_dist.run.outcome import agreed_signal, position, summary, Tally, train_command, what_was_saved
 from lenet_dist.run.process import blas_threads, raise_open_files_limit, setup_logging
 from lenet_dist.run.progress import ProgressSink
@@ -63,6 +63,7 @@ class Run:
     saved: object = None        # rank 0: the newest checkpoint file written
     guard: object = None        # the stall guard of the loop
     progress: object = None     # the loop's StepState: its epoch sums go into checkpoints
+    control: object = None      # live control (run/control.py), on every rank
     carried: tuple = (0, 0.0, 0)    # a resumed epoch's sums before the checkpoint (seen, loss sum, correct)
 
     @property
@@ -76,7 +77,8 @@ def run(flags, comm):
     if r is None:
         return 0
     try:
-        r.link = _open_link(flags.args, log) if flags.args.publish and r.rank0 else None
+        r.link = _open_link(flags.args, log, r.state.run_id) if flags.args.publish and r.rank0 else None
+        r.control = live_control.LiveControl(comm, r.link and r.link.control)
         return _train(r)
     finally:
         if r.link:
@@ -172,14 +174,19 @@ def _describe(trainer, comm, data, steer):
         log.info("--balance: shards follow each rank's measured speed (rank_shares in the metrics)")
 
 
-def _open_link(args, log):
-    """Rank 0 with --publish: the link that serves checkpoints to evaluators."""
+def _open_link(args, log, run_id):
+    """Rank 0 with --publish: the link that serves checkpoints to evaluators (and admits live control)."""
     from lenet_dist.transport import TrainerLink, load_key_pair
+    from lenet_dist.transport.control import ControlGate
     if args.curve_public_key and args.curve_secret_key:
         load_key_pair(args.curve_secret_key, args.curve_public_key)
     raise_open_files_limit(log)
     link = TrainerLink(args.publish, results=args.results, secret_key=args.curve_secret_key,
-                       authorized=args.curve_authorized, log=log)
+                       authorized=args.curve_authorized, log=log,
+                       control=ControlGate(args.control_key, run_id, args.allow_control, log.warning))
+    if args.allow_control:
+        log.info("live control on (--allow-control): stop, pause, continue, checkpoint, lr_scale from a signed "
+                 "evaluator")
     log.info("serving checkpoints on %s%s", link.endpoint,
              f", results also from {link.results_endpoint}" if link.results_endpoint else "")
     return link
@@ -206,6 +213,7 @@ def _train(r):
         state = r.progress = StepState()
         first_step = trainer.step + 1      # logged when done: lenet-launch's restart time ends there
         announced = False                  # the measured allreduce path has been logged
+        end = None                         # what ends the run, agreed after a voted step
         while not trainer.done:
             ep_start_step, t0 = trainer.step, time.perf_counter()
             epoch = trainer.epoch
@@ -216,7 +224,8 @@ def _train(r):
             while trainer.epoch == epoch and not trainer.done:
                 flags.fault.maybe_fire(trainer, comm.rank)
                 verdict_stop = _verdicts(r)      # rank 0: the evaluator's verdicts may end the run ...
-                B, l, c, stop_all, lr = trainer.train_step(stop_request=bool(stop.signum) or verdict_stop)
+                B, l, c, stop_all, lr = trainer.train_step(stop_request=bool(stop.signum) or verdict_stop
+                                                           or r.control.wanted())   # ... and so may live control
                 guard.beat()
                 if trainer.reducer.chooser and trainer.reducer.chooser.decided and not announced:
                     announced = True
@@ -230,14 +239,14 @@ def _train(r):
                 sinks.on_step(state)
                 if args.sync_every and trainer.step % args.sync_every == 0:
                     trainer.check_synced()
-                if stop_all:
+                if stop_all and (end := _agreed(r, stop, sinks)):  # [dist] what every rank voted on
                     break
                 if args.checkpoint_every and trainer.step % args.checkpoint_every == 0 and trainer.epoch == epoch:
                     _checkpoint(r)
             train_seconds = time.perf_counter() - t0
             tally.add_training(state.epoch_seen - r.carried[0], train_seconds)
-            if stop_all:
-                return _stop(r, stop, sinks, tally, facts, t_start)
+            if end:
+                return _stop(r, end, stop, sinks, tally, facts, t_start)
             record, decision = _end_epoch(r, state, train_seconds, ep_start_step, lr)
             r.carried = (0, 0.0, 0)
             guard.beat()
@@ -264,13 +273,64 @@ def _train(r):
         sinks.close()
 
 
-def _stop(r, stop, sinks, tally, facts, t_start):
-    """Every rank agreed to stop: the stop checkpoint, the end row, the exit status 128 + signal."""
+def _agreed(r, stop, sinks):
+    """Every rank, after a step some rank voted on: rank 0's live-control actions applied alike, then what
+    ends the run: ("signal", N), ("early_stop", why), ("control_stop", why), or None (train on)."""
+    actions, early = r.control.agree(r.steer.ended if r.rank0 else None)     # [dist]
+    end = None
+    for action in actions:
+        end = end or _apply_control(r, action, stop, sinks)
+    signum = agreed_signal(r.comm, stop.signum)                         # [dist] the same on every rank
+    return ("signal", signum) if signum else ("early_stop", early) if early else end
+
+
+def _apply_control(r, action, stop, sinks):
+    """Every rank, one agreed action after step S: its row and record, then what it does."""
+    step, kind = r.trainer.step, action["action"]
+    if kind == "resume":                    # not paused: nothing to continue
+        if r.rank0:
+            log.info("control: continue at step %d, but the run is not paused", step)
+        return None
+    _control_row(r, sinks, action)
+    if kind == "lr_scale":
+        r.steer.after_control(action)
+        r.trainer.lr_scale = r.steer.lr_scale
+        if r.rank0:
+            log.info("control: learning rate x%g from step %d (%s)", action["value"], step + 1, action["source"])
+    elif kind == "checkpoint":
+        _checkpoint(r)
+        if r.rank0:
+            log.info("control: checkpoint at step %d (%s)", step, action["source"])
+    elif kind == "pause":
+        log.warning("control: paused after step %d (%s); this rank sleeps until continue or stop", step,
+                    action["source"])           # every rank: each says where it sleeps
+        ended = r.control.pause(lambda: bool(stop.signum), r.guard.beat)     # [dist]
+        if ended["action"] == "signal":
+            return None                     # agreed_signal ends the run
+        _control_row(r, sinks, ended)
+        if r.rank0 and ended["action"] == "resume":
+            log.info("control: continued at step %d (%s)", step, ended["source"])
+        action = ended
+    if action["action"] == "stop":
+        return "control_stop", f"stopped from the {action['source']} at step {step} (live control)"
+    return None
+
+
+def _control_row(r, sinks, action):
+    row = live_control.row(r.trainer.step, action)
+    sinks.on_event(row)
+    if r.rank0:
+        r.state.config_changes.append(live_control.record(r.trainer.step, action))
+
+
+def _stop(r, end, stop, sinks, tally, facts, t_start):
+    """Every rank agreed to stop (`end`, from _agreed): the stop checkpoint, the end row, the exit status
+    128 + signal (0 when a decision or live control stopped it)."""
     comm, trainer = r.comm, r.trainer
-    signum = agreed_signal(comm, stop.signum)                           # [dist] the same on every rank
+    kind, signum = end
     _checkpoint(r)
-    if not signum:                          # ... voted by rank 0 alone: the evaluator's verdicts ended the run
-        return _steered_end(r, "early_stop", r.steer.ended, stop, sinks, tally, facts, t_start)
+    if kind != "signal":                    # ... voted by rank 0 alone: the evaluator's verdicts or live control
+        return _steered_end(r, kind, signum, stop, sinks, tally, facts, t_start)
     log.warning("stopped by signal %d at step %d (%s); %s; exit status %d", signum, trainer.step,
                 signal_name(signum), what_was_saved(r.flags.plan.directory, r.saved, r.link, r.rank0),
                 exitcodes.stopped(signum))
