@@ -9,6 +9,7 @@
     POST /api/predict           a drawn digit -> MNIST-style 28x28 input, ten probabilities, feature maps;
                                 body: JSON {"pixels": [784 values in [0,1]]} (a 28x28 drawing), or a PNG of
                                 at most 64 KiB and 1024x1024 (bright ink on dark); ?model=newest|best
+    GET  /api/control           may the page steer the shown run; POST: a control action (dashboard/control.py)
     GET  /api/stream            server-sent events: steps, evaluation, checkpoint (replays from Last-Event-ID)
     GET  /metrics               Prometheus text format
 
@@ -43,7 +44,7 @@ from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from lenet_dist.dashboard import guard
+from lenet_dist.dashboard import control, guard
 from lenet_dist.dashboard.metrics import metrics_text
 from lenet_dist.evaluation import analysis
 
@@ -251,7 +252,7 @@ def build_app(state, token=None, closing=None):
 
     app = Starlette(routes=[
         Route("/", index), Route("/api/state", api_state), Route("/api/history", api_history),
-        Route("/api/runs", api_runs),
+        Route("/api/runs", api_runs), Route("/api/control", control.endpoint, methods=["GET", "POST"]),
         Route("/api/checkpoint", api_checkpoint), Route("/api/digit/{index}", api_digit),
         Route("/api/predict", api_predict, methods=["POST"]), Route("/api/stream", api_stream),
         Route("/metrics", metrics), Mount("/static", StaticFiles(directory=STATIC), name="static"),
