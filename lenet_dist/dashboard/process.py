@@ -246,7 +246,8 @@ class DashboardProcess:
         reader.start()
         reader.join(timeout)
         if bool(got) and got[0].strip() == b"ready":
-            threading.Thread(target=self._read_requests, args=(proc,), daemon=True, name="lenet-dashboard-requests").start()
+            threading.Thread(target=self._read_requests, args=(proc,), daemon=True,
+                             name="lenet-dashboard-requests").start()
             return True
         return False
 

@@ -100,5 +100,6 @@ class ControlRelay:
             except (ValueError, wire.BadMessage) as e:
                 last.update(state="refused", why=str(e))
         log.info("control from the page (%s): %s %s -> %s%s", req.get("who"), last["action"],
-                 "" if last["value"] is None else last["value"], last["state"], f": {last['why']}" if last["why"] else "")
+                 "" if last["value"] is None else last["value"], last["state"],
+                 f": {last['why']}" if last["why"] else "")
         self.last = last
