@@ -47,7 +47,10 @@ def test_rank_count_equivalence(tmp_path, n):
     # Rounding differences (summation order) are ~1e-7 per step; training amplifies them once a max-pool
     # near-tie flips (even 1 vs 2 BLAS threads in one process can end 20% apart at lr 0.05, see README).
     # At lr 0.01 the trajectories stay together; --deterministic removes the question entirely (below).
-    eq = ["--batch-size", "50", "--epochs", "3", "--lr", "0.01", "--checkpoint-every", "100", "--keep", "5"]
+    # No shifts: with the default --augment-shift 1 a near-tie flips between steps 80 and 90 at this seed;
+    # the deterministic test below covers the shifts bit for bit.
+    eq = ["--batch-size", "50", "--epochs", "3", "--lr", "0.01", "--checkpoint-every", "100", "--keep", "5",
+          "--augment-shift", "0"]
     d1, _ = train(0, tmp_path, "one", *eq)
     dn, _ = train(n, tmp_path, f"n{n}", *eq)
     assert rel_diff(params_at(dn, 100), params_at(d1, 100)) <= 1e-5      # after 100 steps

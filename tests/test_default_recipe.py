@@ -1,0 +1,33 @@
+"""The default recipe (random shifts of 1 px, weight decay 2e-3: docs/performance.md) and the checkpoints
+saved before it was the default: a resumed run continues the recipe its checkpoint saved, not today's."""
+import numpy as np
+
+from lenet_dist.config import TrainConfig
+
+from tests.mpiutil import final_params, launch
+
+OLD = {"augment_shift": 0, "weight_decay": 5e-4}             # the defaults before the measured recipe
+OLD_FLAGS = ["--augment-shift", "0", "--weight-decay", "5e-4"]
+# 2,000 subset examples / batch 20 = 100 steps; a checkpoint every 10
+BASE = ["--subset", "--epochs", "1", "--batch-size", "20", "--seed", "7", "--no-progress", "--log-level", "WARNING",
+        "--val-size", "0", "--checkpoint-every", "10"]
+
+
+def test_the_defaults_are_the_recipe_docs_performance_measures():
+    d = TrainConfig()
+    assert (d.epochs, d.augment_shift, d.weight_decay, d.schedule) == (5, 1, 2e-3, "cosine")
+    assert {k: getattr(d, k) for k in OLD} != OLD
+
+
+def test_a_checkpoint_saved_with_the_old_defaults_resumes_with_them_bit_identical(tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    launch(0, [*BASE, *OLD_FLAGS, "--checkpoint-dir", full])
+    p = launch(0, [*BASE, *OLD_FLAGS, "--checkpoint-dir", part, "--fault", "0:45:exit"], check=False)
+    assert p.returncode != 0
+    p = launch(0, [*BASE, "--checkpoint-dir", part, "--resume", "--log-level", "INFO"])   # no recipe flags
+    assert "resumed from" in p.stderr and "step 40" in p.stderr and "differs" not in p.stderr
+    a, ma = final_params(full)
+    b, mb = final_params(part)
+    assert mb["step"] == 100 and {k: mb["config"][k] for k in OLD} == OLD
+    assert not mb.get("config_changes")
+    assert np.array_equal(a, b)                                # trained on with the saved recipe, bit for bit
