@@ -4,12 +4,16 @@ Runs `lenet-train` once per seed with the given training flags (on --ranks proce
 > 1), reads the end row of each run's --metrics file, and prints one line per seed and a summary: the
 median test accuracy of the model chosen on validation (the figure the README quotes), its spread, the
 last epoch's test accuracy and the median wall time. With --against, each seed first runs the reference
-flags and then the candidate, back to back, and the summary adds the candidate/reference wall-time ratio
-of each pair: on a shared machine only such paired ratios are worth comparing, not raw seconds.
+flags and the candidate back to back (the order alternating from seed to seed, so that a load that
+comes or goes favours neither), and the summary adds the candidate/reference ratio of each pair, of wall
+time and of CPU time (every process of the run, user + system): on a shared machine only such paired
+ratios are worth comparing, not raw seconds, and CPU time moves less with the load than wall time. A run
+ended by --early-stop counts as done: its line and the summary say how many epochs it ran.
 
     python bench/recipe.py --seeds 0,1,2 -- --augment-shift 1
     python bench/recipe.py --ranks 2 --seeds 0,1,2 --against "" -- --augment-shift 1
-    python bench/recipe.py --ranks 2 --seeds 0,1,2 -- --epochs 20 --augment-shift 2
+    python bench/recipe.py --ranks 2 --seeds 0,1,2 -- --epochs 30 --augment-shift 2
+    python bench/recipe.py --ranks 2 --against "--epochs 30 --augment-shift 2" -- --epochs 30 --augment-shift 2 --early-stop 5
 
 Training flags go after `--`; the data comes from --data-dir (default $LENET_DATA_DIR). One BLAS thread
 per process (--threads 0 is one). Accuracy does not depend on the machine's load; wall time does.
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shlex
 import statistics
 import subprocess
@@ -38,29 +43,35 @@ def run_once(flags, seed, ranks, data_dir, mpirun, trainer):
         if ranks > 1:
             cmd = [mpirun, "-n", str(ranks), *cmd]
         env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
         if proc.returncode != 0:
             sys.exit(f"exit status {proc.returncode}: {shlex.join(cmd)}\n{proc.stderr[-2000:]}")
         rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     end = [r for r in rows if r.get("event") == "end"]
-    if not end or end[-1].get("outcome") != "finished":
-        sys.exit(f"no finished end row in the metrics of: {shlex.join(cmd)}")
-    return end[-1]
+    if not end or not (end[-1].get("outcome") == "finished" or end[-1].get("outcome", "").startswith("early stop")):
+        sys.exit(f"no finished or early-stopped end row in the metrics of: {shlex.join(cmd)}")
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return dict(end[-1], cpu_seconds=cpu)
 
 
 def describe(label, seed, end):
     return (f"{label:9s} seed {seed}: test {100 * end['best_test_acc']:.2f}% (validation's pick, epoch "
             f"{end['best_epoch']}) | last epoch {100 * end['test_acc']:.2f}% | wall {end['wall_seconds']:.1f}s "
-            f"(training {end['train_seconds']:.1f}s)")
+            f"(training {end['train_seconds']:.1f}s, CPU {end['cpu_seconds']:.1f}s) | {end['epoch']}/{end['epochs']} epochs"
+            + (f" ({end['outcome']})" if end["outcome"] != "finished" else ""))
 
 
 def summary(label, ends):
     best = [100 * e["best_test_acc"] for e in ends]
     last = [100 * e["test_acc"] for e in ends]
     wall = [e["wall_seconds"] for e in ends]
+    epochs = [e["epoch"] for e in ends]
     return (f"{label:9s} median test {statistics.median(best):.2f}% (validation's pick; range "
             f"{min(best):.2f}-{max(best):.2f}, spread {max(best) - min(best):.2f}) | last epoch median "
-            f"{statistics.median(last):.2f}% | median wall {statistics.median(wall):.1f}s over {len(ends)} seeds")
+            f"{statistics.median(last):.2f}% | median wall {statistics.median(wall):.1f}s | epochs run "
+            f"{', '.join(map(str, epochs))} over {len(ends)} seeds")
 
 
 def main(argv=None):
@@ -84,16 +95,17 @@ def main(argv=None):
     for label, f in runs:
         print(f"{label}: {a.ranks} rank(s): lenet-train {shlex.join(f)}", flush=True)
     ends = {label: [] for label, _ in runs}
-    for seed in seeds:
-        for label, f in runs:
+    for i, seed in enumerate(seeds):
+        for label, f in (runs if i % 2 == 0 else runs[::-1]):
             ends[label].append(run_once(f, seed, a.ranks, a.data_dir, a.mpirun, a.trainer))
             print(describe(label, seed, ends[label][-1]), flush=True)
     for label, _ in runs:
         print(summary(label, ends[label]))
     if a.against is not None:
-        ratios = [c["wall_seconds"] / r["wall_seconds"] for r, c in zip(ends["reference"], ends["candidate"])]
-        print(f"wall time candidate/reference, paired back to back: {', '.join(f'{x:.3f}' for x in ratios)}"
-              f" (median {statistics.median(ratios):.3f})")
+        for what, key in (("wall", "wall_seconds"), ("CPU", "cpu_seconds")):
+            ratios = [c[key] / r[key] for r, c in zip(ends["reference"], ends["candidate"])]
+            print(f"{what} time candidate/reference, paired back to back: {', '.join(f'{x:.3f}' for x in ratios)}"
+                  f" (median {statistics.median(ratios):.3f})")
 
 
 if __name__ == "__main__":
