@@ -19,7 +19,11 @@ warning otherwise), runs --warmup steps, then times --steps steps. Per configura
     peak_rss_mb         ru_maxrss, max over the ranks (with the full training and test set loaded)
 
 then one summary line: medians over the repeats, and the ratios the issue asks for (2 ranks / 1 rank,
-4 ranks / 2 ranks), each both as the ratio of the medians and as the median of the per-repeat ratios.
+4 ranks / 2 ranks), each as the ratio of the medians, the median of the per-repeat ratios (the goal's
+figure: a round's -n 4 beside its own -n 2) and every round's ratio (`per_round`).
+
+4 ranks on 2 cores take turns by default (lenet_dist/parallel/turns.py); against the ranks competing:
+    python bench/scaling.py --ranks 2,4 --variant turns: --variant free:LENET_TURNS=off [--batch 64]
 
 A variant is NAME:KEY=VALUE,KEY=VALUE. By default a worker opens MPI as lenet-train does (MPIComm(),
 whose MPICH defaults apply); `@raw` in a variant opens it without the oversubscribed node's naps and
@@ -201,7 +205,7 @@ def launcher(args):
                    if "error" not in x and "error" not in y]
             if per:
                 paired[f"{a}/{b}"] = {"ratio_of_medians": ratio(med[a]["images_per_s"], med[b]["images_per_s"]),
-                                      "median_paired": round(statistics.median(per), 3)}
+                                      "median_paired": round(statistics.median(per), 3), "per_round": per}
         summary["variants"][name] = {"env": {**extra, **env}, "flags": list(flags), "by_ranks": med, "ratios": paired}
     # every variant against the first one, rank count by rank count (e.g. tuned vs plain MPICH at -n 4)
     base = variants[0][0]
@@ -217,7 +221,7 @@ def launcher(args):
     for name in summary["variants"]:
         r = summary["variants"][name]["ratios"]
         targets[name] = {"2/1>=1.85": r.get("2/1", {}).get("ratio_of_medians", 0) >= 1.85 if "2/1" in r else None,
-                         "4/2>=0.85": r.get("4/2", {}).get("ratio_of_medians", 0) >= 0.85 if "4/2" in r else None}
+                         "4/2>=0.9": r.get("4/2", {}).get("median_paired", 0) >= 0.9 if "4/2" in r else None}
     summary["targets_met"] = targets
     print(json.dumps(summary), flush=True)
     return 0

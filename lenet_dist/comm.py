@@ -4,8 +4,9 @@ The communicator's calls: rank, size, in-place allreduce (sum) of a NumPy buffer
 allgather of a small buffer, barrier, abort, and the non-blocking sums the bucketed reducer starts during
 backward (parallel/buckets.py). `LocalComm` is the one-process version and needs no MPI at all; `MPIComm`
 uses mpi4py's upper-case buffer calls only (no pickle ever crosses the wire); JSON travels as its bytes
-(bcast_json, allgather_json). Around them: how a rank waits on a node with more ranks than cores. What the
-launcher says before MPI starts (ranks, node layout, launcher checks) is read in launcher_env.py.
+(bcast_json, allgather_json). Around them: how a rank waits on a node with more ranks than cores, and the
+node's sleeping barrier for ranks that take turns there (parallel/turns.py). What the launcher says before
+MPI starts (ranks, node layout, launcher checks) is read in launcher_env.py.
 """
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ import time
 
 import numpy as np
 
-from lenet_dist.launcher_env import check_launcher, launched_by_mpi, library_family, oversubscribed
+from lenet_dist import cpus
+from lenet_dist.launcher_env import check_launcher, launched_by_mpi, library_family, node_layout, oversubscribed
 from lenet_dist.parallel.halfprec import from_bfloat16, to_bfloat16
+from lenet_dist.parallel import turns as turns_
 
 
 # An MPI library spins while it waits for a peer. On an oversubscribed node (mpirun -n 4 on 2 cores, or any
@@ -62,6 +65,7 @@ class LocalComm:
     rank, size, is_mpi = 0, 1, False
     ranks_per_node = 1
     nap = None                              # no arrival barrier: nothing to wait for
+    turns, turn, turn_size = 1, 0, 1        # no turns (parallel/turns.py)
 
     def allreduce_(self, buf, nonblocking=False):
         return buf
@@ -129,17 +133,21 @@ class MPIComm:
         check_launcher(self.library)
         # nap: seconds between arrival tests, None: the collective waits alone; tuning: what was set
         self.nap, self.tuning = self._waiting_politely()
+        turn_setting = turns_.parse_setting(os.environ.get(turns_.VAR))   # a bad value fails before MPI_Init
         if not MPI.Is_initialized():
             MPI.Init()
         self.comm = MPI.COMM_WORLD
         self.gather_comm = self.comm.Dup()  # the compressed sums' allgathers (iallgather_), in an order of their own
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
-        node = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
-        most = np.array([node.Get_size()], np.int64)
-        node.Free()
+        self.node = self.comm.Split_type(MPI.COMM_TYPE_SHARED)   # this node's ranks: the turns' barriers
+        most = np.array([self.node.Get_size()], np.int64)
         self.comm.Allreduce(MPI.IN_PLACE, most, op=MPI.MAX)
         self.ranks_per_node = int(most[0])  # the most ranks any node holds (MPI's own view of the placement)
         check_launcher(self.library, self.size)
+        # turns: this node's (parallel/turns.py), from its ranks and the cores they may use together
+        self.node_cores = self._node_cores()
+        self.turns, self.turn, self.turn_size = turns_.plan(
+            self.node.Get_rank(), self.node.Get_size(), self.node_cores, turn_setting)
 
     def _waiting_politely(self):
         """(nap, library settings applied) for a node with more ranks than cores, before MPI_Init (see
@@ -171,6 +179,26 @@ class MPIComm:
             arrived = self.comm.Ibarrier()
             while not arrived.Test():
                 time.sleep(self.nap)        # give the core to the peer we wait for
+
+    def _node_cores(self):
+        """Cores this node's ranks may use between them: the union of their affinity masks (a launcher
+        that binds each rank to a core leaves each a mask of one), capped as node_layout caps a node's cores
+        (cgroup quota, Slurm, LENET_NODE_CORES)."""
+        mine = cpus.affinity()
+        width = np.array([max(mine) + 1], np.int64)
+        self.node.Allreduce(self.MPI.IN_PLACE, width, op=self.MPI.MAX)
+        mask = np.zeros(int(width[0]), np.uint8)
+        mask[mine] = 1
+        self.node.Allreduce(self.MPI.IN_PLACE, mask, op=self.MPI.MAX)
+        return node_layout(cpu_count=int(mask.sum()))[1]
+
+    def turn_barrier(self):
+        """Return once every rank of this node has arrived here, sleeping meanwhile (naps even when the
+        sums wait alone): a rank whose turn it is not gives its core away (parallel/turns.py)."""
+        arrived = self.node.Ibarrier()
+        nap = NAP_US_DEFAULT * 1e-6 if self.nap is None else self.nap
+        while not arrived.Test():
+            time.sleep(nap)
 
     def wait_idle(self, tick=None, nap=0.05):
         """Return once every rank has arrived here, sleeping `nap` seconds between tests and calling `tick()`

@@ -50,9 +50,16 @@ def cgroup_quota(proc_cgroup="/proc/self/cgroup", root="/sys/fs/cgroup"):
     return min(quotas) if quotas else None
 
 
+def affinity():
+    """The CPUs this process may run on (its affinity mask), sorted."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
 def available(proc_cgroup="/proc/self/cgroup", root="/sys/fs/cgroup"):
     """(CPUs this process may use, at least 1; one line saying why)."""
-    mask = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    mask = len(affinity())
     quota = cgroup_quota(proc_cgroup, root)
     n = mask if quota is None else max(1, min(mask, math.ceil(quota - 1e-9)))
     return n, (f"{mask} CPU{'s' * (mask != 1)} in its affinity mask, "

@@ -10,5 +10,6 @@
     compressed.py  the buckets in half precision: encoded with error feedback, halves summed (HalfSum)
     halfprec.py    half-precision rounding, agreed scales, error feedback (numbers only, no MPI)
     balance.py     --balance: shard sizes that follow each rank's measured speed
+    turns.py       more ranks than cores on a node: its ranks compute in turns of at most `cores` ranks
     timeline.py    --timeline: every rank's phases over a window of steps, as a Chrome trace
 """

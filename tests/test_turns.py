@@ -1,0 +1,99 @@
+"""Ranks that share a core take turns (lenet_dist/parallel/turns.py): the plan, and real `mpirun -n 4` jobs on
+this machine's cores: the turns are taken, and they change no bit of the result."""
+import json
+
+import numpy as np
+import pytest
+
+from lenet_dist.parallel.turns import parse_setting, plan
+
+from tests.mpiutil import final_params, launch
+
+BASE = ["--subset", "--epochs", "1", "--batch-size", "20", "--lr", "0.05", "--seed", "7", "--no-progress",
+        "--log-level", "WARNING", "--stall-timeout", "20", "--val-size", "0"]
+
+
+@pytest.mark.parametrize("local_size, cores, setting, turns_of_ranks", [
+    (4, 2, None, [0, 0, 1, 1]),                 # 4 ranks on 2 cores: two turns of two
+    (8, 2, None, [0, 0, 1, 1, 2, 2, 3, 3]),
+    (3, 2, None, [0, 0, 0]),                    # not a multiple: the second turn would leave a core idle
+    (2, 2, None, [0, 0]),                       # a core per rank: no turns
+    (4, 2, 1, [0, 0, 0, 0]),                    # LENET_TURNS=off
+    (3, 2, 2, [0, 0, 1]),                       # forced: turns of ceil(3 / 2) ranks
+    (4, 8, 2, [0, 0, 1, 1]),                    # forced on a node with cores enough
+    (4, 2, 3, [0, 0, 1, 1]),                    # 3 turns of 2 ranks would leave one empty: 2
+    (2, 1, 9, [0, 1]),                          # never more turns than ranks
+])
+def test_plan(local_size, cores, setting, turns_of_ranks):
+    got = [plan(r, local_size, cores, setting) for r in range(local_size)]
+    assert [turn for _, turn, _ in got] == turns_of_ranks
+    assert {n for n, _, _ in got} == {max(turns_of_ranks) + 1}
+    assert {per for _, _, per in got} == {max(turns_of_ranks.count(t) for t in turns_of_ranks)}
+
+
+def test_setting():
+    assert parse_setting(None) is None and parse_setting(" Auto ") is None and parse_setting("") is None
+    assert parse_setting("off") == 1 and parse_setting("2") == 2
+    for bad in ("0", "-1", "two", "1.5"):
+        with pytest.raises(ValueError, match=f"LENET_TURNS must be a number of turns .* got '{bad}'"):
+            parse_setting(bad)
+
+
+def train(tmp_path, name, turns, *extra):
+    """4 ranks; `turns`: LENET_TURNS, or None for the default on a node said to have 2 cores."""
+    d = tmp_path / name
+    how = {"LENET_NODE_CORES": "2"} if turns is None else {"LENET_TURNS": turns}
+    p = launch(4, [*BASE, "--checkpoint-dir", d, *extra], extra_env=how, timeout=180)
+    return d, p
+
+
+@pytest.mark.usefixtures("mpi_flavour")       # once under MPICH, once under Open MPI
+def test_turns_change_no_bit(tmp_path):
+    """The default run of 4 ranks on 2 cores (turns on by default), forced on and forced off: identical."""
+    on, p = train(tmp_path, "on", "2", "--log-level", "INFO")
+    assert "2 turns of 2 rank(s) per node" in p.stderr
+    off, p = train(tmp_path, "off", "off", "--log-level", "INFO")
+    assert "turns" not in p.stderr.split("gradient sum:")[1].splitlines()[0]
+    a, ma = final_params(on)
+    b, mb = final_params(off)
+    assert ma["step"] == mb["step"] == 100
+    assert np.array_equal(a, b)
+
+
+def test_turns_change_no_bit_in_deterministic_mode(tmp_path):
+    det = ["--deterministic", "--micro-batch", "4", "--bucket-kb", "0"]
+    on, _ = train(tmp_path, "on", "2", *det)
+    off, _ = train(tmp_path, "off", "off", *det)
+    assert np.array_equal(final_params(on)[0], final_params(off)[0])
+
+
+def compute_spans(trace):
+    """{step: {rank: (first forward's start, last backward's end)}} from a --timeline trace."""
+    events = [e for e in trace["traceEvents"] if e.get("ph") == "X" and e["tid"] == 0]
+    spans = {}
+    for s in (e for e in events if e["name"] == "step"):
+        lo, hi = s["ts"], s["ts"] + s["dur"]
+        mine = [e for e in events if e["pid"] == s["pid"] and e["name"] in ("forward", "backward")
+                and lo <= e["ts"] <= hi]
+        spans.setdefault(s["args"]["step"], {})[s["pid"]] = (min(e["ts"] for e in mine),
+                                                             max(e["ts"] + e["dur"] for e in mine))
+    return spans
+
+
+@pytest.mark.usefixtures("mpi_flavour")
+def test_ranks_compute_in_turns(tmp_path):
+    """By default, 4 ranks on 2 cores: in every step of the window, ranks 2 and 3 start computing only once
+    ranks 0 and 1 are done."""
+    _, p = train(tmp_path, "t", None, "--timeline", tmp_path / "t.json", "--timeline-steps", "20:40")
+    spans = compute_spans(json.loads((tmp_path / "t.json").read_text()))
+    assert len(spans) == 20 and all(len(ranks) == 4 for ranks in spans.values())
+    for step, ranks in spans.items():
+        first_done = max(ranks[r][1] for r in (0, 1))
+        assert min(ranks[r][0] for r in (2, 3)) >= first_done, (step, ranks)
+
+
+def test_bad_turns_setting_is_a_one_line_error(tmp_path):
+    p = launch(4, [*BASE, "--no-save"], extra_env={"LENET_TURNS": "many"}, timeout=60, check=False)
+    assert p.returncode != 0
+    assert "LENET_TURNS must be a number of turns (1 or more), 'auto' or 'off', got 'many'" in p.stderr
+    assert "Traceback" not in p.stderr
