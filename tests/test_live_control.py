@@ -239,3 +239,46 @@ def test_the_page_scales_the_learning_rate_then_stops_the_run(tmp_path, browser)
     epochs = [r for r in rows(tmp_path / "m.jsonl", "epoch") if r["step"] > scaled + 1]
     assert all(r["lr"] <= 0.05 * 0.5 + 1e-9 for r in epochs)
 
+
+
+def test_the_dashboards_control_route_wants_the_token_the_page_and_a_run_to_steer(tmp_path):
+    import httpx
+    port, token = free_port(), "a-token-of-the-test-0123456789"
+    (tmp_path / "token").write_text(token)
+    ev = start_evaluator(f"tcp://127.0.0.1:{free_port()}", tmp_path / "eval.jsonl", "--http", f"127.0.0.1:{port}",
+                         "--http-token-file", tmp_path / "token", "--control-key-file", key_file(tmp_path))
+    try:
+        wait_serving(ev)
+        url = f"http://127.0.0.1:{port}"
+        auth = {"Authorization": f"Bearer {token}"}
+        c = httpx.Client(base_url=url, timeout=10)
+        stop = {"action": "stop", "value": None}
+        assert c.post("/api/control", json=stop).status_code == 401                          # no token
+        assert c.post("/api/control", json=stop, headers={**auth, "Origin": "http://evil.example"}).status_code == 403
+        assert c.post("/api/control", json=stop, headers={**auth, "Sec-Fetch-Site": "cross-site"}).status_code == 403
+        assert c.post("/api/control", content=json.dumps(stop), headers={**auth, "Content-Type": "text/plain"}
+                      ).status_code == 415                                                   # a simple request
+        bad = c.post("/api/control", json={"action": "lr_scale", "value": 1000}, headers=auth)
+        assert bad.status_code == 400 and "lr_scale 1000" in bad.json()["error"]
+        assert c.post("/api/control", json={"action": "format-disk"}, headers=auth).status_code == 400
+        same = c.post("/api/control", json=stop, headers={**auth, "Origin": url})
+        assert same.status_code == 409 and "no run evaluated yet" in same.json()["error"]     # nothing to steer
+        got = c.get("/api/control", headers=auth).json()
+        assert got["available"] is False and got["reason"] == "no run evaluated yet"
+    finally:
+        ev.terminate()
+        finish(ev, timeout=60)
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--allow-control"], "--allow-control needs --publish and --control-key-file"),
+    (["--publish", "tcp://127.0.0.1:5999", "--allow-control", "--control-key-file", "short.key"],
+     "--control-key-file short.key: the control secret must be 16 bytes or more, got 5"),
+    (["--publish", "tcp://127.0.0.1:5999", "--allow-control", "--control-key-file", "missing.key"],
+     "--control-key-file missing.key: cannot open: No such file or directory"),
+])
+def test_control_flags_say_what_is_wrong_in_one_line(tmp_path, argv, says):
+    (tmp_path / "short.key").write_text("short")
+    p = subprocess.run([sys.executable, "-m", "workers.trainer", *argv], cwd=tmp_path, env=env(),
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and says in p.stderr and "Traceback" not in p.stderr, p.stderr

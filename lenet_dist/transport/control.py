@@ -33,7 +33,7 @@ def load_key(path):
     try:
         key = read_regular(path, 4096).strip()
     except OSError as e:
-        raise ValueError(f"{path}: {e.strerror or e}") from None
+        raise ValueError(str(e.strerror or e)) from None        # read_regular's line names the file
     if len(key) < MIN_KEY_BYTES:
         raise ValueError(f"{path}: the control secret must be {MIN_KEY_BYTES} bytes or more, got {len(key)}")
     return key
