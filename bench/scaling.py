@@ -13,6 +13,8 @@ thread per rank) on full MNIST ($LENET_DATA_DIR or the cache, never a download; 
 warning otherwise), runs --warmup steps, then times --steps steps. Per configuration one JSON line:
 
     images_per_s        global batch * steps / wall time (the slowest rank's)
+    images_per_cpu_s    global batch * steps / CPU seconds of all ranks together: what the work costs,
+                        whatever share of a busy machine the job got (a sleeping rank costs nothing)
     allreduce_share     time the step is blocked on its reduction (trainer.comm_seconds: the fused
                         allreduce, or the wait for the buckets) / wall time: the reduction *and* the wait
                         for the slowest peer ("allreduce+wait share of step time"), mean and max over ranks
@@ -87,20 +89,21 @@ def worker(args):
         timed.comm_seconds = 0.0
         trainer.examples_by_rank[:] = 0
         trainer.seconds_by_rank[:] = 0
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(args.steps):
             trainer.train_step()
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
 
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0          # KiB on Linux
-    mine = np.array([wall, timed.comm_seconds, rss_mb], np.float64)
-    every = comm.allgather(mine)                                                   # (size, 3)
+    mine = np.array([wall, timed.comm_seconds, rss_mb, cpu], np.float64)
+    every = comm.allgather(mine)                                                   # (size, 4)
     if comm.rank == 0:
         wall_max = float(every[:, 0].max())
         shares = every[:, 1] / every[:, 0]
         print(MARK + json.dumps({
             "ranks": comm.size, "images_per_s": round(args.batch * args.steps / wall_max, 1),
             "step_ms": round(1e3 * wall_max / args.steps, 2),
+            "images_per_cpu_s": round(args.batch * args.steps / float(every[:, 3].sum()), 1),
             "allreduce_share": round(float(shares.mean()), 4), "allreduce_share_max": round(float(shares.max()), 4),
             "allreduce_ms_per_step": round(1e3 * float(every[:, 1].mean()) / args.steps, 3),
             "peak_rss_mb": round(float(every[:, 2].max()), 1),
@@ -196,6 +199,7 @@ def launcher(args):
             if not ok:
                 continue
             med[n] = {"images_per_s": round(statistics.median(r["images_per_s"] for r in ok), 1),
+                      "images_per_cpu_s": round(statistics.median(r["images_per_cpu_s"] for r in ok), 1),
                       "images_per_s_range": [min(r["images_per_s"] for r in ok), max(r["images_per_s"] for r in ok)],
                       "allreduce_share": round(statistics.median(r["allreduce_share"] for r in ok), 4),
                       "peak_rss_mb": max(r["peak_rss_mb"] for r in ok), "runs": len(ok)}
@@ -205,7 +209,11 @@ def launcher(args):
                    if "error" not in x and "error" not in y]
             if per:
                 paired[f"{a}/{b}"] = {"ratio_of_medians": ratio(med[a]["images_per_s"], med[b]["images_per_s"]),
-                                      "median_paired": round(statistics.median(per), 3), "per_round": per}
+                                      "median_paired": round(statistics.median(per), 3), "per_round": per,
+                                      "cpu_median_paired": round(statistics.median(
+                                          ratio(x["images_per_cpu_s"], y["images_per_cpu_s"])
+                                          for x, y in zip(results[(name, a)], results[(name, b)])
+                                          if "error" not in x and "error" not in y), 3)}
         summary["variants"][name] = {"env": {**extra, **env}, "flags": list(flags), "by_ranks": med, "ratios": paired}
     # every variant against the first one, rank count by rank count (e.g. tuned vs plain MPICH at -n 4)
     base = variants[0][0]
