@@ -253,6 +253,8 @@ def test_the_dashboards_control_route_wants_the_token_the_page_and_a_run_to_stee
         auth = {"Authorization": f"Bearer {token}"}
         c = httpx.Client(base_url=url, timeout=10)
         stop = {"action": "stop", "value": None}
+        until("the evaluator's word on control", lambda: c.get("/api/control", headers=auth).json()["reason"]
+              == "no run evaluated yet", timeout=30)
         assert c.post("/api/control", json=stop).status_code == 401                          # no token
         assert c.post("/api/control", json=stop, headers={**auth, "Origin": "http://evil.example"}).status_code == 403
         assert c.post("/api/control", json=stop, headers={**auth, "Sec-Fetch-Site": "cross-site"}).status_code == 403

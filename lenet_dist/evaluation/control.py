@@ -50,6 +50,7 @@ class ControlRelay:
             c.close()
 
     def _run(self):
+        self._refresh()                             # the page learns at once whether it may act
         while not self._done.is_set() and not self.stop:
             try:
                 req = self._requests.get(timeout=REFRESH_S)
