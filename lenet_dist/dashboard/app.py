@@ -3,12 +3,15 @@
 
     GET  /                      the page (static/index.html; its scripts and uPlot from /static/)
     GET  /api/state             run configuration, newest step and evaluation, the best (chosen on validation)
-    GET  /api/history           telemetry rows and evaluations so far
+    GET  /api/history           telemetry rows, marks (lr, control), the newest timeline window, evaluations
+    GET  /api/runs              every run the evaluator knows (key, name, status, best validation accuracy)
     GET  /api/checkpoint        the newest checkpoint's analysis (confusion, per class, worst, conv1 filters)
     GET  /api/digit/N           test image N, its label, and how the newest checkpoint sees it (feature maps)
     POST /api/predict           a drawn digit -> MNIST-style 28x28 input, ten probabilities, feature maps;
                                 body: JSON {"pixels": [784 values in [0,1]]} (a 28x28 drawing), or a PNG of
                                 at most 64 KiB and 1024x1024 (bright ink on dark); ?model=newest|best
+    ?run=KEY on state, history, checkpoint, digit and predict: that run's (a key from /api/runs), not the
+    shown run's
     GET  /api/control           may the page steer the shown run; POST: a control action (dashboard/control.py)
     GET  /api/stream            server-sent events: steps, evaluation, checkpoint (replays from Last-Event-ID)
     GET  /metrics               Prometheus text format
@@ -153,17 +156,25 @@ def build_app(state, token=None, closing=None):
             return r
         return FileResponse(STATIC / "index.html")
 
+    def of_run(request, getter, *args):
+        """getter(*args, run key) for the request's ?run= (none: the shown run); an unknown run: a 404."""
+        key = request.query_params.get("run")
+        try:
+            return getter(*args, key) if key is not None else getter(*args)
+        except KeyError as e:
+            raise HTTPException(404, e.args[0]) from None
+
     async def api_state(request):
-        return JSONResponse(state.summary())
+        return JSONResponse(of_run(request, state.summary))
 
     async def api_history(request):
-        return JSONResponse(state.history())
+        return JSONResponse(of_run(request, state.history))
 
     async def api_runs(request):
         return JSONResponse(state.runs())
 
     async def api_checkpoint(request):
-        ckpt = state.checkpoint()
+        ckpt = of_run(request, state.checkpoint)
         if ckpt is None:
             return _error(404, "no checkpoint evaluated yet")
         return JSONResponse(ckpt)
@@ -176,7 +187,7 @@ def build_app(state, token=None, closing=None):
             u8, label = state.test_digit(int(raw))
         except ValueError as e:
             return _error(404, str(e))
-        seen = state.classify(u8, "newest")
+        seen = of_run(request, state.classify, u8, "newest")
         if seen is None:
             return _error(404, "no checkpoint evaluated yet")
         return JSONResponse(dict(seen, index=int(raw), label=label))
@@ -193,7 +204,7 @@ def build_app(state, token=None, closing=None):
             return _error(e.status, str(e))
         except ValueError as e:
             return _error(400, str(e))
-        seen = state.classify(u8, which)
+        seen = of_run(request, state.classify, u8, which)
         if seen is None:
             return _error(409, "no checkpoint evaluated yet")
         # Server-Timing: the handler's own time, so that a client can tell it from the network and queueing

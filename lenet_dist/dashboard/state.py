@@ -17,11 +17,14 @@ import numpy as np
 
 from lenet_dist import selection
 from lenet_dist.evaluation import analysis
+from lenet_dist.evaluation.history import UNNAMED
 from lenet_dist.nn.model import LeNet5
 
 MAX_STEPS = 20_000          # telemetry rows kept (a 5-epoch MNIST run at the default --log-every has ~470)
 MAX_EVALUATIONS = 5_000
 MAX_EVENTS = 500             # replayed to a client that reconnects (Last-Event-ID): a few minutes of a run
+MAX_MARKS = 1_000            # "lr" and "control" rows kept per run
+MAX_RUNS = 50                # runs kept with their series and models (~0.5 MB of models each)
 
 
 def _pixels(u8):
@@ -29,35 +32,92 @@ def _pixels(u8):
     return base64.b64encode(np.ascontiguousarray(u8, np.uint8).tobytes()).decode()
 
 
+class _Run:
+    """One run's series, as the page draws them."""
+
+    def __init__(self, key, info):
+        self.key = key
+        self.info = info                        # {"key", "run_id", "name", ...} (history.RunHistory.to_dict())
+        self.steps = collections.deque(maxlen=MAX_STEPS)
+        self.evaluations = collections.deque(maxlen=MAX_EVALUATIONS)
+        self.marks = collections.deque(maxlen=MAX_MARKS)
+        self.timeline = None                    # the newest "timeline" row
+        self.config = None
+        self.checkpoint = None                  # the newest checkpoint's analysis, JSON-ready
+        self.models = {}                        # "newest" / "best" -> (LeNet5, step, accuracy)
+        self.best = None                        # the best evaluation's summary, by lenet_dist.selection
+        self.named = False                      # the evaluator named it (start_run): /api/state says which
+
+    def take(self, row):
+        """A trainer row of this run: True if it was new."""
+        kind = row.get("event", "step")
+        if self.config is None and isinstance(row.get("config"), dict):
+            self.config = row["config"]
+        if kind == "step":
+            if self.steps and row["step"] <= self.steps[-1]["step"]:
+                return False
+            self.steps.append(row)
+        elif kind in ("lr", "control"):
+            if any(m.get("event") == kind and m["step"] == row["step"] for m in self.marks):
+                return False
+            self.marks.append(row)
+        elif kind == "timeline":
+            self.timeline = row
+        return kind != "config"
+
+    def series(self):
+        return {"run": self.info, "steps": list(self.steps), "evaluations": list(self.evaluations),
+                "marks": list(self.marks), "timeline": self.timeline, "config": self.config,
+                "has_checkpoint": self.checkpoint is not None}
+
+
 class LiveState:
+    """Every run the evaluator sends, kept apart by run key (history.run_key); one of them is shown (the page
+    focuses it first, and the getters answer for it unless asked for another run)."""
+
     def __init__(self, test_images, test_labels):
         self.test_images, self.test_labels = test_images, test_labels
         self._lock = threading.Lock()
-        self._steps = collections.deque(maxlen=MAX_STEPS)
-        self._evaluations = collections.deque(maxlen=MAX_EVALUATIONS)
         self._events = collections.deque(maxlen=MAX_EVENTS)
         self._seq = 0
-        self._config = None
-        self._checkpoint = None                 # the newest checkpoint's analysis, JSON-ready
-        self._models = {}                       # "newest" / "best" -> (LeNet5, step, accuracy)
+        self._by_key = collections.OrderedDict()   # run key -> _Run, the least recently fed first
+        self._shown = None                      # the shown run's key
         self._model_lock = threading.Lock()     # one forward pass at a time per state (shared scratch)
-        self._best = None                       # the best evaluation's summary, by lenet_dist.selection
-        self._run = None                        # the run shown: {"run_id", "name", ...}; None before one is named
         self._runs = []                         # every run the evaluator knows (history.RunHistory.to_dict())
         self.listeners = []                     # callables, called with no argument after every change
         self.started = time.time()
 
+    # ------------------------------------------------------------------------------------------ runs
+    def _key(self, obj):
+        """A row's or a result's run key; an unnamed one belongs to the shown run (one run, no names)."""
+        return obj.get("run_id") or obj.get("run") or self._shown or UNNAMED     # a row's "run" is its key
+
+    def _get(self, key, info=None):
+        """The run of `key`, made (and the oldest dropped past MAX_RUNS) when new; the caller holds the lock."""
+        run = self._by_key.get(key)
+        if run is None:
+            run = self._by_key[key] = _Run(key, info or {"key": key, "run_id": None, "name": key[:8]})
+            while len(self._by_key) > MAX_RUNS:
+                old = next(k for k in self._by_key if k != self._shown)
+                del self._by_key[old]
+        self._by_key.move_to_end(key)
+        if self._shown is None:
+            self._shown = key
+        return run
+
     # ------------------------------------------------------------------------------------------ writers
     def add_steps(self, rows):
-        """Telemetry rows from the trainer ("event": "step" dicts); ones already seen are skipped."""
+        """The trainer's rows ("event": "step", "lr", "control", "timeline"), each naming its run ("run": key;
+        none: the shown run's); ones already seen are skipped."""
         with self._lock:
-            last = self._steps[-1]["step"] if self._steps else -1
-            new = [r for r in rows if isinstance(r, dict) and isinstance(r.get("step"), int) and r["step"] > last]
+            new = []
+            for r in rows:
+                if isinstance(r, dict) and isinstance(r.get("step"), int):
+                    r = dict(r, run=self._key(r))
+                    if self._get(r["run"]).take(r):
+                        new.append(r)
             if not new:
                 return
-            self._steps.extend(new)
-            if self._config is None and new[-1].get("config"):
-                self._config = new[-1]["config"]
             self._event("steps", new)
         self._notify()
 
@@ -65,34 +125,38 @@ class LiveState:
         """The evaluations a restarted dashboard had shown (result dicts, oldest first), without their models:
         the history; the best and the newest follow as add_evaluation(..., replayed=True)."""
         with self._lock:
-            self._evaluations.extend(dict(self._summary(r), per_class=None) for r in results)
+            for r in results:
+                self._get(self._key(r)).evaluations.append(dict(self._summary(r), per_class=None))
             self._event("reload", {})
         self._notify()
 
-    def start_run(self, run, results=(), keep_steps=False):
-        """Show another run: its own series only (never two runs as one), from `results` (its history, oldest
-        first); the pages reload. The models go too: drawing waits for the run's first evaluation. keep_steps:
-        the step rows so far are this run's (no run was shown before)."""
-        with self._model_lock:
-            self._models, self._best = {}, None
+    def start_run(self, run, results=(), keep_steps=True):
+        """Show `run` (history.RunHistory.to_dict()) first; `results`: its evaluations so far (oldest first),
+        taken when the state has none of this run yet. The other runs stay (the page may overlay them)."""
+        key = run.get("key") or run.get("run_id") or run.get("name") or UNNAMED
         with self._lock:
-            if not keep_steps:
-                self._steps.clear()
-            self._evaluations.clear()
-            self._config = self._checkpoint = None
-            self._run = run
-            self._evaluations.extend(dict(self._summary(r), per_class=None) for r in results)
-            for r in results:
-                if selection.is_better(r, self._best):
-                    self._best = self._summary(r)
-            # the first run shown (keep_steps) only names what the pages show already; another one replaces it
-            self._event("run", run) if keep_steps else self._event("reload", {})
+            r = self._get(key, run)
+            r.info, r.named = run, True
+            if not r.evaluations:
+                r.evaluations.extend(dict(self._summary(x), per_class=None) for x in results)
+                with self._model_lock:
+                    for x in results:
+                        if selection.is_better(x, r.best):
+                            r.best = self._summary(x)
+            self._shown = key
+            stray = self._by_key.get(UNNAMED)       # rows shown before any run was named: that run's now
+            if key != UNNAMED and stray is not None and not stray.named:
+                del self._by_key[UNNAMED]
+            self._event("run", run)
         self._notify()
 
     def set_runs(self, runs):
         """The list of every run the evaluator knows, as history.RunHistory.to_dict() gives them."""
         with self._lock:
             self._runs = list(runs)
+            for info in self._runs:
+                if info.get("key") in self._by_key:
+                    self._by_key[info["key"]].info = info
             self._event("runs", self._runs)
         self._notify()
 
@@ -102,7 +166,7 @@ class LiveState:
         test = {"test_accuracy": result.get("test_accuracy", result.get("accuracy")),
                 "test_loss": result.get("test_loss", result.get("loss"))}
         return {**{k: result.get(k) for k in ("step", "epoch", "val_accuracy", "val_loss", "n_val", "eval_seconds",
-                                             "lag_steps", "trainer_step", "n_test", "final", "time")},
+                                             "lag_steps", "trainer_step", "n_test", "final", "time", "evaluator")},
                 **test, "accuracy": test["test_accuracy"], "loss": test["test_loss"]}
 
     def add_evaluation(self, result, params, result_analysis, config=None, replayed=False):
@@ -112,25 +176,29 @@ class LiveState:
         p = newest.named_params()
         summary = self._summary(result)
         worst = [dict(w, pixels=_pixels(self.test_images[w["index"]])) for w in result_analysis.worst]
+        with self._lock:
+            key = self._key(result)
+            run = self._get(key)
+        summary["run"] = key
         ckpt = {**summary, **result_analysis.to_dict(), "worst": worst,
                 "conv1_filters": np.asarray(p["conv1.weight"])[:, 0].round(5).tolist()}
         with self._model_lock:
-            self._models["newest"] = (newest, summary["step"], summary["accuracy"])
+            run.models["newest"] = (newest, summary["step"], summary["accuracy"])
             # the best so far, or the model of the best the history named already (a restart's restore)
-            if selection.is_better(summary, self._best) or (self._best or {}).get("step") == summary["step"]:
-                self._best = summary
-                self._models["best"] = self._models["newest"]
+            if selection.is_better(summary, run.best) or (run.best or {}).get("step") == summary["step"]:
+                run.best = summary
+                run.models["best"] = run.models["newest"]
         with self._lock:
-            if config is not None:
-                self._config = config
+            if config is not None:                  # the checkpoint's own
+                run.config = config
             entry = dict(summary, per_class=ckpt["per_class"])
             if replayed:
-                for i, e in enumerate(self._evaluations):
+                for i, e in enumerate(run.evaluations):
                     if e["step"] == summary["step"]:
-                        self._evaluations[i] = entry
+                        run.evaluations[i] = entry
             else:
-                self._evaluations.append(entry)
-            self._checkpoint = ckpt
+                run.evaluations.append(entry)
+            run.checkpoint = ckpt
             self._event("evaluation", entry)
             self._event("checkpoint", ckpt)
         self._notify()
@@ -161,45 +229,65 @@ class LiveState:
         with self._lock:
             return self._seq
 
-    def summary(self):
+    def _run(self, key=None):
+        """The run of `key` (None: the shown one); KeyError naming it when there is no such run."""
+        run = self._by_key.get(key if key is not None else self._shown)
+        if run is None and key is not None:
+            raise KeyError(f"no run {key!r} on this dashboard")
+        return run
+
+    def summary(self, key=None):
         with self._lock:
-            last = self._evaluations[-1] if self._evaluations else None
-            step = self._steps[-1] if self._steps else None
-            return {"config": self._config, "seq": self._seq, "started": self.started, "run": self._run,
+            run = self._run(key)
+            last = run.evaluations[-1] if run and run.evaluations else None
+            step = run.steps[-1] if run and run.steps else None
+            best = run.best if run else None
+            return {"key": run and run.key, "config": run and run.config, "seq": self._seq, "started": self.started,
+                    "run": run.info if run and run.named else None,
                     "trainer_step": max(step["step"] if step else -1,
                                         (last or {}).get("trainer_step") or -1, (last or {}).get("step", -1)),
-                    "latest_evaluation": last, "latest_step": step, "evaluations": len(self._evaluations),
+                    "latest_evaluation": last, "latest_step": step, "evaluations": len(run.evaluations) if run else 0,
                     # best_accuracy: the test accuracy of the model chosen on validation (best), not the top one
-                    "best": self._best, "best_accuracy": self._best["accuracy"] if self._best else None,
+                    "best": best, "best_accuracy": best["accuracy"] if best else None,
                     "n_test": len(self.test_images)}
 
-    def history(self):
+    def history(self, key=None):
         with self._lock:
-            return {"steps": list(self._steps), "evaluations": list(self._evaluations), "seq": self._seq}
+            run = self._run(key)
+            if run is None:
+                return {"steps": [], "evaluations": [], "marks": [], "timeline": None, "config": None, "run": None,
+                        "has_checkpoint": False, "seq": self._seq}
+            return dict(run.series(), seq=self._seq)
 
     def runs(self):
         with self._lock:
-            return {"runs": list(self._runs), "shown": self._run}
+            shown = self._by_key.get(self._shown)
+            return {"runs": list(self._runs), "shown": shown.info if shown else None, "shown_key": self._shown}
 
-    def checkpoint(self):
+    def checkpoint(self, key=None):
         with self._lock:
-            return self._checkpoint
+            run = self._run(key)
+            return run and run.checkpoint
 
     def test_digit(self, index):
         if not 0 <= index < len(self.test_images):
             raise ValueError(f"test image index {index} out of range [0, {len(self.test_images)})")
         return self.test_images[index], int(self.test_labels[index])
 
-    def classify(self, u8, which="newest"):
+    def classify(self, u8, which="newest", key=None):
         """Probabilities, the prediction and the conv feature maps of one uint8 digit (28,28) by the newest
-        or the best checkpoint; None before any checkpoint was evaluated."""
+        or the best checkpoint of run `key` (None: the shown run); None before any checkpoint of it was
+        evaluated; KeyError for a run the dashboard does not know."""
+        with self._lock:
+            run = self._run(key)
         with self._model_lock:
-            got = self._models.get(which)
+            got = run.models.get(which) if run else None
             if got is None:
                 return None
             model, step, accuracy = got
             probs, maps = analysis.look(model, u8)
         return {"model": which, "step": step, "accuracy": accuracy, "input": _pixels(u8),
+                "run": run.info.get("key") or run.info.get("name"),
                 "probabilities": [round(float(v), 6) for v in probs], "predicted": int(probs.argmax()),
                 "conv1": _maps(maps["conv1"]), "conv2": _maps(maps["conv2"])}
 

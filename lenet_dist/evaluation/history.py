@@ -1,24 +1,38 @@
 """The evaluator's history, by run: every evaluation it made, read back at start from its --report file (the
 JSONL it appends one result to per evaluation, each naming its run) and added to as it goes. So a restarted
-evaluator knows every run it evaluated, and the results of two runs are never one series.
+evaluator knows every run it evaluated, and the results of two runs are never one series. The trainer's rows
+that reach the evaluator (step rows, "lr" and "control" marks, the newest "timeline" window, each run's
+configuration) are kept by run too, appended to a file beside the report (rows_path: eval.jsonl ->
+eval.rows.jsonl, one {"run": key, ...row} a line) and read back with it, so a restarted evaluator still draws a
+finished run's curves with no trainer behind it.
 
     history = History.load(Path("eval.jsonl"), warn=log.warning)
     history.add(result)                 # an Output of the loop
+    history.add_rows(key, rows)         # the trainer's rows of run `key`: -> the ones not seen before
     history.runs()                      # [RunHistory], oldest first
 """
 from __future__ import annotations
 
+import collections
 import json
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from lenet_dist import selection
 from lenet_dist.files import NotRegularFile, open_regular
 
 # What each evaluation keeps in memory (the report's per-class figures and confusion stay in the file).
 KEPT = ("step", "epoch", "val_accuracy", "val_loss", "test_accuracy", "test_loss", "n_val", "n_test",
-        "eval_seconds", "lag_steps", "trainer_step", "final", "time", "source")
+        "eval_seconds", "lag_steps", "trainer_step", "final", "time", "source", "evaluator")
 UNNAMED = "unnamed"                     # the run of results written before results named their run
+MAX_ROWS = 20_000                       # step rows kept per run (a 5-epoch run at --log-every 10 has ~430)
+MARKS = ("lr", "control")               # rows drawn as marks on the step axis
+
+
+def rows_path(report):
+    """Where the rows of the runs in `report` are kept: eval.jsonl -> eval.rows.jsonl."""
+    return None if report is None else Path(report).with_name(Path(report).stem + ".rows.jsonl")
 
 
 def run_key(result):
@@ -41,6 +55,35 @@ class RunHistory:
     count: int = 0                                      # evaluations made, a step scored again included
     eval_seconds_total: float = 0.0
     best: dict | None = None                            # by lenet_dist.selection (validation)
+    steps: collections.deque = field(default_factory=lambda: collections.deque(maxlen=MAX_ROWS))
+    marks: list = field(default_factory=list)           # "lr" and "control" rows, oldest first
+    timeline: dict | None = None                        # the newest "timeline" row
+    config: dict | None = None                          # the run's configuration (its first step row's)
+
+    @property
+    def key(self):
+        return self.run_id or self.name
+
+    def take(self, row):
+        """Keep one of the trainer's rows if it is new to this run: True if it was."""
+        kind, step = row.get("event", "step"), row.get("step")
+        if self.config is None and isinstance(row.get("config"), dict):
+            self.config = row["config"]
+        if kind == "step":
+            if self.steps and step <= self.steps[-1]["step"]:
+                return False
+            self.steps.append(row)
+        elif kind in MARKS:
+            if any(m.get("event") == kind and m.get("step") == step for m in self.marks):
+                return False
+            self.marks.append(row)
+        elif kind == "timeline":
+            if self.timeline is not None and self.timeline.get("step") == step:
+                return False
+            self.timeline = row
+        elif kind != "config":
+            return False
+        return True
 
     @property
     def finished(self):
@@ -52,23 +95,24 @@ class RunHistory:
 
     def to_dict(self):
         last, best = self.last or {}, self.best or {}
-        return {"run_id": self.run_id, "name": self.name, "status": "finished" if self.finished else "running",
+        return {"key": self.key, "run_id": self.run_id, "name": self.name, "status": "finished" if self.finished else "running",
                 "evaluations": len(self.evaluations), "last_step": last.get("step"), "last_time": last.get("time"),
                 "best_step": best.get("step"), "best_val_accuracy": best.get("val_accuracy"),
                 "best_test_accuracy": best.get("test_accuracy")}
 
 
 class History:
-    def __init__(self):
+    def __init__(self, rows_file=None, warn=None):
         self._runs = {}                 # run key -> RunHistory, in the order first seen
         self._lock = threading.Lock()   # the loop adds, the metrics thread reads
         self.loaded = 0                 # evaluations read back from the report at start
+        self.rows_file, self._warn = rows_file, warn or (lambda message: None)
 
     @classmethod
     def load(cls, path, warn):
         """The history in `path` (an evaluator's --report); empty when there is none yet. Lines that are not
         a result (a torn last line, junk) are skipped and counted in one warning."""
-        h = cls()
+        h = cls(rows_path(path), warn)
         if path is None or not path.exists():
             return h
         bad = 0
@@ -87,10 +131,50 @@ class History:
                         bad += 1 if line.strip() else 0
         except (OSError, NotRegularFile) as e:
             warn(f"history: cannot read {path} ({getattr(e, 'strerror', None) or e}): starting without it")
-            return cls()
+            return cls(rows_path(path), warn)
         if bad:
             warn(f"history: {bad} line(s) of {path} are not evaluation results: skipped")
+        h._load_rows()
         return h
+
+    def _load_rows(self):
+        if not self.rows_file.exists():
+            return
+        bad = 0
+        try:
+            with open_regular(self.rows_file, "rb") as f:
+                for line in f:
+                    try:
+                        row = json.loads(line)
+                        ok = isinstance(row, dict) and isinstance(row.get("step"), int) and isinstance(row.get("run"), str)
+                    except ValueError:
+                        ok = False
+                    run = self._runs.get(row.pop("run")) if ok else None
+                    if run is not None:
+                        run.take(row)
+                    else:
+                        bad += 1 if line.strip() else 0
+        except (OSError, NotRegularFile) as e:
+            self._warn(f"history: cannot read {self.rows_file} ({getattr(e, 'strerror', None) or e}): "
+                       f"the runs' curves start afresh")
+        if bad:
+            self._warn(f"history: {bad} line(s) of {self.rows_file} are not rows of a known run: skipped")
+
+    def add_rows(self, key, rows):
+        """The trainer's rows of run `key` (step rows, marks, timeline windows, a configuration): -> those not
+        seen before, kept and appended to rows_file. Rows of a run with no evaluation yet are not kept."""
+        with self._lock:
+            run = self._runs.get(key)
+            new = [r for r in rows if isinstance(r, dict) and isinstance(r.get("step"), int)
+                   and run is not None and run.take(r)]
+        if new and self.rows_file is not None:
+            try:
+                with open(self.rows_file, "a", encoding="utf-8") as f:
+                    f.writelines(json.dumps({"run": key, **r}, allow_nan=False) + "\n" for r in new)
+            except (OSError, ValueError) as e:      # an output, not the evaluation: say so once, go on
+                self._warn(f"history: rows not kept in {self.rows_file}: {getattr(e, 'strerror', None) or e}")
+                self.rows_file = None
+        return new
 
     def add(self, result):
         key = run_key(result)

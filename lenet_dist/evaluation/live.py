@@ -38,51 +38,56 @@ def start(cfg, images, labels, stop, history=None):
 
 
 class Live:
-    """The dashboard shows one run at a time: the run of the newest evaluation at start (from the history),
-    then the newest run to start (its first evaluation); an older run evaluated while the shown one is still
-    going (several trainers at once) is listed (/api/runs) but does not take the page over until the shown
-    run ends. The step rows are the shown run's trainer's only."""
+    """The dashboard knows every run (its evaluations, step rows, marks and models, kept apart by run) and
+    shows one first: the run of the newest evaluation at start (from the history), then the newest run to
+    start (its first evaluation); an older run evaluated while the shown one is still going (several trainers
+    at once) is kept and listed (/api/runs), and the page may overlay or focus it, but it does not take the
+    page over until the shown run ends. A trainer's rows are the run's its checkpoints name: each (endpoint,
+    trainer process) is matched to a run by the first evaluation that names both."""
 
     def __init__(self, cfg, images, labels, stop, history):
         self.dashboard = self.tb = None
         self.followers = {}                         # endpoint -> TelemetryFollower
+        self.sources = {}                           # (endpoint, trainer server id) -> run key
         self.history, self.shown, self.shown_source = history, None, None
         try:
             if cfg.http_address:
                 from lenet_dist.dashboard.process import DashboardProcess
                 self.dashboard = DashboardProcess(images, labels, *cfg.http_address, token=cfg.http_token)
                 log.info("dashboard on %s%s", self.dashboard.url, " (bearer token required)" if cfg.http_token else "")
-                runs = history.runs()
-                if runs:                            # a restarted evaluator: the newest run's history
-                    newest = max(runs, key=lambda r: r.last["time"] or 0)
-                    self._show(newest, newest.evaluations)
-                    self.dashboard.set_runs([r.to_dict() for r in runs])
+                runs = sorted(history.runs(), key=lambda r: r.last["time"] or 0)
+                for run in runs:                    # a restarted evaluator: every run's history, the newest shown
+                    self._show(run, run.evaluations)
+                    self._rows_to_page(run.key, [*run.steps, *run.marks, *([run.timeline] if run.timeline else [])])
+                if runs:
+                    self.dashboard.set_runs([r.to_dict() for r in history.runs()])
             if cfg.tensorboard:
                 from lenet_dist.evaluation.tensorboard import EvaluatorBoard
                 self.tb = EvaluatorBoard(cfg.tensorboard)
             if self.dashboard is not None:          # the trainer's own --tensorboard logs its steps
                 for endpoint in cfg.connect:
                     self.followers[endpoint] = TelemetryFollower(
-                        cfg, endpoint, lambda rows, e=endpoint: self._on_steps(e, rows), stop)
+                        cfg, endpoint, lambda rows, server, e=endpoint: self._on_rows(e, server, rows), stop)
         except BaseException:
             self.close()
             raise
 
-    def _on_steps(self, endpoint, rows):
-        # the shown run's trainer only: with several, rows wait until a run is shown (never two runs' rows)
-        shown = self.shown_source or (endpoint if len(self.followers) == 1 else None)
-        if self.dashboard is not None and endpoint == shown:
+    def _on_rows(self, endpoint, server, rows):
+        # rows of a trainer no evaluation has named yet are asked for again once one does; meanwhile the only
+        # trainer's are shown as the page's first, unnamed run
+        key = self.sources.get((endpoint, server))
+        if key is not None:
+            self._rows_to_page(key, self.history.add_rows(key, rows))
+        elif len(self.followers) == 1 and not self.sources:
             self.dashboard.add_steps(rows)
 
+    def _rows_to_page(self, key, rows):
+        if self.dashboard is not None and rows:
+            self.dashboard.add_steps([dict(r, run=key) for r in rows])
+
     def _show(self, run, results):
-        # The step rows so far are this run's when no run was shown yet; else the trainer's rows are asked
-        # for again, from the oldest it keeps: a new trainer's, which came before its first checkpoint.
-        keep_steps = self.shown is None
         self.shown, self.shown_source = run, (run.last or {}).get("source")
-        self.dashboard.start_run(run.to_dict(), results, keep_steps)
-        follower = self.followers.get(self.shown_source)
-        if follower is not None and (not keep_steps or len(self.followers) > 1):
-            follower.rewind()
+        self.dashboard.start_run(run.to_dict(), results, keep_steps=True)
 
     def restore_best(self, keeper, model, judge):
         """A restarted evaluator: the shown run's best checkpoint from --best-dir (`keeper`, a BestKeeper)
@@ -108,11 +113,19 @@ class Live:
 
     def on_evaluation(self, result, params, detail, config):
         if self.dashboard is not None:
-            run = self.history.run(run_key(result))
+            key = run_key(result)
+            run = self.history.run(key)
             if run is not self.shown and (self.shown is None or self.shown.finished or run.count == 1):
                 self._show(run, run.evaluations[:-1])     # a new run, or the shown one has ended
-            if run is self.shown:                   # else another run while the shown one goes on: listed only
-                self.dashboard.add_evaluation(result, params, detail, config)
+            source = (result.get("source"), result.get("server"))
+            if source not in self.sources:          # this trainer's rows are this run's: asked for from the start
+                self.sources[source] = key
+                if source[0] in self.followers:
+                    self.followers[source[0]].rewind()
+            if run.config is None and isinstance(config, dict):      # --watch: no step row names it
+                self._rows_to_page(key, self.history.add_rows(key, [{"event": "config", "step": result["step"],
+                                                                     "config": config}]))
+            self.dashboard.add_evaluation(result, params, detail, config)
             self.dashboard.set_runs([r.to_dict() for r in self.history.runs()])
         if self.tb is not None:
             self.tb.add_evaluation(result, detail)
@@ -125,7 +138,8 @@ class Live:
 
 class TelemetryFollower:
     """A thread with a connection of its own to the trainer, asking for its step rows twice a second,
-    so that the curves move while the evaluator's loop is busy evaluating."""
+    so that the curves move while the evaluator's loop is busy evaluating; on_rows(rows, the trainer
+    process's server id)."""
 
     def __init__(self, cfg, endpoint, on_rows, stop):
         from lenet_dist.transport import CheckpointClient
@@ -158,13 +172,13 @@ class TelemetryFollower:
                     continue
                 since = seq
                 if rows:
-                    self.on_rows(rows)
+                    self.on_rows(rows, server)
                 if len(rows) == MAX_TELEMETRY_ROWS:     # more waiting: ask again at once
                     continue
             self._done.wait(TELEMETRY_POLL_S)
 
     def rewind(self):
-        """Ask for the trainer's rows again from the oldest it keeps (the dashboard now shows another run)."""
+        """Ask for the trainer's rows again from the oldest it keeps (an evaluation has named their run)."""
         self._rewind = True
 
     def close(self):

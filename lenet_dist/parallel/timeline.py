@@ -16,6 +16,9 @@ first step to its last (before it, train_step alone is; after it, nothing); NoTi
 without the flag, wraps nothing, so such a run executes exactly the code it would without this module.
 Timestamps: the ranks of rank 0's host share one clock (CLOCK_MONOTONIC); another host's ranks are aligned
 at the window's first step, which the previous step's sum has synchronized. Figures: docs/performance.md.
+Rank 0 also hands report_to's callable (the run's sinks.on_event) one compact row when the window closes:
+{"event": "timeline", "step": B, "step_from": A, "step_to": B, "ranks": [{"rank": r, "phases": {name: s}}]},
+each phase's seconds summed over the window (summarize), which the dashboard draws as bars per rank.
 """
 from __future__ import annotations
 
@@ -61,6 +64,9 @@ class NoTimeline:
     def watch(self, obj, method, name, first_arg=None):
         return self
 
+    def report_to(self, on_row):
+        return self
+
 
 class Timeline:
     """This rank's recorder for --timeline: attach() it to the trainer; rank 0 writes the file."""
@@ -75,6 +81,7 @@ class Timeline:
         self.written = None             # the path, once written (rank 0)
         self._watches = []              # (obj, method, name, first_arg): wrapped when the window opens
         self._undo = []                 # (obj, attribute, its own value before, or _ABSENT)
+        self.report = None              # rank 0: called with the window's summary row (summarize)
 
     def add(self, lane, name, t0, t1, args=None):
         if self.on:
@@ -93,6 +100,11 @@ class Timeline:
         self.watch(trainer, "check_synced", "replica check")
         self.watch(trainer, "checkpoint_content", "checkpoint content")
         self._wrap_step(trainer)
+        return self
+
+    def report_to(self, on_row):
+        """Rank 0 calls on_row(summary row) when the window closes (the run's sinks.on_event)."""
+        self.report = on_row
         return self
 
     def watch(self, obj, method, name, first_arg=None):
@@ -242,6 +254,8 @@ class Timeline:
         if comm.rank != 0:
             return
         steps = (self.window[0], last_step)
+        if self.report is not None:     # steps counted as the step rows count them: done, 1 after the first
+            self.report(summarize(ranks, self.window[0] + 1, last_step + 1))
         trace = to_chrome_trace(ranks, steps, self.trainer.reducer.description)
         try:
             self.written = atomic_write(self.path, json.dumps(trace).encode())
@@ -305,6 +319,24 @@ def _layers(lo, hi):
     """'fc1..fc3': the layers whose gradients are flat [lo, hi)."""
     names = [PARAM_SPECS[2 * k][0].split(".")[0] for k, s in enumerate(layer_starts()) if lo <= s < hi]
     return names[0] if len(names) == 1 else f"{names[0]}..{names[-1]}"
+
+
+PHASES = {"data": "data", "forward": "forward", "backward": "backward", "wait for sum": "wait",
+          "wait for sum (owed)": "wait", "update": "update"}      # compute-lane event -> summary phase
+
+
+def summarize(ranks, step_from, step_to):
+    """Every rank's gathered events -> the window's row: per rank, the seconds of each phase summed (data,
+    forward, backward, wait, update; "sum": the gradient's sums on their own lanes, overlapping the others;
+    "other": evaluation, replica check, checkpoint; "step": the steps' wall time)."""
+    out = []
+    for rank, r in enumerate(ranks):
+        phases = dict.fromkeys(("data", "forward", "backward", "wait", "update", "sum", "other", "step"), 0.0)
+        for lane, name, t0, t1, _ in r["events"]:
+            key = "sum" if lane else PHASES.get(name, "step" if name == "step" else "other")
+            phases[key] += max(0.0, t1 - t0)
+        out.append({"rank": rank, "phases": {k: round(v, 6) for k, v in phases.items()}})
+    return {"event": "timeline", "step": step_to, "step_from": step_from, "step_to": step_to, "ranks": out}
 
 
 def to_chrome_trace(ranks, steps, reduction):

@@ -11,6 +11,10 @@ epoch is the one it ends); loss and acc are over the K steps' examples (all rank
 compute time (allreduce, the update, waiting for the others).
 The first row also carries the run's "config". on_step does a few additions per step; the row is built
 every K steps only (bench/telemetry_cost.py measures what it costs).
+
+Rows of the run's own that a chart marks (on_event): "lr" (a plateau drop, run/steering.py), "control" (a
+command from outside: stop, pause, resume, checkpoint, lr_scale) and "timeline" (the per-rank phase seconds of
+a --timeline window) go to the event outputs as they come, each with an integer "step" (the link needs one).
 """
 from __future__ import annotations
 
@@ -19,17 +23,20 @@ import time
 import numpy as np
 
 DEFAULT_EVERY = 10
+EVENTS = ("lr", "control", "timeline")      # the rows on_event forwards
 
 
 class TelemetrySink:
     """A sink (see sinks.py) that hands a row to each of `outputs` (callables) every `every` steps.
     `rank_examples()`, optional, returns the examples each rank has done since the loop last reset them
-    (at each epoch start): the per-rank images/s come from it."""
+    (at each epoch start): the per-rank images/s come from it. `event_outputs` get the EVENTS rows: those of
+    the step rows' outputs that do not have them already (--metrics writes them through its own on_event)."""
 
-    def __init__(self, every, outputs, rank_examples=None):
+    def __init__(self, every, outputs, rank_examples=None, event_outputs=()):
         if every < 1:
             raise ValueError(f"--log-every must be >= 1, got {every}")
         self.every, self.outputs, self.rank_examples = every, list(outputs), rank_examples
+        self.event_outputs = list(event_outputs or ())
         self.config = None
         self._reset()
         self._epoch = self._last_ex = None
@@ -76,6 +83,11 @@ class TelemetrySink:
 
     def on_epoch(self, record):
         pass
+
+    def on_event(self, row):
+        if row.get("event") in EVENTS and isinstance(row.get("step"), int):
+            for out in self.event_outputs:
+                out(row)
 
     def on_end(self, summary):
         pass
