@@ -10,6 +10,13 @@ one more client sends a drawn digit to /api/predict five times a second ("loaded
 closed and reopened, the predicts paused); evaluations and step rows are compared between the loaded and
 the quiet phases of the same run, which leaves out the run-to-run spread of whole runs (up to 30% here).
 
+--runs 2: two trainers (--trainer-ranks ranks each) publish to one evaluator (--connect twice), as two runs
+compared on one dashboard; each loaded phase opens the 50 pages as a browser loads one: the live stream,
+then /api/state, /api/runs and /api/history of the two newest runs (the focused one and the one overlaid).
+Training speed is both trainers' images/s together.
+
+    LENET_DATA_DIR=/path/to/mnist python bench/dashboard_load.py --interleave 6 --runs 2 --rate 0
+
 The 50 streams run in a process of their own at the lowest priority (SCHED_IDLE: they stand for browsers on
 other machines; --no-nice: at normal priority); the predict client runs at normal priority in this one.
 Per run: the trainer's images/s (its --metrics epoch rows), the evaluator's median seconds per evaluation
@@ -25,6 +32,7 @@ import asyncio
 import io
 import json
 import os
+import shlex
 import shutil
 import socket
 import statistics
@@ -34,7 +42,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import numpy as np
 
@@ -63,10 +71,12 @@ class Streams:
     evaluator. A process, not a thread: a starved thread holding this interpreter's lock would stall the
     predict client too. It counts the events it received and prints the count when its stdin closes."""
 
-    def __init__(self, url, streams, idle=True):
+    def __init__(self, url, streams, idle=True, pages=False):
+        """pages: each stream opens as a page does, with its history requests (see streams_child)."""
         self.proc = subprocess.Popen([sys.executable, __file__, "--streams-child", url, str(streams),
-                                     "--idle" if idle else "--no-idle"], stdin=subprocess.PIPE,
-                                    stdout=subprocess.PIPE, text=True)
+                                     "--idle" if idle else "--no-idle", "--pages" if pages else "--streams"],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.fetched = 0
 
     def switch(self, on):
         self.proc.stdin.write("on\n" if on else "off\n")
@@ -74,10 +84,11 @@ class Streams:
 
     def close(self):
         out, _ = self.proc.communicate(timeout=30)      # closes its stdin: the signal to stop
-        return int(out.strip() or 0)
+        events, self.fetched = (int(x) for x in (out.split() or ["0", "0"]))
+        return events
 
 
-def streams_child(url, n, idle):
+def streams_child(url, n, idle, history=False):
     """Holds `n` live streams open. Lines on stdin switch them: "off" closes them all, "on" opens `n` again
     (they start open); stdin's end stops the child, which then prints the events it received."""
     if idle:
@@ -85,7 +96,7 @@ def streams_child(url, n, idle):
             os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
         except (AttributeError, OSError):
             os.nice(19)
-    events, commands = [0], []
+    events, commands, fetched = [0], [], [0]
     lock = threading.Lock()
 
     def read_commands():
@@ -118,8 +129,39 @@ def streams_child(url, n, idle):
         except (OSError, asyncio.CancelledError):      # the evaluator exits after the final checkpoint
             pass
 
+    async def get(path):
+        """One request on a connection of its own, read to its end: the body's length in bytes, and the
+        body when it is small (the run list)."""
+        reader, writer = await asyncio.open_connection(where.hostname, where.port)
+        try:
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: {where.netloc}\r\nConnection: close\r\n\r\n".encode())
+            got = await reader.read()
+        finally:
+            writer.close()
+        body = got.partition(b"\r\n\r\n")[2]
+        fetched[0] += len(body)
+        return body
+
+    async def page():
+        """A page as a browser loads it: its live stream, then the state, the runs and the history of the
+        two newest runs (the one focused and the one overlaid)."""
+        live = asyncio.create_task(stream())
+        try:
+            try:
+                runs = json.loads(await get("/api/runs")).get("runs") or []
+                await get("/api/state")
+                keys = [r.get("key") or r.get("run_id") for r in runs][-2:]
+                for key in keys or [None]:
+                    await get("/api/history" + (f"?run={quote(str(key))}" if key else ""))
+            except (OSError, ValueError):       # the evaluator is gone: the stream ends too
+                pass
+            await live
+        finally:                                # closed ("off"): the stream goes with the page
+            live.cancel()
+
     async def main():
-        tasks = [asyncio.create_task(stream()) for _ in range(n)]
+        opened = page if history else stream
+        tasks = [asyncio.create_task(opened()) for _ in range(n)]
         while True:
             await asyncio.sleep(0.05)
             with lock:
@@ -131,11 +173,11 @@ def streams_child(url, n, idle):
                     await asyncio.gather(*tasks, return_exceptions=True)
                     tasks = []
                 elif c == "on" and not tasks:
-                    tasks = [asyncio.create_task(stream()) for _ in range(n)]
+                    tasks = [asyncio.create_task(opened()) for _ in range(n)]
             if "stop" in todo:
                 break
     asyncio.run(main())
-    print(events[0], flush=True)
+    print(events[0], fetched[0], flush=True)
 
 
 class Predicts:
@@ -247,26 +289,29 @@ class CpuSampler:
 
 
 def commands(args, data_flags, tmp):
-    """The trainer's and the evaluator's command lines, their environment, the dashboard's URL and the
-    trainer's --metrics and the evaluator's --report files."""
-    endpoint, port = f"tcp://127.0.0.1:{free_port()}", free_port()
+    """The trainers' (--runs) and the evaluator's command lines, their environment, the dashboard's URL, the
+    trainers' --metrics files and the evaluator's --report file."""
+    endpoints, port = [f"tcp://127.0.0.1:{free_port()}" for _ in range(args.runs)], free_port()
     url = f"http://127.0.0.1:{port}"
     stamp = time.monotonic_ns()
-    metrics, report = tmp / f"m-{stamp}.jsonl", tmp / f"r-{stamp}.jsonl"
+    metrics, report = [tmp / f"m-{stamp}-{i}.jsonl" for i in range(args.runs)], tmp / f"r-{stamp}.jsonl"
     env = dict(os.environ, PYTHONPATH=str(REPO))
     mpirun = shutil.which("mpirun")
-    trainer = [*(["nice", "-n", str(args.trainer_nice)] if args.trainer_nice else []),
-               mpirun, "-n", "2", sys.executable, "-m", "workers.trainer", *data_flags, "--epochs", str(args.epochs),
-               "--batch-size", "128", "--no-progress", "--log-level", "WARNING", "--metrics", str(metrics),
-               "--publish", endpoint, "--checkpoint-every", str(args.checkpoint_every), "--linger", "10"]
-    evaluator = [sys.executable, "-m", "workers.evaluator", "--connect", endpoint, "--report", str(report),
-                 *(["--subset"] if "--subset" in data_flags else ["--no-download"]), "--log-level", "WARNING",
-                 "--http", f"127.0.0.1:{port}", "--exit-after-run"]
-    return trainer, evaluator, env, url, metrics, report
+    trainers = [[*(["nice", "-n", str(args.trainer_nice)] if args.trainer_nice else []),
+                 mpirun, "-n", str(args.trainer_ranks), sys.executable, "-m", "workers.trainer", *data_flags,
+                 "--epochs", str(args.epochs), "--batch-size", "128", "--no-progress", "--log-level", "WARNING",
+                 "--metrics", str(m), "--publish", endpoint, "--checkpoint-every", str(args.checkpoint_every),
+                 "--linger", "10", "--no-save", "--seed", str(i)]
+                for i, (m, endpoint) in enumerate(zip(metrics, endpoints))]
+    evaluator = [sys.executable, "-m", "workers.evaluator", *(x for e in endpoints for x in ("--connect", e)),
+                 "--report", str(report), *(["--subset"] if "--subset" in data_flags else ["--no-download"]),
+                 "--log-level", "WARNING", "--http", f"127.0.0.1:{port}",
+                 *(["--exit-after-run"] if args.runs == 1 else [])]
+    return trainers, evaluator, env, url, metrics, report
 
 
 def run_once(loaded, args, data_flags, tmp):
-    trainer, evaluator, env, url, metrics, report = commands(args, data_flags, tmp)
+    trainers, evaluator, env, url, metrics, report = commands(args, data_flags, tmp)
     ev = subprocess.Popen(evaluator, env=env, stdout=subprocess.DEVNULL)
     streams = predicts = sampler = None
     events = 0
@@ -278,10 +323,11 @@ def run_once(loaded, args, data_flags, tmp):
         sampler = CpuSampler({"evaluator": ev.pid, "dashboard": dashboard_child(ev.pid),
                               "streams": streams.proc.pid if streams else None,
                               "clients": os.getpid() if predicts else None}, since_now=["clients"])
-        t = subprocess.Popen(trainer, env=env, stdout=subprocess.DEVNULL)
-        if t.wait(timeout=3600) != 0:
-            raise SystemExit(f"trainer exited {t.returncode}")
-        ev.wait(timeout=60)
+        ts = [subprocess.Popen(t, env=env, stdout=subprocess.DEVNULL) for t in trainers]
+        if any(t.wait(timeout=3600) != 0 for t in ts):
+            raise SystemExit(f"trainer exited {[t.returncode for t in ts]}")
+        if args.runs == 1:
+            ev.wait(timeout=60)
     finally:
         cpu = sampler.close() if sampler is not None else {}
         if predicts is not None:
@@ -291,7 +337,7 @@ def run_once(loaded, args, data_flags, tmp):
         if ev.poll() is None:
             ev.terminate()
             ev.wait(10)
-    epochs = [json.loads(x) for x in metrics.read_text().splitlines() if '"epoch"' in x]
+    epochs = [json.loads(x) for m in metrics for x in m.read_text().splitlines() if '"epoch"' in x]
     epochs = [e for e in epochs if e.get("event") == "epoch"]
     evals = [json.loads(x) for x in report.read_text().splitlines()]
     out = {"config": "loaded" if loaded else "quiet",
@@ -313,46 +359,51 @@ def run_interleaved(args, data_flags, tmp):
     50 streams close and reopen, the predicts pause and resume. Each evaluation and each step row is put
     in the phase it lies in wholly, leaving out its first `args.settle` seconds; ratios compare the loaded
     phases with the quiet ones of the same run (so the run-to-run spread of whole runs drops out)."""
-    trainer, evaluator, env, url, metrics, report = commands(args, data_flags, tmp)
+    trainers, evaluator, env, url, metrics, report = commands(args, data_flags, tmp)
     ev = subprocess.Popen(evaluator, env=env, stdout=subprocess.DEVNULL)
-    streams = predicts = t = None
+    streams = predicts = None
+    ts = []
     phases, events = [], 0                  # phases: [start, end, loaded, {name: cpu seconds in it}]
     try:
         wait_http(url)
-        streams = Streams(url, args.clients, idle=not args.no_nice) if args.clients else None
+        streams = Streams(url, args.clients, idle=not args.no_nice, pages=args.runs > 1) if args.clients else None
         predicts = Predicts(url, args.rate) if args.rate > 0 else None
         switch(streams, predicts, False)
         pids = {"evaluator": ev.pid, "dashboard": dashboard_child(ev.pid),
                 "streams": streams.proc.pid if streams else None}
         pids = {k: v for k, v in pids.items() if v}
-        t = subprocess.Popen(trainer, env=env, stdout=subprocess.DEVNULL)
-        while t.poll() is None and not (report.exists() and report.stat().st_size):    # the first evaluation
+        ts = [subprocess.Popen(t, env=env, stdout=subprocess.DEVNULL) for t in trainers]
+
+        def training():                     # every trainer still trains: the phases compare like with like
+            return all(t.poll() is None for t in ts)
+        while training() and not (report.exists() and report.stat().st_size):    # the first evaluation
             time.sleep(0.1)
         loaded = False
-        while t.poll() is None:
+        while training():
             cpu0 = {k: cpu_seconds(v) for k, v in pids.items()}
             phases.append([time.time(), None, loaded, {}])
             deadline = time.monotonic() + args.interleave
-            while t.poll() is None and time.monotonic() < deadline:
+            while training() and time.monotonic() < deadline:
                 time.sleep(0.05)
             phases[-1][1] = time.time()
             phases[-1][3] = {k: round(cpu_seconds(v) - cpu0[k], 3) for k, v in pids.items()
                              if cpu0[k] is not None and cpu_seconds(v) is not None}
             loaded = not loaded
             switch(streams, predicts, loaded)
-        if t.returncode != 0:
-            raise SystemExit(f"trainer exited {t.returncode}")
-        ev.wait(timeout=60)
+        if any(t.wait(timeout=3600) != 0 for t in ts):
+            raise SystemExit(f"trainer exited {[t.returncode for t in ts]}")
+        if args.runs == 1:
+            ev.wait(timeout=60)
     finally:
         if predicts is not None:
             predicts.close()
         if streams is not None:
             events = streams.close()
-        for proc in (t, ev):
+        for proc in (*ts, ev):
             if proc is not None and proc.poll() is None:
                 proc.terminate()
                 proc.wait(10)
-    steps = [json.loads(x) for x in metrics.read_text().splitlines() if '"event": "step"' in x]
+    steps = [json.loads(x) for m in metrics for x in m.read_text().splitlines() if '"event": "step"' in x]
     evals = [json.loads(x) for x in report.read_text().splitlines()]
 
     def phase_of(start, end):
@@ -372,7 +423,9 @@ def run_interleaved(args, data_flags, tmp):
             per[i]["images"] += r["images_per_s"] * r["seconds"]
             per[i]["seconds"] += r["seconds"]
     lat = sorted(x for w, x in predicts.sent if phase_of(w, w) is not None) if predicts else []
-    return summarize_phases(per, lat, events)
+    out = summarize_phases(per, lat, events)
+    out["history_bytes_fetched"] = streams.fetched if streams is not None else 0
+    return out
 
 
 def switch(streams, predicts, on):
@@ -425,7 +478,7 @@ def summarize_phases(per, latencies, events):
 
 def main():
     if sys.argv[1:2] == ["--streams-child"]:
-        return streams_child(sys.argv[2], int(sys.argv[3]), sys.argv[4] == "--idle")
+        return streams_child(sys.argv[2], int(sys.argv[3]), sys.argv[4] == "--idle", sys.argv[5] == "--pages")
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--epochs", type=int, default=2)
@@ -439,6 +492,9 @@ def main():
                    help="one long run, the load switched on and off every SECONDS (see run_interleaved)")
     p.add_argument("--settle", type=float, default=1.0, metavar="SECONDS",
                    help="--interleave: the first SECONDS of every phase are left out")
+    p.add_argument("--runs", type=int, default=1, choices=[1, 2],
+                   help="trainers publishing to the one evaluator (2: the pages load both runs' history)")
+    p.add_argument("--trainer-ranks", type=int, default=2, help="mpirun -n of each trainer")
     args = p.parse_args()
     have_mnist = bool(os.environ.get("LENET_DATA_DIR"))
     data_flags = ["--no-download", "--train-subset", str(args.train_subset)] if have_mnist else ["--subset"]
@@ -453,7 +509,11 @@ def main():
                 print(json.dumps({k: v for k, v in r.items() if not k.startswith("_")}), flush=True)
                 runs.append(r)
         pooled = sorted(x for r in runs for x in r.pop("_latencies"))
-        print(json.dumps({"summary": "interleaved", "runs": len(runs),
+        print(json.dumps({"summary": "interleaved", "command": shlex.join([sys.executable, *sys.argv]),
+                          "trainers": args.runs, "pages": args.clients, "runs": len(runs),
+                          "eval_ratio_blocks_median": [(r["eval_ratio_pairs"] or {}).get("median") for r in runs],
+                          "trainer_ratio_blocks_median": [(r["trainer_ratio_pairs"] or {}).get("median")
+                                                          for r in runs],
                           "eval_ratio": [r["eval_ratio"] for r in runs],
                           "evaluator_core_ratio": [r["evaluator_core_ratio"] for r in runs],
                           "trainer_ratio": [r["trainer_ratio"] for r in runs], "predicts": len(pooled),

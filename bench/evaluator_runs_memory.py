@@ -11,7 +11,7 @@ evaluator's telemetry follower as a trainer's link serves them.
 """
 import argparse
 import json
-import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -72,7 +72,7 @@ def main():
     ev = subprocess.Popen([sys.executable, "-m", "workers.evaluator", "--subset", "--poll-ms", "100", "--connect",
                            endpoint, "--report", str(report), "--http", f"127.0.0.1:{port}", "--log-level", "WARNING"],
                           cwd=REPO, stdout=subprocess.DEVNULL)
-    marks, rows = [], 0
+    marks, rows, row_bytes = [], 0, 0
     try:
         for run in range(args.runs):
             with TrainerLink(endpoint) as link:
@@ -81,12 +81,14 @@ def main():
                     final = k == args.checkpoints
                     for step in range(done + 1, at + 1) if args.epochs else ():
                         if step % args.log_every == 0:      # a row as run/telemetry.py makes it
-                            link.telemetry({"event": "step", "step": step, "epoch": 1 + (step - 1) // STEPS_PER_EPOCH,
+                            row = ({"event": "step", "step": step, "epoch": 1 + (step - 1) // STEPS_PER_EPOCH,
                                             "time": time.time(), "steps": args.log_every, "seconds": 0.3,
                                             "loss": 0.1, "acc": 0.97, "lr": 0.05, "images_per_s": 2000.0,
                                             "rank_images_per_s": [1000.0, 1000.0], "rank_compute_s": [0.2, 0.2],
                                             "rank_wait_s": [0.1, 0.1]})
+                            link.telemetry(row)
                             rows += 1
+                            row_bytes += len(json.dumps(row)) + 1
                     done = at
                     params = {n: v.copy() for n, v in LeNet5(seed=run * 100 + k).named_params().items()}
                     meta = {"step": at, "epoch": (at - 1) // STEPS_PER_EPOCH, "pos": 0, "final": final,
@@ -106,13 +108,13 @@ def main():
         ev.send_signal(signal.SIGTERM)
         ev.wait(30)
     history_bytes = report.stat().st_size
-    print(json.dumps({"runs": args.runs, "checkpoints_per_run": args.checkpoints, "step_rows": rows, "marks": marks,
+    files_bytes = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())     # the report and what it keeps beside it
+    print(json.dumps({"runs": args.runs, "checkpoints_per_run": args.checkpoints, "step_rows": rows, "step_rows_json_bytes": row_bytes,
+                      "marks": marks,
                       "evaluator_growth_kib": marks[-1]["evaluator_kib"] - marks[0]["evaluator_kib"],
                       "dashboard_growth_kib": marks[-1]["dashboard_kib"] - marks[0]["dashboard_kib"],
-                      "report_bytes": history_bytes, "exit_code": ev.returncode}))
-    for f in tmp.iterdir():
-        f.unlink()
-    os.rmdir(tmp)
+                      "report_bytes": history_bytes, "history_files_bytes": files_bytes, "exit_code": ev.returncode}))
+    shutil.rmtree(tmp)
 
 
 if __name__ == "__main__":
