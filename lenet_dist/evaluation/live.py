@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lenet_dist.evaluation.history import History, run_key
+from lenet_dist.evaluation.metrics import run_figures
 
 log = logging.getLogger("lenet.evaluator")
 
@@ -60,7 +61,7 @@ class Live:
                     self._show(run, run.evaluations)
                     self._rows_to_page(run.key, [*run.steps, *run.marks, *([run.timeline] if run.timeline else [])])
                 if runs:
-                    self.dashboard.set_runs([r.to_dict() for r in history.runs()])
+                    self.dashboard.set_runs([dict(r.to_dict(), metrics=run_figures(r)) for r in history.runs()])
             if cfg.tensorboard:
                 from lenet_dist.evaluation.tensorboard import EvaluatorBoard
                 self.tb = EvaluatorBoard(cfg.tensorboard)
@@ -126,7 +127,7 @@ class Live:
                 self._rows_to_page(key, self.history.add_rows(key, [{"event": "config", "step": result["step"],
                                                                      "config": config}]))
             self.dashboard.add_evaluation(result, params, detail, config)
-            self.dashboard.set_runs([r.to_dict() for r in self.history.runs()])
+            self.dashboard.set_runs([dict(r.to_dict(), metrics=run_figures(r)) for r in self.history.runs()])
         if self.tb is not None:
             self.tb.add_evaluation(result, detail)
 
