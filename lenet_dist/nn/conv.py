@@ -202,12 +202,12 @@ class StripConv2D(Conv2D):
     output and weight gradients, from 40% smaller columns, with exact pool ties kept exact.
 
     One column holds the (k+1) x k strip of input under two vertically adjacent outputs (2m, 2t+p) and
-    (2m+1, 2t+p), rows in (u, v) order; there is one block of such columns per column parity p. The k x k
-    patch of window member (a, p) is then the contiguous row range [k*a, k*a + k*k) of block p, so every
-    member is one GEMM of the same (Cout, k*k) weight matrix with a view of the columns: 30 values per two
+    (2m+1, 2t+p), rows in (u, v) order; the columns of parity p = 0 come first, then those of p = 1. The
+    k x k patch of window member (a, p) is then the row range [k*a, k*a + k*k) of parity p's columns, so
+    every member is one GEMM of the same (Cout, k*k) weight matrix with a view of the columns: 30 values per two
     outputs where im2col holds 2 x 25, 40% less to write and to read back in backward, and faster than
     pool-major im2col (bench/conv1_compare.py; figures in bench/README.md). Two members whose patches are equal (a uniform background: most of MNIST) are the same
-    GEMM on the same values at the same column, so their outputs are bit-equal and the pool's tie rule
+    GEMM on the same values at the same column (in the same blocks of columns), so their outputs are bit-equal and the pool's tie rule
     decides, whatever the batch size. (BandedConv2D's one taller GEMM does not give that with OpenBLAS;
     see its doc.) The bias is added to the output, as it cannot sit in a row the members share.
     """
@@ -224,33 +224,65 @@ class StripConv2D(Conv2D):
         k, kk, Co = self.k, self.k * self.k, self.cout
         pt, pl, hp, wp, ho, wo = self._geometry(H, W)
         xp = self._padded(x, pt, pl, hp, wp)
-        # cols[p, (u,v), (m,t,b)] = xp[0, 2m+u, 2t+p+v, b], u < k+1, v < k: one strided copy
+        # cols[(u,v), p, (m,t,b)] = xp[0, 2m+u, 2t+p+v, b], u < k+1, v < k: one strided copy. The strip rows
+        # come first so that both parities together are one ((k+1)k, 2n) matrix for backward's one GEMM.
         n = ho * wo * B // 4
-        cols = self.ws.get("cols", (2, (k + 1) * k, n))
+        cols = self.ws.get("cols", ((k + 1) * k, 2, n))
         _, sh, sw, sb = xp.strides
-        shape = (2, k + 1, k, ho // 2, wo // 2, B)
-        src = as_strided(xp, shape, (sw, sh, sw, 2 * sh, 2 * sw, sb), writeable=False)
+        shape = (k + 1, k, 2, ho // 2, wo // 2, B)
+        src = as_strided(xp, shape, (sh, sw, sw, 2 * sh, 2 * sw, sb), writeable=False)
         np.copyto(cols.reshape(shape), src)
         w2 = self.params["weight"].reshape(Co, kk)
-        out = self.ws.get("out", (Co, 4, n))                             # (Cout, member a*2+p, N/4)
+        out = self.ws.get("out", (Co, 2, 2, n))                          # (Cout, a, p, N/4)
         for a in (0, 1):
             for p in (0, 1):
-                np.matmul(w2, cols[p, k * a:k * a + kk], out=out[:, 2 * a + p])
-        out += self.params["bias"][:, None, None]
+                matmul_by_columns(w2, cols[k * a:k * a + kk, p], out[:, a, p])
+        out += self.params["bias"][:, None, None, None]
         self.cols, self.xshape, self.geom = cols, x.shape, (pt, pl, hp, wp, ho, wo)
         return out.reshape(Co, 2, 2, ho // 2, wo // 2, B)
 
     def backward(self, dout):
         k, kk, Co = self.k, self.k * self.k, self.cout
-        d4 = dout.reshape(Co, 4, -1)                                     # (Cout, member, N/4)
-        dw = self.ws.get("dw", (4, Co, kk))
-        for a in (0, 1):
-            for p in (0, 1):
-                np.matmul(d4[:, 2 * a + p], self.cols[p, k * a:k * a + kk].T, out=dw[2 * a + p])
-        np.sum(dw, axis=0, out=self.grads["weight"].reshape(Co, kk))
-        ones = self.ws.get("ones", (d4.shape[1] * d4.shape[2],), init=lambda a: a.fill(1))
-        np.matmul(d4.reshape(Co, -1), ones, out=self.grads["bias"])
+        n2 = self.cols.shape[1] * self.cols.shape[2]
+        # One GEMM for all four members: rows (o, a) of dout against every strip row, both parities summed
+        # in the inner dimension: g[(o,a), (u,v)] = sum over (p, m, t, b) of dout[o,a,p] * cols[(u,v), p].
+        # Member (a, p)'s patch is strip rows [k*a, k*a + kk), so dweight[o] = g[(o,0), :kk] + g[(o,1), k:].
+        d = dout.reshape(Co * 2, n2)                                     # (Cout*2, N/2)
+        g = self.ws.get("g", (Co * 2, (k + 1) * k))
+        matmul_by_inner(d, self.cols.reshape(-1, n2).T, g, self.ws.get("g_part", g.shape))
+        g3 = g.reshape(Co, 2, (k + 1) * k)
+        np.add(g3[:, 0, :kk], g3[:, 1, k:], out=self.grads["weight"].reshape(Co, kk))
+        ones = self.ws.get("ones", (2 * n2,), init=lambda a: a.fill(1))
+        np.matmul(dout.reshape(Co, -1), ones, out=self.grads["bias"])
         return None
+
+
+# A GEMM whose left operand has a handful of rows (conv1's 6) and whose other dimension is long runs
+# several times slower as one OpenBLAS call than in blocks of these sizes (docs/performance.md), likely as
+# its packed panel of the long operand no longer stays in cache.
+COLUMN_BLOCK = 4096
+INNER_BLOCK = 1024
+
+
+def matmul_by_columns(a, b, out, block=COLUMN_BLOCK):
+    """out = a @ b, computed in equal blocks of at most `block` columns (each column's value is the
+    same whatever the blocks: only which call computes it changes)."""
+    n = b.shape[1]
+    size = -(-n // -(-n // block))
+    for lo in range(0, n, size):
+        np.matmul(a, b[:, lo:lo + size], out=out[:, lo:lo + size])
+    return out
+
+
+def matmul_by_inner(a, b, out, part, block=INNER_BLOCK):
+    """out = a @ b with a long inner dimension, as the sum of the products of blocks of it, in order;
+    `part` is scratch of out's shape."""
+    K = a.shape[1]
+    size = -(-K // -(-K // block))
+    np.matmul(a[:, :size], b[:size], out=out)
+    for lo in range(size, K, size):
+        out += np.matmul(a[:, lo:lo + size], b[lo:lo + size], out=part)
+    return out
 
 
 def _ones_last_row(a):

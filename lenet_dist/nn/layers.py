@@ -144,7 +144,8 @@ class ReLU(Layer):
 
 
 class Dense(Layer):
-    """Fully connected on column batches: x (in,B) -> W @ x + b, W (out,in) as in PyTorch -> (out,B)."""
+    """Fully connected on column batches: x (in,B) -> W @ x + b, W (out,in) as in PyTorch -> (out,B).
+    np.matmul rather than `@`, so that bench/layer_table.py's wrapper sees these GEMMs too."""
 
     def __init__(self, nin, nout, *, rng, dtype=np.float32):
         self.params = {"weight": uniform_init(rng, nin, (nout, nin), dtype), "bias": uniform_init(rng, nin, (nout,), dtype)}
@@ -152,14 +153,14 @@ class Dense(Layer):
 
     def forward(self, x, train=True):
         self.x = x if train else None
-        out = self.params["weight"] @ x                        # (out,in) @ (in,B)
+        out = np.matmul(self.params["weight"], x)              # (out,in) @ (in,B)
         out += self.params["bias"][:, None]
         return out
 
     def backward(self, dout):
         np.matmul(dout, self.x.T, out=self.grads["weight"])   # (out,B) @ (B,in)
         np.sum(dout, axis=1, out=self.grads["bias"])
-        return self.params["weight"].T @ dout                  # (in,B)
+        return np.matmul(self.params["weight"].T, dout)        # (in,B)
 
 
 class Flatten(Layer):
