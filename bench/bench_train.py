@@ -2,8 +2,9 @@
 
     LENET_DATA_DIR=/path/to/mnist python bench/bench_train.py [--repeats 7] [--threads 1]
 
-Training: images/s of forward + backward + SGD update (lenet_dist.nn.optim.SGD, momentum 0.9) on real MNIST
-batches, gathered and normalized per step as the trainer does, at global batch 64 and 256. Inference:
+Training: images/s of forward + backward + SGD update on real MNIST batches, with the default recipe
+(TrainConfig's momentum, Nesterov, weight decay, lr and random shifts: bench/timing.py), batches gathered,
+shifted and normalized per step as the trainer does, at global batch 64 and 256. Inference:
 model.evaluate on the whole test set. Every figure is the median of --repeats timed repetitions, after a
 warm-up, with the BLAS limited to --threads threads. MNIST comes from $LENET_DATA_DIR or the cache (no
 download); without it, the shipped 2,000/1,000-image subset. Peak RSS is the process's ru_maxrss, so it
@@ -27,27 +28,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import numpy as np  # noqa: E402
 from threadpoolctl import threadpool_info, threadpool_limits  # noqa: E402
 
-from bench.timing import load_data, measure_into, time_steps  # noqa: E402
-from lenet_dist.data import normalize  # noqa: E402
+from bench.timing import Batches, load_data, measure_into, recipe, serve, time_steps  # noqa: E402
 from lenet_dist.nn.model import LeNet5  # noqa: E402
 from lenet_dist.nn.optim import SGD  # noqa: E402
 
 
 def train_throughput(ds, batch, repeats, images_per_rep, seed=0):
     """Median images/s of full SGD steps at `batch`, one repetition = about `images_per_rep` images."""
+    cfg = recipe()
     model = LeNet5(seed=seed)
-    opt = SGD(model.params, momentum=0.9)
+    opt = SGD(model.params, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
     rng = np.random.default_rng(seed)
-    labels = ds.train_labels.astype(np.intp)
     n = len(ds.train_images)
     steps = max(1, images_per_rep // batch)
-    xbuf = np.empty((batch, 28, 28), np.float32)
-    scale = 1.0 / batch
+    batches, inv_b = Batches(ds, cfg, batch), np.float32(1.0 / batch)
 
-    def step(idx):
-        x = normalize(ds.train_images[idx], out=xbuf)
-        model.loss_and_grad(x, labels[idx], scale)
-        opt.step(model.grads, 0.01)
+    def step(idx):                      # as parallel/step.py: summed gradient, then / B, then the update
+        model.loss_and_grad(*batches(idx), 1.0)
+        model.grads *= inv_b
+        opt.step(model.grads, cfg.lr)
 
     return time_steps(step, rng, n, batch, steps, repeats)
 
@@ -73,11 +72,16 @@ def main(argv=None):
     ap.add_argument("--batches", type=int, nargs="+", default=[64, 256], help="global batch sizes")
     ap.add_argument("--eval-batch", type=int, default=None, help="evaluate's batch size (default: its own)")
     ap.add_argument("--all", action="store_true", help="also print every repetition")
+    ap.add_argument("--serve", action="store_true", help="time one repetition per batch size read from stdin "
+                    "(bench/torch_interleaved.py)")
     args = ap.parse_args(argv)
     if args.repeats < 1 or args.threads < 1:
         ap.error("--repeats and --threads must be >= 1")
 
     ds, kind = load_data()
+    if args.serve:
+        with threadpool_limits(args.threads, "blas"):
+            return serve(ds, train_throughput, args.images)
     out = {"bench": "numpy", "data": kind, "train_n": len(ds.train_images), "test_n": len(ds.test_images),
            "threads": args.threads, "repeats": args.repeats}
     with threadpool_limits(args.threads, "blas"):

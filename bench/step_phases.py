@@ -15,6 +15,13 @@ allreduce's start), allreduce done, step end. Rank 0 gathers the stamps and prin
 
 With more ranks than cores the starts differ by milliseconds anyway (two ranks share a core), so what
 matters is the step time and where the gaps are, not the spread of the starts.
+
+    LENET_DATA_DIR=/path/to/mnist python bench/step_phases.py --layers [--batch 64] [--steps 200]
+
+`--layers`: one process, no MPI, one BLAS thread, the default recipe's step (bench/timing.py): a table of
+each layer's forward and backward (median ms per step; the GEMMs inside it; the model's useful GFLOP/s
+and their share of the sgemm peak measured first on a 1024^3 product), the rest of the step (batch
+gathering and shifts, the update, the loss), and the step's total share of the peak.
 """
 from __future__ import annotations
 
@@ -38,9 +45,13 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--data-dir", help="MNIST folder (default: $LENET_DATA_DIR, then the cache)")
+    ap.add_argument("--layers", action="store_true", help="one process: the per-layer table (see above)")
     args = ap.parse_args(argv)
     if args.steps < 2 or args.warmup < 0 or args.batch < 1:
         ap.error("need --steps >= 2, --warmup >= 0, --batch >= 1")
+    if args.layers:
+        from bench.layer_table import main as layer_table
+        return layer_table(args)
 
     from threadpoolctl import threadpool_limits
 

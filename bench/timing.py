@@ -2,11 +2,15 @@
 timing loop. Needs numpy and lenet_dist only (torch_compare runs in a venv without threadpoolctl)."""
 from __future__ import annotations
 
+import json
 import statistics
 import sys
 import time
 
-from lenet_dist.data import DataError, load_mnist, load_subset
+import numpy as np
+
+from lenet_dist.config import TrainConfig
+from lenet_dist.data import DataError, load_mnist, load_subset, normalize, sampler
 
 
 def load_data(data_dir=None, *, comm=None, prog=None, note=""):
@@ -20,6 +24,39 @@ def load_data(data_dir=None, *, comm=None, prog=None, note=""):
             print(f"{prog}: WARNING: full MNIST not found ({e}); using the shipped subset{note}",
                   file=sys.stderr, flush=True)
         return load_subset(), "subset"
+
+
+def recipe():
+    """The training recipe both benches time: TrainConfig's defaults, whatever they are today."""
+    return TrainConfig()
+
+
+class Batches:
+    """`batches(idx) -> (float32 images (B,28,28), int64 labels)` as the trainer's step makes them
+    (parallel/step.py): gathered, shifted by `sampler` when the recipe augments, normalized into one reused
+    buffer. Each call is the next step of an epoch, so the shifts differ from step to step."""
+
+    def __init__(self, ds, cfg, batch):
+        self.images, self.labels, self.cfg = ds.train_images, ds.train_labels.astype(np.int64), cfg
+        self.buf, self.pos = np.empty((batch, 28, 28), np.float32), 0
+
+    def __call__(self, idx):
+        u8, m = self.images[idx], self.cfg.augment_shift
+        if m:
+            shifts = sampler.random_shifts(self.cfg.seed, 0, self.pos, len(idx), m)
+            u8 = sampler.shift_images(u8, shifts, m)
+        self.pos += 1
+        return normalize(u8, out=self.buf[:len(idx)]), self.labels[idx]
+
+
+def serve(ds, train_throughput, images, out=sys.stdout):
+    """Answer one batch size a line on stdin with one timed repetition at it, as one JSON line: what
+    bench/torch_interleaved.py asks of bench_train.py and torch_compare.py in turn."""
+    for line in sys.stdin:
+        batch = int(line)
+        med, cpu, _ = train_throughput(ds, batch, 1, images)
+        print(json.dumps({"batch": batch, "img_s": round(med, 1), "img_s_cpu": round(cpu, 1)}), file=out,
+              flush=True)
 
 
 def time_steps(step, rng, n, batch, steps, repeats):

@@ -4,8 +4,9 @@
     LENET_DATA_DIR=/path/to/mnist /work/torchenv/bin/python bench/torch_compare.py [--repeats 7] [--threads 1]
 
 conv 6@5x5 pad 2, max 2x2, ReLU, conv 16@5x5, max 2x2, ReLU, fc 120, ReLU, fc 84, ReLU, fc 10 (NCHW,
-float32), cross-entropy, torch.optim.SGD momentum 0.9. Batches are gathered and normalized with
-lenet_dist.data.normalize exactly as in our bench, then wrapped with torch.from_numpy (no copy). Inference
+float32), cross-entropy, torch.optim.SGD with the default recipe's momentum, Nesterov, weight decay and lr
+(TrainConfig's defaults). Batches are gathered, shifted and normalized by bench/timing.py's Batches exactly
+as in our bench, then wrapped with torch.from_numpy (no copy). Inference
 is no_grad over the test set at the same batch size as LeNet5.evaluate's default, computing the loss and
 the accuracy too. torch is never a dependency of lenet-dist: without it this script says so and exits 0.
 """
@@ -31,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # lenet_dist fr
 
 import numpy as np  # noqa: E402
 
-from bench.timing import load_data, measure_into, time_steps  # noqa: E402  (the same data and timing as ours)
+from bench.timing import (Batches, load_data, measure_into, recipe, serve,  # noqa: E402  (the same data,
+                          time_steps)                                         # recipe and timing as ours)
 from lenet_dist.data import normalize  # noqa: E402
 from lenet_dist.nn.model import LeNet5  # noqa: E402
 
@@ -55,18 +57,19 @@ class TorchLeNet5(torch.nn.Module):
 
 
 def train_throughput(ds, batch, repeats, images_per_rep, seed=0):
+    cfg = recipe()
     torch.manual_seed(seed)
     model = TorchLeNet5()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                          weight_decay=cfg.weight_decay)
     rng = np.random.default_rng(seed)
-    labels = ds.train_labels.astype(np.int64)
     n = len(ds.train_images)
     steps = max(1, images_per_rep // batch)
-    xbuf = np.empty((batch, 28, 28), np.float32)
+    batches = Batches(ds, cfg, batch)
 
     def step(idx):
-        x = torch.from_numpy(normalize(ds.train_images[idx], out=xbuf)).unsqueeze(1)
-        y = torch.from_numpy(labels[idx])
+        x, y = batches(idx)
+        x, y = torch.from_numpy(x).unsqueeze(1), torch.from_numpy(y)
         opt.zero_grad(set_to_none=True)
         loss = F.cross_entropy(model(x), y)
         loss.backward()
@@ -112,12 +115,16 @@ def main(argv=None):
     ap.add_argument("--batches", type=int, nargs="+", default=[64, 256])
     ap.add_argument("--eval-batch", type=int, default=default_eval_batch)
     ap.add_argument("--all", action="store_true", help="also print every repetition")
+    ap.add_argument("--serve", action="store_true", help="time one repetition per batch size read from stdin "
+                    "(bench/torch_interleaved.py)")
     args = ap.parse_args(argv)
     if args.repeats < 1 or args.threads < 1:
         ap.error("--repeats and --threads must be >= 1")
     torch.set_num_threads(args.threads)
 
     ds, kind = load_data()
+    if args.serve:
+        return serve(ds, train_throughput, args.images)
     out = {"bench": "torch", "torch": torch.__version__, "data": kind, "train_n": len(ds.train_images),
            "test_n": len(ds.test_images), "threads": args.threads, "repeats": args.repeats}
     measure_into(out, ds, args, train_throughput, eval_throughput)
