@@ -4,6 +4,7 @@ Forged, replayed or unsigned control messages are refused and logged; pause and 
 sleep every rank after the same step; an lr_scale survives a kill and --resume bit for bit."""
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -284,3 +285,30 @@ def test_control_flags_say_what_is_wrong_in_one_line(tmp_path, argv, says):
     p = subprocess.run([sys.executable, "-m", "workers.trainer", *argv], cwd=tmp_path, env=env(),
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and says in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+def test_checkpoint_now_then_a_signal_while_paused_stops_with_the_checkpoint(tmp_path):
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    p = trainer(tmp_path, endpoint, "--epochs", "20", "--keep", "1000", "--allow-control", "--control-key-file",
+                key_file(tmp_path))
+    client = CheckpointClient(endpoint)
+    try:
+        rid = run_id(client, p)
+        assert client.send_control(Signer(KEY).sign("checkpoint", None, rid, "test")) is True
+        until("the checkpoint action", lambda: rows(tmp_path / "m.jsonl", "control"), timeout=60)
+        assert client.send_control(Signer(KEY).sign("pause", None, rid, "test")) is True
+        until("the pause", lambda: len(rows(tmp_path / "m.jsonl", "control")) == 2, timeout=60)
+        time.sleep(1)
+        p.send_signal(signal.SIGTERM)                   # a time limit reached while paused
+    finally:
+        client.close()
+        code, out, err = finish(p)
+    now, pause = rows(tmp_path / "m.jsonl", "control")
+    assert (now["action"], pause["action"]) == ("checkpoint", "pause")
+    assert (tmp_path / "ck-m" / f"ckpt-{now['step']:09d}.npz").exists()      # written at that step
+    assert code == 128 + 15, err
+    end = rows(tmp_path / "m.jsonl", "end")[0]
+    assert end["outcome"] == "stopped" and end["signal"] == 15 and end["step"] == pause["step"]
+    _, meta = final_params(tmp_path / "ck-m")
+    assert meta["step"] == pause["step"]
+    assert [c["control"]["action"] for c in meta["config_changes"]] == ["checkpoint", "pause"]
