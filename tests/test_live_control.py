@@ -312,3 +312,25 @@ def test_checkpoint_now_then_a_signal_while_paused_stops_with_the_checkpoint(tmp
     _, meta = final_params(tmp_path / "ck-m")
     assert meta["step"] == pause["step"]
     assert [c["control"]["action"] for c in meta["config_changes"]] == ["checkpoint", "pause"]
+
+
+def test_control_over_curvezmq_reaches_the_gate_only_from_an_authorized_key(tmp_path):
+    from lenet_dist.transport import generate_keys, TrainerLink
+    from lenet_dist.transport.control import ControlGate
+    k = {name: generate_keys(tmp_path, name) for name in ("trainer", "evaluator", "stranger")}
+    auth = tmp_path / "authorized"
+    auth.mkdir()
+    (auth / "evaluator.key").write_bytes(k["evaluator"][0].read_bytes())
+    said = []
+    gate = ControlGate(KEY, "run-1", True, said.append)
+    with TrainerLink("tcp://127.0.0.1:*", secret_key=k["trainer"][1], authorized=auth, control=gate) as ln:
+        ok = CheckpointClient(ln.endpoint, secret_key=k["evaluator"][1], server_key=k["trainer"][0])
+        stranger = CheckpointClient(ln.endpoint, secret_key=k["stranger"][1], server_key=k["trainer"][0],
+                                    grace_ms=200)
+        try:
+            assert ok.send_control(Signer(KEY).sign("lr_scale", 2, "run-1", "test")) is True
+            assert stranger.send_control(Signer(KEY).sign("stop", None, "run-1", "test"), 500) is None
+        finally:
+            ok.close()
+            stranger.close()
+    assert gate.take() == [{"action": "lr_scale", "value": 2.0, "source": "test"}] and said == []
