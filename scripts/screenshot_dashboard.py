@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.mpiutil import REPO, env, mpirun_cmd, python  # noqa: E402
-from tests.test_browser import CHROMEDRIVER, CHROMIUM, js, until  # noqa: E402
+from tests.test_browser import chrome, js, until  # noqa: E402
 from tests.test_e2e import free_port  # noqa: E402
 
 RUNS = (("0.05", 2, ["--timeline", "t.json", "--timeline-steps", "40:60"]), ("0.02", 0, []))
@@ -45,14 +45,7 @@ def _up(url):
 
 
 def shoot(url, width):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", f"--window-size={width},1600",
-              "--force-device-scale-factor=1"):
-        opts.add_argument(a)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    driver = chrome(width, 1600)
     try:
         driver.get(url)
         until("both runs listed", lambda: js(driver, "return document.querySelectorAll('#runs tr[data-run]').length") == 2)

@@ -32,19 +32,25 @@ def need_browser():
     pytest.skip("chromium, chromium-driver or selenium missing (scripts/setup-tests.sh installs them)")
 
 
-@pytest.fixture()
-def browser():
-    need_browser()
+def chrome(width=1400, height=2100):
+    """Headless Chromium through Selenium, its console log kept (severe() reads it)."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
     for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-              "--window-size=1400,2100", "--force-device-scale-factor=1"):
+              f"--window-size={width},{height}", "--force-device-scale-factor=1"):
         opts.add_argument(a)
     opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
     driver.set_script_timeout(20)
+    return driver
+
+
+@pytest.fixture()
+def browser():
+    need_browser()
+    driver = chrome()
     try:
         yield driver
     finally:

@@ -13,6 +13,7 @@ from lenet_dist.run.sinks import Sinks
 from lenet_dist.run.telemetry import TelemetrySink
 
 from tests.mpiutil import launch
+from tests.test_dashboard import live  # noqa: F401 (fixture)
 from tests.trained import data, one_blas_thread, trained  # noqa: F401 (fixtures)
 
 BASE = ["--subset", "--no-progress", "--log-level", "WARNING", "--stall-timeout", "30"]
@@ -94,24 +95,10 @@ def test_the_history_keeps_each_runs_rows_beside_the_report_and_reads_them_back(
     assert a_run.evaluations[0]["evaluator"] == "h:1"           # the page breaks the line between two evaluators
 
 
-@pytest.fixture()
-def server(data):
-    pytest.importorskip("starlette")
-    httpx = pytest.importorskip("httpx")
-    from lenet_dist.dashboard.app import DashboardServer
-    from lenet_dist.dashboard.state import LiveState
-    state = LiveState(data.test_images, data.test_labels)
-    srv = DashboardServer(state)
-    assert srv.wait_started()
-    with httpx.Client(base_url=srv.url, timeout=10) as client:
-        yield state, client
-    srv.close()
-
-
-def test_the_state_keeps_runs_apart_and_answers_for_any_of_them(server, data, trained):
+def test_the_state_keeps_runs_apart_and_answers_for_any_of_them(live, data, trained):
     from lenet_dist.evaluation import analysis
     from tests.fakes import make_params
-    state, c = server
+    state, c = live
     detail = analysis.analyse(trained, data.test_images, data.test_labels)
     for key, params in (("aaaaaaaa-1", trained.named_params()), ("bbbbbbbb-2", make_params(3))):
         state.start_run({"key": key, "run_id": key, "name": key[:8]}, [])

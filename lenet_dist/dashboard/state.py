@@ -17,6 +17,7 @@ import numpy as np
 
 from lenet_dist import selection
 from lenet_dist.evaluation import analysis
+from lenet_dist.evaluation import history
 from lenet_dist.evaluation.history import UNNAMED
 from lenet_dist.nn.model import LeNet5
 
@@ -49,21 +50,7 @@ class _Run:
         self.named = False                      # the evaluator named it (start_run): /api/state says which
 
     def take(self, row):
-        """A trainer row of this run: True if it was new."""
-        kind = row.get("event", "step")
-        if self.config is None and isinstance(row.get("config"), dict):
-            self.config = row["config"]
-        if kind == "step":
-            if self.steps and row["step"] <= self.steps[-1]["step"]:
-                return False
-            self.steps.append(row)
-        elif kind in ("lr", "control"):
-            if any(m.get("event") == kind and m["step"] == row["step"] for m in self.marks):
-                return False
-            self.marks.append(row)
-        elif kind == "timeline":
-            self.timeline = row
-        return kind != "config"
+        return history.take(self, row)
 
     def series(self):
         return {"run": self.info, "steps": list(self.steps), "evaluations": list(self.evaluations),

@@ -47,6 +47,30 @@ def summary(result):
     return {k: r.get(k) for k in KEPT}
 
 
+def take(run, row):
+    """Keep one of the trainer's rows in `run` (steps, marks, timeline, config: a RunHistory, or the dashboard's
+    copy of a run) if it is new to it: True if it was. Step rows in step order, each once; a mark once per
+    kind and step; the newest timeline window; the first configuration."""
+    kind, step = row.get("event", "step"), row.get("step")
+    if run.config is None and isinstance(row.get("config"), dict):
+        run.config = row["config"]
+    if kind == "step":
+        if run.steps and step <= run.steps[-1]["step"]:
+            return False
+        run.steps.append(row)
+    elif kind in MARKS:
+        if any(m.get("event") == kind and m.get("step") == step for m in run.marks):
+            return False
+        run.marks.append(row)
+    elif kind == "timeline":
+        if run.timeline is not None and run.timeline.get("step") == step:
+            return False
+        run.timeline = row
+    elif kind != "config":
+        return False
+    return True
+
+
 @dataclass
 class RunHistory:
     run_id: str | None
@@ -65,25 +89,7 @@ class RunHistory:
         return self.run_id or self.name
 
     def take(self, row):
-        """Keep one of the trainer's rows if it is new to this run: True if it was."""
-        kind, step = row.get("event", "step"), row.get("step")
-        if self.config is None and isinstance(row.get("config"), dict):
-            self.config = row["config"]
-        if kind == "step":
-            if self.steps and step <= self.steps[-1]["step"]:
-                return False
-            self.steps.append(row)
-        elif kind in MARKS:
-            if any(m.get("event") == kind and m.get("step") == step for m in self.marks):
-                return False
-            self.marks.append(row)
-        elif kind == "timeline":
-            if self.timeline is not None and self.timeline.get("step") == step:
-                return False
-            self.timeline = row
-        elif kind != "config":
-            return False
-        return True
+        return take(self, row)
 
     @property
     def finished(self):
