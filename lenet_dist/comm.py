@@ -192,10 +192,13 @@ class MPIComm:
         self.node.Allreduce(self.MPI.IN_PLACE, mask, op=self.MPI.MAX)
         return node_layout(cpu_count=int(mask.sum()))[1]
 
-    def turn_barrier(self):
+    def turn_barrier(self, expect=0.0):
         """Return once every rank of this node has arrived here, sleeping meanwhile (naps even when the
-        sums wait alone): a rank whose turn it is not gives its core away (parallel/turns.py)."""
+        sums wait alone): a rank whose turn it is not gives its core away (parallel/turns.py). `expect`:
+        seconds the wait should last at least, slept in one piece first (each nap's test costs CPU)."""
         arrived = self.node.Ibarrier()
+        if expect > 0 and not arrived.Test():
+            time.sleep(expect)
         nap = NAP_US_DEFAULT * 1e-6 if self.nap is None else self.nap
         while not arrived.Test():
             time.sleep(nap)

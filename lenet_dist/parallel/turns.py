@@ -3,7 +3,8 @@ turns of at most `cores` ranks; each step, turn 0 computes its shards while the 
 and so on; then the one sum over all ranks, as without turns.
 
     local ranks 0 1 | 2 3      (4 ranks, 2 cores: 2 turns of 2)
-    step:  turn 0 computes, turns 1.. sleep  -> barrier 0 -> turn 1 computes -> ... -> the reducer's sum
+    step:  turn 0 computes, turns 1.. sleep  -> barrier 0 -> turn 1 computes -> ... -> barrier T-1
+           -> the reducer's sum, every rank of the node there
 
 Four ranks competing for two cores deliver less than two ranks alone (context switches, caches, a peer that
 waits while the one it waits for is descheduled); two at a time, one pair after the other, deliver about
@@ -20,7 +21,11 @@ the cores (at most one per rank); "off": no turns.
 """
 from __future__ import annotations
 
+from collections import deque
+
 VAR = "LENET_TURNS"
+SLEEP_SHARE = 0.75          # of a turn's expected length, slept before napping (a turn varies from step to step)
+RECENT_STEPS = 8            # compute times kept for that expectation
 
 
 def parse_setting(text):
@@ -47,11 +52,17 @@ def plan(local_rank, local_size, cores, setting=None):
 
 
 class TakingTurns:
-    """Wraps the run's reducer: begin() sleeps through the turns before this rank's, sum() through the ones
-    after it, then hands over to the reducer's own sum. Everything else is the reducer's."""
+    """Wraps the run's reducer: begin() sleeps through the turns before this rank's, sum() through its own
+    and the ones after it (so the sum starts with every rank of the node there), then hands over to the
+    reducer's own sum. Everything else is the reducer's.
+
+    A turn lasts about as long as this rank's own compute (the same shard size, the same code), so a wait
+    for another turn first sleeps SLEEP_SHARE of the shortest of its recent computes in one piece, then
+    naps: testing the barrier between naps for a whole turn would cost CPU the computing turn could use."""
 
     def __init__(self, reducer, comm):
         self.reducer, self.comm = reducer, comm
+        self.recent = deque(maxlen=RECENT_STEPS)        # this rank's compute seconds, last steps
 
     def __getattr__(self, name):
         return getattr(self.reducer, name)
@@ -61,16 +72,19 @@ class TakingTurns:
         c = self.comm
         return f"{self.reducer.description}; {c.turns} turns of {c.turn_size} rank(s) per node"
 
+    def _turn_seconds(self):
+        return SLEEP_SHARE * min(self.recent) if self.recent else 0.0
+
     def begin(self):
         for _ in range(self.comm.turn):
-            self.comm.turn_barrier()            # the turns before this rank's compute
+            self.comm.turn_barrier(self._turn_seconds())    # the turns before this rank's compute
         self.reducer.begin()
 
     def sum(self, stop, seconds):
-        # the turns after this one; a sum without its own sleeping arrival wait (no naps) gets the last one too
-        after = self.comm.turns - 1 - self.comm.turn + (self.comm.nap is None)
-        for _ in range(after):
-            self.comm.turn_barrier()
+        self.recent.append(seconds)
+        self.comm.turn_barrier()                            # this turn's peers finish about now
+        for _ in range(self.comm.turns - 1 - self.comm.turn):
+            self.comm.turn_barrier(self._turn_seconds())    # the turns after it
         return self.reducer.sum(stop, seconds)
 
 
