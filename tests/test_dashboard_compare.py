@@ -119,3 +119,30 @@ def test_the_state_keeps_runs_apart_and_answers_for_any_of_them(live, data, trai
     assert got["aaaaaaaa-1"]["run"] == "aaaaaaaa-1" and got["bbbbbbbb-2"]["run"] == "bbbbbbbb-2"
     assert got["aaaaaaaa-1"]["probabilities"] != got["bbbbbbbb-2"]["probabilities"]     # each run's own model
     assert c.get("/api/checkpoint", params={"run": "aaaaaaaa-1"}).json()["run"] == "aaaaaaaa-1"
+
+
+def test_a_real_runs_timeline_window_reaches_the_page_through_the_link(tmp_path):
+    """`mpirun -n 2 lenet-train --timeline` publishing to one evaluator with --http: the window's summary
+    travels with the step rows and the page's history of that run holds it (and the report's rows file)."""
+    httpx = pytest.importorskip("httpx")
+    from tests.test_browser import until
+    from tests.test_dashboard_runs import daemon, get
+    from tests.test_e2e import finish, free_port, start_trainer
+    endpoint, port = f"tcp://127.0.0.1:{free_port()}", free_port()
+    ev = daemon(tmp_path / "eval.jsonl", port, endpoint)
+    tr = start_trainer(endpoint, tmp_path, "--timeline", tmp_path / "t.json", "--timeline-steps", "5:15",
+                       "--log-every", "4", "--linger", "60", epochs=2)
+    c = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10)
+    try:
+        h = until("the timeline window on the page", lambda: (lambda h: h if h and h["timeline"] else None)(
+            get(c, "/api/history")))
+        assert (h["timeline"]["step_from"], h["timeline"]["step_to"]) == (6, 15)
+        assert [r["rank"] for r in h["timeline"]["ranks"]] == [0, 1] and h["steps"]
+        assert tr.wait(120) == 0
+        kept = [json.loads(line) for line in (tmp_path / "eval.rows.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in kept if r.get("event") == "timeline"] == [15]
+    finally:
+        for p in (tr, ev):
+            if p.poll() is None:
+                p.terminate()
+            finish(p)

@@ -5,12 +5,13 @@ trainer's step telemetry that feeds the dashboard. The evaluator's loop calls on
 """
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from lenet_dist.evaluation.history import History, run_key
+from lenet_dist.evaluation.history import MAX_ROWS, History, run_key
 from lenet_dist.evaluation.metrics import run_figures
 
 log = logging.getLogger("lenet.evaluator")
@@ -50,6 +51,8 @@ class Live:
         self.dashboard = self.tb = None
         self.followers = {}                         # endpoint -> TelemetryFollower
         self.sources = {}                           # (endpoint, trainer server id) -> run key
+        self.pending = {}                           # (endpoint, trainer server id) -> rows before its run is named
+        self._lock = threading.Lock()               # the followers' threads vs the loop's
         self.history, self.shown, self.shown_source = history, None, None
         try:
             if cfg.http_address:
@@ -74,9 +77,12 @@ class Live:
             raise
 
     def _on_rows(self, endpoint, server, rows):
-        # rows of a trainer no evaluation has named yet are asked for again once one does; meanwhile the only
-        # trainer's are shown as the page's first, unnamed run
-        key = self.sources.get((endpoint, server))
+        # rows of a trainer no evaluation has named yet wait here (and are asked for again) until one does;
+        # meanwhile the only trainer's are shown as the page's first, unnamed run
+        with self._lock:
+            key = self.sources.get((endpoint, server))
+            if key is None:
+                self.pending.setdefault((endpoint, server), collections.deque(maxlen=MAX_ROWS)).extend(rows)
         if key is not None:
             self._rows_to_page(key, self.history.add_rows(key, rows))
         elif len(self.followers) == 1 and not self.sources:
@@ -120,7 +126,9 @@ class Live:
                 self._show(run, run.evaluations[:-1])     # a new run, or the shown one has ended
             source = (result.get("source"), result.get("server"))
             if source not in self.sources:          # this trainer's rows are this run's: asked for from the start
-                self.sources[source] = key
+                with self._lock:
+                    self.sources[source], waiting = key, list(self.pending.pop(source, ()))
+                self._rows_to_page(key, self.history.add_rows(key, waiting))
                 if source[0] in self.followers:
                     self.followers[source[0]].rewind()
             if run.config is None and isinstance(config, dict):      # --watch: no step row names it
