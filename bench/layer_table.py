@@ -4,7 +4,8 @@ Each layer's forward and backward are wrapped (instance attributes) with a timer
 one that adds the GEMM's time and executed FLOPs to the layer running it, for the measured steps only.
 The peak is the best of several 1024^3 products, at the start and every ten steps.
 Useful FLOPs are the model's own multiply-adds (x2): what a direct convolution would do; executed ones
-count what the GEMMs did (conv2's band zeros, the bias rows). Times are medians over the steps.
+count what the GEMMs did (conv2's band zeros, the bias rows). Times are this process's CPU time, medians
+over the steps.
 """
 from __future__ import annotations
 
@@ -13,6 +14,10 @@ import time
 from collections import defaultdict
 
 import numpy as np
+
+# CPU time, not wall time: on a shared machine a step preempted for a few milliseconds would otherwise
+# charge them to whichever layer was running.
+clock = time.process_time
 
 
 def sgemm_peak(n=1024, repeats=7):
@@ -25,9 +30,9 @@ def sgemm_peak(n=1024, repeats=7):
 
 
 def _timed(fn):
-    t = time.perf_counter()
+    t = clock()
     fn()
-    return time.perf_counter() - t
+    return clock() - t
 
 
 def useful_flops(B):
@@ -62,20 +67,20 @@ class Recorder:
 
         def call(*a, **kw):
             outer, self.current = self.current, key
-            t = time.perf_counter()
+            t = clock()
             try:
                 return fn(*a, **kw)
             finally:
-                self.secs[key] += time.perf_counter() - t
+                self.secs[key] += clock() - t
                 self.current = outer
         setattr(obj, method, call)
 
     def matmul(self, real):
         def call(a, b, *rest, **kw):
-            t = time.perf_counter()
+            t = clock()
             out = real(a, b, *rest, **kw)
             if self.current is not None:
-                self.gemm[self.current] += time.perf_counter() - t
+                self.gemm[self.current] += clock() - t
                 m = a.shape[0] if a.ndim == 2 else 1
                 n = b.shape[1] if b.ndim == 2 else 1
                 self.flops[self.current] += 2 * m * n * a.shape[-1]
@@ -132,14 +137,14 @@ def main(args):
                     peak = max(peak, sgemm_peak(repeats=1))
                     np.matmul = rec.matmul(real_matmul)
                 idx = rng.integers(0, len(ds.train_images), B)
-                t0 = time.perf_counter()
+                t0 = clock()
                 x, y = batches(idx)
-                t1 = time.perf_counter()
+                t1 = clock()
                 model.loss_and_grad(x, y, 1.0)
-                t2 = time.perf_counter()
+                t2 = clock()
                 model.grads *= inv_b
                 opt.step(model.grads, cfg.lr)
-                t3 = time.perf_counter()
+                t3 = clock()
                 rec.secs[("batch", "data")] += t1 - t0
                 rec.secs[("update", "sgd")] += t3 - t2
                 rec.end_step()
@@ -157,7 +162,7 @@ def print_table(steps, totals, useful, peak, B, kind, n):
     gemm = {k: statistics.median(s[1].get(k, 0.0) for s in steps) for k in keys}
     flops = {k: statistics.median(s[2].get(k, 0.0) for s in steps) for k in keys}
     step = statistics.median(totals)
-    print(f"batch {B}, {kind}, one BLAS thread, median of {n} steps: step {step * 1e3:.3f} ms "
+    print(f"batch {B}, {kind}, one BLAS thread, CPU time, median of {n} steps: step {step * 1e3:.3f} ms "
           f"({B / step:,.0f} images/s); sgemm peak {peak:.1f} GFLOP/s (1024^3, best of 7)")
     print()
     print("| layer | pass | ms | share of step | GEMM ms | non-GEMM ms | useful GFLOP/s | share of peak "
