@@ -30,6 +30,7 @@ from collections import deque
 from datetime import datetime, timezone
 from pathlib import Path
 
+from lenet_dist import logformat
 from lenet_dist.checkpoints.resume import newest_usable
 from lenet_dist.run import exitcodes, metrics
 from lenet_dist.run.procs import descendants, local_ranks
@@ -64,10 +65,15 @@ def parse_args(argv=None):
                         "killed (it can wait forever for a lost host)")
     p.add_argument("--probe-timeout", type=float, default=15.0, metavar="SECONDS",
                    help="--hostfile: a host whose `mpirun -n 1 true` does not finish in this long is lost")
+    p.add_argument("--log-format", default="text", choices=logformat.FORMATS,
+                   help="json: one JSON object per line with an ISO 8601 time and zone, here and in lenet-train "
+                        "(unless its flags say otherwise)")
     p.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then lenet-train's flags")
     args = p.parse_args(argv)
     if args.train_args[:1] == ["--"]:
         args.train_args = args.train_args[1:]
+    if args.log_format != "text" and not any(a.startswith("--log-format") for a in args.train_args):
+        args.train_args.append(f"--log-format={args.log_format}")
     args.min_ranks = args.ranks if args.min_ranks is None else args.min_ranks
     if not 1 <= args.min_ranks <= args.ranks:
         p.error(f"--min-ranks {args.min_ranks}: need 1 <= --min-ranks <= --ranks ({args.ranks})")
@@ -294,8 +300,7 @@ class Launcher:
 
 def main(argv=None):
     args = parse_args(argv)
-    logging.basicConfig(format="%(asctime)s lenet-launch %(levelname)s %(message)s", datefmt="%H:%M:%S",
-                        stream=sys.stderr, level=logging.INFO)
+    logformat.setup("lenet-launch", "INFO", args.log_format)
     launcher = Launcher(args)
     try:
         code = launcher.run()

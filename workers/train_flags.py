@@ -8,6 +8,7 @@ import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from lenet_dist import logformat
 from lenet_dist.config import TrainConfig
 from lenet_dist.files import check_writable_path
 from lenet_dist.launcher_env import launcher_rank
@@ -21,7 +22,7 @@ from lenet_dist.run.outcome import RunFacts
 from lenet_dist.run.setup import FolderPlan
 from lenet_dist.run.telemetry import DEFAULT_EVERY
 
-from workers.common import add_data_flags, HelpFormatter
+from workers.common import add_data_flags, HelpFormatter, host_port
 
 class Parser(argparse.ArgumentParser):
     """A usage error is one line and a pointer to --help (not the usage block), said once under mpirun: by
@@ -156,6 +157,9 @@ def parse_args(argv=None):
                    help="seconds between plain progress lines")
     g.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                    help="WARNING: only problems and the epoch lines")
+    g.add_argument("--log-format", default="text", choices=logformat.FORMATS,
+                   help="json: one JSON object per line on stderr, with an ISO 8601 time and zone (for a log "
+                        "collector)")
     g = p.add_argument_group("evaluator link (rank 0)")
     g.add_argument("--publish", metavar="ENDPOINT", help="serve checkpoints over ZeroMQ, e.g. tcp://127.0.0.1:5555")
     g.add_argument("--results", metavar="ENDPOINT",
@@ -185,6 +189,13 @@ def parse_args(argv=None):
                    help="every K steps, a row of step figures for --metrics, --publish and --tensorboard (0: none)")
     g.add_argument("--tensorboard", type=Path, metavar="DIR",
                    help="write TensorBoard event files under DIR/trainer (needs the tensorboard extra)")
+    g.add_argument("--metrics-port", metavar="[HOST:]PORT",
+                   help="rank 0 serves Prometheus /metrics (steps, loss, images/s, per-rank compute and wait "
+                        "seconds, the evaluator's lag) and /healthz, /readyz here (host 127.0.0.1 unless given; "
+                        "0 picks a free port, logged)")
+    g.add_argument("--metrics-public", action="store_true",
+                   help="allow --metrics-port on a non-loopback address (anyone who can reach it reads the "
+                        "run's figures)")
     g.add_argument("--timeline", type=Path, metavar="FILE",
                    help="write every rank's phases over a window of steps to FILE as a Chrome trace (open it in "
                         "https://ui.perfetto.dev or chrome://tracing; docs/performance.md)")
@@ -202,6 +213,7 @@ def parse_args(argv=None):
         p.error(str(e))
     if args.log_every < 0:
         p.error(f"--log-every must be >= 0, got {args.log_every}")
+    args.metrics_address = _metrics_address(p, args)
     if args.tensorboard and importlib.util.find_spec("tensorboardX") is None:
         p.error("--tensorboard needs the tensorboard extra: pip install 'lenet-dist[tensorboard]'")
     try:
@@ -264,6 +276,23 @@ def parse_args(argv=None):
     facts = RunFacts(args.checkpoint_dir, args.metrics, argv, tuple(data_flags(args)), args.test_mode,
                      restarts=int(restarts) if restarts.isdigit() else None)
     return Flags(args, config, plan, facts, fault, 1 if args.deterministic else args.threads)
+
+
+def _metrics_address(p, args):
+    """--metrics-port -> (host, port) or None; a non-loopback host only with --metrics-public."""
+    if args.metrics_public and not args.metrics_port:
+        p.error("--metrics-public needs --metrics-port")
+    if not args.metrics_port:
+        return None
+    host, port = host_port(p, "--metrics-port", args.metrics_port)
+    if not wire.is_loopback(host):
+        if not args.metrics_public:
+            p.error(f"--metrics-port {args.metrics_port}: a non-loopback address serves the run's figures to "
+                    f"anyone who can reach it; add --metrics-public to mean that")
+        if launcher_rank() in (None, 0):
+            print(f"lenet-train: warning: --metrics-port {args.metrics_port}: anyone who can reach this port "
+                  f"reads the run's figures", file=sys.stderr, flush=True)
+    return host, port
 
 
 def data_flags(args):

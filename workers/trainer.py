@@ -200,10 +200,11 @@ def _train(r):
     t_start = time.perf_counter()
     tally = Tally(flags.plan.directory / "best.json", r.state.run_id) if flags.plan.resume and r.rank0 \
         else Tally()
-    sinks = _sinks(flags, link, trainer) if r.rank0 else Sinks()
+    sinks = _sinks(flags, link, trainer, r.state.run_id if r.rank0 else None) if r.rank0 else Sinks()
     facts = flags.facts if not r.rank0 else _with_run(flags.facts, r.state.run_id)
     guard = r.guard = _stall_guard(args, comm, trainer)
     timeline = timeline_for(args.timeline, args.timeline_steps).attach(trainer)   # --timeline: wraps its hooks
+    timeline.report_to(sinks.on_event)          # rank 0: the window's per-rank summary row
     if r.rank0 and r.state.writer:
         timeline.watch(r.state.writer, "write", "checkpoint write")
     try:
@@ -424,11 +425,13 @@ def _with_run(facts, run_id):
     return replace(facts, run_id=run_id)
 
 
-def _sinks(flags, link, trainer):
+def _sinks(flags, link, trainer, run_id):
     """Rank 0's outputs: the progress display, epoch lines and summary, the --metrics JSONL, the link's step
-    count, step telemetry (--log-every) and TensorBoard (--tensorboard)."""
+    count, step telemetry (--log-every), TensorBoard (--tensorboard) and Prometheus (--metrics-port)."""
     args = flags.args
     sinks = Sinks([ProgressSink(enabled=args.progress, every=args.progress_every)])
+    if args.metrics_address:
+        sinks.sinks.append(_prometheus(flags, run_id, link))
     metrics = MetricsSink(flags.facts.metrics) if flags.facts.metrics else None
     if metrics:
         sinks.sinks.append(metrics)
@@ -440,10 +443,24 @@ def _sinks(flags, link, trainer):
         board = TrainerBoard(args.tensorboard, trainer.model)
     outputs = [f for f in (metrics and metrics.write, link and link.telemetry, board and board.add_row) if f]
     if args.log_every and outputs:
-        sinks.sinks.append(TelemetrySink(args.log_every, outputs, rank_examples=lambda: trainer.examples_by_rank))
+        sinks.sinks.append(TelemetrySink(args.log_every, outputs, rank_examples=lambda: trainer.examples_by_rank,
+                                         event_outputs=[link.telemetry] if link else []))   # --metrics has them
     if board:
         sinks.sinks.append(board)
     return sinks
+
+
+def _prometheus(flags, run_id, link):
+    """--metrics-port: rank 0's /metrics; a port it cannot have is a usage error (one line)."""
+    from lenet_dist.run.prometheus import PrometheusSink
+    host, port = flags.args.metrics_address
+    try:
+        sink = PrometheusSink((host, port), run_id, flags.plan.directory and flags.plan.directory.name, link)
+    except OSError as e:
+        raise UsageError(f"--metrics-port {flags.args.metrics_port}: cannot serve on {host}:{port} "
+                         f"({e.strerror or e}); pick another port, or 0 for a free one") from None
+    log.info("Prometheus metrics on %s/metrics (and /healthz, /readyz)", sink.url)
+    return sink
 
 
 def _check_val_size(cfg, n_data):
@@ -542,7 +559,7 @@ def main(argv=None):
     except (ValueError, LauncherMismatch) as e:   # a bad setting in the environment, or the wrong mpirun
         print(f"lenet-train: error: {one_line(e)}", file=sys.stderr, flush=True)
         return 2
-    setup_logging(comm, args.log_level)
+    setup_logging(comm, args.log_level, args.log_format)
     if args.check:
         from workers.preflight import run_checks
         return run_checks(args, comm)

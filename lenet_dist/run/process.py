@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import sys
+
+from lenet_dist import logformat
 
 
-def setup_logging(comm, level="INFO"):
-    """Every line says which rank wrote it; ranks other than 0 only log warnings and errors."""
-    fmt = f"%(asctime)s rank {comm.rank}/{comm.size} %(levelname)s %(message)s"
-    logging.basicConfig(format=fmt, datefmt="%H:%M:%S", stream=sys.stderr, force=True,
-                        level=level if comm.rank == 0 else max(logging.WARNING, logging.getLevelName(level)))
+def setup_logging(comm, level="INFO", fmt="text"):
+    """Every line says which rank wrote it; ranks other than 0 only log warnings and errors. fmt: "text" or
+    "json" (lenet_dist/logformat.py, the one log format of every process)."""
+    logformat.setup(f"rank {comm.rank}/{comm.size}", level if comm.rank == 0 else
+                    max(logging.WARNING, logging.getLevelName(level)), fmt)
 
 
 @contextlib.contextmanager
