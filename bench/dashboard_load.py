@@ -425,6 +425,9 @@ def run_interleaved(args, data_flags, tmp):
     lat = sorted(x for w, x in predicts.sent if phase_of(w, w) is not None) if predicts else []
     out = summarize_phases(per, lat, events)
     out["history_bytes_fetched"] = streams.fetched if streams is not None else 0
+    out["evaluations_made"] = len(evals)          # all of them, in a phase or not
+    out["eval_seconds_all"] = round(statistics.median(e["eval_seconds"] for e in evals), 3) if evals else None
+    out["phases_span_seconds"] = round(phases[-1][1] - phases[0][0], 1) if phases else 0
     return out
 
 
