@@ -463,6 +463,8 @@ async function focus(key, byHand) {
   if (byHand) localStorage.setItem("lenet.focus", key);
   if (key === focused) return;
   focused = key;
+  steps = runOf(key).steps;                 // the globals follow the focus at once (tests read them)
+  evals = runOf(key).evals;
   $("run-name").textContent = nameOf(key);
   document.title = `${nameOf(key)} · lenet-dist dashboard`;
   document.querySelectorAll("#runs tr[data-run]").forEach((tr) => {
