@@ -100,7 +100,11 @@ def test_plateau_drops_then_a_stop_and_resume_on_another_rank_count_is_bit_ident
 
 def test_batch_8_at_the_default_rate_stops_saying_so_or_learns_with_linear_scaling(tmp_path):
     small8 = ["--subset", "--epochs", "2", "--batch-size", "8", "--no-progress", "--log-level", "WARNING"]
-    p = launch(0, [*small8, "--checkpoint-dir", tmp_path / "ck"], check=False)
+    p = launch(0, [*small8, "--metrics", tmp_path / "d.jsonl"], cwd=tmp_path)     # today's recipe learns
+    assert rows(tmp_path / "d.jsonl", "epoch")[-1]["test_acc"] > 0.6          # measured 0.825
+    assert "not learning" not in p.stdout + p.stderr
+    old = ["--augment-shift", "0", "--weight-decay", "5e-4"]     # the recipe before 0112669 does not
+    p = launch(0, [*small8, *old, "--checkpoint-dir", tmp_path / "ck"], check=False)
     assert p.returncode == exitcodes.NOT_LEARNING, p.stderr
     line = "after 2 epochs (chance is 10%): the run is not learning; try --lr 0.00625, or --lr-scaling linear"
     errors = [s for s in p.stderr.splitlines() if "ERROR" in s]
