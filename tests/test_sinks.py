@@ -36,7 +36,7 @@ class Recorder(Sink):
 def test_the_loop_feeds_every_sink_with_figures_that_add_up(tmp_path, monkeypatch, capsys):
     rec = Recorder()
     real = trainer_mod._sinks
-    monkeypatch.setattr(trainer_mod, "_sinks", lambda args, link, trainer: Sinks([real(args, link, trainer), rec]))
+    monkeypatch.setattr(trainer_mod, "_sinks", lambda *a: Sinks([real(*a), rec]))
     metrics = tmp_path / "m.jsonl"
     code = trainer_mod.main(["--subset", "--train-subset", "300", "--val-size", "0",
                              "--batch-size", "64", "--epochs", "2",
