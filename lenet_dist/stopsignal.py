@@ -27,6 +27,15 @@ def signal_name(signum: int) -> str:
         return f"signal {signum}"
 
 
+def settle(signals=SIGNALS) -> None:
+    """The process has decided how it ends (its exit status is known): from now on stop signals are ignored,
+    so that one arriving while the interpreter shuts down (which restores the default, deadly handlers)
+    cannot turn a clean exit status into a death by signal. Main thread only (elsewhere: nothing)."""
+    if threading.current_thread() is threading.main_thread():
+        for s in signals:
+            signal.signal(s, signal.SIG_IGN)
+
+
 class StopSignal:
     """`signum`: the first stop signal received (0: none); `count`: how many arrived. Truthy once asked.
     install=False leaves the handlers alone (in-process use, or off the main thread): set .signum to stop."""
@@ -59,12 +68,9 @@ class StopSignal:
         return signal_name(self.signum) if self.signum else ""
 
     def settled(self) -> None:
-        """The process has decided how it ends: further stop signals are ignored, so that one arriving while
-        the interpreter shuts down (which restores the default, deadly handlers) cannot turn a clean exit
-        status into a death by signal."""
-        if self._installed and threading.current_thread() is threading.main_thread():
-            for s in self._signals:
-                signal.signal(s, signal.SIG_IGN)
+        """The process has decided how it ends: settle() (when this one installed handlers)."""
+        if self._installed:
+            settle(self._signals)
 
     def sleep(self, seconds: float) -> bool:
         """Sleep up to `seconds`, returning early (True) once a stop was asked."""

@@ -286,6 +286,8 @@ def main(argv=None):
     except (DataError, TransportError, OSError) as e:
         log.error("%s", one_line(e))
         return 1
+    finally:
+        stop.settled()                      # decided: a late SIGTERM must not turn it into a death by signal
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ from lenet_dist.run.stall import StallGuard
 from lenet_dist.run.steering import Steering
 from lenet_dist.run.telemetry import TelemetrySink
 from lenet_dist.run.text import one_line
+from lenet_dist.stopsignal import settle
 
 from workers.common import load_dataset
 from workers.train_flags import parse_args
@@ -293,7 +294,9 @@ def main(argv=None):
         return run_checks(args, comm)
     try:
         with blas_threads(flags.threads):
-            return run(flags, comm)
+            status = run(flags, comm)
+        settle()                            # decided: a late SIGTERM must not turn it into a death by signal
+        return status
     except KeyboardInterrupt:
         log.error("rank %d: interrupted", comm.rank)
         return 130
