@@ -73,8 +73,8 @@ def _run_both(flags, run, comm, endpoint, report):
     print(f"test mode: trainer  step {trainer_final['step']}: test accuracy {100 * trainer_final['test_acc']:.2f}%, "
           f"loss {trainer_final['test_loss']:.4f}")
     if final:
-        print(f"test mode: evaluator step {final[-1]['step']}: accuracy {100 * final[-1]['accuracy']:.2f}%, "
-              f"loss {final[-1]['loss']:.4f} ({len(lines)} evaluations, lag {final[-1]['lag_steps']} steps)")
-    ok = code == 0 and evaluator_code == 0 and final and abs(final[-1]["accuracy"] - trainer_final["test_acc"]) < 1e-9
+        print(f"test mode: evaluator step {final[-1]['step']}: test accuracy {100 * final[-1]['test_accuracy']:.2f}%, "
+              f"loss {final[-1]['test_loss']:.4f} ({len(lines)} evaluations, lag {final[-1]['lag_steps']} steps)")
+    ok = code == 0 and evaluator_code == 0 and final and abs(final[-1]["test_accuracy"] - trainer_final["test_acc"]) < 1e-9
     print(f"test mode: {'OK' if ok else 'FAILED'} in {time.monotonic() - t0:.1f}s", flush=True)
     return bool(ok)
