@@ -68,7 +68,7 @@ def test_every_best_is_the_validation_winner(tmp_path):
             rows = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
             assert rows[0]["val_accuracy"] > rows[1]["val_accuracy"] and rows[0]["accuracy"] < rows[1]["accuracy"]
             until("the trainer heard both", lambda: link.latest_result() and link.latest_result()["step"] == 20)
-            assert link.best_result()["step"] == 10                                     # wire.Results
+            assert link.best_result()["step"] == 10                                     # served.Results
             tally = Tally()                    # the trainer's summary: it saw only the newest at an epoch end
             tally.add_evaluator(link.latest_result())
             end = summary(RunFacts(), reason="finished", step=20, total_steps=20, epoch=2, epochs=2, ranks=1,

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from lenet_dist.ratelimit import Limited
+
 log = logging.getLogger("lenet.dashboard")
 
 
@@ -208,28 +210,13 @@ class CatchAll:
 def quiet_loop_errors(loop):
     """asyncio's unhandled errors (an accept() that failed, a callback that raised) as one line each, and
     at most one a second of each kind."""
-    limited = _Limited()
+    limited = Limited(lambda line: log.error("%s", line), every=1.0)
 
     def handler(loop, context):
         exc = context.get("exception")
-        limited(context.get("message", "event loop error"), f": {type(exc).__name__}: {exc}" if exc is not None else "")
+        message = context.get("message", "event loop error")
+        limited(message + (f": {type(exc).__name__}: {exc}" if exc is not None else ""), key=message)
     loop.set_exception_handler(handler)
-
-
-class _Limited:
-    """Log an error at most once a second per message, counting what it held back."""
-
-    def __init__(self, every=1.0):
-        self.every, self.last, self.held = every, {}, {}
-
-    def __call__(self, message, detail=""):
-        now = time.monotonic()
-        if now - self.last.get(message, -1e9) < self.every:
-            self.held[message] = self.held.get(message, 0) + 1
-            return
-        held = self.held.pop(message, 0)
-        self.last[message] = now
-        log.error("%s%s%s", message, detail, f" ({held} more like it not shown)" if held else "")
 
 
 class OncePerSecond(logging.Filter):
@@ -237,11 +224,7 @@ class OncePerSecond(logging.Filter):
 
     def __init__(self):
         super().__init__()
-        self.last = {}
+        self.limited = Limited(None, every=1.0)
 
     def filter(self, record):
-        now = time.monotonic()
-        if now - self.last.get(record.msg, -1e9) < 1.0:
-            return False
-        self.last[record.msg] = now
-        return True
+        return self.limited.allow(record.msg) is not None

@@ -20,7 +20,7 @@ import threading
 import time
 
 from lenet_dist.files import read_regular
-from lenet_dist.transport import wire
+from lenet_dist.ratelimit import Limited
 
 ACTIONS = ("stop", "pause", "resume", "checkpoint", "lr_scale")
 LR_SCALE_MIN, LR_SCALE_MAX = 0.01, 100.0    # one lr_scale action's factor
@@ -79,7 +79,7 @@ class ControlGate:
     def __init__(self, key, run_id, allowed, log, clock=time.time):
         self.key, self.run_id, self.allowed, self.clock = key, run_id, allowed, clock
         self._log = log
-        self._complain = {}                  # one rate-limited log line per kind of refusal
+        self._complain = Limited(self._log)  # one rate-limited log line per kind of refusal
         self._lock = threading.Lock()
         self._queue, self._seen = [], {}     # admitted actions; nonce -> its time, for the window
         self.refused = 0
@@ -90,7 +90,7 @@ class ControlGate:
         if why:
             self.refused += 1
             kind = why.split(" ", 1)[0]
-            self._complain.setdefault(kind, wire.Limited(self._log))(f"refused a control message: {why}")
+            self._complain(f"refused a control message: {why}", key=kind)
             return why
         return None
 

@@ -9,7 +9,8 @@ import time
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from lenet_dist.transport import wire
+from lenet_dist.ratelimit import Limited
+from lenet_dist.transport import served, wire
 from lenet_dist.transport.base import _as_log, _FAILED, _monitor, _socket, HANDSHAKE_MS, MAX_WAIT_MS, RESULT_TOPIC, TransportError
 from lenet_dist.transport.keys import _authenticator, load_key
 
@@ -24,14 +25,14 @@ class TrainerLink:
     """
 
     def __init__(self, endpoint, *, results=None, secret_key=None, authorized=None, log=None, control=None):
-        self._log = wire.Limited(_as_log(log))
+        self._log = Limited(_as_log(log))
         self._error = _as_log(log, "error")
         self.server_id = secrets.token_hex(4)       # tells clients that the trainer was restarted
         self._lock = threading.Lock()
-        self._latest = None                         # the wire.Published served; swapped by publish()
+        self._latest = None                         # the served.Published served; swapped by publish()
         self._trainer_step = None
-        self._results = wire.Results()
-        self._telemetry = wire.Telemetry()
+        self._results = served.Results()
+        self._telemetry = served.Telemetry()
         self.control = control
         self._stop = threading.Event()
         self._waiting = 0                           # parked requests; written by the server thread only
@@ -78,7 +79,7 @@ class TrainerLink:
         """Serve `data` (the bytes of checkpoint.to_bytes, kept by reference) from now on."""
         if not isinstance(data, bytes):
             raise TypeError(f"publish() takes the bytes of checkpoint.to_bytes, got {type(data).__name__}")
-        item = wire.Published(int(step), int(epoch), data, bool(final))
+        item = served.Published(int(step), int(epoch), data, bool(final))
         with self._lock:
             self._latest = item
             self._trainer_step = max(self._trainer_step or 0, item.step)
