@@ -16,7 +16,7 @@ import pytest
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("starlette")
 
-from lenet_dist.dashboard import process  # noqa: E402
+from lenet_dist.dashboard import frames, process  # noqa: E402
 from lenet_dist.data import load_subset  # noqa: E402
 from lenet_dist.evaluation import analysis  # noqa: E402
 from lenet_dist.nn.model import LeNet5  # noqa: E402
@@ -31,20 +31,20 @@ from tests.test_e2e import finish, free_port  # noqa: E402
 def test_frames_carry_json_and_arrays_both_ways():
     arrays = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "u": np.arange(4, dtype=np.uint8),
               "none": np.zeros((0, 5), np.int64)}
-    stream = io.BytesIO(process.encode({"kind": "x", "n": [1, 2.5, None]}, arrays) + process.encode({"kind": "y"}))
-    head, got = process.read(stream)
+    stream = io.BytesIO(frames.encode({"kind": "x", "n": [1, 2.5, None]}, arrays) + frames.encode({"kind": "y"}))
+    head, got = frames.read(stream)
     assert head == {"kind": "x", "n": [1, 2.5, None]}
     assert set(got) == set(arrays) and all(np.array_equal(got[k], arrays[k]) and got[k].dtype == arrays[k].dtype
                                            for k in arrays)
-    assert process.read(stream) == ({"kind": "y"}, {})
-    assert process.read(stream) is None
+    assert frames.read(stream) == ({"kind": "y"}, {})
+    assert frames.read(stream) is None
 
 
 def test_what_cannot_travel_is_refused_when_sent():
     with pytest.raises(ValueError, match="cannot travel"):
-        process.encode({}, {"o": np.array([object()])})
+        frames.encode({}, {"o": np.array([object()])})
     with pytest.raises(ValueError):
-        process.encode({"loss": float("nan")})
+        frames.encode({"loss": float("nan")})
 
 
 def frame(head, body=b""):
@@ -61,8 +61,8 @@ def frame(head, body=b""):
     (frame(b'{"arrays": [["a", "float32", [1000]]]}', b"\0" * 16), "runs past the frame"),
 ])
 def test_bad_frames_are_named_not_unpickled(raw, message):
-    with pytest.raises(process.BadFrame, match=message):
-        process.read(io.BytesIO(raw))
+    with pytest.raises(frames.BadFrame, match=message):
+        frames.read(io.BytesIO(raw))
 
 
 @pytest.fixture()

@@ -11,8 +11,7 @@ its own interpreter, and a fault in it cannot stop evaluation.
       .add_evaluation(...)          on stdin       ("ready" on stdout once it serves)
       .close()                   --- EOF ----->    ends its streams and exits
 
-A frame is u32 length | u32 header length | JSON header | raw array bytes; the header names each array's
-dtype (a short allow-list) and shape. No pickle: the child reads numbers and JSON only. The parent never
+A frame (frames.py) is a JSON header and raw arrays of a few dtypes: the child reads no pickle. The parent never
 waits on the child: frames go through a bounded queue and a sender thread; when the queue is full (a
 stalled child) frames are dropped. A child that died is restarted with back-off on the same socket and
 given back what it had (the parent keeps the step rows, the evaluations' figures, the newest and best model).
@@ -29,7 +28,6 @@ import os
 import platform
 import queue
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -39,58 +37,12 @@ from pathlib import Path
 import numpy as np
 
 from lenet_dist import selection
+from lenet_dist.dashboard import frames
 
 log = logging.getLogger("lenet.evaluator")
 
-DTYPES = {"float32": np.float32, "float64": np.float64, "uint8": np.uint8, "int64": np.int64}
-MAX_FRAME = 256 << 20
 QUEUE = 64                      # frames waiting for the child (a checkpoint's is ~0.3 MB)
 START_TIMEOUT_S = 60.0
-
-
-class BadFrame(ValueError):
-    pass
-
-
-def encode(header, arrays=None):
-    """One frame: `header` (JSON-ready dict) and named numpy arrays."""
-    arrays = arrays or {}
-    parts, specs = [], []
-    for name, a in arrays.items():
-        a = np.ascontiguousarray(a)
-        if a.dtype.name not in DTYPES:
-            raise ValueError(f"array {name!r}: dtype {a.dtype} cannot travel to the dashboard")
-        specs.append([name, a.dtype.name, list(a.shape)])
-        parts.append(a.tobytes())
-    head = json.dumps(dict(header, arrays=specs), allow_nan=False).encode()
-    body = b"".join(parts)
-    return struct.pack("<II", 4 + len(head) + len(body), len(head)) + head + body
-
-
-def read(stream):
-    """The next frame from a binary stream as (header, {name: array}); None at end of stream."""
-    first = stream.read(8)
-    if not first:
-        return None
-    if len(first) < 8:
-        raise BadFrame("truncated frame header")
-    total, n_head = struct.unpack("<II", first)
-    if total > MAX_FRAME or n_head > total - 4:
-        raise BadFrame(f"frame of {total} bytes with a {n_head}-byte header")
-    rest = stream.read(total - 4)
-    if len(rest) != total - 4:
-        raise BadFrame("truncated frame")
-    header = json.loads(rest[:n_head])
-    arrays, at = {}, n_head
-    for name, dtype, shape in header.pop("arrays", []):
-        if dtype not in DTYPES or not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise BadFrame(f"array {name!r}: dtype {dtype!r}, shape {shape!r}")
-        n = int(np.prod(shape, dtype=np.int64)) * np.dtype(DTYPES[dtype]).itemsize
-        if at + n > len(rest):
-            raise BadFrame(f"array {name!r} runs past the frame")
-        arrays[name] = np.frombuffer(rest, DTYPES[dtype], int(np.prod(shape, dtype=np.int64)), at).reshape(shape)
-        at += n
-    return header, arrays
 
 
 # A predict is one image's forward pass: BLAS threads would only be woken (and spin) on the cores that
@@ -114,7 +66,7 @@ class DashboardProcess:
     def __init__(self, test_images, test_labels, host="127.0.0.1", port=0, token=None):
         from lenet_dist.dashboard.app import listening_socket
         self._sock, self.url = listening_socket(host, port)    # a busy port fails here, in the evaluator
-        self._hello = encode({"kind": "hello", "token": token},
+        self._hello = frames.encode({"kind": "hello", "token": token},
                              {"images": test_images, "labels": np.asarray(test_labels, np.int64)})
         self._rows = collections.deque(maxlen=KEEP_ROWS)
         self._results = collections.deque(maxlen=KEEP_RESULTS)
@@ -140,7 +92,7 @@ class DashboardProcess:
     # --------------------------------------------------------------------------------- what the child gets
     def add_steps(self, rows):
         try:
-            frame = encode({"kind": "steps", "rows": rows})
+            frame = frames.encode({"kind": "steps", "rows": rows})
         except ValueError as e:                     # not JSON (a non-finite number): not shown, not fatal
             log.warning("telemetry not sent to the dashboard: %s", e)
             return
@@ -152,7 +104,7 @@ class DashboardProcess:
         """replayed: the result is in the shown run's history already; only its model and analysis are new."""
         arrays = {f"param:{k}": np.asarray(v) for k, v in params.items()}
         try:
-            frame = encode({"kind": "evaluation", "result": result, "analysis": _jsonable(detail.to_dict()),
+            frame = frames.encode({"kind": "evaluation", "result": result, "analysis": frames.jsonable(detail.to_dict()),
                             "config": config}, arrays)
         except ValueError as e:
             log.warning("evaluation not sent to the dashboard: %s", e)
@@ -163,12 +115,12 @@ class DashboardProcess:
             self._newest = (result, frame)
             if selection.is_better(result, self._best and self._best[0]):
                 self._best = (result, frame)
-            self._put(_replayed(frame) if replayed else frame)
+            self._put(frames.replayed(frame) if replayed else frame)
 
     def start_run(self, run, results, keep_steps=False):
         """Show another run (`run`: its summary; `results`: its history, oldest first): the child drops the
         shown run's series (the step rows too, unless keep_steps) and models and takes these."""
-        frame = encode({"kind": "run", "run": run, "results": list(results), "keep_steps": keep_steps})
+        frame = frames.encode({"kind": "run", "run": run, "results": list(results), "keep_steps": keep_steps})
         with self._lock:
             if not keep_steps:
                 self._rows.clear()
@@ -178,14 +130,14 @@ class DashboardProcess:
             self._put(frame)
 
     def set_runs(self, runs):
-        frame = encode({"kind": "runs", "runs": runs})
+        frame = frames.encode({"kind": "runs", "runs": runs})
         with self._lock:
             self._runs = frame
             self._put(frame)
 
     def control_status(self, status):
         """The page's live-control panel: whether it may act, and how its last action went (dashboard/control.py)."""
-        frame = encode({"kind": "control", "status": status})
+        frame = frames.encode({"kind": "control", "status": status})
         with self._lock:
             self._control = frame
             self._put(frame)
@@ -209,15 +161,15 @@ class DashboardProcess:
         if self._runs is not None:
             out.append(self._runs)
         if self._run is not None:                   # the shown run, with its history so far
-            out.append(encode({"kind": "run", "run": self._run, "results": list(self._results), "keep_steps": True}))
+            out.append(frames.encode({"kind": "run", "run": self._run, "results": list(self._results), "keep_steps": True}))
         rows = list(self._rows)
         for i in range(0, len(rows), 1000):
-            out.append(encode({"kind": "steps", "rows": rows[i:i + 1000]}))
+            out.append(frames.encode({"kind": "steps", "rows": rows[i:i + 1000]}))
         if self._results and self._run is None:
-            out.append(encode({"kind": "results", "results": list(self._results)}))
+            out.append(frames.encode({"kind": "results", "results": list(self._results)}))
         for kept in (self._best, self._newest):         # the newest last: it is what the page shows
             if kept is not None:
-                out.append(_replayed(kept[1]))
+                out.append(frames.replayed(kept[1]))
         return out
 
     # ------------------------------------------------------------------------------------------ the child
@@ -267,9 +219,9 @@ class DashboardProcess:
             self.dropped += 1
 
     @staticmethod
-    def _send(proc, frames, dead):
+    def _send(proc, queued, dead):
         while True:
-            frame = frames.get()
+            frame = queued.get()
             if frame is None:
                 break
             try:
@@ -331,27 +283,6 @@ class DashboardProcess:
             log.info("the dashboard missed %d update(s) while it was busy", self.dropped)
 
 
-def _replayed(frame):
-    """An evaluation frame marked as a replay: its result is in the restored history already."""
-    _, n_head = struct.unpack("<II", frame[:8])
-    head = json.dumps(dict(json.loads(frame[8:8 + n_head]), replayed=True), allow_nan=False).encode()
-    body = frame[8 + n_head:]
-    return struct.pack("<II", 4 + len(head) + len(body), len(head)) + head + body
-
-
-def _jsonable(v):
-    """numpy scalars and arrays inside a dict -> plain JSON values."""
-    if isinstance(v, dict):
-        return {k: _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, np.ndarray):
-        return v.tolist()
-    if isinstance(v, np.generic):
-        return v.item()
-    return v
-
-
 # -------------------------------------------------------------------------------------------- the child
 SLICE_NS = 100_000          # the scheduler slice the child asks for: the shortest Linux allows (0.1 ms)
 _SCHED_ATTR_CALLS = {"x86_64": (314, 315), "aarch64": (274, 275)}     # sched_setattr, sched_getattr
@@ -395,7 +326,7 @@ def main(argv=None):
                         datefmt="%H:%M:%S")
     stdin, stdout = sys.stdin.buffer, sys.stdout
     sock = socket.socket(fileno=int(argv[0]))
-    hello = read(stdin)
+    hello = frames.read(stdin)
     if hello is None or hello[0].get("kind") != "hello":
         raise SystemExit("lenet_dist.dashboard.process: expected a hello frame on stdin")
     head, arrays = hello
@@ -413,7 +344,7 @@ def main(argv=None):
     stdout.flush()
     control.channel.attach(stdout)          # from now on stdout carries the page's control requests
     try:
-        while (frame := read(stdin)) is not None:
+        while (frame := frames.read(stdin)) is not None:
             head, arrays = frame
             if head.get("kind") == "steps":
                 state.add_steps(head["rows"])
@@ -431,7 +362,7 @@ def main(argv=None):
                 params = {k[len("param:"):]: v for k, v in arrays.items() if k.startswith("param:")}
                 state.add_evaluation(head["result"], params, detail, head.get("config"),
                                      replayed=bool(head.get("replayed")))
-    except (BadFrame, ValueError, KeyError) as e:
+    except (frames.BadFrame, ValueError, KeyError) as e:
         log.error("bad frame from the evaluator: %s", e)
     finally:
         t0 = time.monotonic()
