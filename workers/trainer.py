@@ -290,8 +290,11 @@ def main(argv=None):
         return 2
     setup_logging(comm, args.log_level, args.log_format)
     if args.check:
-        from workers.preflight import run_checks
-        return run_checks(args, comm)
+        from lenet_dist.run.preflight import CheckPlan, run_checks
+        from workers.common import read_dataset
+        plan = CheckPlan(**{k: getattr(args, k) for k in CheckPlan.__dataclass_fields__ if k != "read_idx"},
+                         read_idx=lambda: read_dataset(args, None))
+        return run_checks(plan, comm)
     try:
         with blas_threads(flags.threads):
             status = run(flags, comm)

@@ -1,4 +1,5 @@
-"""lenet-train --check: what a launch needs, verified on every rank before any training starts.
+"""lenet-train --check: what a launch needs, verified on every rank before any training starts (the checks;
+workers/trainer.py fills their CheckPlan from the flags).
 
     lenet-train --check --subset                                        # one process
     mpirun -n 2 lenet-train --check --data-dir ~/mnist --checkpoint-dir runs/ckpt --publish tcp://127.0.0.1:5555
@@ -28,7 +29,9 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -41,6 +44,23 @@ from lenet_dist.transport.wire import is_loopback
 REASON_CHARS = 900              # a longer reason is cut: the report stays a line per check
 RESULTS_WAIT_S = 4.0            # how long the --results address may take to accept a connection
 HANG_TIMEOUT_S = 60.0           # a check run that has not finished by then ends the job: never hang
+
+
+@dataclass(frozen=True)
+class CheckPlan:
+    """What the real launch would use: lenet-train's flags of the same names (workers/trainer.py fills it)."""
+    subset: bool = False
+    dataset: str = "mnist"
+    data_dir: Optional[str] = None
+    no_download: bool = False
+    read_idx: Optional[Callable] = None     # --dataset idx: reads the given files (workers.common.read_dataset)
+    checkpoint_dir: Optional[str] = None
+    resume: object = None
+    curve_secret_key: Optional[str] = None
+    curve_public_key: Optional[str] = None
+    curve_authorized: Optional[str] = None
+    publish: Optional[str] = None
+    results: Optional[str] = None
 
 
 def _ok(name, why):
@@ -72,7 +92,7 @@ def check_mpi(comm):
     return _ok("mpi", f"an allreduce of ones over {comm.size} ranks gave {total}")
 
 
-def check_data(args):
+def check_data(args: CheckPlan):
     from lenet_dist.data import DataError, fetch_mnist, load_subset
     try:
         if args.subset:
@@ -80,8 +100,7 @@ def check_data(args):
             return _ok("data", f"{ds.source}: {len(ds.train_images)} train + {len(ds.test_images)} test "
                                f"images, sha256 verified")
         if args.dataset == "idx":
-            from workers.common import read_dataset
-            ds = read_dataset(args, None)
+            ds = args.read_idx()
             return _ok("data", f"{ds.source}: {len(ds.train_images)} train + {len(ds.test_images)} test images, "
                                f"structure checked")
         paths = fetch_mnist(args.data_dir, download=False, log=lambda msg: None, dataset=args.dataset,
@@ -121,7 +140,7 @@ def check_checkpoint_dir(directory, resume):
     return _ok("checkpoint-dir", why)
 
 
-def check_keys(args):
+def check_keys(args: CheckPlan):
     from lenet_dist.transport import TransportError, load_key, load_key_pair
     secret, authorized = args.curve_secret_key, args.curve_authorized
     public = args.curve_public_key
@@ -144,7 +163,7 @@ def check_keys(args):
     return _ok("keys", f"{secret} holds a key pair; {len(clients)} authorized client key(s) in {folder}")
 
 
-def check_publish(args):
+def check_publish(args: CheckPlan):
     if not args.publish:
         return _skip("publish", "no --publish: no evaluator can fetch checkpoints")
     from lenet_dist.transport import TrainerLink, TransportError
@@ -213,7 +232,7 @@ def _watchdog(comm):
     return timer
 
 
-def run_checks(args, comm, out=None):
+def run_checks(args: CheckPlan, comm, out=None):
     """Run the checks on this rank, gather every rank's at rank 0, print them there; the exit code."""
     out = out or sys.stdout
     timer = _watchdog(comm)
