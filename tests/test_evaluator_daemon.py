@@ -91,3 +91,20 @@ def test_exit_after_run_exits_after_the_final_checkpoint(tmp_path):
         code, _ = ev.finish(timeout=60)
     assert code == 0 and "exiting (--exit-after-run)" in ev.stderr, ev.stderr
     assert [json.dumps(r["step"]) for r in ev.lines()] == ["20"]
+
+
+def test_a_run_is_named_by_the_name_its_checkpoints_carry(tmp_path):
+    trained = subprocess.run([sys.executable, "-m", "workers.trainer", "--subset", "--epochs", "1", "--train-subset",
+                              "300", "--run-name", "exp-b", "--no-progress"], cwd=tmp_path, env=env(),
+                             capture_output=True, text=True, timeout=300)
+    assert trained.returncode == 0, trained.stderr
+    assert checkpoint.load_file(tmp_path / "runs" / "exp-b" / "last.npz").meta["run_name"] == "exp-b"
+    with TrainerLink("tcp://127.0.0.1:*") as link:       # a trainer over a socket names its run by its folder's name
+        ev = Daemon(tmp_path, "--connect", link.endpoint)
+        named = dict(meta(20, "run-cccc-3333", final=True), run_name="exp-a")
+        link.publish(20, 0, checkpoint.to_bytes(make_params(0), np.zeros(NUM_PARAMS, np.float32), named), final=True)
+        ev.wait_for("run exp-a finished at step 20", timeout=60)
+    ev.proc.send_signal(signal.SIGTERM)
+    code, _ = ev.finish()
+    assert code == 0, ev.stderr
+    assert [(r["run_id"], r["run"]) for r in ev.lines()] == [("run-cccc-3333", "exp-a")]

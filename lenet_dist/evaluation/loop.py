@@ -49,12 +49,12 @@ class Track:
         self.last_step, self.last_final = -1, False
         self.status, self.ok = None, True
         self.reminder = Reminder()
-        self.run_id, self.finished = None, False
+        self.run_id, self.named, self.finished = None, None, False
 
-    def run_name(self, run_id):
-        """A folder's name, else the run id's first 8 characters (a trainer over a socket names no folder);
-        None for checkpoints that carry no run id."""
-        return getattr(self.source, "run_name", None) or (run_id[:8] if run_id else None)
+    def run_name(self, run_id, named=None):
+        """A watched folder's name, else the name the checkpoint carries (`named`: its run folder's, from a
+        trainer over a socket), else the run id's first 8 characters; None for checkpoints with no run id."""
+        return getattr(self.source, "run_name", None) or named or (run_id[:8] if run_id else None)
 
 
 def run_loop(cfg, stop, sources, model, judge, outputs, best=None, live=None, health=None):
@@ -97,7 +97,7 @@ def run_loop(cfg, stop, sources, model, judge, outputs, best=None, live=None, he
                 log.info("evaluated the final checkpoint (step %d); exiting (--exit-after-run)", t.last_step)
                 return 0
             if t.finished:
-                log.info("run %s finished at step %d; waiting for the next run on %s", t.run_name(t.run_id) or "(unnamed)",
+                log.info("run %s finished at step %d; waiting for the next run on %s", t.run_name(t.run_id, t.named) or "(unnamed)",
                          t.last_step, s.endpoint)
     log.info("stopped by signal %d (%s) after %d evaluations", stop.signum, stop.name, ctx.evaluations)
     return 130 if stop.signum == signal.SIGINT else 0
@@ -159,10 +159,12 @@ class _Context:
         final = bool(header["final"] or ckpt.meta.get("final"))
         t.last_step, t.last_final = step, final
         run_id = ckpt.meta.get("run_id") if isinstance(ckpt.meta.get("run_id"), str) else None
+        named = ckpt.meta.get("run_name")
+        named = named if isinstance(named, str) and 0 < len(named) <= 100 and named.isprintable() else None
         if t.run_id is not None and run_id != t.run_id:
-            log.info("a new run on %s: %s (was %s)", source.endpoint, t.run_name(run_id) or "unnamed",
-                     t.run_name(t.run_id))
-        t.run_id, t.finished = run_id, final
+            log.info("a new run on %s: %s (was %s)", source.endpoint, t.run_name(run_id, named) or "unnamed",
+                     t.run_name(t.run_id, t.named))
+        t.run_id, t.named, t.finished = run_id, named, final
         if cfg.delay and self.stop.sleep(cfg.delay):
             return None
         self.model.load_named(ckpt.params)
@@ -172,7 +174,7 @@ class _Context:
             log.error("%s", one_line(e))
             return 1
         trainer_step = source.trainer_step_now()
-        result = {"run_id": run_id, "run": t.run_name(run_id), "source": source.endpoint, "step": step, "epoch": int(ckpt.meta["epoch"]),
+        result = {"run_id": run_id, "run": t.run_name(run_id, named), "source": source.endpoint, "step": step, "epoch": int(ckpt.meta["epoch"]),
                   **figures,
                   # the test figures' names before val_/test_ prefixes: aliases kept for one release
                   "accuracy": figures["test_accuracy"], "loss": figures["test_loss"],

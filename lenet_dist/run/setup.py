@@ -75,14 +75,16 @@ def _make_run_folder(name):
 
 
 class RunState:
-    """What rank 0 adds to every checkpoint it writes (run_id, config_changes) and where it writes them."""
+    """What rank 0 adds to every checkpoint it writes (run_id, run_name, config_changes) and where it writes
+    them. `name`: the run's name, its folder's (None without one: evaluators then name it by its id)."""
 
-    def __init__(self, run_id, changes=(), writer=None, resumed_from=None):
+    def __init__(self, run_id, changes=(), writer=None, resumed_from=None, name=None):
         self.run_id, self.config_changes, self.writer = run_id, list(changes), writer
-        self.resumed_from = resumed_from
+        self.resumed_from, self.name = resumed_from, name
 
     def meta(self, meta):
-        return dict(meta, run_id=self.run_id, config_changes=self.config_changes)
+        named = {"run_name": self.name} if self.name else {}
+        return dict(meta, run_id=self.run_id, **named, config_changes=self.config_changes)
 
     def close(self):
         if self.writer is not None:
@@ -136,4 +138,5 @@ def _decide(config, plan, data, log):
     writer = None
     if plan.directory:
         writer = ckptdir.CheckpointWriter(plan.directory, keep=plan.keep, own=own, warn=log.warning)
-    return cfg, found and found[1], RunState(run_id, changes, writer, found and found[0])
+    name = plan.directory.resolve().name if plan.directory else None
+    return cfg, found and found[1], RunState(run_id, changes, writer, found and found[0], name)
