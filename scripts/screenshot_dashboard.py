@@ -1,16 +1,19 @@
-"""Two real runs compared on one dashboard, as in docs/dashboard-runs.png: how that picture is made.
+"""The dashboard's pictures in docs/, made again: two runs compared, or a running page with a digit drawn.
 
-    python scripts/screenshot_dashboard.py docs/dashboard-runs.png [--epochs 10] [--width 1280]
+    python scripts/screenshot_dashboard.py runs docs/dashboard-runs.png [--epochs 10] [--width 1280]
+    python scripts/screenshot_dashboard.py page http://127.0.0.1:8080 docs/dashboard.png [--digit 3]
 
-It trains two runs on the shipped subset (`mpirun -n 2` at --lr 0.05 with a --timeline window, one process at
+`runs` trains two runs on the shipped subset (`mpirun -n 2` at --lr 0.05 with a --timeline window, one process at
 --lr 0.02), follows both with ONE `lenet-evaluator --http`, waits until both have finished, opens the page in
 headless Chromium, ticks both runs in the list and shoots the runs, the charts and the hyperparameters. The
-PNG is written with 128 colours to stay small. Needs what tests/test_browser.py needs (chromium,
-chromium-driver, selenium) and MPI; everything runs in a temporary folder.
+PNG is written with 128 colours to stay small. `page` shoots a dashboard that has evaluated a checkpoint,
+with a test image of --digit traced on the drawing pad, at 3/4 scale. Both need what tests/test_browser.py
+needs (chromium, chromium-driver, selenium); `runs` also MPI, and runs everything in a temporary folder.
 """
 from __future__ import annotations
 
 import argparse
+import base64
 import io
 import subprocess
 import sys
@@ -18,10 +21,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.mpiutil import REPO, env, mpirun_cmd, python  # noqa: E402
-from tests.test_browser import chrome, js, until  # noqa: E402
+from tests.test_browser import chrome, draw, js, strokes, until  # noqa: E402
 from tests.test_e2e import free_port  # noqa: E402
 
 RUNS = (("0.05", 2, ["--timeline", "t.json", "--timeline-steps", "40:60"]), ("0.02", 0, []))
@@ -64,13 +69,30 @@ def shoot(url, width):
         driver.quit()
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("output", type=Path)
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--width", type=int, default=1280)
-    args = p.parse_args()
-    from PIL import Image
+def shoot_page(url, width, digit):
+    """A running dashboard with a test image of `digit` (predicted right) traced on the pad."""
+    import httpx
+    driver = chrome(width, 1900)
+    try:
+        driver.get(url)
+        until("a checkpoint on the page", lambda: js(driver, "return document.querySelectorAll('#confusion td').length") == 100)
+        client = httpx.Client(base_url=url, timeout=10)
+        for index in range(500):
+            d = client.get(f"/api/digit/{index}").json()
+            if d["label"] == digit == d["predicted"]:
+                break
+        pad = driver.find_element("id", "pad")
+        driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", pad)
+        draw(driver, pad, strokes(np.frombuffer(base64.b64decode(d["input"]), np.uint8).reshape(28, 28)))
+        until("the prediction", lambda: js(driver, "return document.getElementById('prediction').dataset.predicted"))
+        driver.execute_script("window.scrollTo(0, 0)")
+        driver.set_window_size(width, js(driver, "return document.body.scrollHeight") + 150)
+        return driver.get_screenshot_as_png()
+    finally:
+        driver.quit()
+
+
+def two_runs(args):
     with tempfile.TemporaryDirectory() as tmp:
         tmp, port = Path(tmp), free_port()
         endpoints = [f"tcp://127.0.0.1:{free_port()}" for _ in RUNS]
@@ -86,14 +108,42 @@ def main():
                 _, err = r.communicate()
                 if r.returncode != 0:
                     raise SystemExit(f"a training run failed ({r.returncode}): {err[-500:]}")
-            png, bottom = shoot(f"http://127.0.0.1:{port}", args.width)
+            return shoot(f"http://127.0.0.1:{port}", args.width)
         finally:
             ev.terminate()
             ev.wait(60)
+
+
+def save(png, output, bottom=None, scale=1.0):
+    """The screenshot as a 128-colour PNG: cut at `bottom` pixels, scaled by `scale`."""
+    from PIL import Image
     im = Image.open(io.BytesIO(png)).convert("RGB")
-    im = im.crop((0, 0, im.width, min(im.height, bottom)))
-    im.quantize(colors=128, method=Image.Quantize.FASTOCTREE).save(args.output, optimize=True)
-    print(f"wrote {args.output} ({args.output.stat().st_size} bytes, {im.width}x{im.height})")
+    if bottom:
+        im = im.crop((0, 0, im.width, min(im.height, bottom)))
+    if scale != 1.0:
+        im = im.resize((int(im.width * scale), int(im.height * scale)), Image.LANCZOS)
+    im.quantize(colors=128, method=Image.Quantize.FASTOCTREE).save(output, optimize=True)
+    print(f"wrote {output} ({output.stat().st_size} bytes, {im.width}x{im.height})")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="what", required=True)
+    r = sub.add_parser("runs", help="train two runs on the subset and shoot them compared")
+    r.add_argument("output", type=Path)
+    r.add_argument("--epochs", type=int, default=10)
+    r.add_argument("--width", type=int, default=1280)
+    g = sub.add_parser("page", help="shoot a running dashboard with a digit drawn")
+    g.add_argument("url")
+    g.add_argument("output", type=Path)
+    g.add_argument("--digit", type=int, default=3, help="trace a test image of this class")
+    g.add_argument("--width", type=int, default=1280)
+    args = p.parse_args()
+    if args.what == "runs":
+        png, bottom = two_runs(args)
+        save(png, args.output, bottom)
+    else:
+        save(shoot_page(args.url, args.width, args.digit), args.output, scale=0.75)
 
 
 if __name__ == "__main__":
