@@ -32,24 +32,24 @@ def test_plan(local_size, cores, setting, turns_of_ranks):
 
 
 def test_setting():
-    assert parse_setting(None) is None and parse_setting(" Auto ") is None and parse_setting("") is None
-    assert parse_setting("off") == 1 and parse_setting("2") == 2
+    assert parse_setting(" Auto ") is None                          # turns when the cores divide the ranks
+    assert parse_setting(None) == parse_setting("") == parse_setting("off") == 1 and parse_setting("2") == 2
     for bad in ("0", "-1", "two", "1.5"):
         with pytest.raises(ValueError, match=f"LENET_TURNS must be a number of turns .* got '{bad}'"):
             parse_setting(bad)
 
 
 def train(tmp_path, name, turns, *extra):
-    """4 ranks; `turns`: LENET_TURNS, or None for the default on a node said to have 2 cores."""
+    """4 ranks; `turns`: LENET_TURNS, or None for "auto" on a node said to have 2 cores."""
     d = tmp_path / name
-    how = {"LENET_NODE_CORES": "2"} if turns is None else {"LENET_TURNS": turns}
+    how = {"LENET_NODE_CORES": "2", "LENET_TURNS": "auto"} if turns is None else {"LENET_TURNS": turns}
     p = launch(4, [*BASE, "--checkpoint-dir", d, *extra], extra_env=how, timeout=180)
     return d, p
 
 
 @pytest.mark.usefixtures("mpi_flavour")       # once under MPICH, once under Open MPI
 def test_turns_change_no_bit(tmp_path):
-    """The default run of 4 ranks on 2 cores (turns on by default), forced on and forced off: identical."""
+    """4 ranks on 2 cores, turns forced on and forced off: identical."""
     on, p = train(tmp_path, "on", "2", "--log-level", "INFO")
     assert "2 turns of 2 rank(s) per node" in p.stderr
     off, p = train(tmp_path, "off", "off", "--log-level", "INFO")
@@ -82,8 +82,8 @@ def compute_spans(trace):
 
 @pytest.mark.usefixtures("mpi_flavour")
 def test_ranks_compute_in_turns(tmp_path):
-    """By default, 4 ranks on 2 cores: in every step of the window, ranks 2 and 3 start computing only once
-    ranks 0 and 1 are done."""
+    """LENET_TURNS=auto, 4 ranks on 2 cores: in every step of the window, ranks 2 and 3 start computing only
+    once ranks 0 and 1 are done."""
     _, p = train(tmp_path, "t", None, "--timeline", tmp_path / "t.json", "--timeline-steps", "20:40")
     spans = compute_spans(json.loads((tmp_path / "t.json").read_text()))
     assert len(spans) == 20 and all(len(ranks) == 4 for ranks in spans.values())

@@ -15,9 +15,10 @@ Exact: every rank computes the same shard from the same parameters with the same
 moment, and the sum over the ranks is the same call with the same operands in the same order; nothing here
 touches a number. Which turn a rank takes is its node-local rank's: rank // ceil(ranks / turns).
 
-LENET_TURNS: unset or "auto": turns when a node holds a multiple of its cores (4 ranks on 2 cores: 2 turns;
-3 on 2 would leave a core idle in the second turn, so they share the cores as before); N: N turns whatever
-the cores (at most one per rank); "off": no turns.
+LENET_TURNS: unset or "off": no turns (the default: on an otherwise quiet 2-core machine, 4 ranks in turns
+delivered 0.59 of `-n 2` against 0.74 without, docs/scaling.md); "auto": turns when a node holds a multiple of
+its cores (4 ranks on 2 cores: 2 turns; 3 on 2 would leave a core idle in the second turn, so they share the
+cores as before); N: N turns whatever the cores (at most one per rank).
 """
 from __future__ import annotations
 
@@ -29,11 +30,12 @@ RECENT_STEPS = 8            # compute times kept for that expectation
 
 
 def parse_setting(text):
-    """LENET_TURNS's value -> None (auto) or the number of turns asked for (1: off); ValueError naming it."""
+    """LENET_TURNS's value -> None (auto) or the number of turns asked for (1: off, the default); ValueError
+    naming it."""
     t = (text or "").strip().lower()
-    if t in ("", "auto"):
+    if t == "auto":
         return None
-    if t in ("off", "none"):
+    if t in ("", "off", "none"):
         return 1
     if t.isdigit() and int(t) >= 1:
         return int(t)
