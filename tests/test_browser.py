@@ -114,7 +114,8 @@ def severe(driver):
 def test_dashboard_in_a_browser_during_a_real_run(tmp_path, browser):
     endpoint, port = f"tcp://127.0.0.1:{free_port()}", free_port()
     url = f"http://127.0.0.1:{port}"
-    ev = start_evaluator(endpoint, tmp_path / "eval.jsonl", "--http", f"127.0.0.1:{port}")
+    # a daemon: the page and drawing must keep working should the run end first on a loaded machine
+    ev = start_evaluator(endpoint, tmp_path / "eval.jsonl", "--http", f"127.0.0.1:{port}", daemon=True)
     tr = start_trainer(endpoint, tmp_path, "--log-every", "4", "--val-size", "200", epochs=40)
     try:
         client = httpx.Client(base_url=url, timeout=10)

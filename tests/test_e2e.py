@@ -32,9 +32,11 @@ def start_trainer(endpoint, tmp_path, *extra, ranks=2, epochs=3, name="t"):
     return subprocess.Popen(cmd, cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def start_evaluator(endpoint, report, *extra):
+def start_evaluator(endpoint, report, *extra, daemon=False):
+    """lenet-evaluator on `endpoint`; it exits after the run unless `daemon` (then it stays until stopped)."""
+    once = [] if daemon else ["--exit-after-run"]
     cmd = [sys.executable, "-m", "workers.evaluator", "--connect", endpoint, "--subset", "--report", str(report),
-           "--poll-ms", "200", "--timeout", "120", "--exit-after-run", *map(str, extra)]
+           "--poll-ms", "200", "--timeout", "120", *once, *map(str, extra)]
     return subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -22,10 +22,11 @@ from tests.mpiutil import REPO, launch
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A checkpoint of two epochs on the shipped subset (a trained net: no near-ties between classes), the
-    test images and lenet-dist's own predictions and logits for them."""
+    """A checkpoint of three epochs on the shipped subset (a trained net: no near-ties between classes; the
+    default recipe's shifts reach 57% after two, 87% after three), the test images and lenet-dist's own
+    predictions and logits for them."""
     data = load_subset()
-    t = DataParallelTrainer(TrainConfig(epochs=2, batch_size=64, seed=5), LocalComm(), data)
+    t = DataParallelTrainer(TrainConfig(epochs=3, batch_size=64, seed=5), LocalComm(), data)
     while not t.done:
         t.train_step()
     d = tmp_path_factory.mktemp("ckpt")

@@ -454,6 +454,10 @@ function showRuns(runs) {
       .forEach((v) => { tr.insertCell().textContent = v; });
   });
   $("runs-note").textContent = runs.length ? "" : "no run evaluated yet";
+  if (focused) {                            // a run's name may come after its key (the list arrives later)
+    $("run-name").textContent = nameOf(focused);
+    document.title = `${nameOf(focused)} · lenet-dist dashboard`;
+  }
   drawn().forEach(load);
   scheduleRedraw();
 }
