@@ -176,9 +176,7 @@ class MPIComm:
     def wait_for_all(self):
         """Oversubscribed: return once every rank has arrived here, napping meanwhile. Otherwise at once."""
         if self.nap is not None:
-            arrived = self.comm.Ibarrier()
-            while not arrived.Test():
-                time.sleep(self.nap)        # give the core to the peer we wait for
+            _sleep_until(self.comm.Ibarrier(), self.nap)    # give the core to the peer we wait for
 
     def _node_cores(self):
         """Cores this node's ranks may use between them: the union of their affinity masks (a launcher
@@ -196,21 +194,13 @@ class MPIComm:
         """Return once every rank of this node has arrived here, sleeping meanwhile (naps even when the
         sums wait alone): a rank whose turn it is not gives its core away (parallel/turns.py). `expect`:
         seconds the wait should last at least, slept in one piece first (each nap's test costs CPU)."""
-        arrived = self.node.Ibarrier()
-        if expect > 0 and not arrived.Test():
-            time.sleep(expect)
         nap = NAP_US_DEFAULT * 1e-6 if self.nap is None else self.nap
-        while not arrived.Test():
-            time.sleep(nap)
+        _sleep_until(self.node.Ibarrier(), nap, first=expect)
 
     def wait_idle(self, tick=None, nap=0.05):
         """Return once every rank has arrived here, sleeping `nap` seconds between tests and calling `tick()`
         after each: a wait of any length (a paused run) that leaves the cores idle."""
-        arrived = self.comm.Ibarrier()
-        while not arrived.Test():
-            time.sleep(nap)
-            if tick is not None:
-                tick()
+        _sleep_until(self.comm.Ibarrier(), nap, tick=tick)
 
     def lane(self):
         """This communicator again, on duplicates of its own: a class of collectives (buckets.Lane) whose
@@ -293,6 +283,17 @@ class MPIComm:
 
     def processor_name(self):
         return self.MPI.Get_processor_name()
+
+
+def _sleep_until(request, nap, first=0.0, tick=None):
+    """Wait for a non-blocking request (an Ibarrier) without spinning: `first` seconds slept in one piece if
+    it is not done yet, then a test every `nap` seconds, calling `tick()` after each nap."""
+    if first > 0 and not request.Test():
+        time.sleep(first)
+    while not request.Test():
+        time.sleep(nap)
+        if tick is not None:
+            tick()
 
 
 class _Done:
