@@ -412,6 +412,31 @@ def test_softmax_ce_gradient_matches_central_differences(scale):
     np.testing.assert_allclose(d, scale * p, rtol=1e-12, atol=1e-15)
 
 
+@pytest.mark.parametrize("eps,scale", [(0.1, 1.0), (0.05, -0.37), (0.5, 2.0)])
+def test_label_smoothing_loss_and_gradient_match_the_definition_and_central_differences(eps, scale):
+    rng = rng_for(53)
+    ce = SoftmaxCrossEntropy(eps)
+    logits = rng.normal(size=(10, 6))
+    y = rng.integers(0, 10, size=6)
+    # the definition: cross-entropy against the target 1 - eps on the label plus eps/n everywhere
+    target = np.full((10, 6), eps / 10)
+    target[y, np.arange(6)] += 1 - eps
+    logp = logits - logits.max(0) - np.log(np.exp(logits - logits.max(0)).sum(0))
+    losses = ce.forward(logits, y)
+    np.testing.assert_allclose(losses, -(target * logp).sum(0), rtol=1e-13)
+    assert not np.allclose(losses, ref_losses(logits, y))            # not the plain loss
+    d = np.array(ce.backward(scale))
+    f = lambda z: scale * float(np.sum(ce.forward(z, y)))  # noqa: E731
+    assert rel_error(d, numerical_gradient(f, logits)) < TOL
+    np.testing.assert_allclose(d, scale * (np.exp(logp) - target), rtol=1e-12, atol=1e-15)
+    # float32 in, float32 out; and no smoothing is the plain cross-entropy
+    assert ce.forward(logits.astype(np.float32), y).dtype == np.float32
+    assert ce.backward(np.float32(scale)).dtype == np.float32
+    np.testing.assert_allclose(SoftmaxCrossEntropy(0.0).forward(logits, y), ref_losses(logits, y), rtol=1e-13)
+    with pytest.raises(ValueError, match="label smoothing"):
+        SoftmaxCrossEntropy(1.0)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_softmax_ce_is_stable_for_huge_logits(dtype):
     rng = rng_for(51)

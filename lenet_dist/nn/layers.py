@@ -178,17 +178,37 @@ class Flatten(Layer):
 
 
 class SoftmaxCrossEntropy:
-    """Stable softmax cross-entropy on column logits. forward(logits (n,B), y (B,)) -> losses (B,)."""
+    """Stable softmax cross-entropy on column logits. forward(logits (n,B), y (B,)) -> losses (B,).
+
+    `smoothing` eps is label smoothing (Szegedy et al. 2016; PyTorch's `label_smoothing`): the target is
+    1 - eps on the label plus eps/n on every class, and forward returns THAT loss per example,
+    (1 - eps) * CE + eps * mean_k(-log p_k): what training minimizes and reports as its loss. eps = 0 is the
+    plain cross-entropy, computed as before; evaluation uses a plain one so that figures stay comparable.
+    """
+
+    def __init__(self, smoothing=0.0):
+        if not 0.0 <= smoothing < 1.0:
+            raise ValueError(f"label smoothing must be in [0, 1), got {smoothing!r}")
+        self.smoothing = smoothing
 
     def forward(self, logits, y):
         z = logits - logits.max(axis=0, keepdims=True)         # shift: exp never overflows
         e = np.exp(z)
         s = e.sum(axis=0, keepdims=True)
         self.p, self.y = e / s, y                               # softmax (n,B)
-        return np.log(s[0]) - z[y, np.arange(len(y))]
+        zy = z[y, np.arange(len(y))]                            # (B,)
+        if not self.smoothing:
+            return np.log(s[0]) - zy
+        eps = self.smoothing                                    # -log p_k = log s - z_k, averaged over k
+        return np.log(s[0]) - (1.0 - eps) * zy - eps * z.mean(axis=0)
 
     def backward(self, scale):
-        """Gradient of `scale * sum(losses)` w.r.t. the logits, (n,B)."""
+        """Gradient of `scale * sum(losses)` w.r.t. the logits, (n,B): scale * (softmax - target)."""
         d = self.p * scale
-        d[self.y, np.arange(len(self.y))] -= scale
+        if not self.smoothing:
+            d[self.y, np.arange(len(self.y))] -= scale
+            return d
+        eps = self.smoothing
+        d -= scale * (eps / d.shape[0])                         # the eps/n every class gets
+        d[self.y, np.arange(len(self.y))] -= scale * (1.0 - eps)
         return d
