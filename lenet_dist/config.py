@@ -27,6 +27,8 @@ class TrainConfig:
     gamma: float = 0.1              # ... by this factor
     augment_shift: int = 1          # random translations of up to this many pixels (0 = off); on by default,
                                     # with weight_decay, for the accuracy docs/performance.md measures
+    label_smoothing: float = 0.0    # training's target: 1 - this on the label plus this/10 on every class;
+                                    # the loss it reports is that smoothed one, evaluation's stays plain
     seed: int = 0                   # model init, data order and augmentation all derive from it
     deterministic: bool = False     # bit-identical results at any rank count (fixed-point reduction)
     micro_batch: int = 16           # deterministic mode: examples per fixed-size gradient chunk
@@ -73,6 +75,7 @@ class TrainConfig:
             (self.step_epochs >= 1, "step_epochs", "an integer >= 1"),
             (0 < self.gamma <= 1, "gamma", "in (0, 1]"),
             (0 <= self.augment_shift <= 4, "augment_shift", "an integer in [0, 4]"),
+            (0 <= self.label_smoothing < 1, "label_smoothing", "in [0, 1)"),
             (self.micro_batch >= 1, "micro_batch", "an integer >= 1"),
             (self.train_subset >= 0, "train_subset", ">= 0"),
             (self.bucket_kb is None or self.bucket_kb >= -1, "bucket_kb",

@@ -75,6 +75,9 @@ def parse_args(argv=None):
     g.add_argument("--gamma", type=float, default=d.gamma, help="'step' schedule: decay factor")
     g.add_argument("--augment-shift", type=int, default=d.augment_shift,
                    help="random shifts of up to this many pixels (0 = no augmentation)")
+    g.add_argument("--label-smoothing", type=float, default=d.label_smoothing,
+                   help="train towards 1 - this on the label and this/10 on every class (0 = off); the "
+                        "training loss shown is that smoothed loss, validation and test losses stay plain")
     g.add_argument("--seed", type=int, default=d.seed, help="initial weights, data order and augmentation")
     g.add_argument("--deterministic", action="store_true",
                    help="bit-identical parameters for any number of ranks (fixed-point gradient sums)")

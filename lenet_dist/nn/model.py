@@ -33,9 +33,10 @@ NUM_PARAMS = sum(int(np.prod(s)) for _, s in PARAM_SPECS)  # 61,706
 
 
 class LeNet5:
-    def __init__(self, seed=0, dtype=np.float32, grad_tail=0):
+    def __init__(self, seed=0, dtype=np.float32, grad_tail=0, label_smoothing=0.0):
         """`grad_tail` extra slots after the gradients in `grad_buffer`: the trainer puts its step figures
-        there so that one allreduce carries gradients and statistics together."""
+        there so that one allreduce carries gradients and statistics together. `label_smoothing`: training's
+        loss only (layers.SoftmaxCrossEntropy); evaluate() reports the plain cross-entropy."""
         rng = np.random.default_rng(seed)
         self.dtype = np.dtype(dtype)
         self.conv1 = StripConv2D(1, 6, 5, padding=2, rng=rng, dtype=dtype)
@@ -46,7 +47,8 @@ class LeNet5:
         self.layers = [self.conv1, MaxPool2D(dtype, relu=True),
                        self.conv2, MaxPool2D(dtype, relu=True),
                        Flatten(), self.fc1, ReLU(), self.fc2, ReLU(), self.fc3]
-        self.loss = SoftmaxCrossEntropy()
+        self.loss = SoftmaxCrossEntropy(label_smoothing)       # what training minimizes and reports
+        self.plain_loss = SoftmaxCrossEntropy()                 # evaluation's, comparable across recipes
         self.grad_buffer = np.zeros(NUM_PARAMS + grad_tail, self.dtype)
         self.params, self.grads = self._bind_flat(self.grad_buffer[:NUM_PARAMS])
 
@@ -129,7 +131,7 @@ class LeNet5:
             x = normalize(u8, out=buf)
             y = labels[lo:lo + batch_size].astype(np.intp)
             logits = self.forward(x)
-            total_loss += float(self.loss.forward(logits, y).sum(dtype=np.float64))
+            total_loss += float(self.plain_loss.forward(logits, y).sum(dtype=np.float64))
             correct += int((logits.argmax(axis=0) == y).sum())
         n = max(len(images), 1)
         return total_loss / n, correct / n

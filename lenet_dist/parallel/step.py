@@ -67,7 +67,7 @@ class DataParallelTrainer:
         self.data_record = data_record(dataset.identity(), n, val_size, cfg.seed)  # meta["data"]
         self.reducer = reducer_for(cfg, comm) if reducer is None else reducer     # [dist]
         tail = Tail(comm.size, self.reducer.tail_slots)
-        self.model = LeNet5(seed=cfg.seed, grad_tail=tail.length)
+        self.model = LeNet5(seed=cfg.seed, grad_tail=tail.length, label_smoothing=cfg.label_smoothing)
         comm.bcast_(self.model.params)                                   # [dist] rank 0's initial weights
         self.opt = SGD(self.model.params, momentum=cfg.momentum, nesterov=cfg.nesterov,
                        weight_decay=cfg.weight_decay)

@@ -118,8 +118,9 @@ def _decide(config, plan, data, log):
         else:
             path, ckpt = found
             saved = ckpt.meta["config"]
-            # a checkpoint from before validation splits trained on every example: it goes on with none
-            saved = {**TrainConfig().to_dict(), "val_size": 0, **saved}
+            # a checkpoint from before validation splits trained on every example: it goes on with none;
+            # one from before label smoothing trained without it
+            saved = {**TrainConfig().to_dict(), "val_size": 0, "label_smoothing": 0.0, **saved}
             merged, diff = resume.resolve(saved, cfg.to_dict(), plan.given, plan.override, what=str(path))
             try:
                 cfg = TrainConfig.from_dict(merged)
