@@ -36,7 +36,7 @@ from lenet_dist.nn.optim import SGD  # noqa: E402
 def train_throughput(ds, batch, repeats, images_per_rep, seed=0):
     """Median images/s of full SGD steps at `batch`, one repetition = about `images_per_rep` images."""
     cfg = recipe()
-    model = LeNet5(seed=seed)
+    model = LeNet5(seed=seed, label_smoothing=cfg.label_smoothing)
     opt = SGD(model.params, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
     rng = np.random.default_rng(seed)
     n = len(ds.train_images)

@@ -4,9 +4,9 @@
     LENET_DATA_DIR=/path/to/mnist /work/torchenv/bin/python bench/torch_compare.py [--repeats 7] [--threads 1]
 
 conv 6@5x5 pad 2, max 2x2, ReLU, conv 16@5x5, max 2x2, ReLU, fc 120, ReLU, fc 84, ReLU, fc 10 (NCHW,
-float32), cross-entropy, torch.optim.SGD with the default recipe's momentum, Nesterov, weight decay and lr
-(TrainConfig's defaults). Batches are gathered, shifted and normalized by bench/timing.py's Batches exactly
-as in our bench, then wrapped with torch.from_numpy (no copy). Inference
+float32), cross-entropy with the default recipe's label smoothing, torch.optim.SGD with its momentum,
+Nesterov, weight decay and lr (TrainConfig's defaults). Batches are gathered, shifted and normalized by
+bench/timing.py's Batches exactly as in our bench, then wrapped with torch.from_numpy (no copy). Inference
 is no_grad over the test set at the same batch size as LeNet5.evaluate's default, computing the loss and
 the accuracy too. torch is never a dependency of lenet-dist: without it this script says so and exits 0.
 """
@@ -71,7 +71,7 @@ def train_throughput(ds, batch, repeats, images_per_rep, seed=0):
         x, y = batches(idx)
         x, y = torch.from_numpy(x).unsqueeze(1), torch.from_numpy(y)
         opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x), y)
+        loss = F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
         loss.backward()
         opt.step()
 

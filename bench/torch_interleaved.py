@@ -6,9 +6,9 @@
 Two warm processes, bench/bench_train.py --serve (this Python) and bench/torch_compare.py --serve (the
 torch venv's), each asked in turn for one timed repetition at each batch size, ours first in odd rounds
 and PyTorch first in even ones (A B, B A, ...), so that a change of load falls on both. Both train the
-default recipe (TrainConfig: momentum, Nesterov, weight decay, lr, random shifts) on the same batches. Per
-round and batch: the ratio ours / PyTorch of images/s (wall) and of images per CPU second; the line holds
-every round's ratios and their medians (`ratio_b64`, `ratio_b64_cpu`, ...).
+default recipe (TrainConfig: momentum, Nesterov, weight decay, lr, random shifts, label smoothing) on the
+same batches. Per round and batch: the ratio ours / PyTorch of images/s (wall) and of images per CPU
+second; the line holds every round's ratios and their medians (`ratio_b64`, `ratio_b64_cpu`, ...).
 """
 from __future__ import annotations
 
@@ -78,7 +78,8 @@ def main(argv=None):
     from bench.timing import recipe
     cfg = recipe()
     out = {"bench": "torch_interleaved", "rounds": args.rounds, "images": args.images,
-           "recipe": {k: getattr(cfg, k) for k in ("lr", "momentum", "nesterov", "weight_decay", "augment_shift")}}
+           "recipe": {k: getattr(cfg, k) for k in ("lr", "momentum", "nesterov", "weight_decay", "augment_shift",
+                                                      "label_smoothing")}}
     for b, pairs in rows.items():
         wall = [o["img_s"] / t["img_s"] for o, t in pairs]
         cpu = [o["img_s_cpu"] / t["img_s_cpu"] for o, t in pairs]
