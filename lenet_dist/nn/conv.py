@@ -189,12 +189,7 @@ class BandedConv2D(Conv2D):
         dcols = self.ws.get("dcols", (Kb, d2.shape[1]))
         np.matmul(self.band[:, :Kb].T, d2, out=dcols)
         d6 = dcols.reshape(C, kp, kp, ho // 2, wo // 2, B)
-        dxp = self.ws.get("dxp", (C, hp, wp, B))
-        dxp.fill(0)
-        for u in range(kp):
-            for v in range(kp):
-                dxp[:, u:u + ho:2, v:v + wo:2] += d6[:, u, v]
-        return dxp[:, pt:pt + H, pl:pl + W]
+        return col2im_pairs(d6, self.ws, (hp, wp))[:, pt:pt + H, pl:pl + W]
 
 
 class StripConv2D(Conv2D):
@@ -234,10 +229,10 @@ class StripConv2D(Conv2D):
         np.copyto(cols.reshape(shape), src)
         w2 = self.params["weight"].reshape(Co, kk)
         out = self.ws.get("out", (Co, 2, 2, n))                          # (Cout, a, p, N/4)
+        bias = self.params["bias"][:, None]
         for a in (0, 1):
             for p in (0, 1):
-                matmul_by_columns(w2, cols[k * a:k * a + kk, p], out[:, a, p])
-        out += self.params["bias"][:, None, None, None]
+                matmul_by_columns(w2, cols[k * a:k * a + kk, p], out[:, a, p], bias=bias)
         self.cols, self.xshape, self.geom = cols, x.shape, (pt, pl, hp, wp, ho, wo)
         return out.reshape(Co, 2, 2, ho // 2, wo // 2, B)
 
@@ -264,13 +259,16 @@ COLUMN_BLOCK = 4096
 INNER_BLOCK = 1024
 
 
-def matmul_by_columns(a, b, out, block=COLUMN_BLOCK):
-    """out = a @ b, computed in equal blocks of at most `block` columns (each column's value is the
-    same whatever the blocks: only which call computes it changes)."""
+def matmul_by_columns(a, b, out, block=COLUMN_BLOCK, bias=None):
+    """out = a @ b (+ bias, a column, added after the product), computed in equal blocks of at most
+    `block` columns (each column's value is the same whatever the blocks: only which call computes it
+    changes). The bias is added to each block while it is still in cache."""
     n = b.shape[1]
     size = -(-n // -(-n // block))
     for lo in range(0, n, size):
-        np.matmul(a, b[:, lo:lo + size], out=out[:, lo:lo + size])
+        part = np.matmul(a, b[:, lo:lo + size], out=out[:, lo:lo + size])
+        if bias is not None:
+            part += bias
     return out
 
 
@@ -283,6 +281,30 @@ def matmul_by_inner(a, b, out, part, block=INNER_BLOCK):
     for lo in range(size, K, size):
         out += np.matmul(a[:, lo:lo + size], b[lo:lo + size], out=part)
     return out
+
+
+def col2im_pairs(d6, ws, size):
+    """The padded input's gradient (C, >= hp, >= wp, B) from the patches' d6 (C, kp, kp, M, T, B): input
+    pixel (2m+u, 2t+v) gets d6[:, u, v, m, t], summed over (u, v) in row-major order, from zero.
+
+    Summed in a parity-split scratch (C, row parity, column parity, hp/2, wp/2, B), where the offsets
+    (2i+a, 2j+b) for a, b in {0, 1} land on four disjoint blocks of one view, each row a contiguous run of
+    T*B floats: one add per (i, j), not per (u, v), and no strided run of B floats (strided binary ufuncs
+    are several times slower than contiguous ones). Every pixel gets its terms in the same order as one
+    add per (u, v) would give them, so the sums are the same bits. One interleaving copy then gives the
+    (C, H, W, B) layout."""
+    C, kp, _, M, T, B = d6.shape
+    hh, hw = -(-size[0] // 2), -(-size[1] // 2)
+    acc = ws.get("dx_pairs", (C, 2, 2, hh, hw, B))
+    acc.fill(0)
+    for i in range(-(-kp // 2)):
+        for j in range(-(-kp // 2)):
+            src = d6[:, 2 * i:2 * i + 2, 2 * j:2 * j + 2]                # (C, a, b, M, T, B)
+            dst = acc[:, :src.shape[1], :src.shape[2], i:i + M, j:j + T]
+            np.add(dst, src, out=dst)
+    dxp = ws.get("dxp", (C, 2 * hh, 2 * hw, B))
+    np.copyto(dxp.reshape(C, hh, 2, hw, 2, B), acc.transpose(0, 3, 1, 4, 2, 5))
+    return dxp
 
 
 def _ones_last_row(a):

@@ -14,6 +14,8 @@ costs page faults that show up in the profile; one buffer per name serves every 
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 
@@ -27,12 +29,16 @@ class Workspace:
 
     def __init__(self, dtype):
         self.dtype, self._flat, self._shape = np.dtype(dtype), {}, {}
+        self._last = {}                 # name -> (shape, dtype, the array last handed out)
 
     def get(self, name, shape, zero=False, dtype=None, init=None):
         """The array `name` with this shape: zeroed if `zero`, then `init(a)` if given, on first use or
         after a change of shape; otherwise exactly as the last call under this name left it."""
         shape, dt = tuple(shape), self.dtype if dtype is None else np.dtype(dtype)
-        n = int(np.prod(shape))
+        last = self._last.get(name)
+        if last is not None and last[0] == shape and last[1] == dt:     # the common case: a step like the last
+            return last[2]
+        n = math.prod(shape)
         flat = self._flat.get(name)
         fresh = flat is None or flat.size < n or flat.dtype != dt
         if fresh:
@@ -44,6 +50,7 @@ class Workspace:
             if init is not None:
                 init(a)
             self._shape[name] = shape
+        self._last[name] = (shape, dt, a)
         return a
 
 

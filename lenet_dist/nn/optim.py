@@ -23,23 +23,24 @@ class SGD:
         self.params = params                       # the model's flat vector, updated in place
         self.momentum, self.nesterov, self.weight_decay = momentum, nesterov, weight_decay
         self.velocity = np.zeros_like(params)
-        self._g = np.empty_like(params)            # scratch: the step is a few fused in-place ops
+        self._g = np.empty_like(params)            # scratch: the step is a few fused in-place ops,
+        self._t = np.empty_like(params)            # with no temporary array allocated per step
 
     def step(self, grads, lr, part=slice(None)):
         """Update the parameters in `part` (a slice of the flat vector; all by default) from `grads`, the
         whole gradient vector. Element by element: updating two parts in turn gives the same bits as one."""
         if not (lr >= 0.0 and math.isfinite(lr)):
             raise ValueError(f"learning rate must be finite and >= 0, got {lr}")
-        w, g, v = self.params[part], self._g[part], self.velocity[part]
+        w, g, v, t = self.params[part], self._g[part], self.velocity[part], self._t[part]
         np.multiply(w, self.weight_decay, out=g)
         g += grads[part]
         v *= self.momentum
         v += g
         if self.nesterov:
-            g += self.momentum * v
-            w -= lr * g
+            g += np.multiply(v, self.momentum, out=t)
+            w -= np.multiply(g, lr, out=t)
         else:
-            w -= lr * v
+            w -= np.multiply(v, lr, out=t)
 
     def state_dict(self):
         return {"velocity": self.velocity.copy()}
