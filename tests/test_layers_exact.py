@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from threadpoolctl import threadpool_limits
 
-from lenet_dist.nn.conv import BandedConv2D, StripConv2D, col2im_pairs, matmul_by_columns
+from lenet_dist.nn.conv import BandedConv2D, col2im_pairs
 from lenet_dist.nn.layers import Workspace
 from lenet_dist.nn.optim import SGD
 
@@ -73,22 +73,6 @@ def test_banded_conv_input_gradient_is_the_plain_col2im_of_its_patches(k, paddin
     dcols = np.matmul(conv.band[:, :Kb].T, dout.reshape(conv.cout * 4, -1))
     ref = ref_col2im(dcols.reshape(3, k + 1, k + 1, ho // 2, wo // 2, B), hp, wp)
     assert_same_bits(dx, ref[:, pt:pt + H, pl:pl + H])
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("B", [64, 100, 1])
-def test_strip_conv_bias_added_by_block_gives_the_bits_of_one_add_after(B, dtype):
-    rng = np.random.default_rng([B, 7])
-    conv = StripConv2D(1, 6, 5, padding=2, rng=rng, dtype=dtype)
-    x = rng.standard_normal((1, 28, 28, B)).astype(dtype)
-    got = conv.forward(x).copy()
-    k, kk = 5, 25
-    ref = np.empty((6, 2, 2, conv.cols.shape[2]), dtype)
-    for a in (0, 1):
-        for p in (0, 1):
-            matmul_by_columns(conv.params["weight"].reshape(6, kk), conv.cols[k * a:k * a + kk, p], ref[:, a, p])
-    ref += conv.params["bias"][:, None, None, None]
-    assert_same_bits(got, ref.reshape(got.shape))
 
 
 def ref_sgd(w, v, grads, lr, momentum, nesterov, weight_decay):

@@ -229,10 +229,10 @@ class StripConv2D(Conv2D):
         np.copyto(cols.reshape(shape), src)
         w2 = self.params["weight"].reshape(Co, kk)
         out = self.ws.get("out", (Co, 2, 2, n))                          # (Cout, a, p, N/4)
-        bias = self.params["bias"][:, None]
         for a in (0, 1):
             for p in (0, 1):
-                matmul_by_columns(w2, cols[k * a:k * a + kk, p], out[:, a, p], bias=bias)
+                matmul_by_columns(w2, cols[k * a:k * a + kk, p], out[:, a, p])
+        out += self.params["bias"][:, None, None, None]
         self.cols, self.xshape, self.geom = cols, x.shape, (pt, pl, hp, wp, ho, wo)
         return out.reshape(Co, 2, 2, ho // 2, wo // 2, B)
 
@@ -259,16 +259,13 @@ COLUMN_BLOCK = 4096
 INNER_BLOCK = 1024
 
 
-def matmul_by_columns(a, b, out, block=COLUMN_BLOCK, bias=None):
-    """out = a @ b (+ bias, a column, added after the product), computed in equal blocks of at most
-    `block` columns (each column's value is the same whatever the blocks: only which call computes it
-    changes). The bias is added to each block while it is still in cache."""
+def matmul_by_columns(a, b, out, block=COLUMN_BLOCK):
+    """out = a @ b, computed in equal blocks of at most `block` columns (each column's value is the
+    same whatever the blocks: only which call computes it changes)."""
     n = b.shape[1]
     size = -(-n // -(-n // block))
     for lo in range(0, n, size):
-        part = np.matmul(a, b[:, lo:lo + size], out=out[:, lo:lo + size])
-        if bias is not None:
-            part += bias
+        np.matmul(a, b[:, lo:lo + size], out=out[:, lo:lo + size])
     return out
 
 
