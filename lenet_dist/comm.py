@@ -5,7 +5,7 @@ allgather of a small buffer, barrier, abort, and the non-blocking sums the bucke
 backward (parallel/buckets.py). `LocalComm` is the one-process version and needs no MPI at all; `MPIComm`
 uses mpi4py's upper-case buffer calls only (no pickle ever crosses the wire); JSON travels as its bytes
 (bcast_json, allgather_json). Around them: how a rank waits on a node with more ranks than cores, and the
-node's sleeping barrier for ranks that take turns there (parallel/turns.py). What the launcher says before
+node's shared memory and common name for ranks that take turns there (parallel/turns.py). What the launcher says before
 MPI starts (ranks, node layout, launcher checks) is read in launcher_env.py.
 """
 from __future__ import annotations
@@ -139,7 +139,7 @@ class MPIComm:
         self.comm = MPI.COMM_WORLD
         self.gather_comm = self.comm.Dup()  # the compressed sums' allgathers (iallgather_), in an order of their own
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
-        self.node = self.comm.Split_type(MPI.COMM_TYPE_SHARED)   # this node's ranks: the turns' barriers
+        self.node = self.comm.Split_type(MPI.COMM_TYPE_SHARED)   # this node's ranks: the turns' shared memory
         most = np.array([self.node.Get_size()], np.int64)
         self.comm.Allreduce(MPI.IN_PLACE, most, op=MPI.MAX)
         self.ranks_per_node = int(most[0])  # the most ranks any node holds (MPI's own view of the placement)
@@ -190,12 +190,28 @@ class MPIComm:
         self.node.Allreduce(self.MPI.IN_PLACE, mask, op=self.MPI.MAX)
         return node_layout(cpu_count=int(mask.sum()))[1]
 
-    def turn_barrier(self, expect=0.0):
-        """Return once every rank of this node has arrived here, sleeping meanwhile (naps even when the
-        sums wait alone): a rank whose turn it is not gives its core away (parallel/turns.py). `expect`:
-        seconds the wait should last at least, slept in one piece first (each nap's test costs CPU)."""
-        nap = NAP_US_DEFAULT * 1e-6 if self.nap is None else self.nap
-        _sleep_until(self.node.Ibarrier(), nap, first=expect)
+    @property
+    def node_rank(self):
+        return self.node.Get_rank()
+
+    @property
+    def node_size(self):
+        return self.node.Get_size()
+
+    def node_shared(self, nbytes):
+        """`nbytes` of memory that every rank of this node sees, as a uint8 array (MPI_Win_allocate_shared,
+        held by node rank 0). Collective over the node. The window lives as long as this communicator."""
+        win = self.MPI.Win.Allocate_shared(nbytes if self.node_rank == 0 else 0, 1, comm=self.node)
+        self._windows = getattr(self, "_windows", []) + [win]
+        mem, _ = win.Shared_query(0)
+        return np.frombuffer(mem, np.uint8, count=nbytes)
+
+    def node_token(self):
+        """A random name that every rank of this node shares (node rank 0's), for node-local rendezvous.
+        Collective over the node."""
+        token = np.frombuffer(os.urandom(8), np.uint8).copy()
+        self.node.Bcast(token, root=0)
+        return token.tobytes().hex()
 
     def wait_idle(self, tick=None, nap=0.05):
         """Return once every rank has arrived here, sleeping `nap` seconds between tests and calling `tick()`
@@ -285,11 +301,9 @@ class MPIComm:
         return self.MPI.Get_processor_name()
 
 
-def _sleep_until(request, nap, first=0.0, tick=None):
-    """Wait for a non-blocking request (an Ibarrier) without spinning: `first` seconds slept in one piece if
-    it is not done yet, then a test every `nap` seconds, calling `tick()` after each nap."""
-    if first > 0 and not request.Test():
-        time.sleep(first)
+def _sleep_until(request, nap, tick=None):
+    """Wait for a non-blocking request (an Ibarrier) without spinning: a test every `nap` seconds, calling
+    `tick()` after each nap."""
     while not request.Test():
         time.sleep(nap)
         if tick is not None:

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from lenet_dist.parallel.turns import parse_setting, plan
+from lenet_dist.parallel.turns import pairwise_sum, parse_setting, plan
 
 from tests.mpiutil import final_params, launch
 
@@ -31,9 +31,30 @@ def test_plan(local_size, cores, setting, turns_of_ranks):
     assert {per for _, _, per in got} == {max(turns_of_ranks.count(t) for t in turns_of_ranks)}
 
 
+@pytest.mark.parametrize("p, order", [
+    (1, lambda g: g[0]),
+    (2, lambda g: g[0] + g[1]),
+    (3, lambda g: (g[0] + g[1]) + g[2]),
+    (4, lambda g: (g[0] + g[1]) + (g[2] + g[3])),
+    (5, lambda g: ((g[0] + g[1]) + g[2]) + (g[3] + g[4])),
+    (6, lambda g: ((g[0] + g[1]) + (g[2] + g[3])) + (g[4] + g[5])),
+    (8, lambda g: ((g[0] + g[1]) + (g[2] + g[3])) + ((g[4] + g[5]) + (g[6] + g[7]))),
+])
+def test_pairwise_sum_adds_in_recursive_doublings_order(p, order):
+    """Values whose sums round differently in every order: only the named order gives these bits."""
+    rng = np.random.default_rng(p)
+    g = (rng.standard_normal((p, 4096)) * 10.0 ** rng.integers(-4, 4, (p, 4096))).astype(np.float32)
+    out = np.empty(4096, np.float32)
+    pairwise_sum(g, out=out)
+    assert np.array_equal(out, order(g))
+    if p >= 4:                      # (with 3 ranks the order is left to right)
+        assert not np.array_equal(out, np.cumsum(g, axis=0, dtype=np.float32)[-1])
+
+
 def test_setting():
     assert parse_setting(" Auto ") is None                          # turns when the cores divide the ranks
-    assert parse_setting(None) == parse_setting("") == parse_setting("off") == 1 and parse_setting("2") == 2
+    assert parse_setting(None) is None and parse_setting("") is None   # the default: auto
+    assert parse_setting("off") == parse_setting("none") == 1 and parse_setting("2") == 2
     for bad in ("0", "-1", "two", "1.5"):
         with pytest.raises(ValueError, match=f"LENET_TURNS must be a number of turns .* got '{bad}'"):
             parse_setting(bad)

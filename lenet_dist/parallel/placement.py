@@ -7,7 +7,8 @@
     --bucket-kb 0 | N | -1        the fused allreduce | buckets of N KiB | measure both, keep the faster
     pipelined                     buckets across nodes with a core per rank, not --deterministic
     --deterministic               the chosen reducer sums micro-batches in fixed point (fixedpoint.py)
-    more ranks than cores         the node's ranks take turns computing, whatever the sum (turns.py)
+    more ranks than cores         one node, float32, default or fused sum: the node's ranks take turns
+                                  computing and sum through shared memory (turns.py)
 
 Why: on shared memory the sum takes ~0.1 ms, so overlap hides nothing and the buckets' MPI calls cost a few
 percent, while MPICH's non-blocking sum keeps its pace beside a busy process where the blocking one does
@@ -21,14 +22,13 @@ from lenet_dist.parallel.autotune import AutoReducer
 from lenet_dist.parallel.buckets import BUCKET_KB_DEFAULT
 from lenet_dist.parallel.fixedpoint import FixedPointReducer
 from lenet_dist.parallel.reducers import BucketedReducer, FusedReducer, HalfPrecisionReducer
-from lenet_dist.parallel.turns import taking_turns
+from lenet_dist.parallel.turns import TurnsReducer, takes_turns
 
 
 def reducer_for(cfg, comm):
     """The reducer for a run of `cfg` (TrainConfig) on `comm`, unbound."""
-    reducer = _float_reducer(cfg, comm)
-    reducer = FixedPointReducer(reducer, cfg.micro_batch) if cfg.deterministic else reducer
-    return taking_turns(reducer, comm)
+    reducer = TurnsReducer(comm) if takes_turns(cfg, comm) else _float_reducer(cfg, comm)
+    return FixedPointReducer(reducer, cfg.micro_batch) if cfg.deterministic else reducer
 
 
 def _float_reducer(cfg, comm):

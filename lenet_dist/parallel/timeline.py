@@ -4,7 +4,8 @@
     window's end   one allgather_json (comm.py) of them; rank 0 writes the trace with files.atomic_write
 
 Lanes (the trace's tid) of each rank (its pid, named "rank N"):
-    compute        the main thread: step > data, forward (with the loss), backward, wait for sum, update;
+    compute        the main thread: step > [wait for turn,] data, forward (with the loss), backward, wait for sum,
+                   update;
                    between steps: evaluation, replica check, checkpoint (content, write)
     sum ...        the gradient's sums, one lane per bucket and one for the tail (buckets.py), or "sum all"
                    for the fused allreduce: from the moment the reducer starts one to the moment it sees it
@@ -220,6 +221,19 @@ class Timeline:
         self._replace(reducer, "update", timed_update)
         for engine in _engines(reducer):
             self._wrap_engine(engine)
+        for turns in (r for r in _reducers(reducer) if hasattr(type(r), "wait_turn")):
+            self._wrap_turn(turns)
+
+    def _wrap_turn(self, turns):
+        """Ranks in turns (turns.py): the sleep until this rank's turn, not counted as the step's data."""
+        wait, clock = turns.wait_turn, self.clock
+
+        def timed_wait():
+            t = clock()
+            wait()
+            self.mark = clock()
+            self.add(COMPUTE, "wait for turn", t, self.mark)
+        self._replace(turns, "wait_turn", timed_wait)
 
     def _wrap_engine(self, engine):
         """Each bucket's collectives (and the tail's) report when they start and when they are seen done."""
@@ -304,15 +318,20 @@ def _method(obj, name):
     return lambda *a: obj.__getattr__(name)(*a)
 
 
-def _engines(reducer):
-    """The bucket engines under a reducer (fixed point, autotune and Straggler wrap others)."""
-    engine = vars(reducer).get("engine")
-    if engine is not None:
-        yield engine
+def _reducers(reducer):
+    """The reducer and every reducer under it (fixed point, autotune and Straggler wrap others)."""
+    yield reducer
     for attr in ("inner", "fused", "buckets", "reducer"):
         child = vars(reducer).get(attr)
         if child is not None and hasattr(child, "sum"):
-            yield from _engines(child)
+            yield from _reducers(child)
+
+
+def _engines(reducer):
+    """The bucket engines under a reducer."""
+    for r in _reducers(reducer):
+        if vars(r).get("engine") is not None:
+            yield vars(r)["engine"]
 
 
 def _layers(lo, hi):
@@ -322,7 +341,7 @@ def _layers(lo, hi):
 
 
 PHASES = {"data": "data", "forward": "forward", "backward": "backward", "wait for sum": "wait",
-          "wait for sum (owed)": "wait", "update": "update"}      # compute-lane event -> summary phase
+          "wait for sum (owed)": "wait", "wait for turn": "wait", "update": "update"}      # compute-lane event -> summary phase
 
 
 def summarize(ranks, step_from, step_to):

@@ -1,41 +1,50 @@
 """Ranks that share a core take turns: on a node with more ranks than cores, the node's ranks are split into
 turns of at most `cores` ranks; each step, turn 0 computes its shards while the others sleep, then turn 1,
-and so on; then the one sum over all ranks, as without turns.
+and so on; the last turn sums every rank's gradient through the node's shared memory, and every rank reads
+the sum back.
 
     local ranks 0 1 | 2 3      (4 ranks, 2 cores: 2 turns of 2)
-    step:  turn 0 computes, turns 1.. sleep  -> barrier 0 -> turn 1 computes -> ... -> barrier T-1
-           -> the reducer's sum, every rank of the node there
+    step:  turn 0 computes, copies its gradients to its slots, rings turn 1 (which slept in begin())
+           turn 1 computes, copies, rings its own turn; each of its ranks sums its chunk of every slot
+           into the total and rings every rank of the node
+           every rank copies the total back, and updates as without turns
 
 Four ranks competing for two cores deliver less than two ranks alone (context switches, caches, a peer that
 waits while the one it waits for is descheduled); two at a time, one pair after the other, deliver about
-what two ranks do. The barriers are the node's (comm.turn_barrier: an Ibarrier tested between naps), so a
-rank whose turn it is not sleeps instead of spinning.
+what two ranks do, provided the hand-overs cost nothing: a waiting rank blocks on its doorbell
+(doorbell.py: a Unix datagram socket, no CPU until it rings), never in MPI, whose waits spin or poll.
 
 Exact: every rank computes the same shard from the same parameters with the same code, only at another
-moment, and the sum over the ranks is the same call with the same operands in the same order; nothing here
-touches a number. Which turn a rank takes is its node-local rank's: rank // ceil(ranks / turns).
+moment. The sum adds the ranks' float32 gradients pairwise, in the order MPI's recursive doubling and
+halving add them ((g0 + g1) + (g2 + g3)), so that taking turns changes no bit of the result where MPI sums
+so (tests/test_turns.py compares); --deterministic sums int64 fixed point, exact in any order. Which turn a
+rank takes is its node-local rank's: rank // ceil(ranks / turns).
 
-LENET_TURNS: unset or "off": no turns (the default: on an otherwise quiet 2-core machine, 4 ranks in turns
-delivered 0.59 of `-n 2` against 0.74 without, docs/scaling.md); "auto": turns when a node holds a multiple of
-its cores (4 ranks on 2 cores: 2 turns; 3 on 2 would leave a core idle in the second turn, so they share the
-cores as before); N: N turns whatever the cores (at most one per rank).
+Where: one node only (the ranks of several nodes would need the node sums summed again across them), the
+float32 gradient, and the default or fused sum (buckets overlap a transfer; in turns there is none on one
+node). placement.py decides.
+
+LENET_TURNS: "auto" (the default): turns when a node holds a multiple of its cores (4 ranks on 2 cores: 2
+turns; 3 on 2 would leave a core idle in the second turn, so they share the cores); "off": none; N: N turns
+whatever the cores (at most one per rank).
 """
 from __future__ import annotations
 
-from collections import deque
+import numpy as np
+
+from lenet_dist.parallel.doorbell import Doorbells
+from lenet_dist.parallel.reducers import FusedReducer
 
 VAR = "LENET_TURNS"
-SLEEP_SHARE = 0.75          # of a turn's expected length, slept before napping (a turn varies from step to step)
-RECENT_STEPS = 8            # compute times kept for that expectation
 
 
 def parse_setting(text):
-    """LENET_TURNS's value -> None (auto) or the number of turns asked for (1: off, the default); ValueError
+    """LENET_TURNS's value -> None (auto, the default) or the number of turns asked for (1: off); ValueError
     naming it."""
     t = (text or "").strip().lower()
-    if t == "auto":
+    if t in ("", "auto"):
         return None
-    if t in ("", "off", "none"):
+    if t in ("off", "none"):
         return 1
     if t.isdigit() and int(t) >= 1:
         return int(t)
@@ -53,43 +62,82 @@ def plan(local_rank, local_size, cores, setting=None):
     return -(-local_size // per), local_rank // per, per
 
 
-class TakingTurns:
-    """Wraps the run's reducer: begin() sleeps through the turns before this rank's, sum() through its own
-    and the ones after it (so the sum starts with every rank of the node there), then hands over to the
-    reducer's own sum. Everything else is the reducer's.
+DONE, LAST, READY = 0, 1, 2     # doorbell kinds: a turn is done; a rank of the last turn is done; a sum is there
 
-    A turn lasts about as long as this rank's own compute (the same shard size, the same code), so a wait
-    for another turn first sleeps SLEEP_SHARE of the shortest of its recent computes in one piece, then
-    naps: testing the barrier between naps for a whole turn would cost CPU the computing turn could use."""
 
-    def __init__(self, reducer, comm):
-        self.reducer, self.comm = reducer, comm
-        self.recent = deque(maxlen=RECENT_STEPS)        # this rank's compute seconds, last steps
+class TurnsReducer(FusedReducer):
+    """The node's ranks compute in turns and sum through shared memory (see the module's docstring).
 
-    def __getattr__(self, name):
-        return getattr(self.reducer, name)
+    bind() allocates the slots (one per node rank, the buffer's size and dtype, then the total) and the
+    doorbells: collective, at the trainer's start, when every rank is there. begin() sleeps until the turn
+    before this rank's is done; reduce() is the rest of the step's hand-overs and the sum."""
+
+    def __init__(self, comm):
+        super().__init__(comm)
+        self.name = "in turns, through shared memory"
+        c = comm
+        self.me, self.size = c.node_rank, c.node_size
+        self.members = [list(range(t * c.turn_size, min((t + 1) * c.turn_size, self.size)))
+                        for t in range(c.turns)]
+        self.turn = c.turn
+        self.last = self.members[-1]
 
     @property
     def description(self):
         c = self.comm
-        return f"{self.reducer.description}; {c.turns} turns of {c.turn_size} rank(s) per node"
+        return f"{self.name}; {c.turns} turns of {c.turn_size} rank(s) per node"
 
-    def _turn_seconds(self):
-        return SLEEP_SHARE * min(self.recent) if self.recent else 0.0
+    def bind(self, buf, tail):
+        super().bind(buf, tail)
+        mem = self.comm.node_shared((self.size + 1) * buf.nbytes)
+        slots = mem.view(buf.dtype).reshape(self.size + 1, len(buf))
+        self.slots, self.total = slots[:-1], slots[-1]
+        self.bells = Doorbells(self.comm.node_token(), self.me)
+        self.comm.barrier()                     # every doorbell is bound before the first ring
+        if self.me in self.last:                # this rank's chunk of the sum
+            bounds = np.linspace(0, len(buf), len(self.last) + 1).astype(int)
+            i = self.last.index(self.me)
+            self.chunk = slice(bounds[i], bounds[i + 1])
 
     def begin(self):
-        for _ in range(self.comm.turn):
-            self.comm.turn_barrier(self._turn_seconds())    # the turns before this rank's compute
-        self.reducer.begin()
+        super().begin()
+        self.wait_turn()
 
-    def sum(self, stop, seconds):
-        self.recent.append(seconds)
-        self.comm.turn_barrier()                            # this turn's peers finish about now
-        for _ in range(self.comm.turns - 1 - self.comm.turn):
-            self.comm.turn_barrier(self._turn_seconds())    # the turns after it
-        return self.reducer.sum(stop, seconds)
+    def wait_turn(self):
+        """Sleep until every rank of the turn before this rank's has computed (turn 0: at once)."""
+        if self.turn > 0:
+            self.bells.wait(DONE, len(self.members[self.turn - 1]))
+
+    def reduce(self):
+        self.slots[self.me] = self.buf
+        if self.me in self.last:
+            others = [r for r in self.last if r != self.me]
+            self.bells.ring(others, LAST)
+            self.bells.wait(LAST, len(others))
+            pairwise_sum(self.slots[:, self.chunk], out=self.total[self.chunk])
+            self.bells.ring([r for r in range(self.size) if r != self.me], READY)
+            self.bells.wait(READY, len(others))
+        else:
+            self.bells.ring(self.members[self.turn + 1], DONE)
+            self.bells.wait(READY, len(self.last))
+        self.buf[:] = self.total
 
 
-def taking_turns(reducer, comm):
-    """`reducer` wrapped in turns when this rank's node takes them, else `reducer` itself."""
-    return TakingTurns(reducer, comm) if getattr(comm, "turns", 1) > 1 else reducer
+def pairwise_sum(rows, out):
+    """Sum the rows of `rows` (ranks x n) into `out` (n), pairwise as MPI's recursive doubling adds ranks:
+    with p = 2^k + r ranks, the first 2r are summed in pairs (0+1, 2+3, ...), then the 2^k partial sums in a
+    balanced tree ((a + b) + (c + d)). Each addition is one float operation per element, so the result is
+    the same bits as an MPI sum that adds in this order."""
+    p = len(rows)
+    r = p - (1 << (p.bit_length() - 1))
+    level = [rows[i] + rows[i + 1] for i in range(0, 2 * r, 2)] + [rows[i] for i in range(2 * r, p)]
+    while len(level) > 1:
+        level = [level[i] + level[i + 1] for i in range(0, len(level), 2)]
+    out[...] = level[0]
+
+
+def takes_turns(cfg, comm):
+    """Whether a run of `cfg` on `comm` computes in turns: this node's plan says so, the job is on one node,
+    and the gradient is summed whole in float32 (the default sum, or --bucket-kb 0)."""
+    return (getattr(comm, "turns", 1) > 1 and comm.ranks_per_node == comm.size
+            and cfg.allreduce_dtype == "float32" and cfg.bucket_kb in (None, 0))
