@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from lenet_dist.errors import UsageError
 from lenet_dist.parallel.doorbell import Doorbells
 from lenet_dist.parallel.reducers import FusedReducer
 
@@ -62,7 +63,8 @@ def plan(local_rank, local_size, cores, setting=None):
     return -(-local_size // per), local_rank // per, per
 
 
-DONE, LAST, READY = 0, 1, 2     # doorbell kinds: a turn is done; a rank of the last turn is done; a sum is there
+DONE, LAST, READY, HELLO = 0, 1, 2, 3   # doorbell kinds: a turn is done; a rank of the last turn is done;
+                                        # a sum is there; a rank's doorbell is up
 
 
 class TurnsReducer(FusedReducer):
@@ -94,6 +96,12 @@ class TurnsReducer(FusedReducer):
         self.slots, self.total = slots[:-1], slots[-1]
         self.bells = Doorbells(self.comm.node_token(), self.me)
         self.comm.barrier()                     # every doorbell is bound before the first ring
+        try:
+            self.bells.ring([r for r in range(self.size) if r != self.me], HELLO)
+        except OSError as e:
+            raise UsageError(f"the ranks MPI places on one node cannot ring each other ({e.strerror}: another "
+                             f"network namespace?); set LENET_TURNS=off") from None
+        self.bells.wait(HELLO, self.size - 1)
         if self.me in self.last:                # this rank's chunk of the sum
             bounds = np.linspace(0, len(buf), len(self.last) + 1).astype(int)
             i = self.last.index(self.me)
