@@ -121,3 +121,16 @@ def test_shift_of_a_batch_slice_matches_the_whole_batch():
     shifts = sampler.random_shifts(4, 0, 1, 10, 2)
     whole = sampler.shift_images(images, shifts, 2)
     np.testing.assert_array_equal(sampler.shift_images(images[3:7], shifts[3:7], 2), whole[3:7])
+
+
+def test_shift_images_of_an_empty_shard_and_of_wider_dtypes():
+    # a rank may get no examples of a batch; the reference gathers per image whatever the dtype
+    out = sampler.shift_images(np.zeros((0, 28, 28), np.uint8), np.zeros((0, 2), int), 1)
+    assert out.shape == (0, 28, 28) and out.dtype == np.uint8
+    rng = np.random.default_rng(13)
+    images = rng.integers(1, 256, size=(6, 9, 7)).astype(np.float32)
+    shifts = sampler.random_shifts(5, 0, 0, 6, 2)
+    out = sampler.shift_images(images, shifts, 2)
+    assert out.dtype == np.float32
+    for i in range(6):
+        np.testing.assert_array_equal(out[i], ref_shift(images[i], *shifts[i]))

@@ -8,7 +8,7 @@ step-in-epoch) replays exactly what an uninterrupted run would have drawn.
 from __future__ import annotations
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
+from numpy.lib.stride_tricks import as_strided
 
 
 def epoch_permutation(seed, epoch, n):
@@ -46,6 +46,10 @@ def shift_images(images, shifts, max_shift):
     m = max_shift
     padded = np.zeros((B, H + 2 * m, W + 2 * m), images.dtype)
     padded[:, m:m + H, m:m + W] = images
-    windows = sliding_window_view(padded, (H, W), axis=(1, 2))  # (B, 2m+1, 2m+1, H, W) view
-    # a shift of +dy moves the content down, so the window starts m - dy rows into the padded image
-    return windows[np.arange(B), m - shifts[:, 0], m - shifts[:, 1]]
+    row, image = W + 2 * m, (H + 2 * m) * (W + 2 * m)                  # in elements
+    _, s1, s2 = padded.strides
+    # every H x W window of the padded batch, by the index of its first element (a view); a shift of +dy
+    # moves the content down, so image b's window starts m - dy rows and m - dx columns into its padded image
+    windows = as_strided(padded.ravel(), (max(padded.size - (H - 1) * row - (W - 1), 0), H, W), (s2, s1, s2),
+                         writeable=False)
+    return windows[np.arange(B) * image + (m - shifts[:, 0]) * row + (m - shifts[:, 1])]
