@@ -1,11 +1,14 @@
 """Ranks that share a core take turns (lenet_dist/parallel/turns.py): the plan, and real `mpirun -n 4` jobs on
 this machine's cores: the turns are taken, and they change no bit of the result."""
 import json
+import time
 
 import numpy as np
 import pytest
 
 from lenet_dist.parallel.turns import pairwise_sum, parse_setting, plan
+
+from lenet_dist.checkpoints import format as checkpoint
 
 from tests.mpiutil import final_params, launch
 
@@ -64,7 +67,7 @@ def train(tmp_path, name, turns, *extra):
     """4 ranks; `turns`: LENET_TURNS, or None for "auto" on a node said to have 2 cores."""
     d = tmp_path / name
     how = {"LENET_NODE_CORES": "2", "LENET_TURNS": "auto"} if turns is None else {"LENET_TURNS": turns}
-    p = launch(4, [*BASE, "--checkpoint-dir", d, *extra], extra_env=how, timeout=180)
+    p = launch(4, [*BASE, "--checkpoint-dir", d, *extra], extra_env=how, timeout=180, check="--fault" not in extra)
     return d, p
 
 
@@ -118,3 +121,29 @@ def test_bad_turns_setting_is_a_one_line_error(tmp_path):
     assert p.returncode != 0
     assert "LENET_TURNS must be a number of turns (1 or more), 'auto' or 'off', got 'many'" in p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_kill_and_resume_in_turns_is_bit_identical(tmp_path):
+    """Rank 2 (second turn: it owes each step's update until its next turn) dies between checkpoints; the
+    resumed run ends bit-identical to the uninterrupted one."""
+    full, _ = train(tmp_path, "full", "2", "--checkpoint-every", "10")
+    crash, p = train(tmp_path, "crash", "2", "--checkpoint-every", "10", "--fault", "2:45:exit")
+    assert p.returncode != 0
+    assert checkpoint.list_checkpoints(crash)[0][0] == 40
+    train(tmp_path, "crash", "2", "--checkpoint-every", "10", "--resume")
+    a, ma = final_params(full)
+    b, mb = final_params(crash)
+    assert ma["step"] == mb["step"] == 100
+    assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("fault", ["3:5:hang", "0:5:hang", "1:5:exit"])
+def test_a_rank_lost_in_turns_ends_the_job(tmp_path, fault):
+    """A rank that hangs or dies while its peers sleep on their doorbells: the job still ends (the stall
+    guard, or the launcher), in bounded time."""
+    t0 = time.monotonic()
+    _, p = train(tmp_path, "lost", "2", "--fault", fault, "--stall-timeout", "3")
+    assert p.returncode != 0
+    assert time.monotonic() - t0 < 60, p.stderr
+    if fault.endswith("hang"):
+        assert "no training step finished in 3s after step 5" in p.stderr, p.stderr

@@ -34,7 +34,7 @@ import numpy as np
 
 from lenet_dist.errors import UsageError
 from lenet_dist.parallel.doorbell import Doorbells
-from lenet_dist.parallel.reducers import FusedReducer
+from lenet_dist.parallel.reducers import EVERYTHING, FusedReducer
 
 VAR = "LENET_TURNS"
 
@@ -72,7 +72,9 @@ class TurnsReducer(FusedReducer):
 
     bind() allocates the slots (one per node rank, the buffer's size and dtype, then the total) and the
     doorbells: collective, at the trainer's start, when every rank is there. begin() sleeps until the turn
-    before this rank's is done; reduce() is the rest of the step's hand-overs and the sum."""
+    before this rank's is done; reduce() is the rest of the step's hand-overs and the sum. The ranks of
+    later turns owe their update until their next turn begins (or anything settles), so that only one
+    turn's ranks run at any time, the update included: the same update from the same sum, later."""
 
     def __init__(self, comm):
         super().__init__(comm)
@@ -83,6 +85,7 @@ class TurnsReducer(FusedReducer):
                         for t in range(c.turns)]
         self.turn = c.turn
         self.last = self.members[-1]
+        self._owed = None                       # later turns: this step's update, applied when the next begins
 
     @property
     def description(self):
@@ -110,6 +113,18 @@ class TurnsReducer(FusedReducer):
     def begin(self):
         super().begin()
         self.wait_turn()
+        self.settle()
+
+    def update(self, apply):
+        if self.turn == 0:
+            apply(EVERYTHING)
+        else:
+            self._owed = apply
+
+    def settle(self):
+        if self._owed is not None:
+            apply, self._owed = self._owed, None
+            apply(EVERYTHING)
 
     def wait_turn(self):
         """Sleep until every rank of the turn before this rank's has computed (turn 0: at once)."""
