@@ -36,6 +36,7 @@ def work(batch, seconds):
     """Images/s of training steps on random data for `seconds` (median step time, after a warm-up)."""
     import numpy as np
 
+    from lenet_dist.config import TrainConfig
     from lenet_dist.nn.model import LeNet5
     from lenet_dist.nn.optim import SGD
 
@@ -43,7 +44,8 @@ def work(batch, seconds):
     x = rng.standard_normal((batch, 28, 28)).astype(np.float32)
     y = rng.integers(0, 10, batch)
     model = LeNet5(seed=0)
-    opt = SGD(model.params, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    cfg = TrainConfig()                 # the default recipe's optimizer
+    opt = SGD(model.params, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
 
     def step():
         model.loss_and_grad(x, y, scale=1.0)
