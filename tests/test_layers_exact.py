@@ -75,6 +75,28 @@ def test_banded_conv_input_gradient_is_the_plain_col2im_of_its_patches(k, paddin
     assert_same_bits(dx, ref[:, pt:pt + H, pl:pl + H])
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("k,padding,H,B", [(5, "valid", 14, 64), (3, 1, 8, 2), (4, "same", 6, 3)])
+def test_banded_conv_band_and_weight_gradient_are_the_four_slices_of_the_plain_version(k, padding, H, B, dtype):
+    rng = np.random.default_rng([k, H, B, 1])
+    C, Co, kp = 3, 4, k + 1
+    conv = BandedConv2D(C, Co, k, padding=padding, rng=rng, dtype=dtype)
+    out = conv.forward(rng.standard_normal((C, H, H, B)).astype(dtype))
+    band = np.zeros((Co * 4, C * kp * kp + 1), dtype)
+    b6 = band[:, :-1].reshape(Co, 2, 2, C, kp, kp)
+    for a in (0, 1):
+        for p in (0, 1):
+            b6[:, a, p, :, a:a + k, p:p + k] = conv.params["weight"]
+    band[:, -1] = np.repeat(conv.params["bias"], 4)
+    assert_same_bits(conv.band, band)
+    conv.backward(with_signed_zeros(rng, out.shape, dtype))
+    g6 = conv.ws.get("g", band.shape)[:, :-1].reshape(Co, 2, 2, C, kp, kp)
+    dw = g6[:, 0, 0, :, :k, :k] + g6[:, 0, 1, :, :k, 1:]
+    dw += g6[:, 1, 0, :, 1:, :k]
+    dw += g6[:, 1, 1, :, 1:, 1:]
+    assert_same_bits(conv.grads["weight"], dw)
+
+
 def ref_sgd(w, v, grads, lr, momentum, nesterov, weight_decay):
     g = w * weight_decay
     g += grads

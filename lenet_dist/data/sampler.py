@@ -8,7 +8,6 @@ step-in-epoch) replays exactly what an uninterrupted run would have drawn.
 from __future__ import annotations
 
 import numpy as np
-from numpy.lib.stride_tricks import as_strided
 
 
 def epoch_permutation(seed, epoch, n):
@@ -50,6 +49,6 @@ def shift_images(images, shifts, max_shift):
     _, s1, s2 = padded.strides
     # every H x W window of the padded batch, by the index of its first element (a view); a shift of +dy
     # moves the content down, so image b's window starts m - dy rows and m - dx columns into its padded image
-    windows = as_strided(padded.ravel(), (max(padded.size - (H - 1) * row - (W - 1), 0), H, W), (s2, s1, s2),
-                         writeable=False)
+    windows = np.ndarray((max(padded.size - (H - 1) * row - (W - 1), 0), H, W), padded.dtype, buffer=padded,
+                         strides=(s2, s1, s2))
     return windows[np.arange(B) * image + (m - shifts[:, 0]) * row + (m - shifts[:, 1])]

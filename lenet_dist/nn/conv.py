@@ -5,9 +5,16 @@ Why each exists and what it was measured against: their docs and bench/README.md
 from __future__ import annotations
 
 import numpy as np
-from numpy.lib.stride_tricks import as_strided
 
 from lenet_dist.nn.layers import Layer, uniform_init, Workspace
+
+
+def strided_view(a, shape, strides):
+    """A read-only view of the C-contiguous array `a` with these shape and strides (in bytes), its extent
+    checked against `a`; made by the ndarray constructor, several times cheaper than as_strided."""
+    v = np.ndarray(shape, a.dtype, buffer=a, strides=strides)
+    v.flags.writeable = False
+    return v
 
 
 def _padding(padding, h, k, stride):
@@ -82,7 +89,7 @@ class Conv2D(Layer):
             strides = (sc, sh, sw, s * sh, s * sw, 2 * s * sh, 2 * s * sw, sb)
         else:
             shape, strides = (C, k, k, ho, wo, B), (sc, sh, sw, s * sh, s * sw, sb)
-        np.copyto(cols[:K].reshape(shape), as_strided(xp, shape, strides, writeable=False))
+        np.copyto(cols[:K].reshape(shape), strided_view(xp, shape, strides))
         wb = self.ws.get("wb", (self.cout, K + 1))                      # [weight | bias]
         wb[:, :K] = self.params["weight"].reshape(self.cout, K)
         wb[:, K] = self.params["bias"]
@@ -155,14 +162,11 @@ class BandedConv2D(Conv2D):
         cols = self.ws.get("cols", (Kb + 1, n), init=_ones_last_row)
         sc, sh, sw, sb = xp.strides
         shape = (C, kp, kp, ho // 2, wo // 2, B)
-        src = as_strided(xp, shape, (sc, sh, sw, 2 * sh, 2 * sw, sb), writeable=False)
+        src = strided_view(xp, shape, (sc, sh, sw, 2 * sh, 2 * sw, sb))
         np.copyto(cols[:Kb].reshape(shape), src)
         # band[(o,a,p), (c,u,v)] = weight[o, c, u-a, v-p] where both lie in [0, k); zeros off the band stay
         band = self.ws.get("band", (Co * 4, Kb + 1), zero=True)
-        b6 = band[:, :Kb].reshape(Co, 2, 2, C, kp, kp)
-        for a in (0, 1):
-            for p in (0, 1):
-                b6[:, a, p, :, a:a + k, p:p + k] = self.params["weight"]
+        np.copyto(_kernels_in_band(band, Co, C, k), self.params["weight"][:, None, None])
         band[:, Kb].reshape(Co, 4)[...] = self.params["bias"][:, None]
         out = self.ws.get("out", (Co * 4, n))
         np.matmul(band, cols, out=out)                                   # (Cout*4, N/4)
@@ -177,11 +181,11 @@ class BandedConv2D(Conv2D):
         d2 = dout.reshape(Co * 4, -1)                                    # (Cout*4, N/4)
         g = self.ws.get("g", (Co * 4, Kb + 1))
         np.matmul(d2, self.cols.T, out=g)                                # d band
-        g6 = g[:, :Kb].reshape(Co, 2, 2, C, kp, kp)
+        g5 = _kernels_in_band(g, Co, C, k)                                # each member's d weight
         dw = self.grads["weight"]
-        np.add(g6[:, 0, 0, :, :k, :k], g6[:, 0, 1, :, :k, 1:], out=dw)
-        dw += g6[:, 1, 0, :, 1:, :k]
-        dw += g6[:, 1, 1, :, 1:, 1:]
+        np.add(g5[:, 0, 0], g5[:, 0, 1], out=dw)
+        dw += g5[:, 1, 0]
+        dw += g5[:, 1, 1]
         np.sum(g[:, Kb].reshape(Co, 4), axis=1, out=self.grads["bias"])
         if not self.need_dx:
             return None
@@ -190,6 +194,15 @@ class BandedConv2D(Conv2D):
         np.matmul(self.band[:, :Kb].T, d2, out=dcols)
         d6 = dcols.reshape(C, kp, kp, ho // 2, wo // 2, B)
         return col2im_pairs(d6, self.ws, (hp, wp))[:, pt:pt + H, pl:pl + W]
+
+
+def _kernels_in_band(band, Co, C, k):
+    """(Co, 2, 2, C, k, k) view of a band-shaped C-contiguous (Co*4, C*(k+1)^2 + 1) matrix: [o, a, p] is
+    row (o, a, p)'s k x k window at offset (a, p) of each channel's (k+1) x (k+1) patch, where that
+    member's kernel sits. One view instead of four slices."""
+    kp, row, e = k + 1, band.shape[1], band.itemsize
+    return np.ndarray((Co, 2, 2, C, k, k), band.dtype, buffer=band,
+                      strides=(4 * row * e, (2 * row + kp) * e, (row + 1) * e, kp * kp * e, kp * e, e))
 
 
 class StripConv2D(Conv2D):
@@ -225,7 +238,7 @@ class StripConv2D(Conv2D):
         cols = self.ws.get("cols", ((k + 1) * k, 2, n))
         _, sh, sw, sb = xp.strides
         shape = (k + 1, k, 2, ho // 2, wo // 2, B)
-        src = as_strided(xp, shape, (sh, sw, sw, 2 * sh, 2 * sw, sb), writeable=False)
+        src = strided_view(xp, shape, (sh, sw, sw, 2 * sh, 2 * sw, sb))
         np.copyto(cols.reshape(shape), src)
         w2 = self.params["weight"].reshape(Co, kk)
         out = self.ws.get("out", (Co, 2, 2, n))                          # (Cout, a, p, N/4)
