@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from threadpoolctl import threadpool_limits
 
-from lenet_dist.nn.conv import BandedConv2D, col2im_pairs
+from lenet_dist.nn.conv import COLUMN_BLOCK, BandedConv2D, StripConv2D, col2im_pairs
 from lenet_dist.nn.layers import Workspace
 from lenet_dist.nn.optim import SGD
 
@@ -95,6 +95,22 @@ def test_banded_conv_band_and_weight_gradient_are_the_four_slices_of_the_plain_v
     dw += g6[:, 1, 0, :, 1:, :k]
     dw += g6[:, 1, 1, :, 1:, 1:]
     assert_same_bits(conv.grads["weight"], dw)
+
+
+@pytest.mark.parametrize("B", [64, 3, 200])
+def test_strip_conv_output_is_each_members_blocked_product_plus_bias(B):
+    rng = np.random.default_rng([B, 2])
+    conv = StripConv2D(1, 6, 5, padding=2, rng=rng)
+    got = conv.forward(rng.standard_normal((1, 28, 28, B)).astype(np.float32)).copy()
+    w2, cols, n = conv.params["weight"].reshape(6, 25), conv.cols, conv.cols.shape[2]
+    size = -(-n // -(-n // COLUMN_BLOCK))
+    ref = np.empty((6, 2, 2, n), np.float32)
+    for a in (0, 1):                                   # member by member, block by block
+        for p in (0, 1):
+            for lo in range(0, n, size):
+                np.matmul(w2, cols[5 * a:5 * a + 25, p, lo:lo + size], out=ref[:, a, p, lo:lo + size])
+    ref += conv.params["bias"][:, None, None, None]
+    assert_same_bits(got, ref.reshape(got.shape))
 
 
 def ref_sgd(w, v, grads, lr, momentum, nesterov, weight_decay):

@@ -242,9 +242,8 @@ class StripConv2D(Conv2D):
         np.copyto(cols.reshape(shape), src)
         w2 = self.params["weight"].reshape(Co, kk)
         out = self.ws.get("out", (Co, 2, 2, n))                          # (Cout, a, p, N/4)
-        for a in (0, 1):
-            for p in (0, 1):
-                matmul_by_columns(w2, cols[k * a:k * a + kk, p], out[:, a, p])
+        for p in (0, 1):                # a parity's two members read overlapping rows: one block at a time
+            matmul_by_columns(w2, [(cols[k * a:k * a + kk, p], out[:, a, p]) for a in (0, 1)])
         out += self.params["bias"][:, None, None, None]
         self.cols, self.xshape, self.geom = cols, x.shape, (pt, pl, hp, wp, ho, wo)
         return out.reshape(Co, 2, 2, ho // 2, wo // 2, B)
@@ -272,14 +271,16 @@ COLUMN_BLOCK = 4096
 INNER_BLOCK = 1024
 
 
-def matmul_by_columns(a, b, out, block=COLUMN_BLOCK):
-    """out = a @ b, computed in equal blocks of at most `block` columns (each column's value is the
-    same whatever the blocks: only which call computes it changes)."""
-    n = b.shape[1]
+def matmul_by_columns(a, products, block=COLUMN_BLOCK):
+    """out = a @ b for each (b, out) in `products` (every b with as many columns), computed in equal
+    blocks of at most `block` columns, every product's block before the next block: b's that share
+    memory then read it from cache. Each column's value is the same whatever the blocks and the order:
+    only which call computes it changes."""
+    n = products[0][0].shape[1]
     size = -(-n // -(-n // block))
     for lo in range(0, n, size):
-        np.matmul(a, b[:, lo:lo + size], out=out[:, lo:lo + size])
-    return out
+        for b, out in products:
+            np.matmul(a, b[:, lo:lo + size], out=out[:, lo:lo + size])
 
 
 def matmul_by_inner(a, b, out, part, block=INNER_BLOCK):
