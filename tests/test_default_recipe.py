@@ -1,5 +1,5 @@
-"""The default recipe (random shifts of 1 px, weight decay 2e-3: docs/performance.md) and the checkpoints
-saved before it was the default: a resumed run continues the recipe its checkpoint saved, not today's."""
+"""The default recipe (random shifts of 1 px, weight decay 2e-3, lr 0.07: docs/performance.md) and the
+checkpoints saved before it was the default: a resumed run continues the recipe its checkpoint saved, not today's."""
 import numpy as np
 
 from lenet_dist.checkpoints import format as checkpoint
@@ -9,8 +9,8 @@ from lenet_dist.nn.model import LeNet5
 
 from tests.mpiutil import final_params, launch
 
-OLD = {"augment_shift": 0, "weight_decay": 5e-4}             # the defaults before the measured recipe
-OLD_FLAGS = ["--augment-shift", "0", "--weight-decay", "5e-4"]
+OLD = {"augment_shift": 0, "weight_decay": 5e-4, "lr": 0.05}  # the defaults before the measured recipes
+OLD_FLAGS = ["--augment-shift", "0", "--weight-decay", "5e-4", "--lr", "0.05"]
 # 2,000 subset examples / batch 20 = 100 steps; a checkpoint every 10
 BASE = ["--subset", "--epochs", "1", "--batch-size", "20", "--seed", "7", "--no-progress", "--log-level", "WARNING",
         "--val-size", "0", "--checkpoint-every", "10"]
@@ -20,6 +20,7 @@ def test_the_defaults_are_the_recipe_docs_performance_measures():
     d = TrainConfig()
     assert (d.epochs, d.augment_shift, d.weight_decay, d.schedule) == (5, 1, 2e-3, "cosine")
     assert {k: getattr(d, k) for k in OLD} != OLD
+    assert (d.lr, d.label_smoothing) == (0.07, 0.0)
 
 
 def test_a_checkpoint_saved_with_the_old_defaults_resumes_with_them_bit_identical(tmp_path):

@@ -22,7 +22,8 @@ from tests.test_browser import browser, js, severe, until  # noqa: F401 - the fi
 from tests.test_e2e import finish, free_port, start_evaluator, wait_serving
 
 # 2,000 subset examples, 166 held out: 1,834 / batch 50 = 37 steps an epoch
-SMALL = ["--subset", "--batch-size", "50", "--no-progress", "--log-level", "INFO", "--checkpoint-every", "5"]
+SMALL = ["--subset", "--batch-size", "50", "--no-progress", "--log-level", "INFO", "--checkpoint-every", "5",
+         "--lr", "0.05"]                          # the rate the assertions below scale
 KEY = b"a control secret of the test, 40 bytes long"
 
 

@@ -86,7 +86,7 @@ def test_evaluator_verdicts_in_step_order():
 
 
 def test_chance_level_twice_is_not_learning_with_a_suggestion():
-    s = Steering(TrainConfig(batch_size=8))
+    s = Steering(TrainConfig(batch_size=8, lr=0.05))
     d = feed(s, [0.116, 0.113])
     assert d[0].end is None and d[1].end == "not_learning"
     assert d[1].why == ("validation accuracy 11.3% after 2 epochs (chance is 10%): the run is not learning; "
@@ -101,7 +101,7 @@ def test_the_learning_check_waits_for_enough_steps_and_can_be_off():
 
 
 def test_a_training_loss_that_does_not_fall_is_not_learning():
-    s = Steering(TrainConfig(batch_size=256, val_size=0))
+    s = Steering(TrainConfig(batch_size=256, val_size=0, lr=0.05))
     out = [s.after_validation({"train_loss": v, "train_acc": 0.5}, 100 * (i + 1), i + 1, 0.05)
            for i, v in enumerate([2.0, 2.1, 1.9, 2.0, 2.05, 2.2])]
     assert [x.end for x in out] == [None, None, None, None, None, "not_learning"]

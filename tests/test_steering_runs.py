@@ -67,7 +67,7 @@ def test_early_stop_from_the_evaluators_verdicts(tmp_path):
 
 PLATEAU = [*SMALL, "--log-level", "WARNING", "--epochs", "4", "--schedule", "plateau", "--plateau-patience", "1",
            "--plateau-factor", "0.5", "--min-delta", "1", "--deterministic", "--batch-size", "48",
-           "--micro-batch", "8"]                 # 39 steps an epoch; a drop after every evaluation but the first
+           "--micro-batch", "8", "--lr", "0.05"]  # 39 steps an epoch; a drop after every evaluation but the first
                                                  # (no accuracy beats another by more than 1, whatever the recipe)
 
 
@@ -103,7 +103,7 @@ def test_batch_8_at_the_default_rate_stops_saying_so_or_learns_with_linear_scali
     p = launch(0, [*small8, "--metrics", tmp_path / "d.jsonl"], cwd=tmp_path)     # today's recipe learns
     assert rows(tmp_path / "d.jsonl", "epoch")[-1]["test_acc"] > 0.6          # measured 0.825
     assert "not learning" not in p.stdout + p.stderr
-    old = ["--augment-shift", "0", "--weight-decay", "5e-4"]     # the recipe before 0112669 does not
+    old = ["--augment-shift", "0", "--weight-decay", "5e-4", "--lr", "0.05"]    # the recipe before 0112669 does not
     p = launch(0, [*small8, *old, "--checkpoint-dir", tmp_path / "ck"], check=False)
     assert p.returncode == exitcodes.NOT_LEARNING, p.stderr
     line = "after 2 epochs (chance is 10%): the run is not learning; try --lr 0.00625, or --lr-scaling linear"
