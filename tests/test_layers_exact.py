@@ -9,7 +9,7 @@ import pytest
 from threadpoolctl import threadpool_limits
 
 from lenet_dist.nn.conv import COLUMN_BLOCK, BandedConv2D, StripConv2D, col2im_pairs
-from lenet_dist.nn.layers import Workspace
+from lenet_dist.nn.layers import MaxPool2D, Workspace
 from lenet_dist.nn.optim import SGD
 
 
@@ -111,6 +111,22 @@ def test_strip_conv_output_is_each_members_blocked_product_plus_bias(B):
                 np.matmul(w2, cols[5 * a:5 * a + 25, p, lo:lo + size], out=ref[:, a, p, lo:lo + size])
     ref += conv.params["bias"][:, None, None, None]
     assert_same_bits(got, ref.reshape(got.shape))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("relu", [True, False])
+def test_maxpool_channel_by_channel_gives_the_bits_of_whole_tensor_passes(relu, dtype):
+    rng = np.random.default_rng([3, relu])
+    x = rng.standard_normal((3, 2, 2, 4, 5, 6)).astype(dtype)
+    x[rng.random(x.shape) < 0.3] = 0.25                  # ties inside windows
+    dout = with_signed_zeros(rng, (3, 4, 5, 6), dtype)
+    whole, parts = MaxPool2D(dtype, relu=relu), MaxPool2D(dtype, relu=relu)
+    parts.CHANNEL_PARTS_FROM = 1
+    assert len(parts._parts(x)) == 3 and len(whole._parts(x)) == 1
+    for _ in range(2):
+        assert_same_bits(parts.forward(x).copy(), whole.forward(x).copy())
+        assert_same_bits(parts.backward(dout).copy(), whole.backward(dout).copy())
+        assert_same_bits(parts.forward(x, train=False).copy(), whole.forward(x, train=False).copy())
 
 
 def ref_sgd(w, v, grads, lr, momentum, nesterov, weight_decay):

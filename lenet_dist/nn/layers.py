@@ -103,37 +103,55 @@ class MaxPool2D(Layer):
             raise ValueError(f"MaxPool2D needs even height and width, got {H}x{W}")
         return x.reshape(C, H // 2, 2, W // 2, 2, B).transpose(0, 2, 4, 1, 3, 5)
 
+    # A pool-major input whose channels hold at least this many outputs each is pooled channel by channel:
+    # each channel's members are then contiguous and its passes stay in cache (large batches); below it,
+    # the calls' fixed cost outweighs that, and the whole tensor is one pass per operation.
+    CHANNEL_PARTS_FROM = 32768
+
+    def _parts(self, x):
+        """Channel ranges the passes run over, one after the other: each element's operations are the same."""
+        C, n = x.shape[0], x[0].size // 4
+        if x.ndim == 6 and n >= self.CHANNEL_PARTS_FROM:
+            return [slice(c, c + 1) for c in range(C)]
+        return [slice(None)]
+
     def forward(self, x, train=True):
         m = self._members(x)
         q = m.shape[:1] + m.shape[3:]                                    # (C,H/2,W/2,B)
-        tl, tr, bl, br = m[:, 0, 0], m[:, 0, 1], m[:, 1, 0], m[:, 1, 1]
-        top = np.maximum(tl, tr, out=self.ws.get("top", q))
-        bot = np.maximum(bl, br, out=self.ws.get("bot", q))
-        out = np.maximum(top, bot, out=self.ws.get("out", q))
+        top, bot, out = self.ws.get("top", q), self.ws.get("bot", q), self.ws.get("out", q)
         if train:
             self.xshape = x.shape
-            self.tl_wins = np.greater_equal(tl, tr, out=self.ws.get("tlw", q, dtype=bool))
-            self.bl_wins = np.greater_equal(bl, br, out=self.ws.get("blw", q, dtype=bool))
-            self.top_wins = np.greater_equal(top, bot, out=self.ws.get("topw", q, dtype=bool))
-        if self.relu:
-            np.maximum(out, 0, out=out)
+            masks = [self.ws.get(name, q, dtype=bool) for name in ("tlw", "blw", "topw", "live")]
+            self.tl_wins, self.bl_wins, self.top_wins, self.live = masks
+        for c in self._parts(x):
+            tl, tr, bl, br = m[c, 0, 0], m[c, 0, 1], m[c, 1, 0], m[c, 1, 1]
+            np.maximum(tl, tr, out=top[c])
+            np.maximum(bl, br, out=bot[c])
+            np.maximum(top[c], bot[c], out=out[c])
             if train:
-                self.live = np.greater(out, 0, out=self.ws.get("live", q, dtype=bool))
+                np.greater_equal(tl, tr, out=self.tl_wins[c])
+                np.greater_equal(bl, br, out=self.bl_wins[c])
+                np.greater_equal(top[c], bot[c], out=self.top_wins[c])
+            if self.relu:
+                np.maximum(out[c], 0, out=out[c])
+                if train:
+                    np.greater(out[c], 0, out=self.live[c])
         return out
 
     def backward(self, dout):
-        if self.relu:
-            dout = np.multiply(dout, self.live, out=self.ws.get("g", dout.shape))
         # Every input position is written below, so dx needs no zeroing. (Multiplying by the boolean masks,
         # not np.where, which is slower; g - g*m is exact, as m is 0 or 1.)
-        g_top = np.multiply(dout, self.top_wins, out=self.ws.get("gtop", dout.shape))
-        g_bot = np.subtract(dout, g_top, out=self.ws.get("gbot", dout.shape))
+        g, g_top, g_bot = (self.ws.get(name, dout.shape) for name in ("g", "gtop", "gbot"))
         dx = self.ws.get("dx", self.xshape)
         m = self._members(dx)
-        np.multiply(g_top, self.tl_wins, out=m[:, 0, 0])
-        np.subtract(g_top, m[:, 0, 0], out=m[:, 0, 1])
-        np.multiply(g_bot, self.bl_wins, out=m[:, 1, 0])
-        np.subtract(g_bot, m[:, 1, 0], out=m[:, 1, 1])
+        for c in self._parts(dx):
+            d = np.multiply(dout[c], self.live[c], out=g[c]) if self.relu else dout[c]
+            np.multiply(d, self.top_wins[c], out=g_top[c])
+            np.subtract(d, g_top[c], out=g_bot[c])
+            np.multiply(g_top[c], self.tl_wins[c], out=m[c, 0, 0])
+            np.subtract(g_top[c], m[c, 0, 0], out=m[c, 0, 1])
+            np.multiply(g_bot[c], self.bl_wins[c], out=m[c, 1, 0])
+            np.subtract(g_bot[c], m[c, 1, 0], out=m[c, 1, 1])
         return dx
 
 
