@@ -168,7 +168,7 @@ def build_app(state, token=None, closing=None):
         return JSONResponse(of_run(request, state.summary))
 
     async def api_history(request):
-        return JSONResponse(of_run(request, state.history))
+        return Response(of_run(request, state.history_json), media_type="application/json")
 
     async def api_runs(request):
         return JSONResponse(state.runs())

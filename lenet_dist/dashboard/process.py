@@ -38,6 +38,7 @@ import numpy as np
 
 from lenet_dist import selection
 from lenet_dist.dashboard import frames
+from lenet_dist.rowstore import RowStore
 
 log = logging.getLogger("lenet.evaluator")
 
@@ -68,7 +69,7 @@ class DashboardProcess:
         self._sock, self.url = listening_socket(host, port)    # a busy port fails here, in the evaluator
         self._hello = frames.encode({"kind": "hello", "token": token},
                              {"images": test_images, "labels": np.asarray(test_labels, np.int64)})
-        self._rows = collections.deque(maxlen=KEEP_ROWS)
+        self._rows = RowStore(KEEP_ROWS)                    # as compact JSON bytes
         self._results = collections.deque(maxlen=KEEP_RESULTS)
         self._newest = self._best = None                    # (result, frame) of the newest and the best
         self._run = self._runs = None                       # the run shown (its summary), the runs' list frame

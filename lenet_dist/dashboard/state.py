@@ -20,12 +20,18 @@ from lenet_dist.evaluation import analysis
 from lenet_dist.evaluation import history
 from lenet_dist.evaluation.history import UNNAMED
 from lenet_dist.nn.model import LeNet5
+from lenet_dist.rowstore import RowStore
 
 MAX_STEPS = 20_000          # telemetry rows kept (a 5-epoch MNIST run at the default --log-every has ~470)
 MAX_EVALUATIONS = 5_000
 MAX_EVENTS = 500             # replayed to a client that reconnects (Last-Event-ID): a few minutes of a run
 MAX_MARKS = 1_000            # "lr" and "control" rows kept per run
 MAX_RUNS = 50                # runs kept with their series and models (~0.5 MB of models each)
+
+
+def _no_series():
+    """What /api/history gives, but the step rows, before any run is known."""
+    return {"evaluations": [], "marks": [], "timeline": None, "config": None, "run": None, "has_checkpoint": False}
 
 
 def _pixels(u8):
@@ -39,7 +45,7 @@ class _Run:
     def __init__(self, key, info):
         self.key = key
         self.info = info                        # {"key", "run_id", "name", ...} (history.RunHistory.to_dict())
-        self.steps = collections.deque(maxlen=MAX_STEPS)
+        self.steps = RowStore(MAX_STEPS)          # as compact JSON bytes: MAX_RUNS runs of them add up
         self.evaluations = collections.deque(maxlen=MAX_EVALUATIONS)
         self.marks = collections.deque(maxlen=MAX_MARKS)
         self.timeline = None                    # the newest "timeline" row
@@ -52,10 +58,11 @@ class _Run:
     def take(self, row):
         return history.take(self, row)
 
-    def series(self):
-        return {"run": self.info, "steps": list(self.steps), "evaluations": list(self.evaluations),
-                "marks": list(self.marks), "timeline": self.timeline, "config": self.config,
-                "has_checkpoint": self.checkpoint is not None}
+    def series(self, steps=True):
+        """What /api/history gives of this run; steps=False: all but the step rows."""
+        out = {"run": self.info, "evaluations": list(self.evaluations), "marks": list(self.marks),
+               "timeline": self.timeline, "config": self.config, "has_checkpoint": self.checkpoint is not None}
+        return dict(out, steps=list(self.steps)) if steps else out
 
 
 class LiveState:
@@ -242,9 +249,17 @@ class LiveState:
         with self._lock:
             run = self._run(key)
             if run is None:
-                return {"steps": [], "evaluations": [], "marks": [], "timeline": None, "config": None, "run": None,
-                        "has_checkpoint": False, "seq": self._seq}
+                return dict(_no_series(), steps=[], seq=self._seq)
             return dict(run.series(), seq=self._seq)
+
+    def history_json(self, key=None):
+        """history() as JSON bytes, the step rows spliced in as the bytes they are kept as (never decoded)."""
+        with self._lock:
+            run = self._run(key)
+            rest = dict(run.series(steps=False) if run is not None else _no_series(), seq=self._seq)
+            steps = run.steps.json_array() if run is not None else b"[]"
+        head = json.dumps(rest, allow_nan=False, default=_jsonable, separators=(",", ":")).encode()
+        return head[:-1] + b',"steps":' + steps + b"}"
 
     def runs(self):
         with self._lock:

@@ -13,7 +13,6 @@ finished run's curves with no trainer behind it.
 """
 from __future__ import annotations
 
-import collections
 import json
 import threading
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from pathlib import Path
 
 from lenet_dist import selection
 from lenet_dist.files import NotRegularFile, open_regular
+from lenet_dist.rowstore import RowStore
 
 # What each evaluation keeps in memory (the report's per-class figures and confusion stay in the file).
 KEPT = ("step", "epoch", "val_accuracy", "val_loss", "test_accuracy", "test_loss", "n_val", "n_test",
@@ -49,13 +49,13 @@ def summary(result):
 
 def take(run, row):
     """Keep one of the trainer's rows in `run` (steps, marks, timeline, config: a RunHistory, or the dashboard's
-    copy of a run) if it is new to it: True if it was. Step rows in step order, each once; a mark once per
-    kind and step; the newest timeline window; the first configuration."""
+    copy of a run; its steps a RowStore) if it is new to it: True if it was. Step rows in step order, each once;
+    a mark once per kind and step; the newest timeline window; the first configuration."""
     kind, step = row.get("event", "step"), row.get("step")
     if run.config is None and isinstance(row.get("config"), dict):
         run.config = row["config"]
     if kind == "step":
-        if run.steps and step <= run.steps[-1]["step"]:
+        if run.steps.last_step is not None and step <= run.steps.last_step:
             return False
         run.steps.append(row)
     elif kind in MARKS:
@@ -79,7 +79,7 @@ class RunHistory:
     count: int = 0                                      # evaluations made, a step scored again included
     eval_seconds_total: float = 0.0
     best: dict | None = None                            # by lenet_dist.selection (validation)
-    steps: collections.deque = field(default_factory=lambda: collections.deque(maxlen=MAX_ROWS))
+    steps: RowStore = field(default_factory=lambda: RowStore(MAX_ROWS))     # as compact JSON bytes
     marks: list = field(default_factory=list)           # "lr" and "control" rows, oldest first
     timeline: dict | None = None                        # the newest "timeline" row
     config: dict | None = None                          # the run's configuration (its first step row's)

@@ -5,7 +5,6 @@ trainer's step telemetry that feeds the dashboard. The evaluator's loop calls on
 """
 from __future__ import annotations
 
-import collections
 import logging
 import threading
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ from pathlib import Path
 
 from lenet_dist.evaluation.history import MAX_ROWS, History, run_key
 from lenet_dist.evaluation.metrics import run_figures
+from lenet_dist.rowstore import RowStore
 
 log = logging.getLogger("lenet.evaluator")
 
@@ -82,7 +82,7 @@ class Live:
         with self._lock:
             key = self.sources.get((endpoint, server))
             if key is None:
-                self.pending.setdefault((endpoint, server), collections.deque(maxlen=MAX_ROWS)).extend(rows)
+                self.pending.setdefault((endpoint, server), RowStore(MAX_ROWS)).extend(rows)
         if key is not None:
             self._rows_to_page(key, self.history.add_rows(key, rows))
         elif len(self.followers) == 1 and not self.sources:
