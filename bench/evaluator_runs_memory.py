@@ -4,7 +4,8 @@ final one, as a new trainer on the same port would publish them; the resident me
 its dashboard process is read from /proc after the first run and after the last. Prints one JSON object.
 --epochs E (instead of --checkpoints): as many checkpoints as an E-epoch MNIST run publishes (one per epoch,
 and one every --checkpoint-every steps), with its step rows (one every --log-every steps) served to the
-evaluator's telemetry follower as a trainer's link serves them.
+evaluator's telemetry follower as a trainer's link serves them; each run's trainer stays until the evaluator
+has kept all its rows.
 
     python bench/evaluator_runs_memory.py [--runs 20] [--checkpoints 10]
     python bench/evaluator_runs_memory.py --runs 20 --epochs 5      # 5-epoch runs: 5 checkpoints, 430 rows
@@ -26,6 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from lenet_dist.checkpoints import format as checkpoint  # noqa: E402
+from lenet_dist.evaluation.history import rows_path  # noqa: E402
 from lenet_dist.nn.model import LeNet5, NUM_PARAMS  # noqa: E402
 from lenet_dist.transport import TrainerLink  # noqa: E402
 
@@ -42,6 +44,13 @@ def rss_kib(pid):
 def children(pid):
     out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
     return [int(p) for p in out]
+
+
+def kept_rows(report):
+    """The step rows the evaluator has kept beside its report (history.rows_path), all runs'."""
+    path = rows_path(report)
+    lines = path.read_bytes().splitlines(keepends=True) if path.exists() else []
+    return sum(line.endswith(b"\n") and b'"event": "step"' in line for line in lines)
 
 
 def free_port():
@@ -100,6 +109,10 @@ def main():
                     while (len(report.read_text().splitlines()) if report.exists() else 0) < want:
                         assert ev.poll() is None and time.monotonic() < deadline, "the evaluator stopped serving"
                         time.sleep(0.05)
+                # the run's rows reach the evaluator (its follower asks twice a second) before its trainer goes
+                while args.epochs and kept_rows(report) < rows:
+                    assert ev.poll() is None and time.monotonic() < deadline, "the evaluator stopped taking rows"
+                    time.sleep(0.2)
             if run in (0, args.runs - 1):
                 kids = children(ev.pid)
                 marks.append({"after_runs": run + 1, "evaluator_kib": rss_kib(ev.pid),
