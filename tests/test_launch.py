@@ -108,6 +108,34 @@ def test_a_rank_killed_twice_heals_into_the_uninterrupted_parameters(tmp_path):
     assert np.array_equal(healed, expected), "parameters differ from the uninterrupted run"
 
 
+def test_without_a_checkpoint_dir_a_killed_rank_resumes_from_the_launchers_run_folder(tmp_path):
+    """No --checkpoint-dir, no --metrics: the launcher names the run folder (runs/<time>-<id>/), every start
+    of the job trains in it, and the healed run ends in the parameters of an uninterrupted one."""
+    reference = tmp_path / "reference"
+    launch(2, [*TRAIN, "--checkpoint-dir", reference])
+    work = tmp_path / "work"
+    work.mkdir()
+    argv = [sys.executable, "-m", "workers.launch", "--backoff", "0.2", "-n", "2", "--", *TRAIN]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=work, env=env())
+    deadline = time.monotonic() + 60
+    while not (folders := list((work / "runs").glob("*"))) or not checkpoint.list_checkpoints(folders[0]):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+        time.sleep(0.05)
+    ranks = {launcher_rank(dict(v.decode(errors="replace").split("=", 1) for v in
+                                open(f"/proc/{pid}/environ", "rb").read().split(b"\0") if b"=" in v)): pid
+             for pid in local_ranks(proc.pid)}
+    os.kill(ranks[1], signal.SIGKILL)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    folder, = (work / "runs").iterdir()                             # one folder, every start's
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert [r["attempt"] for r in rows if r["event"] == "restart"] == [1], out
+    assert f"--run-name {folder.name}" in out
+    healed, meta = final_params(folder)
+    expected, _ = final_params(reference)
+    assert meta["step"] == STEPS and np.array_equal(healed, expected)
+
+
 @pytest.mark.parametrize("flags, kind", [(["--bogus"], "usage error"), (["--fault", "1:12:nan"], "diverged loss")])
 def test_a_failure_that_would_recur_is_not_retried(tmp_path, flags, kind):
     job = Launch(tmp_path, ["-n", 2, "--max-restarts", 5], [*TRAIN, *flags])
@@ -171,10 +199,16 @@ def test_a_signal_to_the_launcher_stops_the_job_cleanly(tmp_path, signum):
     assert checkpoint.list_checkpoints(job.ckpt)[0][0] == end["step"] > 10     # the stop's own checkpoint
 
 
-def test_restarts_need_a_checkpoint_dir_and_min_ranks_at_most_ranks(capsys):
+def test_restarts_need_checkpoints_and_min_ranks_at_most_ranks(capsys):
     with pytest.raises(SystemExit):
-        parse_args(["-n", "2", "--", "--subset"])
-    assert "--checkpoint-dir" in capsys.readouterr().err
+        parse_args(["-n", "2", "--", "--subset", "--no-save"])
+    assert "restarts resume from checkpoints, and --no-save keeps none" in capsys.readouterr().err
+    own = parse_args(["-n", "2", "--", "--subset"])                 # a run folder of the launcher's naming
+    name = own.train_args[own.train_args.index("--run-name") + 1]
+    assert own.checkpoint_dir == f"runs/{name}" and own.metrics == f"runs/{name}/metrics.jsonl"
+    named = parse_args(["-n", "2", "--", "--subset", "--run-name", "mine", "--metrics", "m.jsonl"])
+    assert named.train_args.count("--run-name") == 1 and named.checkpoint_dir == "runs/mine"
+    assert named.metrics == "m.jsonl"
     with pytest.raises(SystemExit):
         parse_args(["-n", "2", "--min-ranks", "3", "--", "--checkpoint-dir", "c"])
     assert "--min-ranks 3" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """lenet-launch: runs `mpirun ... lenet-train ...` and restarts it from the newest checkpoint when a rank dies.
 
+    lenet-launch -n 2 -- --checkpoint-every 200                  # restarts resume from a run folder runs/<time>-<id>/
     lenet-launch -n 2 -- --checkpoint-dir ckpt --checkpoint-every 200 --metrics runs/metrics.jsonl
     lenet-launch -n 4 --hostfile hosts --min-ranks 2 --max-restarts 5 -- --checkpoint-dir ckpt --stall-timeout 30
     lenet-launch -n 2 --mpirun-args "-launcher ssh -launcher-exec ./agent" --hostfile hosts -- --subset
@@ -34,6 +35,7 @@ from lenet_dist import logformat
 from lenet_dist.checkpoints.resume import newest_usable
 from lenet_dist.run import exitcodes, metrics
 from lenet_dist.run.procs import descendants, local_ranks
+from lenet_dist.run.setup import RUNS, run_folder_name
 from lenet_dist.stopsignal import signal_name, StopSignal
 
 from lenet_dist.run.restart_policy import classify, fit_hosts, format_hostfile, parse_hostfile, RestartPolicy
@@ -84,12 +86,26 @@ def parse_args(argv=None):
     args.checkpoint_dir = _flag_value(args.train_args, "--checkpoint-dir")
     args.metrics = _flag_value(args.train_args, "--metrics")
     if args.max_restarts and not args.checkpoint_dir:
-        p.error("restarts resume from checkpoints: give lenet-train --checkpoint-dir DIR (or --max-restarts 0)")
+        if "--no-save" in args.train_args:
+            p.error("restarts resume from checkpoints, and --no-save keeps none: drop it, or --max-restarts 0")
+        _own_run_folder(args)
     try:
         args.hosts = parse_hostfile(args.hostfile.read_text()) if args.hostfile else None
     except (OSError, ValueError) as e:
         p.error(f"--hostfile {args.hostfile}: {e}")
     return args
+
+
+def _own_run_folder(args):
+    """Restarts without --checkpoint-dir: the run gets its folder as lenet-train gives one (runs/<name>/, its
+    checkpoints and, without --metrics, metrics.jsonl), named here so that every start of the job uses it:
+    --run-name NAME is passed to lenet-train unless given."""
+    name = _flag_value(args.train_args, "--run-name")
+    if name is None:
+        name = run_folder_name()
+        args.train_args += ["--run-name", name]
+    args.checkpoint_dir = str(RUNS / name)
+    args.metrics = args.metrics or str(RUNS / name / "metrics.jsonl")
 
 
 def _flag_value(argv, flag):
