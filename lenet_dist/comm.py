@@ -82,9 +82,6 @@ class LocalComm:
     def wait_for_all(self):
         pass
 
-    def wait_idle(self, tick=None, nap=0.05):
-        pass
-
     def lane(self):
         return self
 
@@ -176,7 +173,9 @@ class MPIComm:
     def wait_for_all(self):
         """Oversubscribed: return once every rank has arrived here, napping meanwhile. Otherwise at once."""
         if self.nap is not None:
-            _sleep_until(self.comm.Ibarrier(), self.nap)    # give the core to the peer we wait for
+            arrived = self.comm.Ibarrier()
+            while not arrived.Test():
+                time.sleep(self.nap)                        # give the core to the peer we wait for
 
     def _node_cores(self):
         """Cores this node's ranks may use between them: the union of their affinity masks (a launcher
@@ -212,11 +211,6 @@ class MPIComm:
         token = np.frombuffer(os.urandom(8), np.uint8).copy()
         self.node.Bcast(token, root=0)
         return token.tobytes().hex()
-
-    def wait_idle(self, tick=None, nap=0.05):
-        """Return once every rank has arrived here, sleeping `nap` seconds between tests and calling `tick()`
-        after each: a wait of any length (a paused run) that leaves the cores idle."""
-        _sleep_until(self.comm.Ibarrier(), nap, tick=tick)
 
     def lane(self):
         """This communicator again, on duplicates of its own: a class of collectives (buckets.Lane) whose
@@ -299,15 +293,6 @@ class MPIComm:
 
     def processor_name(self):
         return self.MPI.Get_processor_name()
-
-
-def _sleep_until(request, nap, tick=None):
-    """Wait for a non-blocking request (an Ibarrier) without spinning: a test every `nap` seconds, calling
-    `tick()` after each nap."""
-    while not request.Test():
-        time.sleep(nap)
-        if tick is not None:
-            tick()
 
 
 class _Done:

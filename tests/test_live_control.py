@@ -4,6 +4,7 @@ Forged, replayed or unsigned control messages are refused and logged; pause and 
 sleep every rank after the same step; an lr_scale survives a kill and --resume bit for bit."""
 import json
 import shutil
+import os
 import signal
 import subprocess
 import sys
@@ -16,6 +17,8 @@ from lenet_dist.checkpoints import format as checkpoint
 from lenet_dist.run.procs import local_ranks
 from lenet_dist.transport import CheckpointClient, wire
 from lenet_dist.transport.control import mac, Signer
+
+from lenet_dist.launcher_env import launcher_rank
 
 from tests.mpiutil import env, final_params, launch, mpirun_cmd, python
 from tests.test_browser import browser, js, severe, until  # noqa: F401 - the fixture
@@ -335,3 +338,34 @@ def test_control_over_curvezmq_reaches_the_gate_only_from_an_authorized_key(tmp_
             ok.close()
             stranger.close()
     assert gate.take() == [{"action": "lr_scale", "value": 2.0, "source": "test"}] and said == []
+
+
+def test_a_signal_to_one_rank_alone_ends_a_pause(tmp_path):
+    """Paused under mpirun -n 2, SIGTERM to rank 1 only (an OOM killer's warning, a kill of one pid): the
+    ranks' votes in the pause carry it, and the run stops after the paused step with its checkpoint."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    p = trainer(tmp_path, endpoint, "--epochs", "20", "--allow-control", "--control-key-file", key_file(tmp_path),
+                ranks=2)
+    client = CheckpointClient(endpoint)
+    try:
+        rid = run_id(client, p)
+        assert client.send_control(Signer(KEY).sign("pause", None, rid, "test")) is True
+        until("the pause", lambda: rows(tmp_path / "m.jsonl", "control"), timeout=60)
+        time.sleep(1)
+        rank = {}
+        for pid in local_ranks(p.pid):
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                e = dict(v.decode(errors="replace").split("=", 1) for v in f.read().split(b"\0") if b"=" in v)
+            rank[launcher_rank(e)] = pid
+        os.kill(rank[1], signal.SIGTERM)
+        code, out, err = finish(p, timeout=60)
+    except BaseException:
+        p.kill()                                        # a paused run waits for ever
+        raise
+    finally:
+        client.close()
+    pause, = rows(tmp_path / "m.jsonl", "control")
+    end = rows(tmp_path / "m.jsonl", "end")[0]
+    assert end["outcome"] == "stopped" and end["signal"] == 15 and end["step"] == pause["step"], err
+    _, meta = final_params(tmp_path / "ck-m")
+    assert meta["step"] == pause["step"]

@@ -7,11 +7,14 @@ slot in the reducers), so every rank learns with that step's gradients that ther
 on. After the step every rank calls `agree()`: one bcast_json from rank 0 carries the actions (and rank
 0's early-stop line, if that was its vote), and every rank applies them in order after the same step. A
 step without a vote costs nothing more. A paused run waits in `pause()`: rank 0 polls its queue for
-continue or stop while every other rank sleeps in an Ibarrier (comm.wait_idle), the stall guard fed.
+continue or stop, and every rank for a signal of its own, in a small allreduce every NAP_S tested between
+naps: the ranks sleep, the stall guard fed.
 """
 from __future__ import annotations
 
 import time
+
+import numpy as np
 
 from lenet_dist.comm import bcast_json
 
@@ -51,15 +54,23 @@ class LiveControl:
 
     def pause(self, stopping, tick):
         """Every rank, paused after the same step: wait until rank 0 takes a resume or a stop action, or
-        `stopping()` is true on rank 0 (a signal came); sleeping, calling `tick()` meanwhile. -> the action
-        that ended the pause, alike on every rank ({"action": "signal"} for a signal)."""
+        `stopping()` is true on any rank (a signal came to it); sleeping, calling `tick()` meanwhile. -> the
+        action that ended the pause, alike on every rank ({"action": "signal"} for a signal).
+
+        Every `nap` the ranks sum [rank 0 has an action, ranks with a signal] in one non-blocking allreduce,
+        tested between naps (no rank spins), so a signal that reached one rank alone ends the pause too."""
         end = None
-        if self.comm.rank == 0:
-            while end is None:
+        while True:
+            if self.comm.rank == 0 and end is None:
                 got = self.gate.take(only=("resume", "stop")) if self.gate else []
-                end = got[0] if got else {"action": "signal"} if stopping() else None
-                if end is None:
-                    tick()
-                    time.sleep(self.nap)
-        self.comm.wait_idle(tick, self.nap)                                        # [dist]
-        return bcast_json(self.comm, end)                                          # [dist]
+                end = got[0] if got else None
+            votes = np.array([int(end is not None), int(bool(stopping()))], np.int64)
+            request = self.comm.iallreduce_(votes)                                # [dist]
+            while not self.comm.test_all([request]):
+                time.sleep(self.nap)
+                tick()
+            if votes.any():
+                break
+            time.sleep(self.nap)
+            tick()
+        return bcast_json(self.comm, end or {"action": "signal"})                 # [dist]
