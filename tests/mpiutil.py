@@ -94,3 +94,19 @@ def final_params(ckpt_dir):
     assert found, f"no checkpoint in {ckpt_dir}"
     c = found[1]
     return np.concatenate([c.params[n].ravel() for n, _ in checkpoint.PARAM_SPECS]), c.meta
+
+
+def rank_pid(parent, rank):
+    """The pid of MPI rank `rank` among the trainer ranks below process `parent` (from the rank's environment),
+    or None."""
+    from lenet_dist.launcher_env import launcher_rank
+    from lenet_dist.run.procs import local_ranks
+    for pid in local_ranks(parent):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = dict(v.decode(errors="replace").split("=", 1) for v in f.read().split(b"\0") if b"=" in v)
+        except OSError:
+            continue
+        if launcher_rank(env) == rank:
+            return pid
+    return None

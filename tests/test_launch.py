@@ -14,11 +14,9 @@ import numpy as np
 import pytest
 
 from lenet_dist.checkpoints import format as checkpoint
-from lenet_dist.launcher_env import launcher_rank
-from lenet_dist.run.procs import local_ranks
 from workers.launch import parse_args
 
-from tests.mpiutil import REPO, env, final_params, launch, need_mpirun
+from tests.mpiutil import REPO, env, final_params, launch, need_mpirun, rank_pid
 
 TRAIN = ["--subset", "--val-size", "0",  # no held-out split: 40 steps an epoch
          "--epochs", "3", "--batch-size", "50", "--checkpoint-every", "5", "--no-progress"]
@@ -63,12 +61,9 @@ class Launch:
 
     def rank_pid(self, rank):
         """The pid of trainer rank `rank`, from the MPI rank in its environment."""
-        for pid in local_ranks(self.proc.pid):
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                env = dict(v.decode(errors="replace").split("=", 1) for v in f.read().split(b"\0") if b"=" in v)
-            if launcher_rank(env) == rank:
-                return pid
-        raise AssertionError(f"no rank {rank} below pid {self.proc.pid}:\n{self.text}")
+        pid = rank_pid(self.proc.pid, rank)
+        assert pid is not None, f"no rank {rank} below pid {self.proc.pid}:\n{self.text}"
+        return pid
 
     def finish(self, timeout=120):
         try:
@@ -121,10 +116,7 @@ def test_without_a_checkpoint_dir_a_killed_rank_resumes_from_the_launchers_run_f
     while not (folders := list((work / "runs").glob("*"))) or not checkpoint.list_checkpoints(folders[0]):
         assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
         time.sleep(0.05)
-    ranks = {launcher_rank(dict(v.decode(errors="replace").split("=", 1) for v in
-                                open(f"/proc/{pid}/environ", "rb").read().split(b"\0") if b"=" in v)): pid
-             for pid in local_ranks(proc.pid)}
-    os.kill(ranks[1], signal.SIGKILL)
+    os.kill(rank_pid(proc.pid, 1), signal.SIGKILL)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
     folder, = (work / "runs").iterdir()                             # one folder, every start's

@@ -18,9 +18,7 @@ from lenet_dist.run.procs import local_ranks
 from lenet_dist.transport import CheckpointClient, wire
 from lenet_dist.transport.control import mac, Signer
 
-from lenet_dist.launcher_env import launcher_rank
-
-from tests.mpiutil import env, final_params, launch, mpirun_cmd, python
+from tests.mpiutil import env, final_params, launch, mpirun_cmd, python, rank_pid
 from tests.test_browser import browser, js, severe, until  # noqa: F401 - the fixture
 from tests.test_e2e import finish, free_port, start_evaluator, wait_serving
 
@@ -352,12 +350,7 @@ def test_a_signal_to_one_rank_alone_ends_a_pause(tmp_path):
         assert client.send_control(Signer(KEY).sign("pause", None, rid, "test")) is True
         until("the pause", lambda: rows(tmp_path / "m.jsonl", "control"), timeout=60)
         time.sleep(1)
-        rank = {}
-        for pid in local_ranks(p.pid):
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                e = dict(v.decode(errors="replace").split("=", 1) for v in f.read().split(b"\0") if b"=" in v)
-            rank[launcher_rank(e)] = pid
-        os.kill(rank[1], signal.SIGTERM)
+        os.kill(rank_pid(p.pid, 1), signal.SIGTERM)
         code, out, err = finish(p, timeout=60)
     except BaseException:
         p.kill()                                        # a paused run waits for ever
