@@ -86,6 +86,7 @@ class TurnsReducer(FusedReducer):
                         for t in range(c.turns)]
         self.turn = c.turn
         self.last = self.members[-1]
+        self.others = [r for r in range(self.size) if r != self.me]     # every other rank of the node
         self._owed = None                       # later turns: this step's update, applied when the next begins
 
     @property
@@ -101,7 +102,7 @@ class TurnsReducer(FusedReducer):
         self.bells = Doorbells(self.comm.node_token(), self.me)
         self.comm.barrier()                     # every doorbell is bound before the first ring
         try:
-            self.bells.ring([r for r in range(self.size) if r != self.me], HELLO)
+            self.bells.ring(self.others, HELLO)
         except OSError as e:
             raise UsageError(f"the ranks MPI places on one node cannot ring each other ({e.strerror}: another "
                              f"network namespace?); set LENET_TURNS=off") from None
@@ -135,12 +136,12 @@ class TurnsReducer(FusedReducer):
     def reduce(self):
         self.slots[self.me] = self.buf
         if self.me in self.last:
-            others = [r for r in self.last if r != self.me]
-            self.bells.ring(others, LAST)
-            self.bells.wait(LAST, len(others))
+            peers = [r for r in self.last if r != self.me]
+            self.bells.ring(peers, LAST)
+            self.bells.wait(LAST, len(peers))
             pairwise_sum(self.slots[:, self.chunk], out=self.total[self.chunk])
-            self.bells.ring([r for r in range(self.size) if r != self.me], READY)
-            self.bells.wait(READY, len(others))
+            self.bells.ring(self.others, READY)
+            self.bells.wait(READY, len(peers))
         else:
             self.bells.ring(self.members[self.turn + 1], DONE)
             self.bells.wait(READY, len(self.last))
