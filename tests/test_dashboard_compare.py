@@ -121,6 +121,22 @@ def test_the_state_keeps_runs_apart_and_answers_for_any_of_them(live, data, trai
     assert c.get("/api/checkpoint", params={"run": "aaaaaaaa-1"}).json()["run"] == "aaaaaaaa-1"
 
 
+def test_a_page_that_saw_the_unnamed_run_gets_the_run_it_became(live):
+    """Rows before any evaluation names their run are shown as the unnamed run; once named, that run is gone,
+    and a page that asked for it at that moment (its history, its state) gets the named run, never a 404."""
+    state, c = live
+    state.add_steps([{"event": "step", "step": s, "loss": 1.0} for s in (1, 2)])
+    assert c.get("/api/state").json()["key"] == "unnamed"
+    assert [r["step"] for r in c.get("/api/history", params={"run": "unnamed"}).json()["steps"]] == [1, 2]
+    key = "aaaaaaaa-1"
+    state.start_run({"key": key, "run_id": key, "name": "named"}, [])
+    state.add_steps([{"event": "step", "step": s, "loss": 1.0, "run": key} for s in (1, 2, 3)])
+    h = c.get("/api/history", params={"run": "unnamed"})
+    assert h.status_code == 200 and h.json()["run"]["key"] == key and len(h.json()["steps"]) == 3
+    assert c.get("/api/state", params={"run": "unnamed"}).json()["key"] == key
+    assert c.get("/api/history", params={"run": "nope"}).status_code == 404
+
+
 def test_a_real_runs_timeline_window_reaches_the_page_through_the_link(tmp_path):
     """`mpirun -n 2 lenet-train --timeline` publishing to one evaluator with --http: the window's summary
     travels with the step rows and the page's history of that run holds it (and the report's rows file)."""

@@ -76,6 +76,7 @@ class LiveState:
         self._seq = 0
         self._by_key = collections.OrderedDict()   # run key -> _Run, the least recently fed first
         self._shown = None                      # the shown run's key
+        self._became = {}                       # UNNAMED -> the named run its rows turned out to be
         self._model_lock = threading.Lock()     # one forward pass at a time per state (shared scratch)
         self._runs = []                         # every run the evaluator knows (history.RunHistory.to_dict())
         self.listeners = []                     # callables, called with no argument after every change
@@ -141,6 +142,7 @@ class LiveState:
             stray = self._by_key.get(UNNAMED)       # rows shown before any run was named: that run's now
             if key != UNNAMED and stray is not None and not stray.named:
                 del self._by_key[UNNAMED]
+                self._became[UNNAMED] = key         # a page that asks for it (it saw it shown) gets that run
             self._event("run", run)
         self._notify()
 
@@ -224,8 +226,12 @@ class LiveState:
             return self._seq
 
     def _run(self, key=None):
-        """The run of `key` (None: the shown one); KeyError naming it when there is no such run."""
-        run = self._by_key.get(key if key is not None else self._shown)
+        """The run of `key` (None: the shown one; the unnamed run once named: the run it became); KeyError
+        naming it when there is no such run."""
+        key = key if key is not None else self._shown
+        run = self._by_key.get(key)
+        if run is None and key in self._became:
+            run = self._by_key.get(self._became[key])
         if run is None and key is not None:
             raise KeyError(f"no run {key!r} on this dashboard")
         return run
