@@ -131,6 +131,7 @@ class MPIComm:
         # nap: seconds between arrival tests, None: the collective waits alone; tuning: what was set
         self.nap, self.tuning = self._waiting_politely()
         turn_setting = turns_.parse_setting(os.environ.get(turns_.VAR))   # a bad value fails before MPI_Init
+        turns_.shares_scratch(os.environ.get(turns_.SCRATCH_VAR))
         if not MPI.Is_initialized():
             MPI.Init()
         self.comm = MPI.COMM_WORLD
@@ -198,12 +199,21 @@ class MPIComm:
         return self.node.Get_size()
 
     def node_shared(self, nbytes):
-        """`nbytes` of memory that every rank of this node sees, as a uint8 array (MPI_Win_allocate_shared,
-        held by node rank 0). Collective over the node. The window lives as long as this communicator."""
-        win = self.MPI.Win.Allocate_shared(nbytes if self.node_rank == 0 else 0, 1, comm=self.node)
+        """`nbytes` of memory that every rank of this node sees, as a uint8 array (held by node rank 0).
+        Collective over the node."""
+        return self.node_segments(nbytes if self.node_rank == 0 else 0)[0]
+
+    def node_segments(self, nbytes):
+        """Every rank of this node gives `nbytes` (its own figure, 0 included) of memory that every rank of
+        the node sees: a uint8 array per node rank (MPI_Win_allocate_shared). Collective over the node. The
+        window lives as long as this communicator."""
+        win = self.MPI.Win.Allocate_shared(nbytes, 1, comm=self.node)
         self._windows = getattr(self, "_windows", []) + [win]
-        mem, _ = win.Shared_query(0)
-        return np.frombuffer(mem, np.uint8, count=nbytes)
+        out = []
+        for r in range(self.node_size):
+            mem, _ = win.Shared_query(r)
+            out.append(np.frombuffer(mem, np.uint8, count=len(mem)) if len(mem) else np.zeros(0, np.uint8))
+        return out
 
     def node_token(self):
         """A random name that every rank of this node shares (node rank 0's), for node-local rendezvous.

@@ -9,7 +9,8 @@ import pytest
 from threadpoolctl import threadpool_limits
 
 from lenet_dist.nn.conv import COLUMN_BLOCK, BandedConv2D, StripConv2D, col2im_pairs
-from lenet_dist.nn.layers import MaxPool2D, Workspace
+from lenet_dist.nn.layers import MaxPool2D, ScratchArena, Workspace
+from lenet_dist.nn.model import LeNet5
 from lenet_dist.nn.optim import SGD
 
 
@@ -168,3 +169,45 @@ def test_workspace_hands_back_the_same_array_until_the_shape_or_dtype_changes():
     assert c.dtype == np.float64 and not c.any()
     d = ws.get("g", (2, 10), zero=True)
     assert d.shape == (2, 10) and d.dtype == np.float32 and not d.any()
+
+
+def test_an_arena_backed_workspace_zeroes_and_initializes_at_every_call():
+    """Another process writes the arena between two calls: what `zero` and `init` promise holds anyway,
+    and an array that does not fit stays the workspace's own."""
+    arena = ScratchArena(np.zeros(3 * 4096, np.uint8))
+    ws = Workspace(np.float32)
+    ws.arena, arena.active = arena, True
+    a = ws.get("a", (4, 5), zero=True)
+    assert a.ctypes.data % 4096 == 0 and np.shares_memory(a, arena.mem)
+    b = ws.get("b", (3,), init=lambda x: x.fill(7))
+    arena.mem[:] = 0xFF                                          # the other rank's turn
+    assert not ws.get("a", (4, 5), zero=True).any() and (ws.get("b", (3,), init=lambda x: x.fill(7)) == 7).all()
+    big = ws.get("big", (4096,))                                 # 16 KiB: more than is left
+    assert not np.shares_memory(big, arena.mem) and arena.used <= len(arena.mem)
+    arena.active = False                                         # evaluation: the workspace's own arrays
+    own = ws.get("a", (4, 5), zero=True)
+    assert not np.shares_memory(own, arena.mem)
+    assert ws.nbytes == own.nbytes + big.nbytes
+
+
+@pytest.mark.parametrize("sizes", [[(16, 16), (16, 16), (16, 16)], [(16, 9), (5, 16), (16, 3), (1, 16)]])
+def test_two_models_taking_turns_in_one_arena_compute_what_each_computes_alone(sizes):
+    """Two LeNet-5s (other weights, other shards, so other shapes and allocation orders) whose layers take
+    turns in one arena, as the ranks of one place in turns.py do: every gradient is bit-identical to the same
+    model's on its own scratch."""
+    rng = np.random.default_rng(1)
+    arena = ScratchArena(np.zeros(64 << 20, np.uint8))
+    shared, alone = [LeNet5(seed=s) for s in (0, 1)], [LeNet5(seed=s) for s in (0, 1)]
+    for m in shared:
+        for ws in m.workspaces():
+            ws.arena = arena
+    for turn in sizes:
+        for m_shared, m_alone, b in zip(shared, alone, turn):
+            x = rng.standard_normal((b, 28, 28)).astype(np.float32)
+            y = rng.integers(0, 10, b)
+            arena.active = True
+            got = m_shared.loss_and_grad(x, y, 1.0)
+            arena.active = False
+            assert got == m_alone.loss_and_grad(x, y, 1.0)
+            assert_same_bits(m_shared.grads, m_alone.grads)
+    assert arena.used > 0

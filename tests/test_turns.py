@@ -84,6 +84,21 @@ def test_turns_change_no_bit(tmp_path):
     assert np.array_equal(a, b)
 
 
+def test_ranks_of_one_place_share_their_scratch_and_change_no_bit(tmp_path):
+    """A global batch of 22: shards of 6, 6, 5 and 5, and a last batch of 10, so the two ranks that compute in
+    one arena (0 and 2, 1 and 3) write it in shapes of their own; the result is still the bits of no turns."""
+    on, p = train(tmp_path, "on", "2", "--batch-size", "22", "--log-level", "INFO")
+    assert "in turns: node ranks 0 and 2 compute in one" in p.stderr
+    off, _ = train(tmp_path, "off", "off", "--batch-size", "22")
+    assert np.array_equal(final_params(on)[0], final_params(off)[0])
+
+
+def test_bad_scratch_setting_is_a_one_line_error():
+    p = launch(2, [*BASE, "--no-save"], extra_env={"LENET_TURNS_SCRATCH": "theirs"}, timeout=60, check=False)
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert "LENET_TURNS_SCRATCH must be 'shared' (the default) or 'own', got 'theirs'" in p.stderr
+
+
 def test_turns_change_no_bit_in_deterministic_mode(tmp_path):
     det = ["--deterministic", "--micro-batch", "4", "--bucket-kb", "0"]
     on, _ = train(tmp_path, "on", "2", *det)

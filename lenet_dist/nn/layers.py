@@ -10,7 +10,9 @@ both operands and zeroes the output first), then im2col copies; NumPy ufuncs who
 ~3x slower than contiguous ones, so the pool and col2im are arranged to read contiguous blocks.
 Every layer works in the dtype it was built with (float32 in training, float64 in gradient checks).
 Scratch arrays are reused between steps (`Workspace`): allocating a fresh 5 MB im2col matrix every step
-costs page faults that show up in the profile; one buffer per name serves every batch size. The convolutions live in conv.py.
+costs page faults that show up in the profile; one buffer per name serves every batch size. Ranks that take
+turns on one core may back their scratch with one shared `ScratchArena` (parallel/turns.py). The
+convolutions live in conv.py.
 """
 from __future__ import annotations
 
@@ -19,21 +21,63 @@ import math
 import numpy as np
 
 
+class ScratchArena:
+    """Memory that several processes' Workspaces use one at a time: the ranks that take turns on one core
+    (parallel/turns.py), so that the arrays one rank's step leaves in the core's cache are the ones the next
+    rank's step writes. Arrays are carved from `mem` (a uint8 array, e.g. an MPI shared window) in the order
+    asked for and never freed; None once it is full. Contents last only while this process holds the arena
+    (`active`): the next holder overwrites them."""
+
+    ALIGN = 4096
+
+    def __init__(self, mem):
+        self.mem, self.used, self.active = mem, 0, False
+
+    def take(self, n, dtype):
+        """A fresh flat array of n elements of `dtype`, page-aligned, or None when it does not fit."""
+        base = self.mem.ctypes.data
+        start = -(base + self.used) % self.ALIGN + self.used
+        end = start + n * np.dtype(dtype).itemsize
+        if end > len(self.mem):
+            return None
+        self.used = end
+        return self.mem[start:end].view(dtype)
+
+
 class Workspace:
     """Reusable scratch arrays by name. Each name owns one flat buffer, grown to the largest size asked for;
     an array of any shape is a contiguous view of its start. So a layer that sees several batch sizes
     (training shard, last partial batch, evaluation, --balance moving the cut) holds one buffer per name,
     not one per shape, and page-faults only when the largest shape grows. An array asked for with `zero`
     or `init` is initialized again whenever its shape differs from the last one asked for under its name
-    (what those set up, a zero border or a row of ones, depends on the shape)."""
+    (what those set up, a zero border or a row of ones, depends on the shape).
+
+    While `arena` (a ScratchArena) is active, arrays come from it instead, one per name, and `zero` and
+    `init` apply at every call: another process wrote there since (its own shapes, in its own order)."""
 
     def __init__(self, dtype):
         self.dtype, self._flat, self._shape = np.dtype(dtype), {}, {}
         self._last = {}                 # name -> (shape, dtype, the array last handed out)
+        self.arena = None
+        self._shared = {}               # name -> its flat array in the arena (None: the arena was full)
+
+    @property
+    def nbytes(self):
+        """Bytes of this process's own buffers."""
+        return sum(f.nbytes for f in self._flat.values())
 
     def get(self, name, shape, zero=False, dtype=None, init=None):
         """The array `name` with this shape: zeroed if `zero`, then `init(a)` if given, on first use or
-        after a change of shape; otherwise exactly as the last call under this name left it."""
+        after a change of shape; otherwise exactly as the last call under this name left it. (While the
+        arena is active: from the arena, zeroed and initialized at every call.)"""
+        if self.arena is not None and self.arena.active:
+            a = self._from_arena(name, shape, dtype)
+            if a is not None:
+                if zero:
+                    a.fill(0)
+                if init is not None:
+                    init(a)
+                return a
         shape, dt = tuple(shape), self.dtype if dtype is None else np.dtype(dtype)
         last = self._last.get(name)
         if last is not None and last[0] == shape and last[1] == dt:     # the common case: a step like the last
@@ -52,6 +96,15 @@ class Workspace:
             self._shape[name] = shape
         self._last[name] = (shape, dt, a)
         return a
+
+    def _from_arena(self, name, shape, dtype):
+        """The arena's array `name` with this shape, or None: this name's buffer did not fit in the arena."""
+        dt = self.dtype if dtype is None else np.dtype(dtype)
+        n = math.prod(shape)
+        flat = self._shared.get(name, False)
+        if flat is False or (flat is not None and (flat.size < n or flat.dtype != dt)):
+            flat = self._shared[name] = self.arena.take(n, dt)
+        return None if flat is None else flat[:n].reshape(shape)
 
 
 class Layer:

@@ -69,6 +69,10 @@ class LeNet5:
             off += n
         return params, grads
 
+    def workspaces(self):
+        """The layers' scratch (layers.Workspace): a caller may back them with a shared ScratchArena."""
+        return [layer.ws for layer in self.layers if hasattr(layer, "ws")]
+
     def named_params(self):
         """name -> view into the flat vector, in PARAM_SPECS order."""
         out, off = {}, 0

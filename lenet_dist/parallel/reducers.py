@@ -3,6 +3,8 @@
 The step (step.py) calls, in this order, and knows nothing else about how the sum is made:
 
     bind(buf, tail)          once: the flat buffer (NUM_PARAMS gradients, then the statistics' tail)
+    share(workspaces)        once: the step's scratch (layers.Workspace), which a reducer may back with
+                             memory shared with ranks that compute at other times (turns.py)
     begin()                  a step starts
     pieces(lo, hi)           the pieces its shard [lo, hi) is computed in (one, or micro-batches)
     before(offset)           forward is about to use the weights from flat `offset` on (None: not needed)
@@ -51,6 +53,9 @@ class Reducer:
 
     def bind(self, buf, tail):
         self.buf, self.tail = buf, tail
+
+    def share(self, workspaces):
+        pass
 
     def begin(self):
         self._added = None

@@ -82,6 +82,7 @@ class DataParallelTrainer:
         self.lr_scale = 1.0             # on the schedule: the caller's steering (run/steering.py), saved by it
         self._perm_epoch, self._perm = None, None
         self._xbuf = Workspace(np.float32)                               # normalized shard images
+        self.reducer.share([*self.model.workspaces(), self._xbuf])      # [dist]
         self._carry = None              # a resumed half-precision run's residuals, owed to the next step's sum
         self.balancer = ShardBalancer(comm.size, enabled=cfg.balance)
         self.examples_by_rank = np.zeros(comm.size, np.int64)           # since the caller last reset them:

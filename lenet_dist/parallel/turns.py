@@ -24,6 +24,14 @@ Where: one node only (the ranks of several nodes would need the node sums summed
 float32 gradient, and the default or fused sum (buckets overlap a transfer; in turns there is none on one
 node). placement.py decides.
 
+Scratch in common: the ranks that follow each other on a core (the same place in their turns: 0 and 2, 1 and
+3) do their step's arithmetic in the same memory, one node window per place carved by layers.ScratchArena,
+so each finds the core's cache full of the arrays it is about to write instead of the last rank's. The
+arena is sized after one step in each rank's own scratch and is held from the end of begin() to the start
+of reduce(): only one of those ranks is ever between the two, and evaluation (every rank at once) uses each
+rank's own. It changes where the arithmetic happens, never what it computes. LENET_TURNS_SCRATCH=own keeps
+every rank's scratch its own (for comparison).
+
 LENET_TURNS: unset or "off": no turns (the default: on an otherwise quiet 2-core machine 4 ranks deliver the
 same images/s in turns as competing, docs/scaling.md); "auto": turns when a node holds a multiple of its cores
 (4 ranks on 2 cores: 2 turns; 3 on 2 would leave a core idle in the second turn, so they share the cores);
@@ -31,13 +39,22 @@ N: N turns whatever the cores (at most one per rank).
 """
 from __future__ import annotations
 
+import logging
+import os
+
 import numpy as np
 
 from lenet_dist.errors import UsageError
+from lenet_dist.nn.layers import ScratchArena
 from lenet_dist.parallel.doorbell import Doorbells
 from lenet_dist.parallel.reducers import EVERYTHING, FusedReducer
 
+log = logging.getLogger(__name__)
+
 VAR = "LENET_TURNS"
+SCRATCH_VAR = "LENET_TURNS_SCRATCH"
+ARENA_SLACK = 1.5               # the arena: this many times the scratch of the first step (--balance grows
+                                # shards; a buffer that no longer fits stays the rank's own)
 
 
 def parse_setting(text):
@@ -64,6 +81,16 @@ def plan(local_rank, local_size, cores, setting=None):
     return -(-local_size // per), local_rank // per, per
 
 
+def shares_scratch(text):
+    """LENET_TURNS_SCRATCH's value -> whether ranks in turns share their scratch; ValueError naming it."""
+    t = (text or "").strip().lower()
+    if t in ("", "shared"):
+        return True
+    if t == "own":
+        return False
+    raise ValueError(f"{SCRATCH_VAR} must be 'shared' (the default) or 'own', got {text!r}")
+
+
 DONE, LAST, READY, HELLO = 0, 1, 2, 3   # doorbell kinds: a turn is done; a rank of the last turn is done;
                                         # a sum is there; a rank's doorbell is up
 
@@ -88,6 +115,8 @@ class TurnsReducer(FusedReducer):
         self.last = self.members[-1]
         self.others = [r for r in range(self.size) if r != self.me]     # every other rank of the node
         self._owed = None                       # later turns: this step's update, applied when the next begins
+        self.place = self.me - self.members[self.turn][0]     # the ranks of one place follow each other on a core
+        self._workspaces, self._steps, self.arena = [], 0, None
 
     @property
     def description(self):
@@ -112,10 +141,34 @@ class TurnsReducer(FusedReducer):
             i = self.last.index(self.me)
             self.chunk = slice(bounds[i], bounds[i + 1])
 
+    def share(self, workspaces):
+        if shares_scratch(os.environ.get(SCRATCH_VAR)):
+            self._workspaces = list(workspaces)
+
+    def _make_arena(self):
+        """Collective over the node, at the second step's begin() (every rank of the node is there): each
+        rank of the first turn gives a window segment of ARENA_SLACK times its first step's scratch, which
+        the ranks of its place use from then on."""
+        need = sum(ws.nbytes for ws in self._workspaces)
+        segments = self.comm.node_segments(int(need * ARENA_SLACK) if self.turn == 0 else 0)
+        mem = segments[self.members[0][self.place]]
+        if len(mem):
+            self.arena = ScratchArena(mem)
+            for ws in self._workspaces:
+                ws.arena = self.arena
+            log.info("in turns: node ranks %s compute in one %.1f MiB of scratch",
+                     " and ".join(str(m[self.place]) for m in self.members if self.place < len(m)),
+                     len(mem) / 2 ** 20)
+
     def begin(self):
         super().begin()
+        self._steps += 1
+        if self._steps == 2 and self._workspaces:
+            self._make_arena()
         self.wait_turn()
         self.settle()
+        if self.arena is not None:
+            self.arena.active = True            # until reduce(): no other rank of this place is computing
 
     def update(self, apply):
         if self.turn == 0:
@@ -124,6 +177,8 @@ class TurnsReducer(FusedReducer):
             self._owed = apply
 
     def settle(self):
+        if self.arena is not None:
+            self.arena.active = False
         if self._owed is not None:
             apply, self._owed = self._owed, None
             apply(EVERYTHING)
@@ -134,6 +189,8 @@ class TurnsReducer(FusedReducer):
             self.bells.wait(DONE, len(self.members[self.turn - 1]))
 
     def reduce(self):
+        if self.arena is not None:
+            self.arena.active = False           # before the next rank of this place can begin
         self.slots[self.me] = self.buf
         if self.me in self.last:
             peers = [r for r in self.last if r != self.me]
