@@ -24,8 +24,10 @@ then one summary line: medians over the repeats, and the ratios the issue asks f
 4 ranks / 2 ranks), each as the ratio of the medians, the median of the per-repeat ratios (the goal's
 figure: a round's -n 4 beside its own -n 2) and every round's ratio (`per_round`).
 
-4 ranks on 2 cores compete by default; taking turns (lenet_dist/parallel/turns.py) against competing:
-    python bench/scaling.py --ranks 2,4 --variant turns:LENET_TURNS=auto --variant free: [--batch 64]
+4 ranks on 2 cores take turns by default (lenet_dist/parallel/turns.py); against competing, and against
+turns whose ranks keep their own scratch:
+    python bench/scaling.py --ranks 2,4 --variant turns: --variant free:LENET_TURNS=off [--batch 64]
+    python bench/scaling.py --ranks 4 --variant shared: --variant own:LENET_TURNS_SCRATCH=own
 
 A variant is NAME:KEY=VALUE,KEY=VALUE. By default a worker opens MPI as lenet-train does (MPIComm(),
 whose MPICH defaults apply); `@raw` in a variant opens it without the oversubscribed node's naps and

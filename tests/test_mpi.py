@@ -73,7 +73,10 @@ def test_deterministic_mode_bit_identical_across_rank_counts(tmp_path):
 def test_balance_moves_work_off_a_straggler(tmp_path):
     # Rank 1 computes 3x slower from step 0 (--fault 1:0:slow). With --balance its share of each batch
     # shrinks; the gradient is still the whole batch's, so the parameters match one process within rounding.
-    eq = ["--batch-size", "50", "--epochs", "3", "--lr", "0.01", "--checkpoint-every", "100", "--keep", "5"]
+    # No shifts, as above: the cuts follow the clock, so the summation order does too, and with shifts a
+    # near-tie that flips between steps 80 and 90 at this seed took 1 run in 10 past the bound.
+    eq = ["--batch-size", "50", "--epochs", "3", "--lr", "0.01", "--checkpoint-every", "100", "--keep", "5",
+          "--augment-shift", "0"]
     d1, _ = train(0, tmp_path, "one", *eq)
     db, _ = train(2, tmp_path, "bal", *eq, "--balance", "--fault", "1:0:slow")
     de, p = train(2, tmp_path, "eq", *eq, "--fault", "1:0:slow")

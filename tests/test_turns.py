@@ -55,8 +55,8 @@ def test_pairwise_sum_adds_in_recursive_doublings_order(p, order):
 
 
 def test_setting():
-    assert parse_setting(" Auto ") is None                          # turns when the cores divide the ranks
-    assert parse_setting(None) == parse_setting("") == parse_setting("off") == parse_setting("none") == 1   # default
+    assert parse_setting(" Auto ") is parse_setting(None) is parse_setting("") is None   # the default: turns
+    assert parse_setting("off") == parse_setting("none") == 1                           # when cores divide ranks
     assert parse_setting("2") == 2
     for bad in ("0", "-1", "two", "1.5"):
         with pytest.raises(ValueError, match=f"LENET_TURNS must be a number of turns .* got '{bad}'"):

@@ -32,10 +32,10 @@ of reduce(): only one of those ranks is ever between the two, and evaluation (ev
 rank's own. It changes where the arithmetic happens, never what it computes. LENET_TURNS_SCRATCH=own keeps
 every rank's scratch its own (for comparison).
 
-LENET_TURNS: unset or "off": no turns (the default: on an otherwise quiet 2-core machine 4 ranks deliver the
-same images/s in turns as competing, docs/scaling.md); "auto": turns when a node holds a multiple of its cores
-(4 ranks on 2 cores: 2 turns; 3 on 2 would leave a core idle in the second turn, so they share the cores);
-N: N turns whatever the cores (at most one per rank).
+LENET_TURNS: unset or "auto" (the default): turns when a node holds a multiple of its cores (4 ranks on 2
+cores: 2 turns; 3 on 2 would leave a core idle in the second turn, so they share the cores); with the
+scratch in common, 4 ranks in turns on 2 cores deliver more images/s than competing, for the CPU of -n 2
+(docs/scaling.md); "off": no turns; N: N turns whatever the cores (at most one per rank).
 """
 from __future__ import annotations
 
@@ -58,12 +58,12 @@ ARENA_SLACK = 1.5               # the arena: this many times the scratch of the 
 
 
 def parse_setting(text):
-    """LENET_TURNS's value -> None (auto) or the number of turns asked for (1: off, the default); ValueError
+    """LENET_TURNS's value -> None (auto, the default) or the number of turns asked for (1: off); ValueError
     naming it."""
     t = (text or "").strip().lower()
-    if t == "auto":
+    if t in ("", "auto"):
         return None
-    if t in ("", "off", "none"):
+    if t in ("off", "none"):
         return 1
     if t.isdigit() and int(t) >= 1:
         return int(t)
