@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from lenet_dist.checkpoints import format as checkpoint
+from lenet_dist.run import exitcodes
 from lenet_dist.run.procs import local_ranks
 from lenet_dist.transport import CheckpointClient, wire
 from lenet_dist.transport.control import mac, Signer
@@ -223,7 +224,7 @@ def test_the_page_scales_the_learning_rate_then_stops_the_run(tmp_path, browser)
             if p.poll() is None:
                 p.terminate()
         finish(ev, timeout=60)
-    assert code == 0, err
+    assert code == exitcodes.STOPPED, err             # not finished: not 0
     control = rows(tmp_path / "m.jsonl", "control")
     assert [(r["action"], r["value"], r["source"]) for r in control] == [("lr_scale", 0.5, "page"),
                                                                           ("stop", None, "page")]
@@ -287,6 +288,28 @@ def test_control_flags_say_what_is_wrong_in_one_line(tmp_path, argv, says):
     p = subprocess.run([sys.executable, "-m", "workers.trainer", *argv], cwd=tmp_path, env=env(),
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and says in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+def test_a_stop_from_live_control_ends_lenet_launch_as_stopped_not_finished(tmp_path):
+    """The trainer's status for a control stop is STOPPED (73), never 0 (a finished run): lenet-launch says
+    the job stopped, does not restart it, and exits 73 too, so that a service manager can tell."""
+    from tests.test_launch import Launch
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    job = Launch(tmp_path, ["-n", 2, "--max-restarts", 3],
+                 [*SMALL, "--epochs", "20", "--publish", endpoint, "--linger", "1", "--allow-control",
+                  "--control-key-file", key_file(tmp_path)])
+    client = CheckpointClient(endpoint)
+    try:
+        rid = run_id(client, job.proc)
+        assert client.send_control(Signer(KEY).sign("stop", None, rid, "test")) is True
+        assert job.finish() == exitcodes.STOPPED, job.text
+    finally:
+        client.close()
+    assert "restart" not in [r["event"] for r in job.rows()]
+    (stop,), (end,) = job.rows("control"), job.rows("end")          # the trainer's: the launcher adds none
+    assert stop["action"] == "stop" and end["outcome"] == f"stopped from the test at step {stop['step']} (live control)"
+    assert f"the job stopped with code 73: the run was stopped on request (live control; its checkpoint " \
+           f"written); a stop is not a crash; newest checkpoint: ckpt-{stop['step']:09d}.npz" in job.text, job.text
 
 
 def test_checkpoint_now_then_a_signal_while_paused_stops_with_the_checkpoint(tmp_path):

@@ -29,7 +29,7 @@ STOPPED = ["12:00:00 rank 0/2 WARNING stopped by signal 15 at step 241; checkpoi
 @pytest.mark.parametrize("code, lines, kind", [
     (2, USAGE, "usage error"), (X.DIVERGED, DIVERGED, "diverged loss"), (X.REPLICAS, OUT_OF_SYNC, "replica mismatch"),
     (X.BAD_DATA, BAD_DATA, "bad data"), (X.RESUME_REFUSED, REFUSED, "config refused on resume"),
-    (143, STOPPED, "stopped")])
+    (143, STOPPED, "stopped"), (X.STOPPED, ["12:00:00 rank 0/2 WARNING stopped from the page at step 9"], "stopped")])
 def test_failures_that_recur_are_not_retried(code, lines, kind):
     f = classify(code, lines)
     assert (f.kind, f.retry) == (kind, False)

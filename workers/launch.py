@@ -287,6 +287,12 @@ class Launcher:
                 self.record("end", outcome="stopped", signal=self.stop.signum, code=code, step=step)
                 return 128 + self.stop.signum
             f = classify(code, job.lines)
+            if f.kind == "stopped":         # a rank's stop signal, or live control: its checkpoint is written
+                ckpt, step = self.resume_point()
+                log.warning("the job stopped with code %d: %s; newest checkpoint: %s (step %d); no restart",
+                            code, f.why, ckpt, step)
+                self.record("end", outcome="stopped", code=code, step=step, reason=f.why)
+                return code if code == exitcodes.STOPPED else 128 + exitcodes.stop_signal(code)
             restart, delay, why = a.policy.decide(f, time.time(), ran=time.monotonic() - started)
             if restart and self.hosts:
                 restart, why = self._refit(why)

@@ -19,6 +19,8 @@ passes on as N: stopped() reads both.
     71       TRANSPORT          no        the --publish endpoint or its keys are refused
     72       NOT_LEARNING       no        accuracy at chance level, or a loss that does not fall: the same run
                                           does not learn again (its checkpoint is written)
+    73       STOPPED            no        stopped on request (live control: the page, the evaluator) with its
+                                          stop checkpoint written; --resume continues the run
     75       STALL              yes       the stall guard: no step finished in --stall-timeout (a peer died)
     128+N    stopped(N)         no        stopped by signal N with its stop checkpoint written
 """
@@ -39,6 +41,7 @@ REPLICAS = 69
 TRAINING = 70
 TRANSPORT = 71
 NOT_LEARNING = 72
+STOPPED = 73
 STALL = 75
 
 STOP_SIGNALS = SIGNALS                    # the signals a rank stops for with its checkpoint (stopsignal.py)

@@ -254,13 +254,14 @@ def _verdicts(r):
 
 def _steered_end(r, kind, why, stop, sinks, tally, facts, t_start):
     """Every rank: a steering decision ended the run after the same step, its checkpoint written (marked
-    final): say why in one line, serve the final checkpoint, the end row; exit 0, or NOT_LEARNING."""
+    final, but for a live control stop, which --resume continues): say why in one line, serve the final
+    checkpoint, the end row; exit 0, NOT_LEARNING, or STOPPED (a run that did not finish: not 0)."""
     comm, trainer = r.comm, r.trainer
-    status = exitcodes.NOT_LEARNING if kind == "not_learning" else exitcodes.OK
+    status = {"not_learning": exitcodes.NOT_LEARNING, "control_stop": exitcodes.STOPPED}.get(kind, exitcodes.OK)
     r.guard.stop()                          # past the last collective: rank 0 may linger for the evaluator
     if r.rank0:
-        (log.error if status else log.warning)("%s (step %d; %s)", why, trainer.step,
-                                               what_was_saved(r.settings.plan.directory, r.saved, r.link, True))
+        (log.error if status == exitcodes.NOT_LEARNING else log.warning)(
+            "%s (step %d; %s)", why, trainer.step, what_was_saved(r.settings.plan.directory, r.saved, r.link, True))
     if r.link:
         _serve_final(r, stop, tally)
     sinks.on_end(summary(facts, reason=kind, why=why or kind.replace("_", " "), saved=r.saved, link=r.link,

@@ -73,6 +73,9 @@ def classify(returncode, lines):
     if returncode in exitcodes.WILL_RECUR and not (returncode == exitcodes.USAGE and signum):
         kind, because = exitcodes.WILL_RECUR[returncode]
         return Failure(kind, False, f"{said or f'exit status {returncode}'} ({because})")
+    if returncode == exitcodes.STOPPED:
+        return Failure("stopped", False, "the run was stopped on request (live control; its checkpoint "
+                                         "written); a stop is not a crash")
     stop = exitcodes.stop_signal(returncode) if returncode is not None else None
     if stop and signum is None:             # a rank was sent SIGTERM/SIGUSR1: it stopped with its checkpoint
         return Failure("stopped", False, f"the ranks were stopped by {signal_name(stop)} (checkpoint "
