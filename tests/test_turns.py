@@ -6,7 +6,7 @@ import time
 import numpy as np
 import pytest
 
-from lenet_dist.parallel.turns import pairwise_sum, parse_setting, plan
+from lenet_dist.parallel.turns import pairwise_sum, parse_setting, plan, shm_room
 
 from lenet_dist.checkpoints import format as checkpoint
 
@@ -61,6 +61,13 @@ def test_setting():
     for bad in ("0", "-1", "two", "1.5"):
         with pytest.raises(ValueError, match=f"LENET_TURNS must be a number of turns .* got '{bad}'"):
             parse_setting(bad)
+
+
+def test_shm_room_is_what_the_filesystem_has_left(tmp_path):
+    import os
+    st = os.statvfs(tmp_path)
+    assert abs(shm_room(tmp_path) - st.f_bavail * st.f_frsize) < 1 << 24     # the test's own writes aside
+    assert shm_room(tmp_path / "none") is None                               # nowhere to ask: no cap
 
 
 def train(tmp_path, name, turns, *extra):

@@ -81,6 +81,15 @@ def plan(local_rank, local_size, cores, setting=None):
     return -(-local_size // per), local_rank // per, per
 
 
+def shm_room(path="/dev/shm"):
+    """Bytes free to this user in the shared-memory filesystem, or None when there is none to ask."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
 def shares_scratch(text):
     """LENET_TURNS_SCRATCH's value -> whether ranks in turns share their scratch; ValueError naming it."""
     t = (text or "").strip().lower()
@@ -146,13 +155,20 @@ class TurnsReducer(FusedReducer):
             self._workspaces = list(workspaces)
 
     def _make_arena(self):
-        """Collective over the node, at the second step's begin() (every rank of the node is there): each
-        rank of the first turn gives a window segment of ARENA_SLACK times its first step's scratch, which
-        the ranks of its place use from then on."""
-        need = sum(ws.nbytes for ws in self._workspaces)
-        segments = self.comm.node_segments(int(need * ARENA_SLACK) if self.turn == 0 else 0)
+        """Collective over the node, at the second step's begin() (every rank of the node is there, whatever
+        it shares): each rank of the first turn gives a window segment of ARENA_SLACK times its first step's
+        scratch, which the ranks of its place use from then on. The segments take at most half the room
+        left in /dev/shm, where MPI keeps shared windows: a container's is often 64 MB, and a page touched
+        past it is a SIGBUS."""
+        size = 0
+        if self.turn == 0 and self._workspaces:
+            size = int(sum(ws.nbytes for ws in self._workspaces) * ARENA_SLACK)
+            room = shm_room()
+            if room is not None:
+                size = min(size, room // (2 * len(self.members[0])))
+        segments = self.comm.node_segments(size)
         mem = segments[self.members[0][self.place]]
-        if len(mem):
+        if len(mem) and self._workspaces:
             self.arena = ScratchArena(mem)
             for ws in self._workspaces:
                 ws.arena = self.arena
@@ -163,7 +179,7 @@ class TurnsReducer(FusedReducer):
     def begin(self):
         super().begin()
         self._steps += 1
-        if self._steps == 2 and self._workspaces:
+        if self._steps == 2:
             self._make_arena()
         self.wait_turn()
         self.settle()
