@@ -1,6 +1,11 @@
 """Ranks that share a core take turns (lenet_dist/parallel/turns.py): the plan, and real `mpirun -n 4` jobs on
 this machine's cores: the turns are taken, and they change no bit of the result."""
 import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
 import time
 
 import numpy as np
@@ -10,7 +15,7 @@ from lenet_dist.parallel.turns import pairwise_sum, parse_setting, plan, shm_roo
 
 from lenet_dist.checkpoints import format as checkpoint
 
-from tests.mpiutil import final_params, launch
+from tests.mpiutil import REPO, env, final_params, launch, mpirun_cmd, python
 
 BASE = ["--subset", "--epochs", "1", "--batch-size", "20", "--lr", "0.05", "--seed", "7", "--no-progress",
         "--log-level", "WARNING", "--stall-timeout", "20", "--val-size", "0"]
@@ -64,7 +69,6 @@ def test_setting():
 
 
 def test_shm_room_is_what_the_filesystem_has_left(tmp_path):
-    import os
     st = os.statvfs(tmp_path)
     assert abs(shm_room(tmp_path) - st.f_bavail * st.f_frsize) < 1 << 24     # the test's own writes aside
     assert shm_room(tmp_path / "none") is None                               # nowhere to ask: no cap
@@ -169,3 +173,18 @@ def test_a_rank_lost_in_turns_ends_the_job(tmp_path, fault):
     assert time.monotonic() - t0 < 60, p.stderr
     if fault.endswith("hang"):
         assert "no training step finished in 3s after step 5" in p.stderr, p.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root to mount a small /dev/shm")
+def test_a_small_dev_shm_caps_the_arena_instead_of_a_bus_error(tmp_path):
+    """A container's /dev/shm is often 64 MB. Shards of 256 ask for ~75 MB of arena per place; in a 48 MB
+    /dev/shm (a private mount of this test's own) the arena takes what is left instead, and the run ends
+    normally. (Without the cap, MPICH's window is touched past the filesystem's end: SIGBUS.)"""
+    cmd = [*mpirun_cmd(4), python(), "-m", "workers.trainer", "--subset", "--epochs", "1", "--batch-size", "1024",
+           "--no-save", "--no-progress", "--log-level", "INFO"]
+    script = f"mount -t tmpfs -o size=48m tmpfs /dev/shm && exec {shlex.join(cmd)}"
+    p = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=120,
+                       cwd=REPO, env=env(LENET_TURNS="auto", LENET_NODE_CORES="2"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    mib = float(re.search(r"node ranks 0 and 2 compute in one ([\d.]+) MiB of scratch", p.stderr).group(1))
+    assert 0 < mib < 48 / 2 / 2
