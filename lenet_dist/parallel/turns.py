@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 
 import numpy as np
 
@@ -84,10 +85,9 @@ def plan(local_rank, local_size, cores, setting=None):
 def shm_room(path="/dev/shm"):
     """Bytes free to this user in the shared-memory filesystem, or None when there is none to ask."""
     try:
-        st = os.statvfs(path)
+        return shutil.disk_usage(path).free
     except OSError:
         return None
-    return st.f_bavail * st.f_frsize
 
 
 def shares_scratch(text):
